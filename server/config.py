@@ -1,0 +1,55 @@
+"""Settings: every option is a CLI flag of `softprompt-server serve` and a SOFTPROMPT_* variable."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Device(StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class DType(StrEnum):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class Settings(BaseSettings):
+    """Built once by the CLI and passed down; nothing else reads the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SOFTPROMPT_", extra="forbid")
+
+    model: str = Field("builtin:tiny", description="Hugging Face model id or local path; "
+                       "builtin:tiny is a small random model that needs no download (its text "
+                       "is not meaningful).")
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    store: str = Field("./adapters", description="Adapter store: a local directory.")
+    device: Device = Field(Device.AUTO, description="auto picks cuda when available.")
+    dtype: DType = Field(DType.AUTO, description="auto: bfloat16 on CUDA, float32 on CPU.")
+    max_batch_size: int = Field(32, ge=1, description="Most requests in one batch.")
+    max_wait_ms: float = Field(5.0, ge=0, description="Longest a request waits for batch mates.")
+    max_queue: int = Field(1024, ge=1, description="Queued requests before 429.")
+    prompt_cache_bytes: int = Field(1 << 30, ge=0, description="Byte budget of resident prompts.")
+    api_keys: Path | None = Field(None, description="JSON file of tenants and API keys.")
+    model_cache: Path = Field(Path.home() / ".cache" / "softprompt-server",
+                              description="Where builtin models are written.")
+    max_new_tokens_limit: int = Field(4096, ge=1, description="Largest max_new_tokens accepted.")
+    max_input_tokens: int = Field(8192, ge=1, description="Largest tokenized prompt accepted.")
+    max_virtual_tokens: int = Field(512, ge=1, description="Largest num_virtual_tokens accepted.")
+    max_upload_bytes: int = Field(64 << 20, ge=1, description="Largest upload file accepted.")
+    log_level: str = Field("info", description="Python logging level.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_input_tokens < 1:
+            raise ValueError("--max-input-tokens must be at least 1")
+        return self

@@ -1,0 +1,128 @@
+"""What the HTTP layer sees of the engine: validated requests in, results or token streams out.
+
+The API layer tokenizes and checks limits once, at the edge, and hands the engine a
+GenerationRequest; it never touches the model, tensors or the adapter store directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from adapters_store.records import AdapterRecord
+
+
+class FinishReason(StrEnum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A request already validated and tokenized at the edge."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    adapter_id: str | None  # None: the bare base model
+    namespace: str = "default"  # the tenant owning adapter_id
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """Streamed piece of output: new token ids and the text they complete."""
+
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    adapter_id: str | None
+    text: str  # generated part only, stop string excluded
+    token_ids: tuple[int, ...]  # generated ids
+    finish_reason: FinishReason
+    prompt_tokens: int
+    virtual_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class AdapterUpload:
+    """An upload as it arrived, spooled to disk by the edge (size limits already enforced there).
+
+    Either config_path + weights_path (weights_name tells .safetensors from .bin), or
+    archive_path + archive_name (.tar.gz/.tgz/.zip).
+    """
+
+    config_path: str | None = None
+    weights_path: str | None = None
+    weights_name: str | None = None
+    archive_path: str | None = None
+    archive_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # what --model said, e.g. "builtin:tiny"
+    architecture: str  # e.g. "LlamaForCausalLM"
+    is_seq2seq: bool
+    hidden_size: int
+    device: str
+    dtype: str
+    max_context: int  # max prompt + virtual + new tokens the model can attend to
+
+
+class EngineClient(Protocol):
+    """The one interface server.api uses. Errors are raised as the engine's/store's types."""
+
+    model_info: ModelInfo
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, token_ids: list[int]) -> str: ...
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Raises AdapterNotFoundError, QueueFullError, EngineNotReadyError, GenerationError."""
+        ...
+
+    def generate_stream(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[TokenChunk | GenerationResult]:
+        """Yields TokenChunks, then exactly one GenerationResult. Closing the iterator aborts."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def add_adapter(
+        self, namespace: str, adapter_id: str, upload: AdapterUpload, *, overwrite: bool = False
+    ) -> AdapterRecord: ...
+
+    async def get_adapter(self, namespace: str, adapter_id: str) -> AdapterRecord: ...
+
+    async def list_adapters(self, namespace: str | None) -> list[AdapterRecord]: ...
+
+    async def delete_adapter(self, namespace: str, adapter_id: str) -> None: ...
+
+    def is_ready(self) -> bool:
+        """Model loaded, store reachable, engine thread alive."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Gauges for /metrics: queue_depth, in_flight, cache_resident_adapters, cache_bytes, ..."""
+        ...

@@ -1,0 +1,168 @@
+"""Tiny models built from config and real adapters made by PEFT. No network, no hub.
+
+Each architecture gets its own hidden size so a token_dim mix-up cannot pass by accident.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BloomConfig,
+    GPT2Config,
+    LlamaConfig,
+    Qwen2Config,
+    T5Config,
+)
+
+from server.engine.byte_tokenizer import (
+    BOS_ID,
+    BYTE_VOCAB_SIZE,
+    EOS_ID,
+    PAD_ID,
+    make_byte_tokenizer,
+)
+
+ARCHS = ("gpt2", "llama", "qwen2", "bloom", "t5")
+ADAPTER_KINDS = ("prompt_tuning", "p_tuning_mlp", "p_tuning_lstm")
+_IDS = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
+
+
+def tiny_config(arch: str):
+    v = BYTE_VOCAB_SIZE
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=v, n_embd=48, n_layer=2, n_head=4, n_positions=512, **_IDS)
+    if arch == "llama":
+        return LlamaConfig(vocab_size=v, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=512, **_IDS)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=v, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=512, **_IDS)
+    if arch == "bloom":
+        return BloomConfig(vocab_size=v, hidden_size=40, n_layer=2, n_head=4, **_IDS)
+    if arch == "t5":
+        return T5Config(vocab_size=v, d_model=56, d_kv=14, d_ff=112, num_layers=2,
+                        num_decoder_layers=2, num_heads=4, decoder_start_token_id=PAD_ID, **_IDS)
+    raise ValueError(arch)
+
+
+def is_seq2seq(arch: str) -> bool:
+    return arch == "t5"
+
+
+def build_tiny_model(arch: str, out_dir: Path, *, seed: int = 0) -> Path:
+    """Random tiny model + byte tokenizer saved with save_pretrained into out_dir."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch)
+    auto = AutoModelForSeq2SeqLM if is_seq2seq(arch) else AutoModelForCausalLM
+    model = auto.from_config(cfg)
+    # Random init at std 0.02 gives near-flat logits and argmax ties; widen the output spread
+    # so greedy decoding is decided by a margin, not by rounding.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    make_byte_tokenizer(seq2seq=is_seq2seq(arch)).save_pretrained(out_dir)
+    return out_dir
+
+
+def load_base(model_dir: Path):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    auto = AutoModelForSeq2SeqLM if cfg.get("is_encoder_decoder") else AutoModelForCausalLM
+    return auto.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _peft_config(kind: str, task_type: str, num_virtual_tokens: int, **kw):
+    from peft import PromptEncoderConfig, PromptTuningConfig
+
+    if kind == "prompt_tuning":
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens, **kw)
+    reparam = {"p_tuning_mlp": "MLP", "p_tuning_lstm": "LSTM"}[kind]
+    kw.setdefault("encoder_hidden_size", 24)
+    if reparam == "LSTM":
+        kw.setdefault("encoder_num_layers", 2)
+    return PromptEncoderConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens,
+                               encoder_reparameterization_type=reparam, **kw)
+
+
+def make_peft_model(model_dir: Path, kind: str, *, num_virtual_tokens: int = 8, seed: int = 1,
+                    **config_kw):
+    """A PEFT model with freshly initialized (seeded) prompt parameters."""
+    from peft import get_peft_model
+
+    base = load_base(model_dir)
+    task_type = "SEQ_2_SEQ_LM" if base.config.is_encoder_decoder else "CAUSAL_LM"
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, _peft_config(kind, task_type, num_virtual_tokens,
+                                                   **config_kw))
+    if kind == "prompt_tuning":
+        with torch.no_grad():
+            emb = peft_model.prompt_encoder["default"].embedding.weight
+            emb.normal_(0.0, 1.0)
+    return peft_model.eval()
+
+
+def make_adapter(model_dir: Path, out_dir: Path, kind: str, *, num_virtual_tokens: int = 8,
+                 seed: int = 1, **config_kw) -> Path:
+    """An adapter directory exactly as PEFT's save_pretrained writes it."""
+    peft_model = make_peft_model(model_dir, kind, num_virtual_tokens=num_virtual_tokens,
+                                 seed=seed, **config_kw)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_encoder_checkpoint(model_dir: Path, out_dir: Path, kind: str, *,
+                            num_virtual_tokens: int = 8, seed: int = 1, strip_prefix: bool = False,
+                            reference_dir: Path | None = None, **config_kw) -> Path:
+    """A P-tuning training checkpoint: the raw prompt-encoder weights (not collapsed).
+
+    When reference_dir is given, the same model's save_pretrained output is written there, so
+    a test can compare the collapse against PEFT's own.
+    """
+    assert kind in ("p_tuning_mlp", "p_tuning_lstm")
+    peft_model = make_peft_model(model_dir, kind, num_virtual_tokens=num_virtual_tokens,
+                                 seed=seed, **config_kw)
+    prefix = "prompt_encoder.default."
+    tensors = {
+        (k[len(prefix):] if strip_prefix else k): v.detach().clone().contiguous()
+        for k, v in peft_model.state_dict().items()
+        if k.startswith(prefix)
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.peft_config["default"].save_pretrained(out_dir)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    if reference_dir is not None:
+        peft_model.save_pretrained(reference_dir)
+    return out_dir
+
+
+def peft_reference_generate(model_dir: Path, adapter_dir: Path | None, prompt_ids: list[int],
+                            max_new_tokens: int) -> list[int]:
+    """The reference semantics: PEFT's greedy output for this request run alone (float32)."""
+    base = load_base(model_dir)
+    if adapter_dir is None:
+        model = base
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=PAD_ID)
+    if base.config.is_encoder_decoder:
+        seq = out[0].tolist()[1:]  # drop decoder_start_token
+    else:
+        seq = out[0].tolist()[len(prompt_ids):]
+    return seq
