@@ -1,0 +1,37 @@
+"""Engine exceptions, plus the adapters_store ones re-exported so server.api imports one place."""
+
+from adapters_store.errors import (  # noqa: F401  (re-exported for server.api)
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterStoreError,
+    FileTooLargeError,
+    InvalidAdapterError,
+    InvalidAdapterIdError,
+    LimitExceededError,
+    StoreUnavailableError,
+    UnsupportedAdapterTypeError,
+)
+
+
+class EngineError(Exception):
+    """Base of the engine's own errors."""
+
+
+class EngineNotReadyError(EngineError):
+    """Model still loading, or the engine is shutting down (HTTP 503)."""
+
+
+class QueueFullError(EngineError):
+    """The request queue is at --max-queue (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLongError(EngineError):
+    """Prompt + virtual tokens + max_new_tokens exceed what the model can attend to (HTTP 422)."""
+
+
+class GenerationError(EngineError):
+    """The batch holding this request failed on the model; other batches are unaffected (500)."""
