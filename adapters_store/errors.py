@@ -79,3 +79,11 @@ class AdapterExistsError(AdapterStoreError):
 
 class StoreUnavailableError(AdapterStoreError):
     """The backing storage cannot be reached or written (HTTP 503)."""
+
+
+class TooManyArchiveMembersError(UnsafeArchiveError):
+    """The archive has more members than limits.max_archive_members."""
+
+
+class StoredAdapterCorruptError(StoreUnavailableError):
+    """A stored adapter's files do not match its record (checked only when asked to verify)."""
