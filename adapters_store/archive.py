@@ -178,7 +178,7 @@ def _read_zip(src: BinaryIO, limits: Limits) -> AdapterFiles:
                 raise UnsafeArchiveError(f"archive member {info.filename!r} is a link; refused")
             if info.is_dir():
                 continue
-            if mode and not stat.S_ISREG(mode):
+            if stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # 0: no Unix type recorded
                 raise UnsafeArchiveError(
                     f"archive member {info.filename!r} is a device or special file; refused"
                 )
