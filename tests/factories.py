@@ -46,10 +46,15 @@ def tiny_config(arch: str):
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            max_position_embeddings=512, **_IDS)
     if arch == "bloom":
-        return BloomConfig(vocab_size=v, hidden_size=40, n_layer=2, n_head=4, **_IDS)
+        # Untied: with tied embeddings a random BLOOM's greedy output repeats one token.
+        return BloomConfig(vocab_size=v, hidden_size=40, n_layer=2, n_head=4,
+                           tie_word_embeddings=False, **_IDS)
     if arch == "t5":
         return T5Config(vocab_size=v, d_model=56, d_kv=14, d_ff=112, num_layers=2,
-                        num_decoder_layers=2, num_heads=4, decoder_start_token_id=PAD_ID, **_IDS)
+                        num_decoder_layers=2, num_heads=4, decoder_start_token_id=PAD_ID,
+                        # T5 v1.1 / Flan-T5 layout. The v1.0 ReLU feed-forward's positive mean
+                        # swamps a random decoder, whose greedy output then repeats one token.
+                        feed_forward_proj="gated-gelu", tie_word_embeddings=False, **_IDS)
     raise ValueError(arch)
 
 
@@ -166,3 +171,39 @@ def peft_reference_generate(model_dir: Path, adapter_dir: Path | None, prompt_id
     else:
         seq = out[0].tolist()[len(prompt_ids):]
     return seq
+
+
+def load_peft_reference(model_dir: Path, adapter_dir: Path | None):
+    """The model peft_reference_generate builds, loaded once so a test can reuse it per request."""
+    base = load_base(model_dir)
+    if adapter_dir is None:
+        return base
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """peft_reference_generate's decoding on an already loaded model (same arguments)."""
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=PAD_ID)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config.is_encoder_decoder:
+        return out[0].tolist()[1:]  # drop decoder_start_token
+    return out[0].tolist()[len(prompt_ids):]
+
+
+def load_prompt_embeddings(adapter_dir: Path, *, seq2seq: bool = False) -> torch.Tensor:
+    """The saved `prompt_embeddings` tensor [num_virtual_tokens, hidden] of a PEFT output dir.
+
+    Seq2seq adapters store 2 * num_virtual_tokens rows (encoder and decoder); PEFT prepends only
+    the first num_virtual_tokens on the encoder side, so that is what is returned.
+    """
+    from safetensors.torch import load_file
+
+    emb = load_file(str(adapter_dir / "adapter_model.safetensors"))["prompt_embeddings"]
+    n = json.loads((adapter_dir / "adapter_config.json").read_text())["num_virtual_tokens"]
+    return emb[:n] if seq2seq else emb

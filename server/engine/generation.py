@@ -108,8 +108,10 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
             )
 
     untracked = [s for s in states if s.text is None and not s.aborted]
-    texts = tokenizer.batch_decode([s.token_ids for s in untracked], **DECODE_KWARGS)
-    decoded = dict(zip(map(id, untracked), texts, strict=True))
+    decoded: dict[int, str] = {}
+    if untracked:  # batch_decode([]) is not an empty list
+        texts = tokenizer.batch_decode([_text_ids(s) for s in untracked], **DECODE_KWARGS)
+        decoded = dict(zip(map(id, untracked), texts, strict=True))
     for i, state in zip(live, states, strict=True):
         if state.aborted:
             outputs[i] = RowOutput(tuple(state.token_ids), state.text or "",
@@ -120,6 +122,13 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
         text = state.text if state.text is not None else decoded[id(state)]
         outputs[i] = RowOutput(tuple(state.token_ids), text, state.finish_reason)
     return outputs
+
+
+def _text_ids(state: RowState) -> list[int]:
+    """The ids whose text is the row's text: an eos id is dropped even if not a special token."""
+    if state.finish_reason is FinishReason.EOS:
+        return state.token_ids[:-1]
+    return state.token_ids
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
