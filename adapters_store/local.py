@@ -53,7 +53,7 @@ CONFIG_FILE = "adapter_config.json"
 RECORD_FILE = "record.json"
 TENSOR_KEY = "prompt_embeddings"
 _OBJECTS, _TMP = ".objects", ".tmp"
-_READ_RETRIES = 5
+_READ_RETRIES = 20
 
 
 def _fsync_dir(path: Path) -> None:
