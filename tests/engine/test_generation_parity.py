@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
+from adapters_store import ModelSpec, parse_directory
 from server.engine.generation import BatchRow, run_batch
 from server.engine.interface import FinishReason, SamplingParams
 from tests.factories import (
@@ -19,16 +21,31 @@ from tests.factories import (
     load_peft_reference,
     load_prompt_embeddings,
     make_adapter,
+    make_encoder_checkpoint,
     peft_reference_generate,
     reference_greedy,
 )
 
-# (kind, num_virtual_tokens, seed): every PEFT type, several virtual-token counts.
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    kind: str  # a tests.factories ADAPTER_KINDS entry
+    num_virtual_tokens: int
+    seed: int
+    # A raw P-tuning training checkpoint (encoder weights, not collapsed): served through
+    # adapters_store's collapse, checked against PEFT's save_pretrained of the same model.
+    raw_encoder: bool = False
+    strip_prefix: bool = False
+
+
+# Every PEFT type, raw encoders too, and several virtual-token counts.
 ADAPTERS = (
-    ("prompt_tuning", 3, 1),
-    ("p_tuning_mlp", 6, 2),
-    ("p_tuning_lstm", 9, 3),
-    ("prompt_tuning", 1, 4),
+    AdapterSpec("prompt_tuning", 3, 1),
+    AdapterSpec("p_tuning_mlp", 6, 2),
+    AdapterSpec("p_tuning_lstm", 9, 3),
+    AdapterSpec("prompt_tuning", 1, 4),
+    AdapterSpec("p_tuning_mlp", 5, 5, raw_encoder=True),
+    AdapterSpec("p_tuning_lstm", 4, 6, raw_encoder=True, strip_prefix=True),
 )
 TEXTS = (
     "Tweet: I love it. Label:",
@@ -46,7 +63,7 @@ class Request:
     max_new_tokens: int
 
 
-# 11 rows: each adapter at least twice, two bare rows, text and output lengths all mixed.
+# 14 rows: each adapter at least twice, two bare rows, text and output lengths all mixed.
 REQUESTS = (
     Request(TEXTS[0], 0, 12),
     Request(TEXTS[1], 1, 9),
@@ -54,25 +71,43 @@ REQUESTS = (
     Request(TEXTS[3], None, 10),
     Request(TEXTS[4], 3, 11),
     Request(TEXTS[2], 0, 8),
-    Request(TEXTS[0], 2, 13),
+    Request(TEXTS[0], 4, 13),
     Request(TEXTS[3], 1, 12),
     Request(TEXTS[1], None, 7),
     Request(TEXTS[4], 2, 10),
     Request(TEXTS[1], 3, 12),
+    Request(TEXTS[2], 5, 9),
+    Request(TEXTS[3], 5, 12),
+    Request(TEXTS[4], 4, 6),
 )
+
+
+def _make_adapter(model_dir: Path, root: Path, i: int, spec: AdapterSpec, *,
+                  seq2seq: bool, hidden: int) -> tuple[Path, torch.Tensor]:
+    """(PEFT output dir for the reference, the soft prompt the server would serve)."""
+    peft_dir = root / f"adapter-{i}"
+    if not spec.raw_encoder:
+        make_adapter(model_dir, peft_dir, spec.kind, num_virtual_tokens=spec.num_virtual_tokens,
+                     seed=spec.seed)
+        return peft_dir, load_prompt_embeddings(peft_dir, seq2seq=seq2seq)
+    raw_dir = make_encoder_checkpoint(
+        model_dir, root / f"raw-{i}", spec.kind, num_virtual_tokens=spec.num_virtual_tokens,
+        seed=spec.seed, strip_prefix=spec.strip_prefix, reference_dir=peft_dir)
+    parsed = parse_directory(raw_dir, spec=ModelSpec(token_dim=hidden))
+    return peft_dir, parsed.embeddings[: parsed.num_virtual_tokens]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_matches_peft_alone(arch: str, tiny_model_dirs, tmp_path: Path) -> None:
     model_dir = tiny_model_dirs[arch]
     seq2seq = is_seq2seq(arch)
-    adapter_dirs = [
-        make_adapter(model_dir, tmp_path / f"adapter-{i}", kind, num_virtual_tokens=n, seed=seed)
-        for i, (kind, n, seed) in enumerate(ADAPTERS)
-    ]
     model = load_base(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    embeds = [load_prompt_embeddings(d, seq2seq=seq2seq) for d in adapter_dirs]
+    hidden = model.get_input_embeddings().weight.shape[1]
+    made = [_make_adapter(model_dir, tmp_path, i, spec, seq2seq=seq2seq, hidden=hidden)
+            for i, spec in enumerate(ADAPTERS)]
+    adapter_dirs = [d for d, _ in made]
+    embeds = [e for _, e in made]
     rows = [
         BatchRow(
             prompt_ids=tokenizer(r.text)["input_ids"],
