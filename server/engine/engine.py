@@ -1,0 +1,299 @@
+"""Engine: the EngineClient the HTTP layer talks to — model, prompt cache, scheduler, adapters.
+
+`start()` returns at once and loads the model on a background thread, so the HTTP server can
+answer /healthz (and 503 on /readyz) while a large model loads. Requests are validated here,
+once, before they are queued, so a bad request never fails a batch it would have shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from adapters_store import LocalAdapterStore, parse_archive, parse_paths
+from adapters_store.errors import (
+    AdapterExistsError,
+    AdapterStoreError,
+    TaskTypeMismatchError,
+    TokenDimMismatchError,
+)
+from adapters_store.records import AdapterRecord, Limits, ModelSpec, validate_adapter_id
+from adapters_store.store import AdapterStore
+from server.config import Settings
+from server.engine.detokenizer import DECODE_KWARGS
+from server.engine.errors import EngineNotReadyError, RequestTooLongError
+from server.engine.interface import (
+    AdapterUpload,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    TokenChunk,
+)
+from server.engine.model_loader import LoadedModel, load_model
+from server.engine.observer import EngineObserver, NullObserver
+from server.engine.prompt_cache import PromptCache, version_of
+from server.engine.sampling import validate_params
+from server.engine.scheduler import (
+    BatchPolicy,
+    Failure,
+    InvalidRequestError,
+    Scheduler,
+    Ticket,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """One frozen base model serving many tenants' soft prompts; implements EngineClient."""
+
+    def __init__(self, settings: Settings, store: AdapterStore, *,
+                 observer: EngineObserver | None = None,
+                 policy: BatchPolicy | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self._observer = observer or NullObserver()
+        self._policy = policy
+        self._loaded: LoadedModel | None = None
+        self._cache: PromptCache | None = None
+        self._scheduler: Scheduler | None = None
+        self._load_error: BaseException | None = None
+        self._loaded_event = threading.Event()
+        self._loader: threading.Thread | None = None
+        self._closing = False
+        self._stored_count = 0
+        self._count_lock = threading.Lock()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin loading the model in the background; returns immediately."""
+        if self._loader is not None:
+            return
+        self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            loaded = load_model(self.settings)
+            cache = PromptCache(self.settings.prompt_cache_bytes, observer=self._observer)
+            scheduler = Scheduler(
+                loaded, store=self.store, cache=cache, observer=self._observer,
+                max_batch_size=self.settings.max_batch_size,
+                max_wait_s=self.settings.max_wait_ms / 1000.0,
+                max_queue=self.settings.max_queue, policy=self._policy)
+            with self._count_lock:
+                self._stored_count = len(self.store.list())
+            scheduler.start()
+            self._loaded, self._cache, self._scheduler = loaded, cache, scheduler
+        except BaseException as e:  # noqa: BLE001 - reported through wait_until_ready/is_ready
+            self._load_error = e
+            log.error("engine failed to start: %s: %s", type(e).__name__, e, exc_info=True)
+        finally:
+            self._loaded_event.set()
+
+    def wait_until_ready(self, timeout: float | None = None) -> None:
+        """Block until the model is loaded; re-raise the load error (for the CLI and tests)."""
+        if not self._loaded_event.wait(timeout):
+            raise EngineNotReadyError(f"the model did not load within {timeout} s")
+        if self._load_error is not None:
+            raise self._load_error
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self._load_error
+
+    def is_ready(self) -> bool:
+        """Model loaded, store reachable, engine thread alive, not shutting down."""
+        if self._closing or self._scheduler is None or not self._scheduler.alive:
+            return False
+        try:
+            self.store.ping()
+        except AdapterStoreError:
+            return False
+        return True
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Refuse new requests (EngineNotReadyError), finish in-flight ones, stop the threads."""
+        self._closing = True
+        if self._loader is not None:
+            self._loader.join(timeout)
+        if self._scheduler is not None:
+            self._scheduler.stop(timeout)
+
+    async def aclose(self, timeout: float = 30.0) -> None:
+        await asyncio.to_thread(self.shutdown, timeout)
+
+    # ---- model ---------------------------------------------------------------------------------
+
+    def _require(self) -> tuple[LoadedModel, PromptCache, Scheduler]:
+        if self._closing:
+            raise EngineNotReadyError("the engine is shutting down")
+        if self._loaded is None or self._cache is None or self._scheduler is None:
+            raise EngineNotReadyError("the model is still loading" if self._load_error is None
+                                      else f"the model failed to load: {self._load_error}")
+        return self._loaded, self._cache, self._scheduler
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._require()[0].info
+
+    def tokenize(self, text: str) -> list[int]:
+        """The tokenizer's defaults: special tokens added as the tokenizer does."""
+        return list(self._require()[0].tokenizer(text)["input_ids"])
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self._require()[0].tokenizer.decode(token_ids, **DECODE_KWARGS)
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        ticket = self._submit(request, stream=False)
+        assert ticket.future is not None
+        try:
+            return await ticket.future
+        except asyncio.CancelledError:
+            self._abort(ticket)  # the caller went away: stop computing its row
+            raise
+
+    def generate_stream(self, request: GenerationRequest
+                        ) -> AsyncIterator[TokenChunk | GenerationResult]:
+        """Submits now (so 404/429/422 raise here, before a response starts); the iterator
+        yields TokenChunks, then one GenerationResult. Closing it early aborts the request."""
+        ticket = self._submit(request, stream=True)
+        return self._stream(ticket)
+
+    async def _stream(self, ticket: Ticket) -> AsyncIterator[TokenChunk | GenerationResult]:
+        assert ticket.queue is not None
+        try:
+            while True:
+                item = await ticket.queue.get()
+                if isinstance(item, Failure):
+                    raise item.error
+                yield item
+                if isinstance(item, GenerationResult):
+                    return
+        finally:
+            self._abort(ticket)  # no-op when it finished
+
+    async def abort(self, request_id: str) -> None:
+        if self._scheduler is not None:
+            self._scheduler.abort_id(request_id)
+
+    def _abort(self, ticket: Ticket) -> None:
+        if self._scheduler is not None:
+            self._scheduler.abort(ticket)
+
+    def _submit(self, request: GenerationRequest, *, stream: bool) -> Ticket:
+        loaded, _, scheduler = self._require()
+        version, virtual = None, 0
+        if request.adapter_id is not None:
+            record = self.store.get_record(request.namespace, request.adapter_id)  # fast 404
+            self._check_compatible(record, loaded)
+            version, virtual = version_of(record), record.num_virtual_tokens
+        self._validate(request, loaded, virtual)
+        return scheduler.submit(request, version=version, virtual_tokens=virtual, stream=stream)
+
+    @staticmethod
+    def _check_compatible(record: AdapterRecord, loaded: LoadedModel) -> None:
+        """A store shared with another model may hold adapters this one cannot use."""
+        if record.token_dim != loaded.info.hidden_size:
+            raise TokenDimMismatchError(
+                f"adapter {record.adapter_id!r} has token_dim {record.token_dim}, the served "
+                f"model's hidden size is {loaded.info.hidden_size}")
+        if record.task_type != loaded.task_type:
+            raise TaskTypeMismatchError(
+                f"adapter {record.adapter_id!r} is a {record.task_type} adapter; the served "
+                f"model needs {loaded.task_type}")
+
+    @staticmethod
+    def _validate(request: GenerationRequest, loaded: LoadedModel, virtual: int) -> None:
+        ids = request.prompt_ids
+        if not ids and virtual == 0:
+            raise InvalidRequestError("the prompt is empty and there is no adapter")
+        if ids and (min(ids) < 0 or max(ids) >= loaded.vocab_size):
+            raise InvalidRequestError(
+                f"token ids must be in [0, {loaded.vocab_size}); got {min(ids)}..{max(ids)}")
+        try:
+            validate_params(request.params)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
+        total = len(ids) + virtual + request.params.max_new_tokens
+        if total > loaded.info.max_context:
+            raise RequestTooLongError(
+                f"prompt {len(ids)} + virtual {virtual} + max_new_tokens "
+                f"{request.params.max_new_tokens} = {total} tokens exceeds the model's context "
+                f"of {loaded.info.max_context}")
+
+    # ---- adapters ------------------------------------------------------------------------------
+
+    async def add_adapter(self, namespace: str, adapter_id: str, upload: AdapterUpload, *,
+                          overwrite: bool = False) -> AdapterRecord:
+        """Parse and validate off the event loop, store atomically; servable at once."""
+        loaded, cache, _ = self._require()
+        validate_adapter_id(namespace, what="namespace")
+        validate_adapter_id(adapter_id)
+        existed = await asyncio.to_thread(self.store.exists, namespace, adapter_id)
+        if existed and not overwrite:  # before parsing: 409 should not cost a parse
+            raise AdapterExistsError(f"adapter {adapter_id!r} exists in namespace "
+                                     f"{namespace!r}; pass overwrite to replace it")
+        parsed = await asyncio.to_thread(self._parse, upload, loaded)
+        record = await asyncio.to_thread(self.store.put, namespace, adapter_id, parsed,
+                                         overwrite=overwrite)
+        cache.invalidate(namespace, adapter_id)
+        if not existed:
+            with self._count_lock:
+                self._stored_count += 1
+        log.info("stored adapter %s/%s (%s, %s virtual tokens)", namespace, adapter_id,
+                 record.peft_type, record.num_virtual_tokens)
+        return record
+
+    def _parse(self, upload: AdapterUpload, loaded: LoadedModel):
+        spec = ModelSpec(token_dim=loaded.info.hidden_size, task_type=loaded.task_type)
+        limits = Limits(max_virtual_tokens=self.settings.max_virtual_tokens,
+                        max_file_bytes=self.settings.max_upload_bytes)
+        if upload.archive_path is not None:
+            return parse_archive(Path(upload.archive_path),
+                                 archive_name=upload.archive_name or upload.archive_path,
+                                 spec=spec, limits=limits)
+        return parse_paths(upload.config_path, upload.weights_path,
+                           weights_name=upload.weights_name, spec=spec, limits=limits)
+
+    async def get_adapter(self, namespace: str, adapter_id: str) -> AdapterRecord:
+        return await asyncio.to_thread(self.store.get_record, namespace, adapter_id)
+
+    async def list_adapters(self, namespace: str | None) -> list[AdapterRecord]:
+        return await asyncio.to_thread(self.store.list, namespace)
+
+    async def delete_adapter(self, namespace: str, adapter_id: str) -> None:
+        await asyncio.to_thread(self.store.delete, namespace, adapter_id)
+        if self._cache is not None:
+            self._cache.invalidate(namespace, adapter_id)
+        with self._count_lock:
+            self._stored_count = max(0, self._stored_count - 1)
+
+    # ---- gauges --------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        scheduler, cache = self._scheduler, self._cache
+        cs = cache.stats() if cache is not None else None
+        return {
+            "queue_depth": float(scheduler.queue_depth if scheduler else 0),
+            "in_flight": float(scheduler.in_flight if scheduler else 0),
+            "cache_resident_adapters": float(cs.resident_adapters if cs else 0),
+            "cache_resident_bytes": float(cs.resident_bytes if cs else 0),
+            "cache_bytes": float(cs.resident_bytes if cs else 0),  # alias named in interface.py
+            "cache_capacity_bytes": float(self.settings.prompt_cache_bytes),
+            "cache_hits": float(cs.hits if cs else 0),
+            "cache_misses": float(cs.misses if cs else 0),
+            "cache_evictions": float(cs.evictions if cs else 0),
+            "stored_adapters": float(self._stored_count),
+        }
+
+
+def build_engine(settings: Settings, *, observer: EngineObserver | None = None) -> Engine:
+    """The production wiring: a LocalAdapterStore at --store. Call start() to load the model."""
+    return Engine(settings, LocalAdapterStore(settings.store), observer=observer)

@@ -1,0 +1,150 @@
+"""Loading the one frozen base model: a Hugging Face id, a local path, or a `builtin:` model.
+
+Every model, the built-in one included, goes through the same `from_pretrained` path, so what
+the tests exercise on the tiny built-in model is what production runs on a real one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from adapters_store.records import TaskType
+from server.config import Device, DType, Settings
+from server.engine.builtin import BUILTIN_PREFIX, ensure_builtin
+from server.engine.errors import EngineError
+from server.engine.interface import ModelInfo
+
+log = logging.getLogger(__name__)
+
+# Relative-position models (T5, BLOOM's ALiBi) have no fixed window in their config; this is the
+# limit we enforce for them. Tokenizers without a limit report a huge model_max_length.
+DEFAULT_MAX_CONTEXT = 2048
+_UNBOUNDED = 1_000_000
+
+_DTYPES = {
+    DType.FLOAT32: torch.float32,
+    DType.BFLOAT16: torch.bfloat16,
+    DType.FLOAT16: torch.float16,
+}
+
+
+class ModelLoadError(EngineError):
+    """The model named by --model (or the --device/--dtype asked for) cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The frozen model, its tokenizer and what the rest of the engine needs to know of it."""
+
+    model: Any  # a PreTrainedModel in eval mode, requires_grad False
+    tokenizer: Any  # a PreTrainedTokenizerBase with a pad token
+    info: ModelInfo
+    task_type: TaskType  # what adapters must be trained for
+    device: torch.device
+    dtype: torch.dtype
+    vocab_size: int  # ids at or above this cannot be embedded
+
+
+def resolve_device(device: Device) -> torch.device:
+    """auto picks CUDA when present; asking for CUDA without one fails at startup, not later."""
+    if device == Device.AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == Device.CUDA and not torch.cuda.is_available():
+        raise ModelLoadError(
+            "--device cuda was requested but CUDA is not available (no GPU visible to torch "
+            f"{torch.__version__}); use --device cpu or --device auto"
+        )
+    return torch.device(str(device))
+
+
+def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA (half the memory, tensor cores), float32 on CPU (exact, fast)."""
+    if dtype == DType.AUTO:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def max_context_of(config: Any, tokenizer: Any) -> int:
+    """How many tokens (prompt + virtual + new) the model can attend to."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < _UNBOUNDED:
+        return value
+    return DEFAULT_MAX_CONTEXT
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load --model on --device in --dtype; a `builtin:` name is materialized first."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    source: str | Path = settings.model
+    if settings.model.startswith(BUILTIN_PREFIX):
+        try:
+            source = ensure_builtin(settings.model, Path(settings.model_cache))
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from e
+        except OSError as e:
+            raise ModelLoadError(
+                f"--model {settings.model}: could not write it to --model-cache "
+                f"{settings.model_cache}: {e}"
+            ) from e
+    return load_pretrained(source, name=settings.model, device=device, dtype=dtype)
+
+
+def load_pretrained(source: str | Path, *, name: str, device: torch.device,
+                    dtype: torch.dtype) -> LoadedModel:
+    """AutoConfig decides causal vs seq2seq; the weights are frozen for serving."""
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"--model {name!r} could not be loaded: {type(e).__name__}: {e}. Give a local "
+            "directory written by save_pretrained, a Hugging Face id that is downloadable (or "
+            "already in the Hugging Face cache when offline), or builtin:tiny"
+        ) from e
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"--model {name!r}: the weights could not be loaded as {auto.__name__}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    try:
+        model.to(device)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        raise ModelLoadError(f"--model {name!r} does not fit on --device {device}: {e}") from e
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        # generate needs a pad id for finished rows; eos is what HF pipelines use too.
+        tokenizer.pad_token = tokenizer.eos_token
+    hidden = int(model.get_input_embeddings().weight.shape[1])
+    info = ModelInfo(
+        name=name,
+        architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
+        is_seq2seq=seq2seq,
+        hidden_size=hidden,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        max_context=max_context_of(config, tokenizer),
+    )
+    log.info("loaded model %s (%s) on %s in %s: hidden %s, max context %s",
+             name, info.architecture, info.device, info.dtype, hidden, info.max_context)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, info=info,
+        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
+        device=device, dtype=dtype,
+        vocab_size=int(model.get_input_embeddings().weight.shape[0]),
+    )

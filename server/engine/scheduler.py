@@ -1,0 +1,369 @@
+"""The engine thread: owns the model, forms batches, runs them, hands results back to asyncio.
+
+Requests whose adapter is resident (or that use the bare model) are *ready*; a request whose
+adapter misses the prompt cache waits while a small loader pool reads it from the store and
+moves it onto the device, so a cold adapter never holds up anyone else's batch. Of the ready
+requests a `BatchPolicy` picks up to max_batch_size; the thread waits at most max_wait after
+the oldest ready request arrived for batch mates, then calls run_batch once.
+
+Results travel back with loop.call_soon_threadsafe: to an asyncio Future (generate) or an
+asyncio.Queue (streams). The thread never blocks on the event loop and vice versa.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+import torch
+
+from adapters_store.errors import AdapterStoreError
+from adapters_store.store import AdapterStore
+from server.engine import generation
+from server.engine.errors import EngineError, EngineNotReadyError, GenerationError, QueueFullError
+from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
+from server.engine.model_loader import LoadedModel
+from server.engine.observer import EngineObserver
+from server.engine.prompt_cache import PromptCache, version_of
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request the model cannot run (empty, out-of-vocabulary ids, bad parameters) (HTTP 422).
+
+    Checked at submit so one bad row never fails a whole batch.
+    """
+
+
+class TicketState(StrEnum):
+    QUEUED = "queued"  # waiting for its adapter or for a batch
+    RUNNING = "running"  # in the batch on the model now
+    DONE = "done"  # delivered, failed or aborted: nobody waits on the engine for it any more
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Put on a stream's queue instead of a result: the consumer raises `error`."""
+
+    error: BaseException
+
+
+class Ticket:
+    """One submitted request's life in the engine; state changes under the scheduler's lock."""
+
+    def __init__(self, request: GenerationRequest, *, seq: int, version: str | None,
+                 virtual_tokens: int, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
+        self.request = request
+        self.seq = seq  # submission order, what FIFO means
+        self.version = version  # of the adapter record seen at submit; None: bare model
+        self.virtual_tokens = virtual_tokens
+        self.loop = loop
+        self.submitted_at = time.monotonic()
+        self.state = TicketState.QUEUED
+        self.embeds: torch.Tensor | None = None  # [num_virtual_tokens, hidden] once resolved
+        self.future: asyncio.Future | None = None if stream else loop.create_future()
+        self.queue: asyncio.Queue | None = asyncio.Queue() if stream else None
+
+    @property
+    def namespace(self) -> str:
+        return self.request.namespace
+
+    def is_aborted(self) -> bool:
+        return self.state is TicketState.DONE
+
+    def deliver(self, item: GenerationResult | TokenChunk | Failure | None) -> None:
+        """From any thread: hand `item` to the asyncio side (None: cancelled)."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+            self.loop.call_soon_threadsafe(self._deliver_on_loop, item)
+
+    def _deliver_on_loop(self, item: GenerationResult | TokenChunk | Failure | None) -> None:
+        if self.queue is not None:
+            self.queue.put_nowait(Failure(asyncio.CancelledError()) if item is None else item)
+        elif self.future is not None and not self.future.done():
+            if item is None:
+                self.future.cancel()
+            elif isinstance(item, Failure):
+                self.future.set_exception(item.error)
+            elif isinstance(item, GenerationResult):
+                self.future.set_result(item)
+
+
+class BatchPolicy(Protocol):
+    """Which ready requests form the next batch. May keep state across calls (fairness)."""
+
+    def select(self, ready: Sequence[Ticket], max_batch_size: int) -> list[Ticket]: ...
+
+
+class FifoPolicy:
+    """Oldest first, across tenants."""
+
+    def select(self, ready: Sequence[Ticket], max_batch_size: int) -> list[Ticket]:
+        return sorted(ready, key=lambda t: t.seq)[:max_batch_size]
+
+
+class Scheduler:
+    """Thread-safe submit/abort; one engine thread and a small adapter-loader pool."""
+
+    def __init__(self, loaded: LoadedModel, *, store: AdapterStore, cache: PromptCache,
+                 observer: EngineObserver, max_batch_size: int, max_wait_s: float,
+                 max_queue: int, policy: BatchPolicy | None = None,
+                 loader_threads: int = 2) -> None:
+        self._loaded = loaded
+        self._store = store
+        self._cache = cache
+        self._observer = observer
+        self._max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_s
+        self._max_queue = max_queue
+        self._policy = policy or FifoPolicy()
+        self._cond = threading.Condition()
+        self._ready: list[Ticket] = []
+        self._loading: dict[tuple[str, str, str], list[Ticket]] = {}
+        self._live: dict[str, Ticket] = {}  # request_id -> ticket, until DONE
+        self._queued = 0  # tickets in state QUEUED
+        self._seq = 0
+        self._draining = False
+        self._stopped = False
+        self._batch_seconds = 1.0  # running mean, for Retry-After
+        self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="adapter-loader")
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    # ---- asyncio side ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._draining
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._live)
+
+    def submit(self, request: GenerationRequest, *, version: str | None, virtual_tokens: int,
+               stream: bool) -> Ticket:
+        """Queue a validated request; must be called on the event loop that will consume it."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if self._draining or not self._thread.is_alive():
+                raise EngineNotReadyError("the engine is shutting down")
+            if self._queued >= self._max_queue:
+                raise QueueFullError(
+                    f"{self._queued} requests are queued (--max-queue {self._max_queue}); "
+                    "retry later", retry_after_s=self._retry_after())
+            self._seq += 1
+            ticket = Ticket(request, seq=self._seq, version=version,
+                            virtual_tokens=virtual_tokens, loop=loop, stream=stream)
+            self._live[request.request_id] = ticket
+            self._queued += 1
+            if request.adapter_id is None:
+                self._ready.append(ticket)
+            else:
+                self._resolve(ticket)
+            self._cond.notify_all()
+        return ticket
+
+    def abort(self, ticket: Ticket) -> None:
+        """Stop working on a request (no-op once done); a running row stops at its next step."""
+        if self._finish(ticket):
+            ticket.deliver(None)
+
+    def abort_id(self, request_id: str) -> None:
+        ticket = self._live.get(request_id)
+        if ticket is not None:
+            self.abort(ticket)
+
+    def stop(self, timeout: float) -> None:
+        """Refuse new requests, let queued and running ones finish for up to `timeout` seconds,
+        then fail what is left with EngineNotReadyError and stop the threads."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        with self._cond:
+            self._stopped = True
+            left = list(self._live.values())
+            self._cond.notify_all()
+        for ticket in left:
+            self._fail(ticket, EngineNotReadyError("the engine shut down before this request "
+                                                   "finished"))
+        self._thread.join(5.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- adapters ----------------------------------------------------------------------------
+
+    def _resolve(self, ticket: Ticket) -> None:
+        """Under the lock: ready now if resident, else wait for (or start) its load."""
+        req = ticket.request
+        assert req.adapter_id is not None and ticket.version is not None
+        embeds = self._cache.lookup(req.namespace, req.adapter_id, ticket.version)
+        if embeds is not None:
+            ticket.embeds = embeds
+            self._ready.append(ticket)
+            return
+        key = (req.namespace, req.adapter_id, ticket.version)
+        waiting = self._loading.get(key)
+        if waiting is None:
+            self._loading[key] = waiting = []
+            self._pool.submit(self._load, key)
+        waiting.append(ticket)
+
+    def _load(self, key: tuple[str, str, str]) -> None:
+        """On a loader thread: store -> device/dtype -> cache; then release the waiters."""
+        namespace, adapter_id, _ = key
+        started = time.monotonic()
+        embeds: torch.Tensor | None = None
+        error: BaseException | None = None
+        try:
+            stored = self._store.get(namespace, adapter_id)
+            rows = stored.record.num_virtual_tokens  # seq2seq stores 2n rows; PEFT uses n
+            embeds = stored.embeddings[:rows].to(
+                device=self._loaded.device, dtype=self._loaded.dtype, copy=True)
+            self._cache.insert(namespace, adapter_id, version_of(stored.record), embeds)
+            self._observer.adapter_loaded(time.monotonic() - started)
+        except AdapterStoreError as e:  # not found (deleted meanwhile), store unavailable
+            error = e
+        except Exception as e:  # noqa: BLE001 - a loader thread must always release waiters
+            log.exception("loading adapter %s/%s failed: %s", namespace, adapter_id,
+                          type(e).__name__)
+            error = GenerationError(f"adapter {adapter_id!r} could not be loaded: "
+                                    f"{type(e).__name__}: {e}")
+        with self._cond:
+            waiting = self._loading.pop(key, [])
+            for ticket in waiting:
+                if ticket.state is TicketState.QUEUED and embeds is not None:
+                    ticket.embeds = embeds
+                    self._ready.append(ticket)
+            self._cond.notify_all()
+        if error is not None:
+            for ticket in waiting:
+                self._fail(ticket, error)
+
+    # ---- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._run_batch(batch)
+        except BaseException as e:  # the thread must not die silently: fail everyone
+            log.critical("engine thread crashed: %s: %s", type(e).__name__, e, exc_info=True)
+            with self._cond:
+                self._draining = True
+                left = list(self._live.values())
+            for ticket in left:
+                self._fail(ticket, GenerationError(f"the engine thread crashed: "
+                                                   f"{type(e).__name__}"))
+            raise
+
+    def _next_batch(self) -> list[Ticket] | None:
+        """Block until a batch is due; None when stopping and nothing is left to do."""
+        with self._cond:
+            while True:
+                self._ready = [t for t in self._ready if t.state is TicketState.QUEUED]
+                if self._stopped or (self._draining and self._queued == 0):
+                    return None
+                if not self._ready:
+                    self._cond.wait()
+                    continue
+                if len(self._ready) >= self._max_batch_size or self._draining:
+                    break
+                oldest = min(t.submitted_at for t in self._ready)
+                wait = oldest + self._max_wait_s - time.monotonic()
+                if wait <= 0:
+                    break
+                self._cond.wait(wait)
+            batch = self._policy.select(self._ready, self._max_batch_size)
+            chosen = {id(t) for t in batch}
+            self._ready = [t for t in self._ready if id(t) not in chosen]
+            for ticket in batch:
+                ticket.state = TicketState.RUNNING
+            self._queued -= len(batch)
+            return batch
+
+    def _run_batch(self, batch: list[Ticket]) -> None:
+        started = time.monotonic()
+        adapters = {(t.namespace, t.request.adapter_id) for t in batch
+                    if t.request.adapter_id is not None}
+        self._observer.batch_started(size=len(batch), distinct_adapters=len(adapters))
+        for ticket in batch:
+            self._observer.queue_wait(started - ticket.submitted_at)
+        rows = [self._row(t) for t in batch]
+        try:
+            outputs = generation.run_batch(self._loaded.model, self._loaded.tokenizer, rows)
+        except Exception as e:  # noqa: BLE001 - isolate the failure to this batch
+            log.error("batch of %s requests failed: %s: %s", len(batch), type(e).__name__, e,
+                      exc_info=True)
+            for ticket in batch:
+                self._fail(ticket, GenerationError(
+                    f"generation failed for the batch holding this request: "
+                    f"{type(e).__name__}: {e}"))
+            return
+        finally:
+            elapsed = time.monotonic() - started
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+        for ticket, out in zip(batch, outputs, strict=True):
+            if out.aborted:
+                self.abort(ticket)
+                continue
+            req = ticket.request
+            result = GenerationResult(
+                request_id=req.request_id, adapter_id=req.adapter_id, text=out.text,
+                token_ids=out.token_ids, finish_reason=out.finish_reason,
+                prompt_tokens=len(req.prompt_ids), virtual_tokens=ticket.virtual_tokens,
+                completion_tokens=len(out.token_ids))
+            if self._finish(ticket):
+                ticket.deliver(result)
+
+    def _row(self, ticket: Ticket) -> generation.BatchRow:
+        def on_first_token() -> None:
+            self._observer.first_token(time.monotonic() - ticket.submitted_at)
+
+        on_chunk: Any = None
+        if ticket.queue is not None:
+            def on_chunk(chunk: TokenChunk) -> None:
+                if ticket.state is not TicketState.DONE:
+                    ticket.deliver(chunk)
+
+        return generation.BatchRow(
+            prompt_ids=ticket.request.prompt_ids, prompt_embeds=ticket.embeds,
+            params=ticket.request.params, on_chunk=on_chunk, is_aborted=ticket.is_aborted,
+            on_first_token=on_first_token)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+
+    def _finish(self, ticket: Ticket) -> bool:
+        """Mark DONE and drop from the gauges; False if it already was (deliver nothing)."""
+        with self._cond:
+            if ticket.state is TicketState.DONE:
+                return False
+            if ticket.state is TicketState.QUEUED:
+                self._queued -= 1
+            ticket.state = TicketState.DONE
+            if self._live.get(ticket.request.request_id) is ticket:
+                del self._live[ticket.request.request_id]
+            self._cond.notify_all()
+            return True
+
+    def _fail(self, ticket: Ticket, error: BaseException) -> None:
+        if self._finish(ticket):
+            ticket.deliver(Failure(error))
+
+    def _retry_after(self) -> float:
+        """Roughly how long until the queue has room: batches ahead times a batch's duration."""
+        batches = math.ceil(self._queued / self._max_batch_size)
+        return min(60.0, max(1.0, batches * self._batch_seconds))
