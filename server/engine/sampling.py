@@ -84,31 +84,83 @@ class PerRowLogitsProcessor(LogitsProcessor):
 
     def _sample_into(self, scores: torch.Tensor, active: list[int]) -> None:
         """Sample one token for each active sampled row; make its logits a one-hot on it."""
+        device = scores.device
         rows = torch.tensor([self._sampled[j] for j in active], dtype=torch.long,
-                            device=scores.device)  # [n]
-        sel = torch.tensor(active, dtype=torch.long, device=scores.device)  # [n]
-        vocab = scores.shape[-1]
+                            device=device)  # [n]
+        sel = torch.tensor(active, dtype=torch.long, device=device)  # [n]
+        # One uniform draw per row per step from the row's own generator, whatever its path.
+        u = torch.cat([torch.rand(1, generator=self._generators[j]) for j in active]).to(device)
         logits = scores.index_select(0, rows) / self._temperature[sel, None]  # [n, vocab]
-        sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)  # [n, vocab]
+        top_k, top_p = self._top_k[sel], self._top_p[sel]  # [n], [n]
 
-        ranks = torch.arange(vocab, device=scores.device)  # [vocab]
-        k = self._top_k[sel]
-        k = torch.where(k > 0, k, vocab)  # [n]
-        sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
-
-        probs = torch.softmax(sorted_logits, dim=-1)  # [n, vocab]
-        mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens
-        # The best token always survives (mass_before == 0 < top_p).
-        probs = probs.masked_fill(mass_before >= self._top_p[sel, None], 0.0)
-
-        # Inverse-CDF sampling with one uniform draw per row from the row's own generator.
-        cdf = torch.cumsum(probs, dim=-1)  # [n, vocab], unnormalized
-        uniforms = torch.cat([torch.rand(1, generator=self._generators[j]) for j in active])
-        u = uniforms.to(scores.device)[:, None] * cdf[:, -1:]  # [n, 1]
-        pos = torch.searchsorted(cdf, u, right=True)  # [n, 1]
-        kept = (probs > 0).sum(dim=-1, keepdim=True)  # survivors form a prefix of the ranks
-        pos = torch.minimum(pos, (kept - 1).clamp(min=0))
-        chosen = sorted_ids.gather(1, pos).squeeze(1)  # [n]
-
+        chosen = torch.empty(len(active), dtype=torch.long, device=device)  # [n]
+        whole = (top_k == 0) & torch.isinf(top_p)  # plain temperature sampling: no sorting
+        if whole.any():
+            chosen[whole] = _sample_whole_vocab(logits[whole], u[whole])
+        ranked = ~whole
+        if ranked.any():
+            chosen[ranked] = _sample_ranked(logits[ranked], top_k[ranked], top_p[ranked],
+                                            u[ranked])
         scores.index_fill_(0, rows, float("-inf"))
         scores[rows, chosen] = 0.0
+
+
+# Top-p rows first look among this many best tokens; that is exact whenever their mass reaches
+# top_p (nearly always), and avoids sorting the whole vocabulary every step.
+_NUCLEUS_CANDIDATES = 1024
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index drawn from unnormalized `probs` [n, width] with uniforms u [n] in [0, 1)."""
+    cdf = torch.cumsum(probs, dim=-1)  # [n, width]
+    pos = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)  # [n, 1]
+    # Guard against u * total rounding up to total: stay on the last token with mass.
+    width = probs.shape[-1]
+    last = width - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1, keepdim=True)
+    return torch.minimum(pos, last).squeeze(1)  # [n]
+
+
+def _sample_whole_vocab(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Temperature-only rows: sample from the full softmax, in vocabulary order."""
+    return _inverse_cdf(torch.softmax(logits, dim=-1), u)
+
+
+def _sample_ranked(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                   u: torch.Tensor) -> torch.Tensor:
+    """Rows with top-k and/or top-p: keep the best tokens, then sample among them.
+
+    logits [n, vocab]; top_k [n] (0 = off); top_p [n] (inf = off). Top-k comes first and
+    top-p is taken over the top-k distribution, as transformers' warpers do.
+    """
+    vocab = logits.shape[-1]
+    width = torch.where(top_k > 0, top_k.clamp(max=vocab),
+                        min(_NUCLEUS_CANDIDATES, vocab))  # [n]
+    return _sample_among_best(logits, width, top_k > 0, top_p, u)
+
+
+def _sample_among_best(logits: torch.Tensor, width: torch.Tensor, has_top_k: torch.Tensor,
+                       top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    values, ids = torch.topk(logits, int(width.max()), dim=-1)  # [n, w], best first
+    ranks = torch.arange(values.shape[-1], device=logits.device)
+    values = values.masked_fill(ranks[None, :] >= width[:, None], float("-inf"))
+    # Top-k rows renormalize over their k tokens; top-p-only rows use the full vocabulary.
+    log_norm = torch.where(has_top_k, torch.logsumexp(values, dim=-1),
+                           torch.logsumexp(logits, dim=-1))  # [n]
+    probs = torch.exp(values - log_norm[:, None])  # [n, w]
+
+    # A top-p-only row whose candidates hold less than top_p of the mass needs the whole
+    # vocabulary ranked: redo just those rows (rare outside random models).
+    short = ~has_top_k & (width < vocab) & (probs.sum(dim=-1) < top_p)
+    chosen = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    if short.any():
+        chosen[short] = _sample_among_best(
+            logits[short], torch.full_like(width[short], vocab), has_top_k[short],
+            top_p[short], u[short])
+    keep = ~short
+    probs, ids = probs[keep], ids[keep]
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens
+    # The best token always survives (mass_before == 0 < top_p).
+    probs = probs.masked_fill(mass_before >= top_p[keep, None], 0.0)
+    chosen[keep] = ids.gather(1, _inverse_cdf(probs, u[keep])[:, None]).squeeze(1)
+    return chosen

@@ -84,7 +84,34 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().tolist()
 
     assert set(_draws(SamplingParams(temperature=1.0, top_p=0.7, seed=2), logits, 400)) == {0, 1}
-    assert set(_draws(SamplingParams(temperature=1.0, top_p=0.5, seed=2), logits, 100)) == {0}
+    assert set(_draws(SamplingParams(temperature=1.0, top_p=0.45, seed=2), logits, 100)) == {0}
+
+
+def test_top_p_is_exact_when_the_nucleus_is_wider_than_the_candidate_list() -> None:
+    vocab = 4000  # a flat distribution: the 0.5 nucleus holds ~1900 tokens, more than 1024
+    logits = -torch.arange(vocab, dtype=torch.float32) * 1e-4
+    probs = torch.softmax(logits, dim=-1)
+    nucleus = int((torch.cumsum(probs, dim=-1) - probs < 0.5).sum())
+
+    counts = _draws(SamplingParams(temperature=1.0, top_p=0.5, seed=4), logits.tolist(), 100)
+
+    assert max(counts) < nucleus
+    assert max(counts) >= 1024
+
+
+def test_rows_with_different_top_k_and_top_p_share_a_step() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]] * 3)
+    params = [SamplingParams(temperature=3.0, top_k=1, seed=0),
+              SamplingParams(temperature=3.0, top_k=2, seed=0),
+              SamplingParams(temperature=3.0, top_p=0.999, seed=0)]
+    proc = _processor(*params)
+    seen: list[set[int]] = [set(), set(), set()]
+    for _ in range(300):
+        out = proc(torch.zeros(3, 0, dtype=torch.long), logits.clone())
+        for i, token in enumerate(out.argmax(dim=-1).tolist()):
+            seen[i].add(token)
+
+    assert seen == [{0}, {0, 1}, {0, 1, 2, 3, 4}]
 
 
 def test_near_zero_temperature_is_greedy() -> None:
