@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from adapters_store import LocalAdapterStore, parse_archive, parse_paths
@@ -30,19 +29,13 @@ from server.engine.interface import (
     GenerationRequest,
     GenerationResult,
     ModelInfo,
-    TokenChunk,
 )
 from server.engine.model_loader import LoadedModel, load_model
 from server.engine.observer import EngineObserver, NullObserver
 from server.engine.prompt_cache import PromptCache, version_of
 from server.engine.sampling import validate_params
-from server.engine.scheduler import (
-    BatchPolicy,
-    Failure,
-    InvalidRequestError,
-    Scheduler,
-    Ticket,
-)
+from server.engine.scheduler import BatchPolicy, InvalidRequestError, Scheduler
+from server.engine.tickets import Ticket, TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -159,25 +152,10 @@ class Engine:
             self._abort(ticket)  # the caller went away: stop computing its row
             raise
 
-    def generate_stream(self, request: GenerationRequest
-                        ) -> AsyncIterator[TokenChunk | GenerationResult]:
-        """Submits now (so 404/429/422 raise here, before a response starts); the iterator
-        yields TokenChunks, then one GenerationResult. Closing it early aborts the request."""
-        ticket = self._submit(request, stream=True)
-        return self._stream(ticket)
-
-    async def _stream(self, ticket: Ticket) -> AsyncIterator[TokenChunk | GenerationResult]:
-        assert ticket.queue is not None
-        try:
-            while True:
-                item = await ticket.queue.get()
-                if isinstance(item, Failure):
-                    raise item.error
-                yield item
-                if isinstance(item, GenerationResult):
-                    return
-        finally:
-            self._abort(ticket)  # no-op when it finished
+    def generate_stream(self, request: GenerationRequest) -> TokenStream:
+        """Submits now (so 404/422/429/503 raise here, before a response starts). The stream
+        yields TokenChunks, then one GenerationResult; aclose() (or dropping it) aborts."""
+        return TokenStream(self._submit(request, stream=True), self._abort)
 
     async def abort(self, request_id: str) -> None:
         if self._scheduler is not None:

@@ -13,15 +13,12 @@ asyncio.Queue (streams). The thread never blocks on the event loop and vice vers
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Protocol
 
 import torch
@@ -34,6 +31,7 @@ from server.engine.interface import GenerationRequest, GenerationResult, TokenCh
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver
 from server.engine.prompt_cache import PromptCache, version_of
+from server.engine.tickets import Failure, Ticket, TicketState
 
 log = logging.getLogger(__name__)
 
@@ -43,59 +41,6 @@ class InvalidRequestError(EngineError, ValueError):
 
     Checked at submit so one bad row never fails a whole batch.
     """
-
-
-class TicketState(StrEnum):
-    QUEUED = "queued"  # waiting for its adapter or for a batch
-    RUNNING = "running"  # in the batch on the model now
-    DONE = "done"  # delivered, failed or aborted: nobody waits on the engine for it any more
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Put on a stream's queue instead of a result: the consumer raises `error`."""
-
-    error: BaseException
-
-
-class Ticket:
-    """One submitted request's life in the engine; state changes under the scheduler's lock."""
-
-    def __init__(self, request: GenerationRequest, *, seq: int, version: str | None,
-                 virtual_tokens: int, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
-        self.request = request
-        self.seq = seq  # submission order, what FIFO means
-        self.version = version  # of the adapter record seen at submit; None: bare model
-        self.virtual_tokens = virtual_tokens
-        self.loop = loop
-        self.submitted_at = time.monotonic()
-        self.state = TicketState.QUEUED
-        self.embeds: torch.Tensor | None = None  # [num_virtual_tokens, hidden] once resolved
-        self.future: asyncio.Future | None = None if stream else loop.create_future()
-        self.queue: asyncio.Queue | None = asyncio.Queue() if stream else None
-
-    @property
-    def namespace(self) -> str:
-        return self.request.namespace
-
-    def is_aborted(self) -> bool:
-        return self.state is TicketState.DONE
-
-    def deliver(self, item: GenerationResult | TokenChunk | Failure | None) -> None:
-        """From any thread: hand `item` to the asyncio side (None: cancelled)."""
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-            self.loop.call_soon_threadsafe(self._deliver_on_loop, item)
-
-    def _deliver_on_loop(self, item: GenerationResult | TokenChunk | Failure | None) -> None:
-        if self.queue is not None:
-            self.queue.put_nowait(Failure(asyncio.CancelledError()) if item is None else item)
-        elif self.future is not None and not self.future.done():
-            if item is None:
-                self.future.cancel()
-            elif isinstance(item, Failure):
-                self.future.set_exception(item.error)
-            elif isinstance(item, GenerationResult):
-                self.future.set_result(item)
 
 
 class BatchPolicy(Protocol):

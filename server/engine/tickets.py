@@ -1,0 +1,116 @@
+"""A request's handle between the asyncio side and the engine thread.
+
+A Ticket carries the request through the scheduler; results reach asyncio only through
+loop.call_soon_threadsafe, to a Future (generate) or a Queue (streams). TokenStream is what
+generate_stream returns: closing it (or dropping it) aborts the request even if it was never
+iterated, which a plain async generator cannot do (its finally never runs if it never started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
+
+
+class TicketState(StrEnum):
+    QUEUED = "queued"  # waiting for its adapter or for a batch
+    RUNNING = "running"  # in the batch on the model now
+    DONE = "done"  # delivered, failed or aborted: nobody waits on the engine for it any more
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Put on a stream's queue instead of a result: the consumer raises `error`."""
+
+    error: BaseException
+
+
+class Ticket:
+    """One submitted request's life in the engine; state changes under the scheduler's lock."""
+
+    def __init__(self, request: GenerationRequest, *, seq: int, version: str | None,
+                 virtual_tokens: int, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
+        self.request = request
+        self.seq = seq  # submission order, what FIFO means
+        self.version = version  # of the adapter record seen at submit; None: bare model
+        self.virtual_tokens = virtual_tokens
+        self.loop = loop
+        self.submitted_at = time.monotonic()
+        self.state = TicketState.QUEUED
+        self.embeds: torch.Tensor | None = None  # [num_virtual_tokens, hidden] once resolved
+        self.future: asyncio.Future | None = None if stream else loop.create_future()
+        self.queue: asyncio.Queue | None = asyncio.Queue() if stream else None
+
+    @property
+    def namespace(self) -> str:
+        return self.request.namespace
+
+    def is_aborted(self) -> bool:
+        return self.state is TicketState.DONE
+
+    def deliver(self, item: GenerationResult | TokenChunk | Failure | None) -> None:
+        """From any thread: hand `item` to the asyncio side (None: cancelled)."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+            self.loop.call_soon_threadsafe(self._deliver_on_loop, item)
+
+    def _deliver_on_loop(self, item: GenerationResult | TokenChunk | Failure | None) -> None:
+        if self.queue is not None:
+            self.queue.put_nowait(Failure(asyncio.CancelledError()) if item is None else item)
+        elif self.future is not None and not self.future.done():
+            if item is None:
+                self.future.cancel()
+            elif isinstance(item, Failure):
+                self.future.set_exception(item.error)
+            elif isinstance(item, GenerationResult):
+                self.future.set_result(item)
+
+
+
+class TokenStream:
+    """Async iterator of TokenChunk..., then one GenerationResult; aclose() aborts."""
+
+    def __init__(self, ticket: Ticket, abort: Callable[[Ticket], None]) -> None:
+        assert ticket.queue is not None
+        self.request_id = ticket.request.request_id
+        self._ticket = ticket
+        self._queue = ticket.queue
+        self._abort = abort
+        self._done = False
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> TokenChunk | GenerationResult:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            self._close()
+            raise
+        if isinstance(item, Failure):
+            self._done = True
+            raise item.error
+        if isinstance(item, GenerationResult):
+            self._done = True
+        return item
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._abort(self._ticket)  # no-op when it already finished
+
+    def __del__(self) -> None:  # dropped without aclose (e.g. `break` out of async for)
+        with contextlib.suppress(Exception):
+            self._close()

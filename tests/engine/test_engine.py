@@ -1,0 +1,288 @@
+"""Engine end to end, in process: real tiny models, real PEFT adapters uploaded through the store.
+
+Helpers here (make_engine, upload, request, RecordingObserver) are reused by test_scheduler.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+import pytest
+
+from adapters_store import LocalAdapterStore
+from adapters_store.errors import AdapterExistsError, AdapterNotFoundError
+from server.config import Device, Settings
+from server.engine import Engine, InvalidRequestError, build_engine
+from server.engine.errors import EngineNotReadyError, RequestTooLongError
+from server.engine.interface import (
+    AdapterUpload,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    TokenChunk,
+)
+from server.engine.observer import CacheEvent, NullObserver
+from tests.factories import load_peft_reference, make_adapter, reference_greedy
+
+_ids = itertools.count()
+
+
+class RecordingObserver(NullObserver):
+    """Keeps every event so tests can assert on what the engine reported."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []
+        self.cache: list[CacheEvent] = []
+        self.loads = 0
+        self.first_tokens = 0
+        self.queue_waits = 0
+
+    def batch_started(self, *, size: int, distinct_adapters: int) -> None:
+        self.batches.append((size, distinct_adapters))
+
+    def cache_event(self, event: CacheEvent) -> None:
+        self.cache.append(event)
+
+    def adapter_loaded(self, seconds: float) -> None:
+        self.loads += 1
+
+    def first_token(self, seconds: float) -> None:
+        self.first_tokens += 1
+
+    def queue_wait(self, seconds: float) -> None:
+        self.queue_waits += 1
+
+
+def make_engine(model_dir: Path, tmp_path: Path, *, store: LocalAdapterStore | None = None,
+                observer: RecordingObserver | None = None, **settings_kw) -> Engine:
+    settings = Settings(model=str(model_dir), store=str(tmp_path / "store"),
+                        model_cache=tmp_path / "model-cache", device=Device.CPU, **settings_kw)
+    engine = Engine(settings, store or LocalAdapterStore(settings.store), observer=observer)
+    engine.start()
+    engine.wait_until_ready(60)
+    return engine
+
+
+def upload_of(adapter_dir: Path) -> AdapterUpload:
+    return AdapterUpload(config_path=str(adapter_dir / "adapter_config.json"),
+                         weights_path=str(adapter_dir / "adapter_model.safetensors"),
+                         weights_name="adapter_model.safetensors")
+
+
+def request(engine: Engine, text: str, adapter_id: str | None, *, namespace: str = "t1",
+            **params) -> GenerationRequest:
+    params.setdefault("max_new_tokens", 8)
+    return GenerationRequest(request_id=f"r{next(_ids)}", prompt_ids=tuple(engine.tokenize(text)),
+                             adapter_id=adapter_id, namespace=namespace,
+                             params=SamplingParams(**params))
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    """Poll (the engine thread updates gauges asynchronously)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+# (name, kind, num_virtual_tokens, seed)
+ADAPTERS = (("pt3", "prompt_tuning", 3, 1), ("mlp6", "p_tuning_mlp", 6, 2),
+            ("pt5", "prompt_tuning", 5, 3), ("lstm4", "p_tuning_lstm", 4, 4))
+
+
+@pytest.fixture(scope="module")
+def llama_adapters(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("llama-adapters")
+    return {name: make_adapter(tiny_model_dirs["llama"], root / name, kind,
+                               num_virtual_tokens=n, seed=seed)
+            for name, kind, n, seed in ADAPTERS}
+
+
+@pytest.fixture
+async def engine(tiny_model_dirs, tmp_path, llama_adapters):
+    observer = RecordingObserver()
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_wait_ms=200,
+                      max_batch_size=16)
+    for name, path in llama_adapters.items():
+        await eng.add_adapter("t1", name, upload_of(path))
+    yield eng
+    await eng.aclose(10)
+
+
+TEXTS = ("Tweet: I love it. Label:", "a", "The quick brown fox jumps", "Hi!", "naïve café")
+
+
+async def test_concurrent_mixed_requests_equal_peft_alone(engine, tiny_model_dirs,
+                                                          llama_adapters) -> None:
+    names = [None, *llama_adapters]
+    cases = [(TEXTS[i % len(TEXTS)], names[i % len(names)], 5 + i % 4) for i in range(10)]
+    # Warm the cache so all ten are ready together and share batches.
+    await asyncio.gather(*(engine.generate(request(engine, "x", n)) for n in llama_adapters))
+    engine._observer.batches.clear()
+    results = await asyncio.gather(*(engine.generate(request(engine, t, n, max_new_tokens=m))
+                                     for t, n, m in cases))
+    refs = {n: load_peft_reference(tiny_model_dirs["llama"], llama_adapters.get(n))
+            for n in names}
+    for (text, name, max_new), result in zip(cases, results, strict=True):
+        expected = reference_greedy(refs[name], engine.tokenize(text), max_new)
+        assert list(result.token_ids) == expected, (text, name)
+        assert result.adapter_id == name
+        vt = 0 if name is None else dict((a[0], a[2]) for a in ADAPTERS)[name]
+        assert (result.prompt_tokens, result.virtual_tokens) == (len(engine.tokenize(text)), vt)
+    sizes = engine._observer.batches
+    assert sum(s for s, _ in sizes) == len(cases)
+    assert max(s for s, _ in sizes) > 1 and max(d for _, d in sizes) > 1  # batches mix
+
+
+async def test_seq2seq_uses_only_the_encoder_half_of_the_stored_prompt(tiny_model_dirs,
+                                                                       tmp_path) -> None:
+    adapter = make_adapter(tiny_model_dirs["t5"], tmp_path / "t5-pt", "prompt_tuning",
+                           num_virtual_tokens=4, seed=7)
+    eng = make_engine(tiny_model_dirs["t5"], tmp_path)
+    try:
+        record = await eng.add_adapter("t1", "t5pt", upload_of(adapter))
+        assert record.task_type == "SEQ_2_SEQ_LM"
+        texts = ("Translate: hello", "b")
+        got = await asyncio.gather(*(eng.generate(request(eng, t, a, max_new_tokens=6))
+                                     for t in texts for a in ("t5pt", None)))
+        refs = {a: load_peft_reference(tiny_model_dirs["t5"], adapter if a else None)
+                for a in ("t5pt", None)}
+        expected = [reference_greedy(refs[a], eng.tokenize(t), 6)
+                    for t in texts for a in ("t5pt", None)]
+        assert [list(r.token_ids) for r in got] == expected
+        assert eng.stats()["cache_resident_bytes"] == 4 * 56 * 4  # n rows of 2n kept, f32
+    finally:
+        await eng.aclose(10)
+
+
+async def test_stream_yields_chunks_then_one_result_matching_generate(engine) -> None:
+    items = [item async for item in engine.generate_stream(
+        request(engine, "Hi!", "pt3", max_new_tokens=10, ignore_eos=True))]
+    chunks, final = items[:-1], items[-1]
+    assert all(isinstance(c, TokenChunk) for c in chunks)
+    assert isinstance(final, GenerationResult) and final.finish_reason == FinishReason.LENGTH
+    assert sum((c.token_ids for c in chunks), ()) == final.token_ids
+    assert "".join(c.text for c in chunks) == final.text
+    plain = await engine.generate(request(engine, "Hi!", "pt3", max_new_tokens=10,
+                                          ignore_eos=True))
+    assert plain.token_ids == final.token_ids
+
+
+async def test_new_upload_is_served_on_the_next_request_and_overwrite_replaces(
+        engine, tiny_model_dirs, llama_adapters) -> None:
+    first = await engine.generate(request(engine, "Hi!", "pt3"))
+    assert engine._cache.contains("t1", "pt3")
+    with pytest.raises(AdapterExistsError):
+        await engine.add_adapter("t1", "pt3", upload_of(llama_adapters["pt5"]))
+    await engine.add_adapter("t1", "pt3", upload_of(llama_adapters["pt5"]), overwrite=True)
+    assert not engine._cache.contains("t1", "pt3")  # invalidated at once
+    second = await engine.generate(request(engine, "Hi!", "pt3"))
+    ref = load_peft_reference(tiny_model_dirs["llama"], llama_adapters["pt5"])
+    assert list(second.token_ids) == reference_greedy(ref, engine.tokenize("Hi!"), 8)
+    assert second.virtual_tokens == 5 and first.virtual_tokens == 3
+
+
+async def test_overwrite_by_another_process_is_not_served_stale(engine, llama_adapters,
+                                                               tmp_path) -> None:
+    await engine.generate(request(engine, "Hi!", "pt3"))  # resident now
+    other = LocalAdapterStore(tmp_path / "store")  # a second replica on the same store
+    from adapters_store import ModelSpec, parse_directory
+    parsed = parse_directory(llama_adapters["pt5"], spec=ModelSpec(token_dim=64))
+    other.put("t1", "pt3", parsed, overwrite=True)
+    result = await engine.generate(request(engine, "Hi!", "pt3"))
+    assert result.virtual_tokens == 5
+    assert tuple(engine._cache.lookup("t1", "pt3", _version(other, "pt3")).shape) == (5, 64)
+
+
+def _version(store: LocalAdapterStore, adapter_id: str) -> str:
+    from server.engine.prompt_cache import version_of
+    return version_of(store.get_record("t1", adapter_id))
+
+
+async def test_delete_evicts_and_later_requests_get_not_found(engine) -> None:
+    await engine.generate(request(engine, "Hi!", "mlp6"))
+    before = engine.stats()
+    await engine.delete_adapter("t1", "mlp6")
+    assert not engine._cache.contains("t1", "mlp6")
+    with pytest.raises(AdapterNotFoundError):
+        await engine.generate(request(engine, "Hi!", "mlp6"))
+    with pytest.raises(AdapterNotFoundError):
+        await engine.get_adapter("t1", "mlp6")
+    after = engine.stats()
+    assert after["stored_adapters"] == before["stored_adapters"] - 1
+    assert after["cache_resident_adapters"] == before["cache_resident_adapters"] - 1
+
+
+async def test_adapters_are_per_namespace(engine) -> None:
+    with pytest.raises(AdapterNotFoundError):
+        await engine.generate(request(engine, "Hi!", "pt3", namespace="t2"))
+    assert [r.adapter_id for r in await engine.list_adapters("t1")] == sorted(
+        a[0] for a in ADAPTERS)
+    assert await engine.list_adapters("t2") == []
+
+
+async def test_cache_counts_hits_misses_and_evicts_within_budget(tiny_model_dirs, tmp_path,
+                                                                 llama_adapters) -> None:
+    # 64 hidden * 4 bytes = 256 bytes per virtual token: room for pt3 (768 B) and pt5 (1280 B)
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, prompt_cache_bytes=2100)
+    try:
+        for name in ("pt3", "pt5", "mlp6"):
+            await eng.add_adapter("t1", name, upload_of(llama_adapters[name]))
+        for name in ("pt3", "pt3", "pt5", "mlp6"):
+            await eng.generate(request(eng, "a", name, max_new_tokens=2))
+        s = eng.stats()
+        assert (s["cache_hits"], s["cache_misses"]) == (1, 3)
+        assert s["cache_evictions"] >= 1 and s["cache_resident_bytes"] <= 2100
+        assert s["stored_adapters"] == 3
+    finally:
+        await eng.aclose(10)
+
+
+async def test_validation_happens_at_submit(engine) -> None:
+    with pytest.raises(RequestTooLongError, match="512"):
+        await engine.generate(request(engine, "Hi!", "pt3", max_new_tokens=600))
+    bad = GenerationRequest(request_id="bad", prompt_ids=(1, 999), adapter_id=None)
+    with pytest.raises(InvalidRequestError):
+        await engine.generate(bad)
+    with pytest.raises(InvalidRequestError):
+        await engine.generate(GenerationRequest(request_id="empty", prompt_ids=(),
+                                                adapter_id=None))
+    with pytest.raises(InvalidRequestError):
+        await engine.generate(request(engine, "Hi!", None, top_p=0.0))
+    assert engine.stats()["in_flight"] == 0
+
+
+async def test_lifecycle_not_ready_before_start_and_after_shutdown(tiny_model_dirs,
+                                                                  tmp_path) -> None:
+    settings = Settings(model=str(tiny_model_dirs["llama"]), store=str(tmp_path / "s"),
+                        device=Device.CPU)
+    eng = build_engine(settings)
+    assert not eng.is_ready()
+    with pytest.raises(EngineNotReadyError):
+        eng.tokenize("x")
+    with pytest.raises(EngineNotReadyError):
+        await eng.generate(GenerationRequest(request_id="x", prompt_ids=(1,), adapter_id=None))
+    eng.start()
+    eng.wait_until_ready(60)
+    assert eng.is_ready() and eng.model_info.hidden_size == 64
+    pending = asyncio.ensure_future(eng.generate(request(eng, "Hi!", None, max_new_tokens=30,
+                                                         ignore_eos=True)))
+    await until(lambda: eng.stats()["in_flight"] == 1)
+    await eng.aclose(30)  # drains: the in-flight request finishes
+    assert len((await pending).token_ids) == 30
+    assert not eng.is_ready()
+    with pytest.raises(EngineNotReadyError):
+        await eng.generate(GenerationRequest(request_id="y", prompt_ids=(1,), adapter_id=None))
+
+
+async def test_failed_model_load_is_reported(tmp_path) -> None:
+    eng = Engine(Settings(model=str(tmp_path / "missing"), store=str(tmp_path / "s"),
+                          device=Device.CPU), LocalAdapterStore(tmp_path / "s"))
+    eng.start()
+    with pytest.raises(Exception, match="--model"):
+        eng.wait_until_ready(30)
+    assert not eng.is_ready()
+    with pytest.raises(EngineNotReadyError, match="failed to load"):
+        eng.tokenize("x")

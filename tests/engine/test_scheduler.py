@@ -1,0 +1,190 @@
+"""Scheduler behaviour through the Engine: cold loads off the hot path, bounded queue, aborts,
+failure isolation, FIFO policy. Ordering is asserted, never wall-clock timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+
+from adapters_store import LocalAdapterStore
+from server.engine import generation
+from server.engine.errors import GenerationError, QueueFullError
+from server.engine.interface import GenerationRequest, SamplingParams, TokenChunk
+from server.engine.scheduler import FifoPolicy
+from tests.engine.test_engine import RecordingObserver, make_engine, request, until, upload_of
+from tests.factories import make_adapter
+
+
+class GatedStore(LocalAdapterStore):
+    """A real store whose reads of a gated adapter wait until the test opens the gate:
+    a stand-in for a slow (cold, remote) adapter load."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gates: dict[str, threading.Event] = {}
+
+    def get(self, namespace: str, adapter_id: str, **kw):
+        gate = self.gates.get(adapter_id)
+        if gate is not None:
+            assert gate.wait(30), "test gate never opened"
+        return super().get(namespace, adapter_id, **kw)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sched-adapters")
+    return {name: make_adapter(tiny_model_dirs["llama"], root / name, "prompt_tuning",
+                               num_virtual_tokens=n, seed=seed)
+            for name, n, seed in (("cold", 4, 11), ("warm", 3, 12))}
+
+
+@pytest.fixture
+async def gated(tiny_model_dirs, tmp_path, adapters):
+    store = GatedStore(tmp_path / "store")
+    observer = RecordingObserver()
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, store=store, observer=observer,
+                      max_queue=3, max_wait_ms=1)
+    for name, path in adapters.items():
+        await eng.add_adapter("t1", name, upload_of(path))
+    store.gates["cold"] = threading.Event()
+    yield eng, store.gates["cold"]
+    store.gates["cold"].set()
+    await eng.aclose(10)
+
+
+async def test_cold_adapter_load_does_not_delay_bare_or_warm_requests(gated) -> None:
+    eng, gate = gated
+    cold = asyncio.ensure_future(eng.generate(request(eng, "Hi!", "cold")))
+    await until(lambda: eng.stats()["queue_depth"] == 1)  # waiting on its load
+    bare = await eng.generate(request(eng, "Hi!", None))
+    warm = await eng.generate(request(eng, "Hi!", "warm"))
+    assert bare.completion_tokens and warm.completion_tokens
+    assert not cold.done()  # still loading, yet the others were served
+    gate.set()
+    assert (await cold).virtual_tokens == 4
+    assert eng._observer.loads == 2
+
+
+async def test_queue_full_raises_with_retry_after_then_recovers(gated) -> None:
+    eng, gate = gated
+    waiting = [asyncio.ensure_future(eng.generate(request(eng, "Hi!", "cold")))
+               for _ in range(3)]
+    await until(lambda: eng.stats()["queue_depth"] == 3)
+    with pytest.raises(QueueFullError) as info:
+        await eng.generate(request(eng, "Hi!", None))
+    assert info.value.retry_after_s > 0
+    gate.set()
+    results = await asyncio.gather(*waiting)
+    assert len({r.token_ids for r in results}) == 1  # one load served all three
+    assert eng._observer.loads == 1
+    assert (await eng.generate(request(eng, "Hi!", None))).completion_tokens
+
+
+async def test_closing_a_stream_aborts_and_gauges_return_to_zero(gated) -> None:
+    eng, _ = gated
+    stream = eng.generate_stream(request(eng, "Hi!", "warm", max_new_tokens=400,
+                                         ignore_eos=True))
+    first = await anext(stream)
+    assert isinstance(first, TokenChunk)
+    assert eng.stats()["in_flight"] == 1
+    await stream.aclose()
+    await until(lambda: eng.stats()["in_flight"] == 0 and eng.stats()["queue_depth"] == 0)
+    # The row stopped: the engine is free again long before 400 tokens.
+    assert (await eng.generate(request(eng, "a", None, max_new_tokens=2))).completion_tokens == 2
+
+
+async def test_aborting_a_queued_request_frees_its_slot(gated) -> None:
+    eng, gate = gated
+    stream = eng.generate_stream(request(eng, "Hi!", "cold"))
+    await until(lambda: eng.stats()["queue_depth"] == 1)
+    await stream.aclose()  # never started: closing still aborts the submitted request
+    assert eng.stats()["queue_depth"] == 0 and eng.stats()["in_flight"] == 0
+    gate.set()
+
+
+async def test_abort_by_id_and_task_cancellation(gated) -> None:
+    eng, gate = gated
+    req = request(eng, "Hi!", "cold")
+    by_id = asyncio.ensure_future(eng.generate(req))
+    cancelled = asyncio.ensure_future(eng.generate(request(eng, "Hi!", "cold")))
+    await until(lambda: eng.stats()["queue_depth"] == 2)
+    await eng.abort(req.request_id)
+    with pytest.raises(asyncio.CancelledError):
+        await by_id
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await until(lambda: eng.stats()["in_flight"] == 0)
+    gate.set()
+
+
+async def test_a_failing_batch_fails_only_its_requests(tiny_model_dirs, tmp_path, monkeypatch,
+                                                       caplog) -> None:
+    real = generation.run_batch
+    poison = 7  # a token id only the poisoned request carries
+
+    def run_batch(model, tokenizer, rows):
+        if any(poison in row.prompt_ids for row in rows):
+            raise RuntimeError("simulated device failure")
+        return real(model, tokenizer, rows)
+
+    monkeypatch.setattr(generation, "run_batch", run_batch)
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=1)
+    try:
+        bad = GenerationRequest(request_id="bad", prompt_ids=(1, poison), adapter_id=None)
+        with caplog.at_level(logging.ERROR):
+            outcomes = await asyncio.gather(eng.generate(bad),
+                                            eng.generate(request(eng, "Hi!", None)),
+                                            return_exceptions=True)
+        assert isinstance(outcomes[0], GenerationError)
+        assert "RuntimeError" in str(outcomes[0]) and "RuntimeError" in caplog.text
+        assert outcomes[1].completion_tokens == 8
+        assert (await eng.generate(request(eng, "ok", None))).completion_tokens == 8
+        assert eng.is_ready() and eng.stats()["in_flight"] == 0
+    finally:
+        await eng.aclose(10)
+
+
+async def test_batches_are_bounded_and_fifo(tiny_model_dirs, tmp_path) -> None:
+    observer = RecordingObserver()
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=3,
+                      max_wait_ms=100)
+    try:
+        order: list[int] = []
+
+        async def one(i: int) -> None:
+            await eng.generate(request(eng, "Hi!", None, max_new_tokens=3))
+            order.append(i)
+
+        await asyncio.gather(*(one(i) for i in range(7)))
+        assert all(size <= 3 for size, _ in observer.batches)
+        assert sum(size for size, _ in observer.batches) == 7
+        assert order[:3] == sorted(order[:3]) and set(order[:3]) == {0, 1, 2}
+        assert observer.queue_waits == 7 and observer.first_tokens == 7
+    finally:
+        await eng.aclose(10)
+
+
+def test_fifo_policy_takes_the_oldest_first() -> None:
+    class T:
+        def __init__(self, seq: int) -> None:
+            self.seq = seq
+
+    picked = FifoPolicy().select([T(5), T(2), T(9), T(1)], 2)
+    assert [t.seq for t in picked] == [1, 2]
+
+
+async def test_sampled_output_with_seed_is_independent_of_batch_mates(gated) -> None:
+    eng, _ = gated
+    params = {"temperature": 0.9, "top_p": 0.9, "seed": 1234, "max_new_tokens": 8}
+    alone = await eng.generate(request(eng, "Hi!", "warm", **params))
+    mates = await asyncio.gather(
+        eng.generate(request(eng, "Hi!", "warm", **params)),
+        *(eng.generate(request(eng, t, None, max_new_tokens=5)) for t in ("abc", "de")))
+    assert mates[0].token_ids == alone.token_ids
+    assert SamplingParams(**params).seed == 1234
