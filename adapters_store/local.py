@@ -6,7 +6,7 @@ Layout under ``root``::
     .objects/<version>/embeddings.safetensors             float32, key "prompt_embeddings"
     .objects/<version>/adapter_config.json                the uploaded bytes, verbatim
     .objects/<version>/record.json                        AdapterRecord.to_dict()
-    .tmp/                                                 versions and links being built
+    .tmp/                                                 links being built, versions being removed
 
 So ``root/<namespace>/<adapter_id>/record.json`` etc. resolve as the flat layout would. Why
 symlinks: a directory cannot be renamed over a non-empty one, so an overwrite by renaming the
@@ -14,10 +14,15 @@ old directory aside leaves a moment (or, after a crash, forever) with no adapter
 writes a complete version in ``.tmp`` (files and directory fsynced), renames it into
 ``.objects``, then publishes it with one ``os.replace`` of a symlink (or ``os.symlink``, which
 fails if the id exists, when overwrite is off: that makes "create only" atomic across
-processes too). Readers resolve the link once and read from an immutable version, so they see
+processes too). A version is written in place under ``.objects`` (unreferenced until linked).
+Readers resolve the link once and read from an immutable version, so they see
 the old adapter or the new one, never a mix, and never nothing. A process killed at any point
 leaves at most an unreferenced version, which the next start removes.
-Versions and temp entries carry the writer's pid; a start removes only those of dead processes.
+A replaced or deleted version is renamed into ``.tmp`` and removed by a background thread, so
+put and delete do not wait for the filesystem to free blocks.
+Versions and temp entries are named ``<pid>-<process token>-<uuid>``; a start removes only those
+of processes that are gone (another store on the same root, in this process or another live
+one, keeps its work in progress).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ RECORD_FILE = "record.json"
 TENSOR_KEY = "prompt_embeddings"
 _OBJECTS, _TMP = ".objects", ".tmp"
 _READ_RETRIES = 20
+_PROCESS_TOKEN = uuid.uuid4().hex[:12]  # tells this process from an earlier one with its pid
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,16 +77,20 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a leftover of an earlier process that had our pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+def _owner_gone(name: str) -> bool:
+    """Whether the process that created a .tmp/.objects entry has exited."""
+    pid, _, rest = name.partition("-")
+    if not pid.isdigit():
         return True
-    return True
+    if int(pid) == os.getpid():
+        return not rest.startswith(_PROCESS_TOKEN)  # else: an earlier process with our pid
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _now() -> str:
@@ -114,16 +124,12 @@ class LocalAdapterStore:
             return self._locks.setdefault(key, threading.Lock())
 
     def _new_name(self) -> str:
-        return f"{os.getpid()}-{uuid.uuid4().hex}"
+        return f"{os.getpid()}-{_PROCESS_TOKEN}-{uuid.uuid4().hex}"
 
     def _collect_garbage(self) -> None:
         """Remove temp entries and unreferenced versions left by dead processes."""
-        def dead(name: str) -> bool:
-            pid = name.split("-", 1)[0]
-            return not (pid.isdigit() and _pid_alive(int(pid)))
-
         for entry in os.scandir(self._tmp):
-            if dead(entry.name):
+            if _owner_gone(entry.name):
                 self._remove(Path(entry.path))
         referenced = set()
         for ns in self._namespaces():
@@ -131,8 +137,17 @@ class LocalAdapterStore:
                 if entry.is_symlink():
                     referenced.add(os.path.basename(os.readlink(entry.path)))
         for entry in os.scandir(self._objects):
-            if entry.name not in referenced and dead(entry.name):
+            if entry.name not in referenced and _owner_gone(entry.name):
                 self._remove(Path(entry.path))
+
+    def _discard(self, version: str) -> None:
+        """Take a version out of .objects now; free its space in the background."""
+        trash = self._tmp / f"{self._new_name()}.trash"
+        try:
+            os.rename(self._objects / version, trash)
+        except OSError:
+            return  # already gone (another writer removed it)
+        threading.Thread(target=self._remove, args=(trash,), daemon=True).start()
 
     @staticmethod
     def _remove(path: Path) -> None:
@@ -176,22 +191,19 @@ class LocalAdapterStore:
             self._remove(self._objects / version)
             raise
         except OSError as e:
-            self._remove(self._tmp / version)
             self._remove(self._objects / version)
             raise StoreUnavailableError(f"could not store adapter {adapter_id!r}: {e}") from e
         return record
 
     def _write_version(self, version: str, data: bytes, config: bytes,
                        record: AdapterRecord) -> None:
-        tmp = self._tmp / version
-        tmp.mkdir()
-        _write_file(tmp / EMBEDDINGS_FILE, data)
-        _write_file(tmp / CONFIG_FILE, config)
-        _write_file(tmp / RECORD_FILE, json.dumps(record.to_dict()).encode())
-        _fsync_dir(tmp)
-        os.rename(tmp, self._objects / version)
+        folder = self._objects / version
+        folder.mkdir()
+        _write_file(folder / EMBEDDINGS_FILE, data)
+        _write_file(folder / CONFIG_FILE, config)
+        _write_file(folder / RECORD_FILE, json.dumps(record.to_dict()).encode())
+        _fsync_dir(folder)
         _fsync_dir(self._objects)
-        _fsync_dir(self._tmp)
 
     def _publish(self, link: Path, version: str, *, overwrite: bool) -> None:
         target = f"../{_OBJECTS}/{version}"
@@ -215,7 +227,7 @@ class LocalAdapterStore:
             os.replace(tmp_link, link)
         _fsync_dir(ns_dir)
         if old is not None and os.path.basename(old) != version:
-            self._remove(self._objects / os.path.basename(old))
+            self._discard(os.path.basename(old))
 
     def delete(self, namespace: str, adapter_id: str) -> None:
         """Remove an adapter; AdapterNotFoundError if absent."""
@@ -233,7 +245,7 @@ class LocalAdapterStore:
                 raise StoreUnavailableError(f"could not delete {adapter_id!r}: {e}") from e
             with contextlib.suppress(OSError):
                 _fsync_dir(link.parent)
-            self._remove(self._objects / os.path.basename(old))
+            self._discard(os.path.basename(old))
 
     # ---- reading ---------------------------------------------------------------------------
 
