@@ -11,12 +11,12 @@ Layout under ``root``::
 So ``root/<namespace>/<adapter_id>/record.json`` etc. resolve as the flat layout would. Why
 symlinks: a directory cannot be renamed over a non-empty one, so an overwrite by renaming the
 old directory aside leaves a moment (or, after a crash, forever) with no adapter. Here a put
-writes a complete version in ``.tmp`` (files and directory fsynced), renames it into
-``.objects``, then publishes it with one ``os.replace`` of a symlink (or ``os.symlink``, which
-fails if the id exists, when overwrite is off: that makes "create only" atomic across
-processes too). A version is written in place under ``.objects`` (unreferenced until linked).
-Readers resolve the link once and read from an immutable version, so they see
-the old adapter or the new one, never a mix, and never nothing. A process killed at any point
+writes a complete version under ``.objects`` (unreferenced until linked; files, its directory
+and ``.objects`` fsynced), then publishes it with one ``os.replace`` of a symlink built in
+``.tmp`` (or ``os.symlink``, which fails if the id exists, when overwrite is off: that makes
+"create only" atomic across processes too), then fsyncs the namespace directory.
+Readers resolve the link once and read from an immutable version, so they see the old adapter
+or the new one, never a mix, and never nothing. A process killed at any point
 leaves at most an unreferenced version, which the next start removes.
 A replaced or deleted version is renamed into ``.tmp`` and removed by a background thread, so
 put and delete do not wait for the filesystem to free blocks.
