@@ -97,17 +97,26 @@ def _make_adapter(model_dir: Path, root: Path, i: int, spec: AdapterSpec, *,
     return peft_dir, parsed.embeddings[: parsed.num_virtual_tokens]
 
 
+CUDA = pytest.param("cuda", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mixed_batch_matches_peft_alone(arch: str, tiny_model_dirs, tmp_path: Path) -> None:
+def test_mixed_batch_matches_peft_alone(arch: str, device: str, tiny_model_dirs,
+                                        tmp_path: Path) -> None:
+    """The engine on `device`; the PEFT reference always on the CPU, float32."""
     model_dir = tiny_model_dirs[arch]
     seq2seq = is_seq2seq(arch)
-    model = load_base(model_dir)
+    model = load_base(model_dir).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hidden = model.get_input_embeddings().weight.shape[1]
     made = [_make_adapter(model_dir, tmp_path, i, spec, seq2seq=seq2seq, hidden=hidden)
             for i, spec in enumerate(ADAPTERS)]
     adapter_dirs = [d for d, _ in made]
-    embeds = [e for _, e in made]
+    embeds = [e.to(device) for _, e in made]
     rows = [
         BatchRow(
             prompt_ids=tokenizer(r.text)["input_ids"],
