@@ -77,7 +77,7 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
         validate_params(row.params)
 
     # Rows aborted before the batch starts are not computed at all.
-    live = [i for i, row in enumerate(rows) if row.is_aborted is None or not row.is_aborted()]
+    live = [i for i, row in enumerate(rows) if not _aborted_before_start(row)]
     outputs = [_ABORTED] * len(rows)
     if not live:
         return outputs
@@ -122,6 +122,16 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
         text = state.text if state.text is not None else decoded[id(state)]
         outputs[i] = RowOutput(tuple(state.token_ids), text, state.finish_reason)
     return outputs
+
+
+def _aborted_before_start(row: BatchRow) -> bool:
+    if row.is_aborted is None:
+        return False
+    try:
+        return bool(row.is_aborted())
+    except Exception:
+        logger.exception("is_aborted failed; aborting its row")
+        return True
 
 
 def _text_ids(state: RowState) -> list[int]:

@@ -346,6 +346,31 @@ def test_a_failing_callback_aborts_its_row_not_the_batch(llama) -> None:
     assert len(outs[1].token_ids) == 8 and not outs[1].aborted
 
 
+def test_a_failing_abort_poll_aborts_its_row_not_the_batch(llama) -> None:
+    model, tok = llama
+
+    def broken() -> bool:
+        raise RuntimeError("ticket gone")
+
+    outs = run_batch(model, tok, [
+        BatchRow(tok(TEXTS[0])["input_ids"], None, SamplingParams(), is_aborted=broken),
+        _row(tok, TEXTS[1], max_new_tokens=3, ignore_eos=True),
+    ])
+
+    assert outs[0].aborted
+    assert len(outs[1].token_ids) == 3
+
+
+def test_a_row_of_only_virtual_tokens_generates(llama) -> None:
+    model, tok = llama
+    soft = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    out = run_batch(model, tok, [BatchRow([], soft, SamplingParams(max_new_tokens=5,
+                                                                  ignore_eos=True))])[0]
+
+    assert len(out.token_ids) == 5
+
+
 def test_first_token_is_reported_once_per_row(llama) -> None:
     model, tok = llama
     calls: list[int] = []
