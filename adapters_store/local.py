@@ -71,10 +71,26 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_files({path: data})
+
+
+def _write_files(files: dict[Path, bytes]) -> None:
+    """Create and write every file first, then fsync them all.
+
+    The first fsync commits the journal with all the creations at once; the later ones then
+    only flush data. Fsyncing each file right after writing it costs one commit per file.
+    """
+    handles = []
+    try:
+        for path, data in files.items():
+            handles.append(f := open(path, "xb"))  # noqa: SIM115 - closed below
+            f.write(data)
+            f.flush()
+        for f in handles:
+            os.fsync(f.fileno())
+    finally:
+        for f in handles:
+            f.close()
 
 
 def _owner_gone(name: str) -> bool:
@@ -199,9 +215,8 @@ class LocalAdapterStore:
                        record: AdapterRecord) -> None:
         folder = self._objects / version
         folder.mkdir()
-        _write_file(folder / EMBEDDINGS_FILE, data)
-        _write_file(folder / CONFIG_FILE, config)
-        _write_file(folder / RECORD_FILE, json.dumps(record.to_dict()).encode())
+        _write_files({folder / EMBEDDINGS_FILE: data, folder / CONFIG_FILE: config,
+                      folder / RECORD_FILE: json.dumps(record.to_dict()).encode()})
         _fsync_dir(folder)
         _fsync_dir(self._objects)
 
