@@ -52,8 +52,10 @@ RUN python -m pip install --no-cache-dir --no-deps . \
 
 # Configuration is SOFTPROMPT_* variables (pydantic-settings); every one can be overridden at
 # `docker run -e` or from a Kubernetes ConfigMap. HF_HOME keeps Hugging Face downloads on the
-# model-cache volume too.
-ENV SOFTPROMPT_HOST=0.0.0.0 \
+# model-cache volume too. HOME=/tmp: libraries that cache under ~ (torch, triton) write to /tmp,
+# the one other writable place when Kubernetes mounts the root filesystem read-only.
+ENV HOME=/tmp \
+    SOFTPROMPT_HOST=0.0.0.0 \
     SOFTPROMPT_PORT=8000 \
     SOFTPROMPT_STORE=/data/adapters \
     SOFTPROMPT_MODEL_CACHE=/models \
