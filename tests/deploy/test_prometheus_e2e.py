@@ -25,6 +25,8 @@ PENDING_METRICS = {"softprompt_queue_capacity"}
 REQUESTS = 5
 MAX_NEW_TOKENS = 3
 
+pytestmark = pytest.mark.slow
+
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
     """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
