@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,6 +20,13 @@ class DType(StrEnum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
 
 
 class Settings(BaseSettings):
@@ -46,10 +53,27 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(8192, ge=1, description="Largest tokenized prompt accepted.")
     max_virtual_tokens: int = Field(512, ge=1, description="Largest num_virtual_tokens accepted.")
     max_upload_bytes: int = Field(64 << 20, ge=1, description="Largest upload file accepted.")
-    log_level: str = Field("info", description="Python logging level.")
+    max_upload_parts: int = Field(8, ge=2, le=64,
+                                  description="Most multipart parts in one adapter upload.")
+    max_stop_strings: int = Field(16, ge=0, le=256,
+                                  description="Most stop strings in one generate request.")
+    log_level: LogLevel = Field(LogLevel.INFO, description="Python logging level.")
+
+    @field_validator("device", "dtype", "log_level", mode="before")
+    @classmethod
+    def _lowercase_choice(cls, value: object) -> object:
+        """INFO, CPU and Float32 mean what their lowercase spelling means."""
+        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.max_input_tokens < 1:
             raise ValueError("--max-input-tokens must be at least 1")
+        if self.api_keys is not None and not self.api_keys.is_file():
+            raise ValueError(f"--api-keys {self.api_keys}: no such file")
         return self
+
+    @property
+    def max_upload_body_bytes(self) -> int:
+        """Whole multipart body: two files at the per-file limit plus headers and small fields."""
+        return 2 * self.max_upload_bytes + (1 << 20)

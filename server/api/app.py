@@ -1,0 +1,72 @@
+"""create_app(settings, engine): the FastAPI application around one engine.
+
+The app owns the engine's lifetime when asked to (the default): its lifespan starts the
+engine (which loads the model in the background, so /healthz answers at once and /readyz
+turns 200 when loading is done) and closes it on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from server.api import adapters, generate, health
+from server.api.edge import EdgeMiddleware
+from server.api.errors import install_error_handlers
+from server.api.metrics import ApiMetrics
+from server.config import Settings
+from server.engine.interface import EngineClient
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = (
+    "Serve many tenants' PEFT soft prompts (prompt tuning, P-tuning) on one frozen base model. "
+    'Every error is `{"error": {"type": ..., "message": ...}}`.'
+)
+
+
+def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics | None = None,
+               manage_engine: bool = True) -> FastAPI:
+    """The app. Pass the ApiMetrics given to build_engine as observer, or engine-side metrics
+    (batches, queue wait, cache events) stay at zero. With manage_engine the lifespan calls
+    engine.start() and engine.aclose()."""
+    metrics = metrics or ApiMetrics()
+    metrics.bind_engine(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        start = getattr(engine, "start", None)
+        if manage_engine and start is not None:
+            start()
+        try:
+            yield
+        finally:
+            app.state.draining = True
+            aclose = getattr(engine, "aclose", None)
+            if manage_engine and aclose is not None:
+                await aclose()
+
+    app = FastAPI(title="softprompt-server", version="0.1.0", description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.draining = False
+    install_error_handlers(app)
+    app.add_middleware(EdgeMiddleware, metrics=metrics)
+    for module in (generate, adapters, health):
+        app.include_router(module.router)
+    return app
+
+
+def build_app(settings: Settings, **engine_kwargs: Any) -> FastAPI:
+    """The production wiring: metrics first, then the engine reporting to them, then the app."""
+    from server.engine import build_engine
+
+    metrics = ApiMetrics()
+    engine = build_engine(settings, observer=metrics, **engine_kwargs)
+    return create_app(settings, engine, metrics=metrics)

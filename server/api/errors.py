@@ -1,0 +1,176 @@
+"""THE one table from exception type to HTTP status and error type, and the error envelope.
+
+Every error a client sees is `{"error": {"type": ..., "message": ...}}`. Handlers raise the
+engine's or the store's exception types; this module alone decides the status. A type not in
+the table maps through its nearest base class (e.g. TooManyVirtualTokensError ->
+LimitExceededError -> 413); anything else is a 500 whose log line keeps the exception type.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine import InvalidRequestError as EngineInvalidRequestError
+from server.engine.errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterStoreError,
+    EngineError,
+    EngineNotReadyError,
+    GenerationError,
+    InvalidAdapterError,
+    InvalidAdapterIdError,
+    LimitExceededError,
+    QueueFullError,
+    RequestTooLongError,
+    StoreUnavailableError,
+    UnsupportedAdapterTypeError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """Errors the HTTP layer itself detects (bad upload framing, limits, ranges)."""
+
+
+class InvalidUploadError(ApiError):
+    """The multipart upload is malformed or lacks the parts an adapter needs (400)."""
+
+
+class UploadTooLargeError(ApiError):
+    """A part, the body or the number of parts exceeds the configured limit (413)."""
+
+
+class InvalidRequestError(ApiError):
+    """A well-formed request whose values are out of range for this server (422)."""
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    type: str
+
+
+# Order does not matter: lookup walks the exception's MRO and takes the first hit.
+ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
+    InvalidUploadError: ErrorKind(400, "invalid_upload"),
+    UploadTooLargeError: ErrorKind(413, "payload_too_large"),
+    InvalidRequestError: ErrorKind(422, "validation_error"),
+    InvalidAdapterError: ErrorKind(400, "invalid_adapter"),
+    UnsupportedAdapterTypeError: ErrorKind(400, "unsupported_adapter_type"),
+    LimitExceededError: ErrorKind(413, "payload_too_large"),
+    InvalidAdapterIdError: ErrorKind(422, "invalid_adapter_id"),
+    AdapterNotFoundError: ErrorKind(404, "adapter_not_found"),
+    AdapterExistsError: ErrorKind(409, "adapter_exists"),
+    StoreUnavailableError: ErrorKind(503, "store_unavailable"),
+    AdapterStoreError: ErrorKind(500, "store_error"),
+    EngineNotReadyError: ErrorKind(503, "not_ready"),
+    QueueFullError: ErrorKind(429, "queue_full"),
+    RequestTooLongError: ErrorKind(422, "request_too_long"),
+    EngineInvalidRequestError: ErrorKind(422, "validation_error"),
+    GenerationError: ErrorKind(500, "generation_error"),
+    EngineError: ErrorKind(500, "engine_error"),
+}
+INTERNAL = ErrorKind(500, "internal_error")
+
+# Status codes of Starlette's own HTTPExceptions (unknown route, wrong method, ...).
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request",
+               413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def classify(exc: BaseException) -> ErrorKind | None:
+    """The table entry for exc's nearest mapped class, or None when nothing maps."""
+    for cls in type(exc).__mro__:
+        kind = ERROR_TABLE.get(cls)
+        if kind is not None:
+            return kind
+    return None
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The error envelope every non-2xx response carries."""
+
+    error: ErrorDetail
+
+
+def envelope(kind: ErrorKind, message: str) -> dict:
+    return {"error": {"type": kind.type, "message": message}}
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The response for a mapped exception (a 500 'internal_error' for unmapped ones)."""
+    kind = classify(exc) or INTERNAL
+    message = str(exc) if kind is not INTERNAL else "internal server error"
+    headers = None
+    if isinstance(exc, QueueFullError):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return JSONResponse(envelope(kind, message or type(exc).__name__), status_code=kind.status,
+                        headers=headers)
+
+
+def error_event(exc: BaseException) -> str:
+    """An error inside an already started SSE stream: the envelope as one event."""
+    kind = classify(exc) or INTERNAL
+    message = str(exc) if kind is not INTERNAL else "internal server error"
+    return f"data: {json.dumps(envelope(kind, message))}\n\n"
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+async def _on_mapped(request: Request, exc: Exception) -> JSONResponse:
+    kind = classify(exc) or INTERNAL
+    if kind.status >= 500:
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+    return error_response(exc)
+
+
+async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(envelope(ErrorKind(422, "validation_error"), _validation_message(exc)),
+                        status_code=422)
+
+
+async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = ErrorKind(exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"))
+    return JSONResponse(envelope(kind, str(exc.detail)), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the table's handlers; the catch-all for everything else is EdgeMiddleware."""
+    for exc_type in ERROR_TABLE:
+        app.add_exception_handler(exc_type, _on_mapped)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses=` entries: each status documented with the error envelope model."""
+    descriptions = {
+        400: "Bad adapter or upload format", 401: "Missing or invalid API key",
+        404: "Unknown adapter", 409: "Adapter id exists", 413: "Too large",
+        422: "Request validation failed", 429: "Queue full (see Retry-After)",
+        500: "Internal error", 503: "Not ready, draining, or store unavailable",
+    }
+    return {s: {"model": ErrorResponse, "description": descriptions.get(s, "Error")}
+            for s in statuses}

@@ -1,0 +1,142 @@
+"""Prometheus metrics: one CollectorRegistry per app, the engine observer, scrape-time gauges.
+
+No metric carries an adapter id label (tenants create adapters without bound). Gauges that
+mirror engine state (queue depth, in-flight, resident adapters, ...) are read from
+engine.stats() at scrape time by a custom collector, so they can never drift from the engine.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.engine.interface import EngineClient, GenerationResult
+from server.engine.observer import CacheEvent
+
+PREFIX = "softprompt_"
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# engine.stats() key -> (metric name without prefix, help). Unknown keys are exported too,
+# as softprompt_engine_<key>, so a new engine gauge shows up without an API change.
+_STATS_GAUGES = {
+    "queue_depth": ("queue_depth", "Requests waiting for a batch (or their adapter)."),
+    "in_flight": ("in_flight_requests", "Requests submitted to the engine and not finished."),
+    "cache_resident_adapters": ("resident_adapters", "Adapters resident in the prompt cache."),
+    "cache_bytes": ("resident_adapter_bytes", "Bytes of prompts resident in the prompt cache."),
+    "stored_adapters": ("stored_adapters", "Adapters in the store."),
+}
+# Covered by the observer's counters (or aliases of a gauge above): not exported twice.
+_STATS_SKIP = frozenset({"cache_resident_bytes", "cache_hits", "cache_misses", "cache_evictions"})
+_NAME_OK = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+class EngineStatsCollector(Collector):
+    """Reads engine.stats() and model_info at scrape time."""
+
+    def __init__(self, engine: EngineClient, http_in_flight: Callable[[], float]) -> None:
+        self._engine = engine
+        self._http_in_flight = http_in_flight
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = dict(self._engine.stats())
+        for key, (name, doc) in _STATS_GAUGES.items():
+            yield GaugeMetricFamily(PREFIX + name, doc, value=float(stats.pop(key, 0.0)))
+        for key, value in sorted(stats.items()):
+            if key not in _STATS_SKIP and _NAME_OK.match(key):
+                yield GaugeMetricFamily(f"{PREFIX}engine_{key}", f"engine.stats()[{key!r}]",
+                                        value=float(value))
+        yield GaugeMetricFamily(PREFIX + "http_requests_in_flight",
+                                "HTTP requests being handled (streams until they end).",
+                                value=self._http_in_flight())
+        yield GaugeMetricFamily(PREFIX + "ready", "1 when /readyz would answer 200.",
+                                value=1.0 if self._engine.is_ready() else 0.0)
+        try:
+            info = self._engine.model_info
+        except Exception:  # noqa: BLE001 - not loaded yet: no model_info sample
+            info = None
+        if info is not None:
+            family = GaugeMetricFamily(PREFIX + "model_info", "The served base model (always 1).",
+                                       labels=["model", "architecture", "dtype", "device"])
+            family.add_metric([info.name, info.architecture, info.dtype, info.device], 1.0)
+            yield family
+
+
+class ApiMetrics:
+    """All metrics of one app. Also the EngineObserver passed to build_engine."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(PREFIX + "requests", "HTTP requests by endpoint and status.",
+                                ["endpoint", "method", "status"], registry=r)
+        self.request_duration = Histogram(
+            PREFIX + "request_duration_seconds", "HTTP request duration (streams: to the end).",
+            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
+                              "Submit to first generated token.", buckets=_LATENCY_BUCKETS,
+                              registry=r)
+        self._queue_wait = Histogram(PREFIX + "queue_wait_seconds",
+                                    "Submit to the request's batch starting.",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished "
+                                     "requests.", registry=r)
+        self.virtual_tokens = Counter(PREFIX + "virtual_tokens", "Virtual (soft prompt) tokens "
+                                      "of finished requests.", registry=r)
+        self.generated_tokens = Counter(PREFIX + "generated_tokens", "Completion tokens of "
+                                        "finished requests.", registry=r)
+        self.batch_size = Histogram(PREFIX + "batch_size", "Requests per model batch.",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_adapters = Histogram(PREFIX + "batch_distinct_adapters",
+                                        "Distinct adapters per model batch.",
+                                        buckets=_BATCH_BUCKETS, registry=r)
+        self.cache_events = {
+            CacheEvent.HIT: Counter(PREFIX + "prompt_cache_hits", "Prompt cache hits.",
+                                    registry=r),
+            CacheEvent.MISS: Counter(PREFIX + "prompt_cache_misses", "Prompt cache misses.",
+                                     registry=r),
+            CacheEvent.EVICTION: Counter(PREFIX + "prompt_cache_evictions",
+                                         "Prompts evicted from the cache.", registry=r),
+        }
+        self.adapter_load = Histogram(PREFIX + "adapter_load_seconds",
+                                      "Loading one adapter from the store onto the device.",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.http_in_flight = 0  # changed on the event loop only, by EdgeMiddleware
+
+    def bind_engine(self, engine: EngineClient) -> None:
+        """Register the scrape-time collector; once, when the app gets its engine."""
+        self.registry.register(EngineStatsCollector(engine, lambda: float(self.http_in_flight)))
+
+    # ---- recorded by the HTTP layer -----------------------------------------------------------
+
+    def observe_request(self, *, endpoint: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()
+        self.request_duration.labels(endpoint=endpoint).observe(seconds)
+
+    def observe_result(self, result: GenerationResult) -> None:
+        self.prompt_tokens.inc(result.prompt_tokens)
+        self.virtual_tokens.inc(result.virtual_tokens)
+        self.generated_tokens.inc(result.completion_tokens)
+
+    # ---- EngineObserver (called from engine threads; prometheus_client is thread-safe) -------
+
+    def batch_started(self, *, size: int, distinct_adapters: int) -> None:
+        self.batch_size.observe(size)
+        self.batch_adapters.observe(distinct_adapters)
+
+    def queue_wait(self, seconds: float) -> None:
+        self._queue_wait.observe(seconds)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def cache_event(self, event: CacheEvent) -> None:
+        self.cache_events[CacheEvent(event)].inc()
+
+    def adapter_loaded(self, seconds: float) -> None:
+        self.adapter_load.observe(seconds)

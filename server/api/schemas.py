@@ -1,0 +1,97 @@
+"""Pydantic request/response bodies of the HTTP contract in DESIGN.md (the boundary only).
+
+Unknown request fields are ignored rather than rejected, so clients written against a later
+version of the contract keep working. Limits that depend on Settings (max_new_tokens_limit,
+max_stop_strings, max_input_tokens) are checked in the handlers, which know the settings.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.engine.interface import FinishReason, GenerationResult
+
+ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_STOP_CHARS = 256  # one stop string
+MAX_SEED = 2**63 - 1
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    adapter_id: str | None = Field(
+        None, pattern=ADAPTER_ID_PATTERN,
+        description="Adapter to prepend; null or absent means the bare base model.")
+    text: str = Field(..., description="Prompt, tokenized with the tokenizer's defaults.")
+    max_new_tokens: int = Field(16, ge=1, description="At most --max-new-tokens-limit.")
+    temperature: float = Field(0.0, ge=0.0, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="For reproducible sampling.")
+    stop: list[str] = Field(default_factory=list,
+                            description="Stop strings (at most --max-stop-strings).")
+    ignore_eos: bool = Field(False, description="Keep generating to max_new_tokens.")
+    stream: bool = Field(False, description="Server-Sent Events instead of one JSON body.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    virtual_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    adapter_id: str | None
+    text: str = Field(..., description="Generated part only.")
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+
+    @classmethod
+    def from_result(cls, result: GenerationResult) -> GenerateResponse:
+        return cls(adapter_id=result.adapter_id, text=result.text,
+                   token_ids=list(result.token_ids), finish_reason=result.finish_reason,
+                   usage=usage_of(result))
+
+
+class StreamEvent(BaseModel):
+    """One SSE `data:` event. Token events carry text/token_ids with finish_reason null; the
+    final event carries finish_reason and usage (and any text not streamed yet)."""
+
+    adapter_id: str | None
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+def usage_of(result: GenerationResult) -> Usage:
+    return Usage(prompt_tokens=result.prompt_tokens, virtual_tokens=result.virtual_tokens,
+                 completion_tokens=result.completion_tokens)
+
+
+class AdapterResponse(BaseModel):
+    """The adapter record (DESIGN.md); the tenant namespace is not part of it."""
+
+    adapter_id: str
+    peft_type: str
+    task_type: str
+    num_virtual_tokens: int
+    token_dim: int
+    sha256: str
+    size_bytes: int
+    created_at: str
+
+    @classmethod
+    def from_record(cls, record: object) -> AdapterResponse:
+        """From an adapters_store AdapterRecord (typed loosely: server.api does not import it)."""
+        data = record.to_dict()  # type: ignore[attr-defined]
+        return cls(**{k: data[k] for k in cls.model_fields})
+
+
+class AdapterListResponse(BaseModel):
+    adapters: list[AdapterResponse]
+
+
+class HealthResponse(BaseModel):
+    status: str

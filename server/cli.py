@@ -1,0 +1,183 @@
+"""`softprompt-server`: serve, and make a sample adapter.
+
+Every Settings field is a flag of `serve` and a SOFTPROMPT_<NAME> variable; the flag wins over
+the variable, which wins over the default (pydantic-settings gives init values priority). The
+flags are generated from Settings so they cannot drift from it. Settings are built once here
+and passed down; an invalid value stops startup with a message naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from server.config import Settings
+
+log = logging.getLogger("softprompt.cli")
+PROG = "softprompt-server"
+
+
+def flag_of(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_of(field: str) -> str:
+    return "SOFTPROMPT_" + field.upper()
+
+
+def default_of(field: str) -> Any:
+    info = Settings.model_fields[field]
+    value = info.get_default(call_default_factory=True)
+    return value.value if isinstance(value, Enum) else value
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field. Unset flags are absent, so env and defaults apply."""
+    for name, info in Settings.model_fields.items():
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        annotation = info.annotation
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(annotation, type) and issubclass(annotation, Enum):
+            kwargs["choices"] = [member.value for member in annotation]
+        else:
+            kwargs["metavar"] = name.upper()
+        kwargs["help"] = (f"{info.description} [env {env_of(name)}; "
+                          f"default: {default_of(name)}]")
+        parser.add_argument(flag_of(name), **kwargs)
+
+
+def settings_table() -> str:
+    rows = [f"  {flag_of(n):<24} {env_of(n):<34} {default_of(n)}" for n in Settings.model_fields]
+    return "serve options (flag, environment variable, default):\n" + "\n".join(rows)
+
+
+def build_settings(values: dict[str, Any]) -> Settings:
+    """Settings from CLI values over the environment; ValueError names the offending flag."""
+    try:
+        return Settings(**values)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = err.get("loc") or ()
+            field = str(loc[0]) if loc else ""
+            where = f"{flag_of(field)} (or {env_of(field)})" if field in Settings.model_fields \
+                else "settings"
+            message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            got = f" (got {err['input']!r})" if field and "input" in err else ""
+            problems.append(f"{where}: {message}{got}")
+        raise ValueError("; ".join(problems)) from e
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The flags that were given, over SOFTPROMPT_* variables, over the defaults."""
+    return build_settings({k: v for k, v in vars(args).items() if k in Settings.model_fields})
+
+
+def configure_logging(level: str) -> None:
+    """Plain lines for the server log; the access log is one bare JSON object per line."""
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access = logging.getLogger("softprompt.access")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
+    access.setLevel(logging.INFO)
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from server.api.app import build_app
+
+    if settings.api_keys is not None:
+        log.error("--api-keys: API keys and tenants are not implemented in this version; "
+                  "refusing to start rather than serve without the authentication you asked for")
+        return 2
+    app = build_app(settings)
+    engine = app.state.engine
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_config=None, access_log=False,
+                                           log_level=str(settings.log_level), lifespan="on"))
+    failed = threading.Event()
+
+    def watch_model_load() -> None:
+        # A model that cannot load (bad --model, --device cuda without CUDA, ...) must stop
+        # the process, not leave it up answering 503 forever.
+        try:
+            engine.wait_until_ready()
+        except Exception as e:  # noqa: BLE001 - reported and turned into the exit code
+            log.error("startup failed: %s: %s", type(e).__name__, e)
+            failed.set()
+            server.should_exit = True
+
+    if hasattr(engine, "wait_until_ready"):
+        threading.Thread(target=watch_model_load, name="load-watch", daemon=True).start()
+    server.run()
+    return 1 if failed.is_set() else 0
+
+
+def make_sample_adapter(args: argparse.Namespace) -> int:
+    from server.sample_adapter import write_sample_adapter
+
+    out = write_sample_adapter(Path(args.out_dir), model=args.model,
+                               model_cache=Path(args.model_cache),
+                               num_virtual_tokens=args.num_virtual_tokens, seed=args.seed)
+    print(f"wrote a PROMPT_TUNING adapter for {args.model} to {out}")
+    print(f"upload it: curl -F adapter_id=sample -F config=@{out}/adapter_config.json "
+          f"-F weights=@{out}/adapter_model.safetensors http://127.0.0.1:8000/v1/adapters")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve many tenants' PEFT soft prompts on one frozen base model.",
+        epilog=settings_table())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_parser = commands.add_parser(
+        "serve", help="run the HTTP server", description="Run the HTTP server. Each flag "
+        "overrides its SOFTPROMPT_* environment variable, which overrides the default.")
+    add_settings_flags(serve_parser)
+    sample = commands.add_parser(
+        "make-sample-adapter", help="write a sample PEFT prompt-tuning adapter (offline)",
+        description="Write adapter_config.json + adapter_model.safetensors, as PEFT's "
+        "save_pretrained does for a randomly initialized PROMPT_TUNING adapter, sized for "
+        "--model. Needs no PEFT and (for builtin models) no network.")
+    sample.add_argument("out_dir", metavar="OUT_DIR", help="directory to write into")
+    sample.add_argument("--model", default="builtin:tiny",
+                        help="model the adapter is for (default: builtin:tiny)")
+    sample.add_argument("--num-virtual-tokens", type=int, default=8,
+                        help="virtual tokens (default: 8)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    sample.add_argument("--model-cache", default=str(default_of("model_cache")),
+                        help="where builtin models are written (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "make-sample-adapter":
+        try:
+            return make_sample_adapter(args)
+        except (ValueError, OSError) as e:
+            parser.exit(2, f"{PROG} make-sample-adapter: error: {e}\n")
+    try:
+        settings = settings_from_args(args)
+    except ValueError as e:
+        parser.exit(2, f"{PROG} serve: error: {e}\n")
+    configure_logging(str(settings.log_level))
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

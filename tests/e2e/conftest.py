@@ -1,0 +1,76 @@
+"""One real server per test module, on the tiny Llama-shaped model, plus PEFT-made adapters."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.server_process import ServerProcess
+from tests.factories import make_adapter, make_encoder_checkpoint
+
+ARCH = "llama"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dirs) -> Path:
+    return tiny_model_dirs[ARCH]
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(model_dir, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """name -> (directory to upload, directory PEFT loads as the reference)."""
+    root = tmp_path_factory.mktemp("adapters")
+    out: dict[str, tuple[Path, Path]] = {}
+    for i, kind in enumerate(("prompt_tuning", "p_tuning_mlp", "p_tuning_lstm")):
+        path = make_adapter(model_dir, root / kind, kind, num_virtual_tokens=4 + i, seed=10 + i)
+        out[kind] = (path, path)
+    reference = root / "encoder-reference"
+    raw = make_encoder_checkpoint(model_dir, root / "encoder-raw", "p_tuning_mlp",
+                                  num_virtual_tokens=6, seed=21, reference_dir=reference)
+    out["encoder_raw"] = (raw, reference)
+    return out
+
+
+def tar_gz(adapter_dir: Path, out: Path) -> Path:
+    with tarfile.open(out, "w:gz") as tar:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            tar.add(adapter_dir / name, arcname=name)
+    return out
+
+
+def upload(client: httpx.Client, adapter_id: str, adapter_dir: Path, *,
+           overwrite: bool = False) -> httpx.Response:
+    files = {
+        "config": ("adapter_config.json", (adapter_dir / "adapter_config.json").read_bytes(),
+                   "application/json"),
+        "weights": ("adapter_model.safetensors",
+                    (adapter_dir / "adapter_model.safetensors").read_bytes(),
+                    "application/octet-stream"),
+    }
+    params = {"overwrite": "true"} if overwrite else None
+    return client.post("/v1/adapters", data={"adapter_id": adapter_id}, files=files,
+                       params=params)
+
+
+def upload_archive(client: httpx.Client, adapter_id: str, archive: Path) -> httpx.Response:
+    return client.post("/v1/adapters", data={"adapter_id": adapter_id},
+                       files={"archive": (archive.name, archive.read_bytes(),
+                                          "application/gzip")})
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    with ServerProcess(model_dir, root / "store", root / "server.log",
+                       "--max-batch-size", "32", "--max-wait-ms", "10",
+                       "--max-upload-bytes", "1000000") as proc:
+        yield proc
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
