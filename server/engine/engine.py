@@ -82,6 +82,8 @@ class Engine:
                 self._stored_count = len(self.store.list())
             scheduler.start()
             self._loaded, self._cache, self._scheduler = loaded, cache, scheduler
+            if self._closing:  # shutdown() was called while the model was loading
+                scheduler.stop(0)
         except BaseException as e:  # noqa: BLE001 - reported through wait_until_ready/is_ready
             self._load_error = e
             log.error("engine failed to start: %s: %s", type(e).__name__, e, exc_info=True)

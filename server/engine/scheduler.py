@@ -111,6 +111,9 @@ class Scheduler:
                 raise QueueFullError(
                     f"{self._queued} requests are queued (--max-queue {self._max_queue}); "
                     "retry later", retry_after_s=self._retry_after())
+            if request.request_id in self._live:
+                raise InvalidRequestError(
+                    f"request id {request.request_id!r} is already in flight; ids must be unique")
             self._seq += 1
             ticket = Ticket(request, seq=self._seq, version=version,
                             virtual_tokens=virtual_tokens, loop=loop, stream=stream)
@@ -197,7 +200,7 @@ class Scheduler:
             self._cond.notify_all()
         if error is not None:
             for ticket in waiting:
-                self._fail(ticket, error)
+                self._fail(ticket, _copy(error))
 
     # ---- the engine thread --------------------------------------------------------------------
 
@@ -312,3 +315,11 @@ class Scheduler:
         """Roughly how long until the queue has room: batches ahead times a batch's duration."""
         batches = math.ceil(self._queued / self._max_batch_size)
         return min(60.0, max(1.0, batches * self._batch_seconds))
+
+
+def _copy(error: BaseException) -> BaseException:
+    """One exception instance per waiter: each is raised in its own task with its traceback."""
+    try:
+        return type(error)(*error.args)
+    except Exception:  # noqa: BLE001 - a constructor with other arguments: share the original
+        return error

@@ -251,6 +251,12 @@ async def test_validation_happens_at_submit(engine) -> None:
                                                 adapter_id=None))
     with pytest.raises(InvalidRequestError):
         await engine.generate(request(engine, "Hi!", None, top_p=0.0))
+    first = request(engine, "Hi!", None)
+    pending = asyncio.ensure_future(engine.generate(first))
+    await asyncio.sleep(0)
+    with pytest.raises(InvalidRequestError, match="already in flight"):
+        await engine.generate(first)
+    await pending
     assert engine.stats()["in_flight"] == 0
 
 

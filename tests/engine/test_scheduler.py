@@ -13,7 +13,7 @@ import pytest
 
 from adapters_store import LocalAdapterStore
 from server.engine import generation
-from server.engine.errors import GenerationError, QueueFullError
+from server.engine.errors import EngineNotReadyError, GenerationError, QueueFullError
 from server.engine.interface import GenerationRequest, SamplingParams, TokenChunk
 from server.engine.scheduler import FifoPolicy
 from tests.engine.test_engine import RecordingObserver, make_engine, request, until, upload_of
@@ -120,6 +120,20 @@ async def test_abort_by_id_and_task_cancellation(gated) -> None:
     with pytest.raises(asyncio.CancelledError):
         await cancelled
     await until(lambda: eng.stats()["in_flight"] == 0)
+    gate.set()
+
+
+async def test_shutdown_fails_what_cannot_finish_in_time(gated) -> None:
+    eng, gate = gated
+    stuck = asyncio.ensure_future(eng.generate(request(eng, "Hi!", "cold")))
+    await until(lambda: eng.stats()["queue_depth"] == 1)
+    await eng.aclose(0.2)  # its adapter never loads
+    with pytest.raises(EngineNotReadyError):
+        await stuck
+    assert eng.stats()["in_flight"] == 0 and not eng.is_ready()
+    with pytest.raises(EngineNotReadyError):
+        await eng.generate(GenerationRequest(request_id="late", prompt_ids=(1,),
+                                             adapter_id=None))
     gate.set()
 
 
