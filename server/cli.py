@@ -89,8 +89,7 @@ def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access.addHandler(handler)
-    access.propagate = False
-    access.setLevel(logging.INFO)
+    access.propagate = False  # its level is the root's: --log-level warning silences it
 
 
 def serve(settings: Settings) -> int:
