@@ -4,41 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from server.engine.generation import BatchRow, RowOutput, run_batch
+from server.engine.generation import BatchRow, run_batch
 from server.engine.interface import FinishReason, SamplingParams, TokenChunk
-from tests.factories import load_base
+from tests.engine.conftest import make_row, run_one
 
 TEXTS = ("Tweet: I love it. Label:", "a", "The quick brown fox", "Hi")
-
-
-@pytest.fixture(params=["llama", "t5"])
-def model_and_tokenizer(request, tiny_model_dirs):
-    model_dir = tiny_model_dirs[request.param]
-    return load_base(model_dir), AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture
-def llama(tiny_model_dirs):
-    model_dir = tiny_model_dirs["llama"]
-    return load_base(model_dir), AutoTokenizer.from_pretrained(model_dir)
-
-
-def _row(tokenizer, text: str, **params) -> BatchRow:
-    return BatchRow(tokenizer(text)["input_ids"], None, SamplingParams(**params))
-
-
-def _one(model, tokenizer, row: BatchRow) -> RowOutput:
-    return run_batch(model, tokenizer, [row])[0]
 
 
 def test_each_row_stops_at_its_own_max_new_tokens(model_and_tokenizer) -> None:
     model, tok = model_and_tokenizer
     outs = run_batch(model, tok, [
-        _row(tok, TEXTS[0], max_new_tokens=3, ignore_eos=True),
-        _row(tok, TEXTS[0], max_new_tokens=11, ignore_eos=True),
-        _row(tok, TEXTS[1], max_new_tokens=1, ignore_eos=True, temperature=1.0, seed=0),
+        make_row(tok, TEXTS[0], max_new_tokens=3, ignore_eos=True),
+        make_row(tok, TEXTS[0], max_new_tokens=11, ignore_eos=True),
+        make_row(tok, TEXTS[1], max_new_tokens=1, ignore_eos=True, temperature=1.0, seed=0),
     ])
 
     assert [len(o.token_ids) for o in outs] == [3, 11, 1]
@@ -47,7 +26,8 @@ def test_each_row_stops_at_its_own_max_new_tokens(model_and_tokenizer) -> None:
 
 
 def _greedy_ids(model, tok, text: str, n: int) -> list[int]:
-    return list(_one(model, tok, _row(tok, text, max_new_tokens=n, ignore_eos=True)).token_ids)
+    row = make_row(tok, text, max_new_tokens=n, ignore_eos=True)
+    return list(run_one(model, tok, row).token_ids)
 
 
 def test_eos_finishes_the_row_unless_ignore_eos(llama) -> None:
@@ -57,8 +37,8 @@ def test_eos_finishes_the_row_unless_ignore_eos(llama) -> None:
     model.generation_config.eos_token_id = ids[k]  # the model now "ends" there
 
     stops, ignores = run_batch(model, tok, [
-        _row(tok, TEXTS[0], max_new_tokens=16),
-        _row(tok, TEXTS[0], max_new_tokens=16, ignore_eos=True),
+        make_row(tok, TEXTS[0], max_new_tokens=16),
+        make_row(tok, TEXTS[0], max_new_tokens=16, ignore_eos=True),
     ])
 
     assert stops.finish_reason is FinishReason.EOS
@@ -91,7 +71,7 @@ def test_stop_string_across_tokens_ends_the_row(model_and_tokenizer) -> None:
     text, ids, stop, last = _printable_stop(model, tok)
     chunks: list[TokenChunk] = []
 
-    out = _one(model, tok, BatchRow(tok(text)["input_ids"], None,
+    out = run_one(model, tok, BatchRow(tok(text)["input_ids"], None,
                                     SamplingParams(max_new_tokens=24, stop=("zzz", stop),
                                                    ignore_eos=True),
                                     on_chunk=chunks.append))
@@ -113,7 +93,7 @@ def test_streamed_chunks_add_up_to_the_result(model_and_tokenizer) -> None:
         BatchRow(tok(TEXTS[1])["input_ids"], None,
                  SamplingParams(max_new_tokens=13, temperature=1.0, seed=5, ignore_eos=True),
                  on_chunk=streams[1].append),
-        _row(tok, TEXTS[2], max_new_tokens=7),
+        make_row(tok, TEXTS[2], max_new_tokens=7),
     ]
 
     outs = run_batch(model, tok, rows)
@@ -157,12 +137,12 @@ def test_abort_stops_only_that_row(llama) -> None:
         polls["n"] += 1
         return polls["n"] > 3
 
-    reference = _one(model, tok, _row(tok, TEXTS[0], max_new_tokens=12, ignore_eos=True))
+    reference = run_one(model, tok, make_row(tok, TEXTS[0], max_new_tokens=12, ignore_eos=True))
     outs = run_batch(model, tok, [
         BatchRow(tok(TEXTS[1])["input_ids"], None,
                  SamplingParams(max_new_tokens=30, ignore_eos=True),
                  is_aborted=aborted_after_three),
-        _row(tok, TEXTS[0], max_new_tokens=12, ignore_eos=True),
+        make_row(tok, TEXTS[0], max_new_tokens=12, ignore_eos=True),
     ])
 
     assert outs[0].aborted
@@ -175,7 +155,7 @@ def test_row_aborted_before_start_is_not_generated(llama) -> None:
     model, tok = llama
     outs = run_batch(model, tok, [
         BatchRow(tok(TEXTS[0])["input_ids"], None, SamplingParams(), is_aborted=lambda: True),
-        _row(tok, TEXTS[1], max_new_tokens=4, ignore_eos=True),
+        make_row(tok, TEXTS[1], max_new_tokens=4, ignore_eos=True),
     ])
 
     assert outs[0].aborted and outs[0].token_ids == ()
@@ -191,7 +171,7 @@ def test_a_failing_callback_aborts_its_row_not_the_batch(llama) -> None:
     outs = run_batch(model, tok, [
         BatchRow(tok(TEXTS[0])["input_ids"], None,
                  SamplingParams(max_new_tokens=8, ignore_eos=True), on_chunk=broken),
-        _row(tok, TEXTS[1], max_new_tokens=8, ignore_eos=True),
+        make_row(tok, TEXTS[1], max_new_tokens=8, ignore_eos=True),
     ])
 
     assert outs[0].aborted
@@ -206,7 +186,7 @@ def test_a_failing_abort_poll_aborts_its_row_not_the_batch(llama) -> None:
 
     outs = run_batch(model, tok, [
         BatchRow(tok(TEXTS[0])["input_ids"], None, SamplingParams(), is_aborted=broken),
-        _row(tok, TEXTS[1], max_new_tokens=3, ignore_eos=True),
+        make_row(tok, TEXTS[1], max_new_tokens=3, ignore_eos=True),
     ])
 
     assert outs[0].aborted
@@ -256,13 +236,13 @@ def test_invalid_parameters_are_rejected(llama, params) -> None:
 def test_empty_prompt_without_soft_prompt_is_rejected(llama) -> None:
     model, tok = llama
     with pytest.raises(ValueError, match="row 1"):
-        run_batch(model, tok, [_row(tok, "x"), BatchRow([], None, SamplingParams())])
+        run_batch(model, tok, [make_row(tok, "x"), BatchRow([], None, SamplingParams())])
 
 
 def test_model_generation_config_is_restored(llama) -> None:
     model, tok = llama
     original = model.generation_config
 
-    run_batch(model, tok, [_row(tok, "x", max_new_tokens=2)])
+    run_batch(model, tok, [make_row(tok, "x", max_new_tokens=2)])
 
     assert model.generation_config is original

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pytest
 import torch
-from transformers import AutoTokenizer
 
-from server.engine.generation import BatchRow, RowOutput, run_batch
+from server.engine.generation import BatchRow, run_batch
 from server.engine.interface import SamplingParams
 from server.engine.sampling import PerRowLogitsProcessor
-from tests.factories import load_base
+from tests.engine.conftest import make_row, run_one
 
 EOS = 2
 TEXTS = ("Tweet: I love it. Label:", "a", "The quick brown fox", "Hi")
@@ -123,26 +121,6 @@ def test_near_zero_temperature_is_greedy() -> None:
 # -- run_batch on a real tiny model ---------------------------------------------------------
 
 
-@pytest.fixture(params=["llama", "t5"])
-def model_and_tokenizer(request, tiny_model_dirs):
-    model_dir = tiny_model_dirs[request.param]
-    return load_base(model_dir), AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture
-def llama(tiny_model_dirs):
-    model_dir = tiny_model_dirs["llama"]
-    return load_base(model_dir), AutoTokenizer.from_pretrained(model_dir)
-
-
-def _row(tokenizer, text: str, **params) -> BatchRow:
-    return BatchRow(tokenizer(text)["input_ids"], None, SamplingParams(**params))
-
-
-def _one(model, tokenizer, row: BatchRow) -> RowOutput:
-    return run_batch(model, tokenizer, [row])[0]
-
-
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model_and_tokenizer) -> None:
     model, tok = model_and_tokenizer
     hidden = model.get_input_embeddings().weight.shape[1]
@@ -150,13 +128,13 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model_and_tokenizer) -
     sampled = [
         BatchRow(tok(TEXTS[0])["input_ids"], soft,
                  SamplingParams(max_new_tokens=12, temperature=1.0, seed=11)),
-        _row(tok, TEXTS[2], max_new_tokens=10, temperature=0.8, top_p=0.9, seed=12),
-        _row(tok, TEXTS[1], max_new_tokens=9, temperature=1.3, top_k=20, seed=13),
+        make_row(tok, TEXTS[2], max_new_tokens=10, temperature=0.8, top_p=0.9, seed=12),
+        make_row(tok, TEXTS[1], max_new_tokens=9, temperature=1.3, top_k=20, seed=13),
     ]
-    mates = [_row(tok, TEXTS[3], max_new_tokens=14),
-             _row(tok, TEXTS[1], max_new_tokens=5, temperature=1.0, seed=99)]
+    mates = [make_row(tok, TEXTS[3], max_new_tokens=14),
+             make_row(tok, TEXTS[1], max_new_tokens=5, temperature=1.0, seed=99)]
 
-    alone = [_one(model, tok, r) for r in sampled]
+    alone = [run_one(model, tok, r) for r in sampled]
     batched = run_batch(model, tok, [mates[0], sampled[0], sampled[1], mates[1], sampled[2]])
 
     assert [o.token_ids for o in alone] == [batched[i].token_ids for i in (1, 2, 4)]
@@ -165,7 +143,7 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model_and_tokenizer) -
 def test_different_seeds_give_different_samples(llama) -> None:
     model, tok = llama
     outs = run_batch(model, tok, [
-        _row(tok, TEXTS[0], max_new_tokens=16, temperature=1.0, seed=s) for s in (1, 2, 3)
+        make_row(tok, TEXTS[0], max_new_tokens=16, temperature=1.0, seed=s) for s in (1, 2, 3)
     ])
 
     assert len({o.token_ids for o in outs}) == 3
@@ -174,8 +152,8 @@ def test_different_seeds_give_different_samples(llama) -> None:
 def test_top_k_one_is_greedy(llama) -> None:
     model, tok = llama
     greedy, top1 = run_batch(model, tok, [
-        _row(tok, TEXTS[0], max_new_tokens=12),
-        _row(tok, TEXTS[0], max_new_tokens=12, temperature=1.0, top_k=1),
+        make_row(tok, TEXTS[0], max_new_tokens=12),
+        make_row(tok, TEXTS[0], max_new_tokens=12, temperature=1.0, top_k=1),
     ])
 
     assert greedy.token_ids == top1.token_ids
