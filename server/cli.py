@@ -96,6 +96,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from server.api.app import build_app
+    from server.drain import DrainingServer
 
     if settings.api_keys is not None:
         log.error("--api-keys: API keys and tenants are not implemented in this version; "
@@ -103,9 +104,12 @@ def serve(settings: Settings) -> int:
         return 2
     app = build_app(settings)
     engine = app.state.engine
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_config=None, access_log=False,
-                                           log_level=str(settings.log_level), lifespan="on"))
+    # The drain happens before uvicorn's shutdown; by then little is left, so its own grace
+    # period only has to cover connections that linger after their last response.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            access_log=False, log_level=str(settings.log_level), lifespan="on",
+                            timeout_graceful_shutdown=2)
+    server = DrainingServer(config, app=app, drain_timeout_s=settings.drain_timeout_s)
     failed = threading.Event()
 
     def watch_model_load() -> None:
@@ -121,7 +125,9 @@ def serve(settings: Settings) -> int:
     if hasattr(engine, "wait_until_ready"):
         threading.Thread(target=watch_model_load, name="load-watch", daemon=True).start()
     server.run()
-    return 1 if failed.is_set() else 0
+    if failed.is_set():
+        return 1
+    return 3 if server.drain_expired else 0  # 3: requests were aborted at the drain deadline
 
 
 def make_sample_adapter(args: argparse.Namespace) -> int:

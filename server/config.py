@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(16, ge=0, le=256,
                                   description="Most stop strings in one generate request.")
     log_level: LogLevel = Field(LogLevel.INFO, description="Python logging level.")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight "
+                                   "requests may run before they are aborted and the process "
+                                   "exits.")
 
     @field_validator("device", "dtype", "log_level", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from server.api import adapters, generate, health
+from server.api.drain import DrainGate
 from server.api.edge import EdgeMiddleware
 from server.api.errors import install_error_handlers
 from server.api.metrics import ApiMetrics
@@ -57,6 +58,7 @@ def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics 
     app.state.metrics = metrics
     app.state.draining = False
     install_error_handlers(app)
+    app.add_middleware(DrainGate)  # inside the edge: refusals are logged and counted
     app.add_middleware(EdgeMiddleware, metrics=metrics)
     for module in (generate, adapters, health):
         app.include_router(module.router)
