@@ -78,8 +78,7 @@ class Engine:
                 max_batch_size=self.settings.max_batch_size,
                 max_wait_s=self.settings.max_wait_ms / 1000.0,
                 max_queue=self.settings.max_queue, policy=self._policy)
-            with self._count_lock:
-                self._stored_count = len(self.store.list())
+            self._count_stored()
             scheduler.start()
             self._loaded, self._cache, self._scheduler = loaded, cache, scheduler
             if self._closing:  # shutdown() was called while the model was loading
@@ -89,6 +88,16 @@ class Engine:
             log.error("engine failed to start: %s: %s", type(e).__name__, e, exc_info=True)
         finally:
             self._loaded_event.set()
+
+    def _count_stored(self) -> None:
+        """Best effort: a store that is down at startup must not keep the model from serving."""
+        try:
+            count = len(self.store.list())
+        except AdapterStoreError as e:
+            log.warning("could not count stored adapters: %s: %s", type(e).__name__, e)
+            return
+        with self._count_lock:
+            self._stored_count = count
 
     def wait_until_ready(self, timeout: float | None = None) -> None:
         """Block until the model is loaded; re-raise the load error (for the CLI and tests)."""
@@ -124,24 +133,30 @@ class Engine:
 
     # ---- model ---------------------------------------------------------------------------------
 
-    def _require(self) -> tuple[LoadedModel, PromptCache, Scheduler]:
-        if self._closing:
-            raise EngineNotReadyError("the engine is shutting down")
-        if self._loaded is None or self._cache is None or self._scheduler is None:
+    def _model(self) -> LoadedModel:
+        """The loaded model; still usable (tokenize, info) while draining."""
+        if self._loaded is None:
             raise EngineNotReadyError("the model is still loading" if self._load_error is None
                                       else f"the model failed to load: {self._load_error}")
-        return self._loaded, self._cache, self._scheduler
+        return self._loaded
+
+    def _require(self) -> tuple[LoadedModel, PromptCache, Scheduler]:
+        """For new work: refused while loading and once shutdown has begun."""
+        loaded = self._model()
+        if self._closing or self._cache is None or self._scheduler is None:
+            raise EngineNotReadyError("the engine is shutting down")
+        return loaded, self._cache, self._scheduler
 
     @property
     def model_info(self) -> ModelInfo:
-        return self._require()[0].info
+        return self._model().info
 
     def tokenize(self, text: str) -> list[int]:
         """The tokenizer's defaults: special tokens added as the tokenizer does."""
-        return list(self._require()[0].tokenizer(text)["input_ids"])
+        return list(self._model().tokenizer(text)["input_ids"])
 
     def detokenize(self, token_ids: list[int]) -> str:
-        return self._require()[0].tokenizer.decode(token_ids, **DECODE_KWARGS)
+        return self._model().tokenizer.decode(token_ids, **DECODE_KWARGS)
 
     # ---- generation ----------------------------------------------------------------------------
 

@@ -167,7 +167,7 @@ async def test_a_failing_batch_fails_only_its_requests(tiny_model_dirs, tmp_path
 async def test_batches_are_bounded_and_fifo(tiny_model_dirs, tmp_path) -> None:
     observer = RecordingObserver()
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=3,
-                      max_wait_ms=100)
+                      max_wait_ms=500)
     try:
         order: list[int] = []
 
