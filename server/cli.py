@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from enum import Enum
@@ -98,11 +99,10 @@ def serve(settings: Settings) -> int:
     from server.api.app import build_app
     from server.drain import DrainingServer
 
-    if settings.api_keys is not None:
-        log.error("--api-keys: API keys and tenants are not implemented in this version; "
-                  "refusing to start rather than serve without the authentication you asked for")
-        return 2
     app = build_app(settings)
+    keyring = app.state.keyring
+    if keyring is not None:
+        signal.signal(signal.SIGHUP, lambda *_: keyring.reload())
     engine = app.state.engine
     # The drain happens before uvicorn's shutdown; by then little is left, so its own grace
     # period only has to cover connections that linger after their last response.
@@ -180,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
     except ValueError as e:
         parser.exit(2, f"{PROG} serve: error: {e}\n")
+    if settings.api_keys is not None:
+        from server.api.tenants import KeyFileError, parse_key_file
+
+        try:
+            parse_key_file(settings.api_keys)
+        except KeyFileError as e:
+            parser.exit(2, f"{PROG} serve: error: --api-keys: {e}\n")
     configure_logging(str(settings.log_level))
     return serve(settings)
 

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from server.api.deps import EngineDep, SettingsDep, TenantDep, get_access
+from server.api.deps import EngineDep, ListScopeDep, SettingsDep, TenantDep, get_access
 from server.api.errors import InvalidUploadError, error_responses
 from server.api.schemas import ADAPTER_ID_PATTERN, AdapterListResponse, AdapterResponse
 from server.api.uploads import SpooledUpload, spool_multipart
@@ -65,7 +65,7 @@ def _to_upload(spooled: SpooledUpload) -> AdapterUpload:
 @router.post(
     "/v1/adapters", status_code=201, response_model=AdapterResponse, summary="Upload an adapter",
     openapi_extra={"requestBody": _UPLOAD_BODY},
-    responses=error_responses(400, 409, 413, 422, 503),
+    responses=error_responses(400, 401, 409, 413, 422, 503),
 )
 async def upload_adapter(
     request: Request, engine: EngineDep, settings: SettingsDep, namespace: TenantDep,
@@ -81,21 +81,24 @@ async def upload_adapter(
         access.adapter_id = check_adapter_id(adapter_id)
         upload = _to_upload(spooled)
         record = await engine.add_adapter(namespace, adapter_id, upload, overwrite=overwrite)
-    return JSONResponse(AdapterResponse.from_record(record).model_dump(), status_code=201)
+    return JSONResponse(AdapterResponse.from_record(record).model_dump(exclude_none=True),
+                        status_code=201)
 
 
 @router.get("/v1/adapters", response_model=AdapterListResponse, summary="List adapters",
-            responses=error_responses(503))
-async def list_adapters(engine: EngineDep,
-                        namespace: TenantDep) -> AdapterListResponse:
-    records = await engine.list_adapters(namespace)
-    adapters = sorted((AdapterResponse.from_record(r) for r in records),
-                      key=lambda a: a.adapter_id)
+            response_model_exclude_none=True, responses=error_responses(401, 422, 503))
+async def list_adapters(engine: EngineDep, scope: ListScopeDep) -> AdapterListResponse:
+    """A tenant's own adapters; an admin without ?tenant= gets every tenant's, each with
+    its `tenant`."""
+    records = await engine.list_adapters(scope)
+    adapters = sorted((AdapterResponse.from_record(r, with_tenant=scope is None)
+                       for r in records), key=lambda a: (a.tenant or "", a.adapter_id))
     return AdapterListResponse(adapters=adapters)
 
 
 @router.get("/v1/adapters/{adapter_id}", response_model=AdapterResponse,
-            summary="Get an adapter's record", responses=error_responses(404, 422, 503))
+            summary="Get an adapter's record", response_model_exclude_none=True,
+            responses=error_responses(401, 404, 422, 503))
 async def get_adapter(adapter_id: str, request: Request,
                       engine: EngineDep,
                       namespace: TenantDep) -> AdapterResponse:
@@ -104,7 +107,7 @@ async def get_adapter(adapter_id: str, request: Request,
 
 
 @router.delete("/v1/adapters/{adapter_id}", status_code=204, response_class=Response,
-               summary="Delete an adapter", responses=error_responses(404, 422, 503))
+               summary="Delete an adapter", responses=error_responses(401, 404, 422, 503))
 async def delete_adapter(adapter_id: str, request: Request,
                          engine: EngineDep,
                          namespace: TenantDep) -> Response:

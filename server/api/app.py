@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from server.api import adapters, generate, health
+from server.api.auth import KeyRing
 from server.api.drain import DrainGate
 from server.api.edge import EdgeMiddleware
 from server.api.errors import install_error_handlers
@@ -57,6 +58,10 @@ def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics 
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.draining = False
+    app.state.keyring = KeyRing(settings.api_keys) if settings.api_keys is not None else None
+    if app.state.keyring is None:
+        log.warning("no --api-keys: single-tenant mode, every request is tenant 'default' "
+                    "and needs no key")
     install_error_handlers(app)
     app.add_middleware(DrainGate)  # inside the edge: refusals are logged and counted
     app.add_middleware(EdgeMiddleware, metrics=metrics)

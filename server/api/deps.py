@@ -1,8 +1,7 @@
 """Request dependencies: the engine, settings and metrics of this app, and the tenant.
 
-get_tenant is the one place that decides whose adapters a request sees. Today everything lives
-in namespace "default"; the multi-tenancy issue replaces this function (API key -> tenant)
-without touching the routes.
+Whose adapters a request sees is decided in server.api.auth (API key -> tenant); TenantDep
+and ListScopeDep are re-exported here so routes take all their dependencies from one place.
 """
 
 from __future__ import annotations
@@ -11,16 +10,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.api.auth import ListScopeDep, TenantDep
 from server.api.edge import AccessEntry
 from server.api.metrics import ApiMetrics
 from server.config import Settings
 from server.engine.interface import EngineClient
-
-DEFAULT_NAMESPACE = "default"
-
-
-def get_tenant() -> str:
-    return DEFAULT_NAMESPACE
 
 
 def get_engine(request: Request) -> EngineClient:
@@ -47,4 +41,4 @@ def get_access(request: Request) -> AccessEntry:
 EngineDep = Annotated[EngineClient, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
-TenantDep = Annotated[str, Depends(get_tenant)]
+__all__ = ["EngineDep", "ListScopeDep", "MetricsDep", "SettingsDep", "TenantDep", "get_access"]

@@ -55,6 +55,10 @@ class InvalidRequestError(ApiError):
     """A well-formed request whose values are out of range for this server (422)."""
 
 
+class AuthError(ApiError):
+    """Missing or unknown API key (401 with WWW-Authenticate: Bearer)."""
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     status: int
@@ -66,6 +70,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     InvalidUploadError: ErrorKind(400, "invalid_upload"),
     UploadTooLargeError: ErrorKind(413, "payload_too_large"),
     InvalidRequestError: ErrorKind(422, "validation_error"),
+    AuthError: ErrorKind(401, "unauthorized"),
     InvalidAdapterError: ErrorKind(400, "invalid_adapter"),
     UnsupportedAdapterTypeError: ErrorKind(400, "unsupported_adapter_type"),
     LimitExceededError: ErrorKind(413, "payload_too_large"),
@@ -119,6 +124,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     headers = None
     if isinstance(exc, QueueFullError):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    elif isinstance(exc, AuthError):
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(envelope(kind, message or type(exc).__name__), status_code=kind.status,
                         headers=headers)
 

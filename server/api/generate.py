@@ -115,7 +115,7 @@ def _record(result: GenerationResult, metrics: ApiMetrics, access: AccessEntry) 
 
 @router.post(
     "/v1/generate", response_model=GenerateResponse, summary="Generate with an adapter",
-    responses={200: _stream_doc(), **error_responses(404, 422, 429, 500, 503)},
+    responses={200: _stream_doc(), **error_responses(401, 404, 422, 429, 500, 503)},
 )
 async def generate(
     body: GenerateRequest, request: Request, engine: EngineDep,

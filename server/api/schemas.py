@@ -71,7 +71,7 @@ def usage_of(result: GenerationResult) -> Usage:
 
 
 class AdapterResponse(BaseModel):
-    """The adapter record (DESIGN.md); the tenant namespace is not part of it."""
+    """The adapter record (DESIGN.md); `tenant` only in an admin's list of every tenant."""
 
     adapter_id: str
     peft_type: str
@@ -81,12 +81,14 @@ class AdapterResponse(BaseModel):
     sha256: str
     size_bytes: int
     created_at: str
+    tenant: str | None = None
 
     @classmethod
-    def from_record(cls, record: object) -> AdapterResponse:
+    def from_record(cls, record: object, *, with_tenant: bool = False) -> AdapterResponse:
         """From an adapters_store AdapterRecord (typed loosely: server.api does not import it)."""
         data = record.to_dict()  # type: ignore[attr-defined]
-        return cls(**{k: data[k] for k in cls.model_fields})
+        fields = {k: data[k] for k in cls.model_fields if k != "tenant"}
+        return cls(**fields, tenant=data["namespace"] if with_tenant else None)
 
 
 class AdapterListResponse(BaseModel):

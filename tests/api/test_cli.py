@@ -54,6 +54,17 @@ def test_invalid_values_fail_naming_the_flag(argv, named, capsys):
     assert named in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content", ["{not json", '{"tenants": [{"name": "../x", "keys": ["k"]}]}',
+                                     '{"admin_keys": ["sha256:nothex"]}'])
+def test_a_bad_api_keys_file_fails_startup_naming_the_flag(tmp_path, content, capsys):
+    keys = tmp_path / "keys.json"
+    keys.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--api-keys", str(keys), "--store", str(tmp_path / "store")])
+    assert exc.value.code == 2
+    assert "--api-keys" in capsys.readouterr().err
+
+
 def test_unloadable_model_stops_the_server(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "server", "serve", "--model", str(tmp_path / "missing"),
