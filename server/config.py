@@ -39,7 +39,9 @@ class Settings(BaseSettings):
                        "is not meaningful).")
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
-    store: str = Field("./adapters", description="Adapter store: a local directory.")
+    store: str = Field("./adapters", description="Adapter store: a local directory, or "
+                       "s3://bucket/prefix shared by replicas (endpoint and credentials from "
+                       "the AWS_* variables).")
     device: Device = Field(Device.AUTO, description="auto picks cuda when available.")
     dtype: DType = Field(DType.AUTO, description="auto: bfloat16 on CUDA, float32 on CPU.")
     max_batch_size: int = Field(32, ge=1, description="Most requests in one batch.")
@@ -58,6 +60,9 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(16, ge=0, le=256,
                                   description="Most stop strings in one generate request.")
     log_level: LogLevel = Field(LogLevel.INFO, description="Python logging level.")
+    store_refresh_s: float = Field(2.0, ge=0, description="Bound on how long a replica takes "
+                                   "to see uploads, overwrites and deletes made through "
+                                   "another replica (0: check the store on every request).")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight "
                                    "requests may run before they are aborted and the process "
                                    "exits.")

@@ -12,7 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
-from adapters_store import LocalAdapterStore, parse_archive, parse_paths
+from adapters_store import parse_archive, parse_paths
 from adapters_store.errors import (
     AdapterExistsError,
     AdapterStoreError,
@@ -35,6 +35,8 @@ from server.engine.observer import EngineObserver, NullObserver
 from server.engine.prompt_cache import PromptCache, version_of
 from server.engine.sampling import validate_params
 from server.engine.scheduler import BatchPolicy, InvalidRequestError, Scheduler
+from server.engine.store_refresh import StoreRefresher, count_stored
+from server.engine.stores import open_store
 from server.engine.tickets import Ticket, TokenStream
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class Engine:
         self._loaded_event = threading.Event()
         self._loader: threading.Thread | None = None
         self._closing = False
+        self._refresher: StoreRefresher | None = None
         self._stored_count = 0
         self._count_lock = threading.Lock()
 
@@ -80,6 +83,10 @@ class Engine:
                 max_queue=self.settings.max_queue, policy=self._policy)
             self._count_stored()
             scheduler.start()
+            self._refresher = StoreRefresher(self.store, cache,
+                                             period_s=self.settings.store_refresh_s,
+                                             on_count=self._set_count)
+            self._refresher.start()
             self._loaded, self._cache, self._scheduler = loaded, cache, scheduler
             if self._closing:  # shutdown() was called while the model was loading
                 scheduler.stop(0)
@@ -92,10 +99,13 @@ class Engine:
     def _count_stored(self) -> None:
         """Best effort: a store that is down at startup must not keep the model from serving."""
         try:
-            count = len(self.store.list())
+            count = count_stored(self.store)
         except AdapterStoreError as e:
             log.warning("could not count stored adapters: %s: %s", type(e).__name__, e)
             return
+        self._set_count(count)
+
+    def _set_count(self, count: int) -> None:
         with self._count_lock:
             self._stored_count = count
 
@@ -125,6 +135,8 @@ class Engine:
         self._closing = True
         if self._loader is not None:
             self._loader.join(timeout)
+        if self._refresher is not None:
+            self._refresher.stop()
         if self._scheduler is not None:
             self._scheduler.stop(timeout)
 
@@ -290,5 +302,6 @@ class Engine:
 
 
 def build_engine(settings: Settings, *, observer: EngineObserver | None = None) -> Engine:
-    """The production wiring: a LocalAdapterStore at --store. Call start() to load the model."""
-    return Engine(settings, LocalAdapterStore(settings.store), observer=observer)
+    """The production wiring: the store --store names. Call start() to load the model."""
+    store = open_store(settings.store, refresh_s=settings.store_refresh_s)
+    return Engine(settings, store, observer=observer)

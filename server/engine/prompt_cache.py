@@ -96,13 +96,20 @@ class PromptCache:
         for _ in range(evicted):
             self._observer.cache_event(CacheEvent.EVICTION)
 
-    def invalidate(self, namespace: str, adapter_id: str) -> bool:
-        """Forget an adapter (deleted or overwritten); True if it was resident."""
+    def invalidate(self, namespace: str, adapter_id: str, *, version: str | None = None) -> bool:
+        """Forget an adapter (deleted or overwritten); True if it was resident. With `version`,
+        only that version (a newer one inserted meanwhile stays)."""
         with self._lock:
-            if (namespace, adapter_id) not in self._entries:
+            entry = self._entries.get((namespace, adapter_id))
+            if entry is None or (version is not None and entry.version != version):
                 return False
             self._drop((namespace, adapter_id))
             return True
+
+    def resident_versions(self) -> dict[tuple[str, str], str]:
+        """(namespace, adapter_id) -> version of every resident entry, for revalidation."""
+        with self._lock:
+            return {key: entry.version for key, entry in self._entries.items()}
 
     def contains(self, namespace: str, adapter_id: str) -> bool:
         """Residency without touching LRU order or counters (for tests and introspection)."""
