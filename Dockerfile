@@ -31,14 +31,15 @@ RUN groupadd --system --gid 10001 softprompt \
 
 WORKDIR /app
 
-# Layer 1: third-party dependencies only (changes when pyproject/constraints change, not on every
-# source edit). torch comes from the base image and must not be replaced: constraints.txt pins the
-# CPU CI build (torch==2.13.0), so drop that line and pin torch to the exact build already
+# Layer 1: third-party dependencies only, plus the s3 extra (boto3) so --store s3://... works
+# (changes when pyproject/constraints change, not on every source edit). torch comes from the
+# base image and must not be replaced: constraints.txt pins the CPU CI build (torch==2.13.0),
+# so drop that line and pin torch to the exact build already
 # installed (e.g. 2.13.0+cu128); pip then sees the requirement satisfied and keeps the CUDA build.
 COPY pyproject.toml constraints.txt ./
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constraints.txt \
     && grep -v -E '^torch(==|[[:space:]]|$)' constraints.txt >> /tmp/constraints.txt \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['s3']))" > /tmp/requirements.txt \
     && python -m pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt \
     && python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'torch lost its CUDA build')" \
     && rm /tmp/requirements.txt /tmp/constraints.txt

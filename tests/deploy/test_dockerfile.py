@@ -150,7 +150,9 @@ def test_image_build_keeps_the_base_images_torch(steps, tmp_path):
     import torch
 
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    (tmp_path / "requirements.txt").write_text("\n".join(pyproject["project"]["dependencies"]))
+    project = pyproject["project"]  # the image also installs the s3 extra
+    (tmp_path / "requirements.txt").write_text(
+        "\n".join(project["dependencies"] + project["optional-dependencies"]["s3"]))
     (tmp_path / "constraints.txt").write_text("\n".join([f"torch=={torch.__version__}", *kept]))
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--report", "-",
