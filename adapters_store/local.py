@@ -309,6 +309,22 @@ class LocalAdapterStore:
     def exists(self, namespace: str, adapter_id: str) -> bool:
         return os.path.exists(self._link(namespace, adapter_id))
 
+    def count(self, namespace: str | None = None) -> int:
+        """Stored adapters, from the links alone (no record read): cheap enough to poll."""
+        if namespace is not None:
+            validate_adapter_id(namespace, what="namespace")
+        try:
+            total = 0
+            for ns in self._namespaces() if namespace is None else [namespace]:
+                try:
+                    total += sum(1 for e in os.scandir(os.path.join(self.root, ns))
+                                 if e.is_symlink() and not e.name.startswith("."))
+                except FileNotFoundError:
+                    continue
+            return total
+        except OSError as e:
+            raise StoreUnavailableError(f"could not count adapters in {self.root}: {e}") from e
+
     def list(self, namespace: str | None = None) -> list[AdapterRecord]:
         """Records sorted by (namespace, adapter_id); None lists every namespace."""
         if namespace is not None:

@@ -218,3 +218,12 @@ def test_concurrent_creates_let_exactly_one_win(store):
 
     assert sorted(outcomes) == ["exists"] * 7 + ["ok"]
     assert len(os.listdir(store.root / ".objects")) == 1
+
+
+def test_count_matches_list_without_reading_records(tmp_path):
+    store = LocalAdapterStore(tmp_path)
+    for ns, aid in (("t1", "a"), ("t1", "b"), ("t2", "a")):
+        store.put(ns, aid, make_parsed())
+    store.delete("t1", "b")
+    assert store.count() == len(store.list()) == 2
+    assert store.count("t1") == 1 and store.count("nobody") == 0
