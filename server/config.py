@@ -59,6 +59,15 @@ class Settings(BaseSettings):
                                   description="Most multipart parts in one adapter upload.")
     max_stop_strings: int = Field(16, ge=0, le=256,
                                   description="Most stop strings in one generate request.")
+    tenant_max_adapters: int = Field(1000, ge=0, description="Default per-tenant quota: "
+                                     "stored adapters.")
+    tenant_max_stored_bytes: int = Field(1 << 30, ge=0, description="Default per-tenant "
+                                         "quota: bytes of stored adapters.")
+    tenant_max_concurrent_requests: int = Field(256, ge=1, description="Default per-tenant "
+                                                "quota: generate calls and streams at once.")
+    tenant_requests_per_second: float = Field(0.0, ge=0, description="Default per-tenant "
+                                              "quota: request rate (token bucket, burst "
+                                              "max(1, rate)); 0 means unlimited.")
     log_level: LogLevel = Field(LogLevel.INFO, description="Python logging level.")
     store_refresh_s: float = Field(2.0, ge=0, description="Bound on how long a replica takes "
                                    "to see uploads, overwrites and deletes made through "

@@ -10,11 +10,12 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from server.api.deps import EngineDep, ListScopeDep, SettingsDep, TenantDep, get_access
-from server.api.errors import InvalidUploadError, error_responses
+from server.api.errors import InvalidUploadError, StorageQuotaError, error_responses
+from server.api.quotas import Quotas, check_storage, quotas_for
 from server.api.schemas import ADAPTER_ID_PATTERN, AdapterListResponse, AdapterResponse
 from server.api.uploads import SpooledUpload, spool_multipart
 from server.engine.errors import InvalidAdapterIdError
-from server.engine.interface import AdapterUpload
+from server.engine.interface import AdapterRecord, AdapterUpload, EngineClient
 
 router = APIRouter(tags=["adapters"])
 _ID_RE = re.compile(ADAPTER_ID_PATTERN)
@@ -62,6 +63,30 @@ def _to_upload(spooled: SpooledUpload) -> AdapterUpload:
                          weights_name=weights.filename or None)
 
 
+async def _add_within_quota(engine: EngineClient, namespace: str, adapter_id: str,
+                           upload: AdapterUpload, spooled: SpooledUpload, *, quotas: Quotas,
+                           overwrite: bool) -> AdapterRecord:
+    """Check max_adapters and max_stored_bytes before storing and again with the stored size
+    (a new adapter over the limit is deleted again). A replacement cannot be undone, so it is
+    checked beforehand against its uploaded size, an estimate of the stored one."""
+    records = await engine.list_adapters(namespace)
+    others = [r for r in records if r.adapter_id != adapter_id]
+    replacing = overwrite and len(others) < len(records)
+    stored = sum(r.size_bytes for r in others)
+    estimate = sum(f.size for f in spooled.files.values())
+    check_storage(quotas, count=len(others), stored_bytes=stored,
+                  new_bytes=estimate if replacing else 0, replacing=replacing)
+    record = await engine.add_adapter(namespace, adapter_id, upload, overwrite=overwrite)
+    try:
+        check_storage(quotas, count=len(others), stored_bytes=stored,
+                      new_bytes=record.size_bytes, replacing=True)
+    except StorageQuotaError:
+        if not replacing:  # a replaced adapter's old version is gone; keep the new one
+            await engine.delete_adapter(namespace, adapter_id)
+            raise
+    return record
+
+
 @router.post(
     "/v1/adapters", status_code=201, response_model=AdapterResponse, summary="Upload an adapter",
     openapi_extra={"requestBody": _UPLOAD_BODY},
@@ -80,7 +105,10 @@ async def upload_adapter(
             raise InvalidAdapterIdError("missing form field 'adapter_id'")
         access.adapter_id = check_adapter_id(adapter_id)
         upload = _to_upload(spooled)
-        record = await engine.add_adapter(namespace, adapter_id, upload, overwrite=overwrite)
+        manager, quotas = quotas_for(request, namespace)
+        async with manager.upload_lock(namespace):
+            record = await _add_within_quota(engine, namespace, adapter_id, upload, spooled,
+                                             quotas=quotas, overwrite=overwrite)
     return JSONResponse(AdapterResponse.from_record(record).model_dump(exclude_none=True),
                         status_code=201)
 

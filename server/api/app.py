@@ -14,12 +14,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api import adapters, generate, health
+from server.api import adapters, generate, health, openai_routes
 from server.api.auth import KeyRing
 from server.api.drain import DrainGate
 from server.api.edge import EdgeMiddleware
 from server.api.errors import install_error_handlers
 from server.api.metrics import ApiMetrics
+from server.api.quotas import QuotaManager
 from server.config import Settings
 from server.engine.interface import EngineClient
 
@@ -58,6 +59,7 @@ def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics 
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.draining = False
+    app.state.quotas = QuotaManager(settings)
     app.state.keyring = KeyRing(settings.api_keys) if settings.api_keys is not None else None
     if app.state.keyring is None:
         log.warning("no --api-keys: single-tenant mode, every request is tenant 'default' "
@@ -65,7 +67,7 @@ def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics 
     install_error_handlers(app)
     app.add_middleware(DrainGate)  # inside the edge: refusals are logged and counted
     app.add_middleware(EdgeMiddleware, metrics=metrics)
-    for module in (generate, adapters, health):
+    for module in (generate, openai_routes, adapters, health):
         app.include_router(module.router)
     return app
 

@@ -59,6 +59,26 @@ class AuthError(ApiError):
     """Missing or unknown API key (401 with WWW-Authenticate: Bearer)."""
 
 
+class QuotaExceededError(ApiError):
+    """A tenant quota refused the request; the message names the limit and its value."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooManyRequestsError(QuotaExceededError):
+    """requests_per_second or max_concurrent_requests (429 with Retry-After)."""
+
+
+class StorageQuotaError(QuotaExceededError):
+    """max_adapters or max_stored_bytes (413)."""
+
+
+class RequestQuotaError(QuotaExceededError):
+    """max_new_tokens or max_input_tokens of the tenant (422)."""
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     status: int
@@ -71,6 +91,9 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     UploadTooLargeError: ErrorKind(413, "payload_too_large"),
     InvalidRequestError: ErrorKind(422, "validation_error"),
     AuthError: ErrorKind(401, "unauthorized"),
+    TooManyRequestsError: ErrorKind(429, "rate_limited"),
+    StorageQuotaError: ErrorKind(413, "quota_exceeded"),
+    RequestQuotaError: ErrorKind(422, "validation_error"),  # same type as the global limits
     InvalidAdapterError: ErrorKind(400, "invalid_adapter"),
     UnsupportedAdapterTypeError: ErrorKind(400, "unsupported_adapter_type"),
     LimitExceededError: ErrorKind(413, "payload_too_large"),
@@ -122,8 +145,9 @@ def error_response(exc: BaseException) -> JSONResponse:
     kind = classify(exc) or INTERNAL
     message = str(exc) if kind is not INTERNAL else "internal server error"
     headers = None
-    if isinstance(exc, QueueFullError):
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    retry_after = getattr(exc, "retry_after_s", None)
+    if isinstance(exc, QueueFullError | QuotaExceededError) and retry_after is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
     elif isinstance(exc, AuthError):
         headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(envelope(kind, message or type(exc).__name__), status_code=kind.status,
@@ -176,7 +200,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
     descriptions = {
         400: "Bad adapter or upload format", 401: "Missing or invalid API key",
         404: "Unknown adapter", 409: "Adapter id exists", 413: "Too large",
-        422: "Request validation failed", 429: "Queue full (see Retry-After)",
+        422: "Request validation failed", 429: "Queue full or over quota (see Retry-After)",
         500: "Internal error", 503: "Not ready, draining, or store unavailable",
     }
     return {s: {"model": ErrorResponse, "description": descriptions.get(s, "Error")}

@@ -24,6 +24,7 @@ from server.api.deps import EngineDep, MetricsDep, SettingsDep, TenantDep, get_a
 from server.api.edge import AccessEntry
 from server.api.errors import InvalidRequestError, error_event, error_responses
 from server.api.metrics import ApiMetrics
+from server.api.quotas import Lease, Quotas, check_generation, quotas_for
 from server.api.schemas import MAX_STOP_CHARS, GenerateRequest, GenerateResponse, StreamEvent
 from server.config import Settings
 from server.engine.interface import (
@@ -51,23 +52,21 @@ def _stream_doc() -> dict:
 
 
 def _to_engine_request(body: GenerateRequest, *, engine: EngineClient, settings: Settings,
-                       namespace: str) -> GenerationRequest:
-    """The edge's checks (limits that depend on settings) and tokenization, done once."""
-    if body.max_new_tokens > settings.max_new_tokens_limit:
-        raise InvalidRequestError(f"max_new_tokens {body.max_new_tokens} is above the limit "
-                                  f"{settings.max_new_tokens_limit}")
+                       namespace: str, quotas: Quotas) -> GenerationRequest:
+    """The edge's checks (limits that depend on settings and the tenant's quotas) and
+    tokenization, done once."""
+    check_generation(quotas, max_new_tokens=body.max_new_tokens, input_tokens=None)
     if len(body.stop) > settings.max_stop_strings:
         raise InvalidRequestError(f"{len(body.stop)} stop strings; at most "
                                   f"{settings.max_stop_strings}")
     if any(not s or len(s) > MAX_STOP_CHARS for s in body.stop):
         raise InvalidRequestError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters")
     # A cheap bound before tokenizing: no tokenizer makes fewer tokens than bytes / 64.
-    if len(body.text) > 64 * settings.max_input_tokens:
-        raise InvalidRequestError(f"text is longer than {settings.max_input_tokens} tokens")
+    if len(body.text) > 64 * quotas.max_input_tokens:
+        raise InvalidRequestError(f"text is longer than max_input_tokens="
+                                  f"{quotas.max_input_tokens} tokens")
     prompt_ids = engine.tokenize(body.text)
-    if len(prompt_ids) > settings.max_input_tokens:
-        raise InvalidRequestError(f"text is {len(prompt_ids)} tokens; at most "
-                                  f"{settings.max_input_tokens} (--max-input-tokens)")
+    check_generation(quotas, max_new_tokens=body.max_new_tokens, input_tokens=len(prompt_ids))
     if not prompt_ids and body.adapter_id is None:
         raise InvalidRequestError("text tokenizes to no tokens and no adapter is given")
     params = SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature,
@@ -115,7 +114,7 @@ def _record(result: GenerationResult, metrics: ApiMetrics, access: AccessEntry) 
 
 @router.post(
     "/v1/generate", response_model=GenerateResponse, summary="Generate with an adapter",
-    responses={200: _stream_doc(), **error_responses(401, 404, 422, 429, 500, 503)},
+    responses={200: _stream_doc(), **error_responses(401, 404, 413, 422, 429, 500, 503)},
 )
 async def generate(
     body: GenerateRequest, request: Request, engine: EngineDep,
@@ -124,17 +123,25 @@ async def generate(
 ) -> Any:
     access = get_access(request)
     access.adapter_id, access.stream = body.adapter_id, body.stream
+    manager, quotas = quotas_for(request, namespace)
     engine_request = _to_engine_request(body, engine=engine, settings=settings,
-                                        namespace=namespace)
+                                        namespace=namespace, quotas=quotas)
     access.request_id = engine_request.request_id
+    lease = manager.admit(namespace, quotas)
     if body.stream:
-        return await _start_stream(request, engine, engine_request, metrics, access)
+        try:
+            return await _start_stream(request, engine, engine_request, metrics, access, lease)
+        except BaseException:
+            lease.release()
+            raise
     started = time.perf_counter()
     try:
         result = await _unless_disconnected(request, engine.generate(engine_request))
     except ClientDisconnect:
         await engine.abort(engine_request.request_id)
         raise
+    finally:
+        lease.release()
     engine_ms = (time.perf_counter() - started) * 1000
     _record(result, metrics, access)
     # Server-Timing tells a client how much of its latency was the engine's (benchmarks use it
@@ -145,7 +152,8 @@ async def generate(
 
 
 async def _start_stream(request: Request, engine: EngineClient, engine_request: GenerationRequest,
-                        metrics: ApiMetrics, access: AccessEntry) -> StreamingResponse:
+                        metrics: ApiMetrics, access: AccessEntry,
+                        lease: Lease) -> StreamingResponse:
     """Wait for the first item before answering, so errors before any token (unknown
     adapter, full queue, not ready) still get their real status code."""
     stream = engine.generate_stream(engine_request)
@@ -154,7 +162,7 @@ async def _start_stream(request: Request, engine: EngineClient, engine_request: 
     except BaseException:
         await _close(stream)
         raise
-    events = _events(first, stream, engine_request, metrics, access)
+    events = _events(first, stream, engine_request, metrics, access, lease)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                       "X-Request-Id": engine_request.request_id})
@@ -168,7 +176,7 @@ def _event(adapter_id: str | None, text: str, token_ids: Any, **extra: Any) -> s
 
 async def _events(first: TokenChunk | GenerationResult, stream: AsyncIterator,
                   engine_request: GenerationRequest, metrics: ApiMetrics,
-                  access: AccessEntry) -> AsyncIterator[str]:
+                  access: AccessEntry, lease: Lease) -> AsyncIterator[str]:
     adapter_id = engine_request.adapter_id
     sent_text, sent_ids = "", 0
     failure: str | None = None
@@ -190,6 +198,7 @@ async def _events(first: TokenChunk | GenerationResult, stream: AsyncIterator,
         access.error = type(exc).__name__
         failure = error_event(exc)
     finally:
+        lease.release()
         await _close(stream)
     if failure is not None:
         yield failure

@@ -1,0 +1,129 @@
+"""Per-tenant quotas through HTTP with a real engine, and the QuotaManager's accounting."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from server.api.app import create_app
+from server.api.errors import TooManyRequestsError
+from server.api.quotas import QuotaManager
+from server.config import Settings
+from tests.api.conftest import assert_envelope, started_engine
+from tests.factories import make_adapter
+
+TENANTS = [
+    {"name": "tight", "keys": ["tight-key"],
+     "quotas": {"max_adapters": 1, "max_concurrent_requests": 1, "max_new_tokens": 4,
+                "max_input_tokens": 5}},
+    {"name": "slow", "keys": ["slow-key"], "quotas": {"requests_per_second": 0.5}},
+    {"name": "small", "keys": ["small-key"], "quotas": {"max_stored_bytes": 100}},
+]
+
+
+def _h(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tenant}-key"}
+
+
+@pytest.fixture(scope="module")
+def quota_app(tiny_model_dirs, tmp_path_factory) -> Iterator[tuple]:
+    root = tmp_path_factory.mktemp("quotas")
+    keys = root / "keys.json"
+    keys.write_text(json.dumps({"tenants": TENANTS}))
+    settings, engine, metrics = started_engine(tiny_model_dirs["llama"], root / "store",
+                                               api_keys=keys)
+    adapter = make_adapter(tiny_model_dirs["llama"], root / "adapter", "prompt_tuning",
+                           num_virtual_tokens=3, seed=6)
+    yield create_app(settings, engine, metrics=metrics, manage_engine=False), adapter
+    engine.shutdown(10)
+
+
+@pytest.fixture()
+async def qclient(quota_app):
+    transport = httpx.ASGITransport(app=quota_app[0])
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+        yield c
+
+
+def _files(adapter) -> dict:
+    return {"config": ("adapter_config.json", (adapter / "adapter_config.json").read_bytes()),
+            "weights": ("adapter_model.safetensors",
+                        (adapter / "adapter_model.safetensors").read_bytes())}
+
+
+@pytest.mark.parametrize(("body", "limit"), [
+    ({"text": "hi", "max_new_tokens": 5}, "max_new_tokens=4"),
+    ({"text": "abcdefgh", "max_new_tokens": 2}, "max_input_tokens=5"),
+])
+async def test_request_size_quotas_are_422_naming_the_limit(qclient, body, limit):
+    r = await qclient.post("/v1/generate", headers=_h("tight"), json=body)
+    assert limit in assert_envelope(r, 422, "validation_error")["message"]
+    ok = await qclient.post("/v1/generate", headers=_h("tight"),
+                            json={"text": "hi", "max_new_tokens": 4})
+    assert ok.status_code == 200, ok.text
+
+
+async def test_adapter_count_and_bytes_quotas_are_413(qclient, quota_app):
+    app, adapter = quota_app
+    first = await qclient.post("/v1/adapters", headers=_h("tight"), data={"adapter_id": "one"},
+                               files=_files(adapter))
+    assert first.status_code == 201, first.text
+    second = await qclient.post("/v1/adapters", headers=_h("tight"),
+                                data={"adapter_id": "two"}, files=_files(adapter))
+    assert "max_adapters=1" in assert_envelope(second, 413, "quota_exceeded")["message"]
+    replace = await qclient.post("/v1/adapters", headers=_h("tight"), params={"overwrite": "1"},
+                                 data={"adapter_id": "one"}, files=_files(adapter))
+    assert replace.status_code == 201, replace.text
+    big = await qclient.post("/v1/adapters", headers=_h("small"), data={"adapter_id": "big"},
+                             files=_files(adapter))
+    assert "max_stored_bytes=100" in assert_envelope(big, 413, "quota_exceeded")["message"]
+    listed = await qclient.get("/v1/adapters", headers=_h("small"))
+    assert listed.json()["adapters"] == []  # refused after storing: deleted again
+
+
+async def test_rate_limit_is_429_with_retry_after(qclient):
+    body = {"text": "hi", "max_new_tokens": 1}
+    assert (await qclient.post("/v1/generate", headers=_h("slow"), json=body)).status_code == 200
+    r = await qclient.post("/v1/generate", headers=_h("slow"), json=body)
+    assert "requests_per_second=0.5" in assert_envelope(r, 429, "rate_limited")["message"]
+    assert int(r.headers["retry-after"]) >= 1
+
+
+async def test_concurrency_limit_counts_held_leases_and_frees_them(qclient, quota_app):
+    app, _ = quota_app
+    manager: QuotaManager = app.state.quotas
+    body = {"text": "hi", "max_new_tokens": 2}
+    for stream in (False, True):
+        r = await qclient.post("/v1/generate", headers=_h("tight"), json=body | {"stream": stream})
+        assert r.status_code == 200, r.text
+        assert manager.active("tight") == 0
+    _, quotas = manager, manager.limits("tight", app.state.keyring.table)
+    lease = manager.admit("tight", quotas)  # another request of the tenant in flight
+    try:
+        r = await qclient.post("/v1/generate", headers=_h("tight"), json=body)
+        assert "max_concurrent_requests=1" in assert_envelope(r, 429)["message"]
+        assert r.headers["retry-after"] == "1"
+        other = await qclient.post("/v1/generate", headers=_h("slow"), json=body)
+        assert other.status_code in (200, 429)  # its own bucket, never tight's slot
+        assert "max_concurrent" not in other.text
+    finally:
+        lease.release()
+    assert (await qclient.post("/v1/generate", headers=_h("tight"), json=body)).status_code == 200
+
+
+def test_token_bucket_refills_at_the_rate():
+    manager = QuotaManager(Settings(tenant_requests_per_second=1000.0,
+                                    tenant_max_concurrent_requests=2000))
+    quotas = manager.limits("t", None)
+    leases = [manager.admit("t", quotas) for _ in range(1000)]  # burst = rate
+    for lease in leases:
+        lease.release()
+        lease.release()  # idempotent
+    assert manager.active("t") == 0
+    with pytest.raises(TooManyRequestsError) as exc:
+        for _ in range(50):
+            manager.admit("t", quotas).release()
+    assert 0 < exc.value.retry_after_s <= 0.01
