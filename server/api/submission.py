@@ -1,0 +1,173 @@
+"""The one engine path of every generating route: /v1/generate and the OpenAI routes.
+
+Routes differ only in the shapes they parse and write. Everything else happens here, once:
+the limits that depend on settings and the tenant's quotas, tokenization, admission (rate and
+concurrency lease), then awaiting the engine or streaming from it. A client that goes away is
+noticed while we wait (a task watches for http.disconnect) and its request is aborted in the
+engine, so nothing keeps computing for nobody and the in-flight/queue gauges fall back to zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from starlette.requests import ClientDisconnect
+
+from server.api.deps import get_access
+from server.api.edge import AccessEntry
+from server.api.errors import InvalidRequestError
+from server.api.metrics import ApiMetrics
+from server.api.quotas import Lease, Quotas, check_generation, quotas_for
+from server.api.schemas import MAX_STOP_CHARS
+from server.config import Settings
+from server.engine.interface import (
+    EngineClient,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    TokenChunk,
+)
+
+T = TypeVar("T")
+StreamItem = TokenChunk | GenerationResult
+
+
+def check_params(params: SamplingParams, *, settings: Settings, quotas: Quotas) -> None:
+    """Limits on the sampling parameters (before any tokenizing work is spent)."""
+    check_generation(quotas, max_new_tokens=params.max_new_tokens, input_tokens=None)
+    if len(params.stop) > settings.max_stop_strings:
+        raise InvalidRequestError(f"{len(params.stop)} stop strings; at most "
+                                  f"{settings.max_stop_strings}")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in params.stop):
+        raise InvalidRequestError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters")
+
+
+def tokenize_text(engine: EngineClient, text: str, *, quotas: Quotas,
+                  max_new_tokens: int) -> list[int]:
+    """Text tokenized with the tokenizer's defaults, within the tenant's max_input_tokens."""
+    return tokenize_within(lambda: engine.tokenize(text), chars=len(text), quotas=quotas,
+                           max_new_tokens=max_new_tokens)
+
+
+def tokenize_within(tokenize: Callable[[], list[int]], *, chars: int, quotas: Quotas,
+                    max_new_tokens: int) -> list[int]:
+    """Run `tokenize` on a prompt of `chars` characters, within the tenant's max_input_tokens."""
+    # A cheap bound before tokenizing: no tokenizer makes fewer tokens than bytes / 64.
+    if chars > 64 * quotas.max_input_tokens:
+        raise InvalidRequestError(f"the prompt is longer than max_input_tokens="
+                                  f"{quotas.max_input_tokens} tokens")
+    prompt_ids = tokenize()
+    check_generation(quotas, max_new_tokens=max_new_tokens, input_tokens=len(prompt_ids))
+    return prompt_ids
+
+
+def to_engine_request(prompt_ids: list[int], *, adapter_id: str | None, namespace: str,
+                      params: SamplingParams) -> GenerationRequest:
+    if not prompt_ids and adapter_id is None:
+        raise InvalidRequestError("the prompt tokenizes to no tokens and no adapter is given")
+    return GenerationRequest(request_id=uuid.uuid4().hex, prompt_ids=tuple(prompt_ids),
+                             adapter_id=adapter_id, namespace=namespace, params=params)
+
+
+def admit(request: Request, namespace: str, quotas: Quotas,
+          engine_request: GenerationRequest, *, stream: bool) -> Lease:
+    """Take the tenant's rate token and concurrency slot (429 when over); fill the access log."""
+    access = get_access(request)
+    access.adapter_id, access.stream = engine_request.adapter_id, stream
+    access.request_id = engine_request.request_id
+    manager, _ = quotas_for(request, namespace)
+    return manager.admit(namespace, quotas)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the request body was already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, cancelling it and raising ClientDisconnect if the client leaves."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientDisconnect()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _close(stream: Any) -> None:
+    """Close the engine stream (which aborts it), even from a cancelled task."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with anyio.CancelScope(shield=True):
+            await aclose()
+
+
+def _record(result: GenerationResult, metrics: ApiMetrics, access: AccessEntry) -> None:
+    metrics.observe_result(result)
+    access.prompt_tokens = result.prompt_tokens
+    access.virtual_tokens = result.virtual_tokens
+    access.completion_tokens = result.completion_tokens
+
+
+async def complete(request: Request, engine: EngineClient, engine_request: GenerationRequest,
+                   *, metrics: ApiMetrics, lease: Lease) -> tuple[GenerationResult, float]:
+    """The whole result and the milliseconds the engine took; releases the lease."""
+    started = time.perf_counter()
+    try:
+        result = await _unless_disconnected(request, engine.generate(engine_request))
+    except ClientDisconnect:
+        await engine.abort(engine_request.request_id)
+        raise
+    finally:
+        lease.release()
+    _record(result, metrics, get_access(request))
+    return result, (time.perf_counter() - started) * 1000
+
+
+async def open_stream(request: Request, engine: EngineClient, engine_request: GenerationRequest,
+                      *, metrics: ApiMetrics, lease: Lease) -> AsyncIterator[StreamItem]:
+    """TokenChunks then one GenerationResult. The first item is awaited here, before the
+    route answers, so errors before any token (unknown adapter, full queue, not ready) still
+    get their real status code; later errors raise from the iterator and the route writes
+    them into its stream. Closing or exhausting the iterator releases the lease and aborts
+    whatever is still running."""
+    try:
+        stream = engine.generate_stream(engine_request)
+        try:
+            first = await _unless_disconnected(request, anext(stream))
+        except BaseException:
+            await _close(stream)
+            raise
+    except BaseException:
+        lease.release()
+        raise
+    return _items(first, stream, metrics, get_access(request), lease)
+
+
+async def _items(first: StreamItem, stream: AsyncIterator[StreamItem], metrics: ApiMetrics,
+                 access: AccessEntry, lease: Lease) -> AsyncIterator[StreamItem]:
+    try:
+        item = first
+        while not isinstance(item, GenerationResult):
+            yield item
+            item = await anext(stream)
+        _record(item, metrics, access)
+        yield item
+    except Exception as exc:
+        access.error = type(exc).__name__
+        raise
+    finally:
+        lease.release()
+        await _close(stream)
