@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api import adapters, generate, health
+from server.api import adapters, generate, health, openai_routes
 from server.api.auth import KeyRing
 from server.api.drain import DrainGate
 from server.api.edge import EdgeMiddleware
@@ -67,7 +67,7 @@ def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics 
     install_error_handlers(app)
     app.add_middleware(DrainGate)  # inside the edge: refusals are logged and counted
     app.add_middleware(EdgeMiddleware, metrics=metrics)
-    for module in (generate, adapters, health):
+    for module in (generate, openai_routes, adapters, health):
         app.include_router(module.router)
     return app
 

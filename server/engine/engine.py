@@ -22,6 +22,7 @@ from adapters_store.errors import (
 from adapters_store.records import AdapterRecord, Limits, ModelSpec, validate_adapter_id
 from adapters_store.store import AdapterStore
 from server.config import Settings
+from server.engine.chat import render_chat
 from server.engine.detokenizer import DECODE_KWARGS
 from server.engine.errors import EngineNotReadyError, RequestTooLongError
 from server.engine.interface import (
@@ -169,6 +170,11 @@ class Engine:
 
     def detokenize(self, token_ids: list[int]) -> str:
         return self._model().tokenizer.decode(token_ids, **DECODE_KWARGS)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids of chat messages via the tokenizer's template (server.engine.chat)."""
+        loaded = self._model()
+        return render_chat(loaded.tokenizer, messages, model_name=loaded.info.name)
 
     # ---- generation ----------------------------------------------------------------------------
 

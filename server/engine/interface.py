@@ -97,6 +97,12 @@ class EngineClient(Protocol):
 
     def detokenize(self, token_ids: list[int]) -> str: ...
 
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat messages rendered by the tokenizer's chat template with the generation prompt,
+        as ids (no special tokens added beyond what the template writes). Raises
+        ChatTemplateError (an InvalidRequestError) when there is no template."""
+        ...
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Raises AdapterNotFoundError, QueueFullError, EngineNotReadyError, GenerationError."""
         ...

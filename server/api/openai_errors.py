@@ -1,0 +1,108 @@
+"""OpenAI's error shape for the OpenAI-compatible routes, from the one table in errors.py.
+
+OpenAI clients read `{"error": {"message", "type", "param", "code"}}` and pick their exception
+class by status, so on these routes every error (validation, auth, quotas, unknown model,
+engine) is written that way. The status still comes from errors.ERROR_TABLE, except that 422
+becomes 400: OpenAI has no 422 and its clients raise BadRequestError for invalid arguments.
+The native routes keep the DESIGN envelope; only routes built with OpenAIRoute change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from server.api.errors import INTERNAL, InvalidRequestError, classify, error_response
+from server.engine.errors import AdapterNotFoundError
+
+log = logging.getLogger(__name__)
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+          429: "rate_limit_error"}
+_KEPT_HEADERS = ("retry-after", "www-authenticate")
+
+
+class OpenAIParamError(InvalidRequestError):
+    """A request argument we refuse (unsupported value, bad shape): 400 naming `param`."""
+
+    def __init__(self, message: str, *, param: str | None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class ModelNotFoundError(AdapterNotFoundError):
+    """`model` names neither the served model nor an adapter of the caller's tenant."""
+
+
+def _body(status: int, message: str, *, param: str | None, code: str | None) -> dict:
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def openai_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
+    """(status, body, headers) of exc in OpenAI's shape."""
+    if isinstance(exc, RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
+            f"{e.get('msg', 'invalid')}" for e in exc.errors()) or "invalid request"
+        return 400, _body(400, message, param=".".join(loc) or None,
+                          code="invalid_value"), {}
+    if isinstance(exc, StarletteHTTPException):
+        return exc.status_code, _body(exc.status_code, str(exc.detail), param=None,
+                                      code=None), dict(exc.headers or {})
+    if isinstance(exc, AdapterNotFoundError):
+        return 404, _body(404, str(exc), param="model", code="model_not_found"), {}
+    native = error_response(exc)
+    kind = classify(exc) or INTERNAL
+    status = 400 if native.status_code == 422 else native.status_code
+    if status >= 500:
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+    message = json.loads(native.body)["error"]["message"]
+    param = getattr(exc, "param", None)
+    code = getattr(exc, "code", None) or kind.type
+    headers = {k: v for k, v in native.headers.items() if k in _KEPT_HEADERS}
+    return status, _body(status, message, param=param, code=code), headers
+
+
+def openai_error_response(exc: BaseException) -> JSONResponse:
+    status, body, headers = openai_error(exc)
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def openai_error_event(exc: BaseException) -> str:
+    """An error after a stream started: one `data:` event with the error object."""
+    return f"data: {json.dumps(openai_error(exc)[1])}\n\n"
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose every error, dependencies' and validation's included, is OpenAI-shaped.
+
+    The app-level handlers of errors.py never see these exceptions: they are turned into
+    responses here, inside the route, before they propagate.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ClientDisconnect:
+                raise  # nobody to answer; the edge logs it as 499
+            except Exception as exc:  # every other error, in OpenAI's shape
+                if classify(exc) is None and not isinstance(
+                        exc, RequestValidationError | StarletteHTTPException):
+                    log.exception("unhandled %s on %s", type(exc).__name__, request.url.path)
+                return openai_error_response(exc)
+
+        return handle

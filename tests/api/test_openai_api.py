@@ -1,0 +1,85 @@
+"""OpenAI routes in process: the exact error shape, a model without a chat template, SSE framing,
+and that /v1/generate keeps the DESIGN envelope."""
+
+from __future__ import annotations
+
+import json
+
+from tests.api.conftest import assert_envelope
+
+
+def assert_openai_error(r, status: int, *, param: str | None = None,
+                        code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+    if code is not None:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+async def base_name(client) -> str:
+    return (await client.get("/v1/models")).json()["data"][0]["id"]
+
+
+async def test_chat_without_template_is_400_naming_it(client):
+    r = await client.post("/v1/chat/completions", json={
+        "model": await base_name(client), "messages": [{"role": "user", "content": "hi"}]})
+    error = assert_openai_error(r, 400)
+    assert "chat template" in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+async def test_validation_errors_are_400_in_openai_shape(client):
+    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x",
+                                                   "temperature": -1})
+    assert_openai_error(r, 400, param="temperature")
+    r = await client.post("/v1/completions", json={"model": "m"})
+    assert_openai_error(r, 400, param="prompt")
+    r = await client.post("/v1/completions", json={"model": "m", "prompt": "x",
+                                                   "frobnicate": 1})
+    assert_openai_error(r, 400, param="frobnicate")
+
+
+async def test_token_id_prompts_and_quota_limits_are_400(client):
+    name = await base_name(client)
+    r = await client.post("/v1/completions", json={"model": name, "prompt": [1, 2, 3]})
+    assert_openai_error(r, 400, param="prompt", code="unsupported_parameter")
+    r = await client.post("/v1/completions", json={"model": name, "prompt": "x",
+                                                   "max_tokens": 1000})  # limit is 64 here
+    assert "max_new_tokens" in assert_openai_error(r, 400)["message"]
+
+
+async def test_unknown_model_is_404_model_not_found(client):
+    r = await client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert_openai_error(r, 404, param="model", code="model_not_found")
+
+
+async def test_native_generate_keeps_design_envelope(client):
+    r = await client.post("/v1/generate", json={"adapter_id": "nope", "text": "x"})
+    assert_envelope(r, 404, "adapter_not_found")
+
+
+async def test_completion_stream_framing(client):
+    body = {"model": await base_name(client), "prompt": "hello", "max_tokens": 5,
+            "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [line.removeprefix("data: ") for line in r.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+async def test_openapi_documents_openai_routes(client):
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(paths)
