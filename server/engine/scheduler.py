@@ -27,6 +27,7 @@ from adapters_store.errors import AdapterStoreError
 from adapters_store.store import AdapterStore
 from server.engine import generation
 from server.engine.errors import EngineError, EngineNotReadyError, GenerationError, QueueFullError
+from server.engine.fairness import RoundRobinPolicy
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver
@@ -50,7 +51,7 @@ class BatchPolicy(Protocol):
 
 
 class FifoPolicy:
-    """Oldest first, across tenants."""
+    """Oldest first, across tenants (the default is fairness.RoundRobinPolicy)."""
 
     def select(self, ready: Sequence[Ticket], max_batch_size: int) -> list[Ticket]:
         return sorted(ready, key=lambda t: t.seq)[:max_batch_size]
@@ -70,7 +71,7 @@ class Scheduler:
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._max_queue = max_queue
-        self._policy = policy or FifoPolicy()
+        self._policy = policy or RoundRobinPolicy()  # fair across tenants
         self._cond = threading.Condition()
         self._ready: list[Ticket] = []
         self._loading: dict[tuple[str, str, str], list[Ticket]] = {}
