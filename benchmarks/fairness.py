@@ -1,0 +1,97 @@
+"""Fairness: tenant A keeps a deep backlog queued while tenant B sends 5 requests at a time.
+
+Prints B's median latency with A's flood and on an idle engine, and their ratio (target: within
+2x). Runs the real engine in process (the scheduler is what decides fairness; HTTP adds the same
+constant to both) on builtin:tiny, so it needs no download:
+
+    python benchmarks/fairness.py [--policy round_robin|fifo] [--backlog 200] [--rounds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapters_store.local import LocalAdapterStore  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.fairness import RoundRobinPolicy  # noqa: E402
+from server.engine.interface import GenerationRequest, SamplingParams  # noqa: E402
+from server.engine.scheduler import FifoPolicy  # noqa: E402
+
+POLICIES = {"round_robin": RoundRobinPolicy, "fifo": FifoPolicy}
+
+
+def _request(engine, tenant: str, new_tokens: int) -> GenerationRequest:
+    return GenerationRequest(request_id=uuid.uuid4().hex, adapter_id=None, namespace=tenant,
+                             prompt_ids=tuple(engine.tokenize("Tweet: I love it. Label:")),
+                             params=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+
+
+async def _b_round(engine, new_tokens: int) -> list[float]:
+    """Five concurrent requests of tenant B; each one's latency in seconds."""
+    async def one() -> float:
+        started = time.perf_counter()
+        await engine.generate(_request(engine, "tenant-b", new_tokens))
+        return time.perf_counter() - started
+    return list(await asyncio.gather(*(one() for _ in range(5))))
+
+
+async def _measure(engine, *, backlog: int, rounds: int, new_tokens: int) -> list[float]:
+    stop = asyncio.Event()
+
+    async def flood_worker() -> None:  # each worker keeps one of A's requests queued
+        while not stop.is_set():
+            await engine.generate(_request(engine, "tenant-a", new_tokens))
+
+    workers = [asyncio.create_task(flood_worker()) for _ in range(backlog)]
+    await asyncio.sleep(0.5 if backlog else 0)
+    latencies: list[float] = []
+    for _ in range(rounds):
+        latencies += await _b_round(engine, new_tokens)
+    stop.set()
+    await asyncio.gather(*workers)
+    return latencies
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", choices=sorted(POLICIES), default="round_robin")
+    parser.add_argument("--backlog", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as store:
+        settings = Settings(store=store, device="cpu", dtype="float32",
+                            max_batch_size=args.max_batch_size, max_wait_ms=5)
+        engine = Engine(settings, LocalAdapterStore(store), policy=POLICIES[args.policy]())
+        engine.start()
+        engine.wait_until_ready(300)
+        try:
+            await _measure(engine, backlog=0, rounds=1, new_tokens=args.new_tokens)  # warm-up
+            idle = await _measure(engine, backlog=0, rounds=args.rounds,
+                                  new_tokens=args.new_tokens)
+            loaded = await _measure(engine, backlog=args.backlog, rounds=args.rounds,
+                                    new_tokens=args.new_tokens)
+        finally:
+            await engine.aclose(30)
+    idle_ms, loaded_ms = statistics.median(idle) * 1000, statistics.median(loaded) * 1000
+    print(f"policy={args.policy} backlog(A)={args.backlog} B=5 concurrent x {args.rounds} "
+          f"rounds, max_batch_size={args.max_batch_size}, {args.new_tokens} new tokens")
+    print(f"B median latency idle:         {idle_ms:8.1f} ms")
+    print(f"B median latency with A flood: {loaded_ms:8.1f} ms")
+    ratio = loaded_ms / idle_ms
+    print(f"ratio: {ratio:.2f}x (target <= 2x) -> {'OK' if ratio <= 2 else 'OVER'}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
