@@ -12,6 +12,7 @@ import json
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import ErrorKind, envelope
+from server.api.openai_errors import OPENAI_PATHS, openai_body
 
 DRAINING = ErrorKind(503, "draining")
 _NEW_WORK_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -27,14 +28,17 @@ class DrainGate:
         if (scope["type"] == "http" and scope["method"] in _NEW_WORK_METHODS
                 and scope["path"].startswith("/v1/")
                 and getattr(scope["app"].state, "draining", False)):
-            await _refuse(send)
+            await _refuse(send, scope["path"])
             return
         await self.app(scope, receive, send)
 
 
-async def _refuse(send: Send) -> None:
-    body = json.dumps(envelope(DRAINING, "draining: this replica is shutting down; retry "
-                                         "on another")).encode()
+async def _refuse(send: Send, path: str) -> None:
+    message = "draining: this replica is shutting down; retry on another"
+    # OpenAI clients get OpenAI's error shape on the OpenAI-compatible routes.
+    error = (openai_body(DRAINING.status, message, param=None, code=DRAINING.type)
+             if path.startswith(OPENAI_PATHS) else envelope(DRAINING, message))
+    body = json.dumps(error).encode()
     await send({"type": "http.response.start", "status": DRAINING.status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
           429: "rate_limit_error"}
 _KEPT_HEADERS = ("retry-after", "www-authenticate")
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 
 
 class OpenAIParamError(InvalidRequestError):
@@ -42,7 +43,7 @@ class ModelNotFoundError(AdapterNotFoundError):
     """`model` names neither the served model nor an adapter of the caller's tenant."""
 
 
-def _body(status: int, message: str, *, param: str | None, code: str | None) -> dict:
+def openai_body(status: int, message: str, *, param: str | None, code: str | None) -> dict:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -55,13 +56,13 @@ def openai_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
         message = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
             f"{e.get('msg', 'invalid')}" for e in exc.errors()) or "invalid request"
-        return 400, _body(400, message, param=".".join(loc) or None,
+        return 400, openai_body(400, message, param=".".join(loc) or None,
                           code="invalid_value"), {}
     if isinstance(exc, StarletteHTTPException):
-        return exc.status_code, _body(exc.status_code, str(exc.detail), param=None,
+        return exc.status_code, openai_body(exc.status_code, str(exc.detail), param=None,
                                       code=None), dict(exc.headers or {})
     if isinstance(exc, AdapterNotFoundError):
-        return 404, _body(404, str(exc), param="model", code="model_not_found"), {}
+        return 404, openai_body(404, str(exc), param="model", code="model_not_found"), {}
     native = error_response(exc)
     kind = classify(exc) or INTERNAL
     status = 400 if native.status_code == 422 else native.status_code
@@ -71,7 +72,7 @@ def openai_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     param = getattr(exc, "param", None)
     code = getattr(exc, "code", None) or kind.type
     headers = {k: v for k, v in native.headers.items() if k in _KEPT_HEADERS}
-    return status, _body(status, message, param=param, code=code), headers
+    return status, openai_body(status, message, param=param, code=code), headers
 
 
 def openai_error_response(exc: BaseException) -> JSONResponse:

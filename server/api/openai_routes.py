@@ -180,15 +180,36 @@ def _epoch(iso: str) -> int:
         return 0
 
 
-@router.get("/v1/models", response_model=ModelList, summary="The base model and your adapters",
-            responses=error_responses(401, 500, 503))
-async def list_models(request: Request, engine: EngineDep, namespace: TenantDep) -> Any:
-    info = engine.model_info
+def _base_card(request: Request, engine: EngineClient) -> ModelCard:
+    """`created` is when this app first listed it (the served model has no upload time)."""
     started = getattr(request.app.state, "openai_created", None)
     if started is None:
         started = request.app.state.openai_created = int(time.time())
-    cards = [ModelCard(id=info.name, created=started, owned_by="softprompt-server")]
+    return ModelCard(id=engine.model_info.name, created=started, owned_by="softprompt-server")
+
+
+async def _cards(request: Request, engine: EngineClient, namespace: str) -> list[ModelCard]:
+    """The base model first, then the tenant's adapters by id."""
+    cards = [_base_card(request, engine)]
     cards += [ModelCard(id=r.adapter_id, created=_epoch(r.created_at), owned_by=namespace)
               for r in sorted(await engine.list_adapters(namespace),
                               key=lambda r: r.adapter_id)]
+    return cards
+
+
+@router.get("/v1/models", response_model=ModelList, summary="The base model and your adapters",
+            responses=error_responses(401, 500, 503))
+async def list_models(request: Request, engine: EngineDep, namespace: TenantDep) -> Any:
+    cards = await _cards(request, engine, namespace)
     return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard, summary="One model",
+            responses=error_responses(401, 404, 500, 503))
+async def retrieve_model(model: str, request: Request, engine: EngineDep,
+                         namespace: TenantDep) -> Any:
+    if model == engine.model_info.name:
+        return JSONResponse(_base_card(request, engine).model_dump())
+    record = await engine.get_adapter(namespace, adapter_for(model, engine) or model)
+    return JSONResponse(ModelCard(id=record.adapter_id, created=_epoch(record.created_at),
+                                  owned_by=namespace).model_dump())

@@ -94,10 +94,12 @@ class ChatFormat(CompletionFormat):
         ).model_dump(mode="json")
 
     def _chunk(self, delta: Delta, finish: str | None) -> dict:
-        return ChatCompletionChunk(
+        chunk = ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model,
             choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
         ).model_dump(mode="json", exclude={"usage"})
+        chunk["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # final: {}
+        return chunk
 
     def opening(self) -> list[dict]:
         """OpenAI's first chat chunk names the role, with empty content."""

@@ -83,3 +83,27 @@ async def test_completion_stream_framing(client):
 async def test_openapi_documents_openai_routes(client):
     paths = (await client.get("/openapi.json")).json()["paths"]
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(paths)
+
+
+async def test_draining_refusal_is_openai_shaped(app, client):
+    app.state.draining = True
+    try:
+        r = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+        native = await client.post("/v1/generate", json={"text": "x"})
+    finally:
+        app.state.draining = False
+    assert_openai_error(r, 503, code="draining")
+    assert_envelope(native, 503, "draining")
+
+
+async def test_chat_stream_final_delta_is_empty(app, client, monkeypatch):
+    engine = app.state.engine  # the plain tiny model has no template: render "hi" instead
+    monkeypatch.setattr(engine, "apply_chat_template", lambda messages: engine.tokenize("hi"))
+    r = await client.post("/v1/chat/completions", json={
+        "model": await base_name(client), "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3, "ignore_eos": True, "stream": True})
+    chunks = [json.loads(e.removeprefix("data: ")) for e in r.text.split("\n\n")
+              if e and e != "data: [DONE]"]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
+                                        "finish_reason": "length"}

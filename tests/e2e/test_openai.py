@@ -174,3 +174,10 @@ def test_models_lists_base_and_own_adapters(oai, adapter, base_name):
     assert models[0].id == base_name and models[0].owned_by == "softprompt-server"
     assert adapter in [m.id for m in models]
     assert all(m.object == "model" for m in models)
+
+
+def test_retrieve_model(oai, adapter, base_name):
+    assert oai.models.retrieve(base_name).id == base_name
+    assert oai.models.retrieve(adapter).owned_by == "acme"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("no-such-adapter")
