@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from server.api.errors import AuthError, RequestQuotaError, TooManyRequestsError
+from server.api.openai_errors import openai_error
 from tests.api.conftest import assert_envelope
 
 
@@ -107,3 +109,14 @@ async def test_chat_stream_final_delta_is_empty(app, client, monkeypatch):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
                                         "finish_reason": "length"}
+
+
+def test_quota_refusals_map_to_openai_statuses():
+    status, body, headers = openai_error(TooManyRequestsError("rate limit: x", retry_after_s=2.2))
+    assert (status, body["error"]["type"], headers) == (429, "rate_limit_error",
+                                                        {"retry-after": "3"})
+    status, body, _ = openai_error(RequestQuotaError("max_new_tokens 9 is above the limit"))
+    assert (status, body["error"]["type"]) == (400, "invalid_request_error")
+    status, body, headers = openai_error(AuthError("invalid API key"))
+    assert (status, body["error"]["type"]) == (401, "authentication_error")
+    assert headers == {"www-authenticate": "Bearer"}

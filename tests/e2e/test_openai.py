@@ -6,8 +6,10 @@ tenants with API keys check that `model=` only reaches the caller's own adapters
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +19,7 @@ from transformers import AutoTokenizer
 
 from server.engine.builtin import CHAT_TEMPLATE
 from tests.e2e.conftest import upload
-from tests.e2e.server_process import ServerProcess
+from tests.e2e.server_process import ServerProcess, metric
 
 KEYS = {"acme": "acme-key-0123456789", "beta": "beta-key-0123456789"}
 PROMPT = "Tweet: I love it. Label:"
@@ -181,3 +183,34 @@ def test_retrieve_model(oai, adapter, base_name):
     assert oai.models.retrieve(adapter).owned_by == "acme"
     with pytest.raises(openai.NotFoundError):
         oai.models.retrieve("no-such-adapter")
+
+
+def test_streams_left_midway_are_aborted_and_counted(oai_server, base_name):
+    """Same disconnect handling as /v1/generate: the engine forgets the rows, the tenant's
+    concurrency slots come back, and the route is counted under its own endpoint label."""
+    body = {"model": base_name, "prompt": "leave", "max_tokens": 400, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {KEYS['acme']}"}
+
+    async def open_and_leave(client: httpx.AsyncClient) -> None:
+        async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    break
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=oai_server.url, timeout=60) as client:
+            await asyncio.gather(*(open_and_leave(client) for _ in range(6)))
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 15
+    while True:
+        text = httpx.get(oai_server.url + "/metrics").text
+        if metric(text, "softprompt_in_flight_requests") == 0 \
+                and metric(text, "softprompt_queue_depth") == 0:
+            break
+        assert time.monotonic() < deadline, "aborted streams still in the engine"
+        time.sleep(0.2)
+    assert any(line.startswith("softprompt_requests_total{") and 'endpoint="/v1/completions"'
+               in line for line in text.splitlines())
