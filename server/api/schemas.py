@@ -7,7 +7,7 @@ max_stop_strings, max_input_tokens) are checked in the handlers, which know the 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.engine.interface import FinishReason, GenerationResult
 
@@ -32,6 +32,18 @@ class GenerateRequest(BaseModel):
                             description="Stop strings (at most --max-stop-strings).")
     ignore_eos: bool = Field(False, description="Keep generating to max_new_tokens.")
     stream: bool = Field(False, description="Server-Sent Events instead of one JSON body.")
+
+    @field_validator("text", "stop")
+    @classmethod
+    def _encodable(cls, value: str | list[str]) -> str | list[str]:
+        """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer can encode."""
+        for item in [value] if isinstance(value, str) else value:
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"contains an unpaired surrogate at position {e.start}; "
+                                 "send valid Unicode text") from e
+        return value
 
 
 class Usage(BaseModel):
