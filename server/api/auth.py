@@ -95,6 +95,13 @@ class KeyRing:
         return Principal(tenant=owner, admin=owner is None)
 
 
+def _label(request: Request, tenant: str) -> None:
+    """Name the tenant on the access-log entry (and so on the request metrics)."""
+    access = getattr(request.state, "access", None)
+    if access is not None:
+        access.tenant = tenant
+
+
 def get_principal(request: Request) -> Principal:
     """The caller; single-tenant mode (no --api-keys) makes everyone tenant 'default'."""
     keyring: KeyRing | None = request.app.state.keyring
@@ -102,7 +109,7 @@ def get_principal(request: Request) -> Principal:
         principal = Principal(tenant=DEFAULT_TENANT)
     else:
         principal = keyring.authenticate(request.headers.get("authorization"))
-    request.state.tenant = principal.tenant or "admin"
+    _label(request, principal.tenant or "admin")
     return principal
 
 
@@ -115,7 +122,7 @@ def _admin_target(request: Request, tenant: str) -> str:
     keyring: KeyRing | None = request.app.state.keyring
     if keyring is not None and tenant not in keyring.table.tenants:
         raise InvalidRequestError(f"no tenant named {tenant!r} in --api-keys")
-    request.state.tenant = tenant
+    _label(request, tenant)
     return tenant
 
 

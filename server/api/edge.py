@@ -38,6 +38,7 @@ class AccessEntry:
     completion_tokens: int | None = None
     stream: bool | None = None
     error: str | None = None  # exception type of a failure
+    tenant: str | None = None  # set by auth; the metrics label (bounded by the keys file)
 
 
 class EdgeMiddleware:
@@ -80,7 +81,8 @@ class EdgeMiddleware:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             self.metrics.observe_request(endpoint=endpoint, method=entry.method,
-                                         status=entry.status or 499, seconds=seconds)
+                                         status=entry.status or 499, seconds=seconds,
+                                         tenant=entry.tenant or "unauthenticated")
             access_log.info("%s", json.dumps(
                 {k: v for k, v in asdict(entry).items() if v is not None}))
 

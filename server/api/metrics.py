@@ -73,8 +73,10 @@ class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(PREFIX + "requests", "HTTP requests by endpoint and status.",
-                                ["endpoint", "method", "status"], registry=r)
+        # tenant: a configured tenant, "default" (no --api-keys), "admin" or "unauthenticated";
+        # bounded by the keys file. Never an adapter id (unbounded).
+        self.requests = Counter(PREFIX + "requests", "HTTP requests by endpoint, status and "
+                                "tenant.", ["endpoint", "method", "status", "tenant"], registry=r)
         self.request_duration = Histogram(
             PREFIX + "request_duration_seconds", "HTTP request duration (streams: to the end).",
             ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -85,11 +87,11 @@ class ApiMetrics:
                                     "Submit to the request's batch starting.",
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished "
-                                     "requests.", registry=r)
+                                     "requests.", ["tenant"], registry=r)
         self.virtual_tokens = Counter(PREFIX + "virtual_tokens", "Virtual (soft prompt) tokens "
-                                      "of finished requests.", registry=r)
+                                      "of finished requests.", ["tenant"], registry=r)
         self.generated_tokens = Counter(PREFIX + "generated_tokens", "Completion tokens of "
-                                        "finished requests.", registry=r)
+                                        "finished requests.", ["tenant"], registry=r)
         self.batch_size = Histogram(PREFIX + "batch_size", "Requests per model batch.",
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.batch_adapters = Histogram(PREFIX + "batch_distinct_adapters",
@@ -114,14 +116,16 @@ class ApiMetrics:
 
     # ---- recorded by the HTTP layer -----------------------------------------------------------
 
-    def observe_request(self, *, endpoint: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()
+    def observe_request(self, *, endpoint: str, method: str, status: int, seconds: float,
+                        tenant: str = "unauthenticated") -> None:
+        self.requests.labels(endpoint=endpoint, method=method, status=str(status),
+                             tenant=tenant).inc()
         self.request_duration.labels(endpoint=endpoint).observe(seconds)
 
-    def observe_result(self, result: GenerationResult) -> None:
-        self.prompt_tokens.inc(result.prompt_tokens)
-        self.virtual_tokens.inc(result.virtual_tokens)
-        self.generated_tokens.inc(result.completion_tokens)
+    def observe_result(self, result: GenerationResult, *, tenant: str = "default") -> None:
+        self.prompt_tokens.labels(tenant=tenant).inc(result.prompt_tokens)
+        self.virtual_tokens.labels(tenant=tenant).inc(result.virtual_tokens)
+        self.generated_tokens.labels(tenant=tenant).inc(result.completion_tokens)
 
     # ---- EngineObserver (called from engine threads; prometheus_client is thread-safe) -------
 

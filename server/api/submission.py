@@ -115,7 +115,7 @@ async def _close(stream: Any) -> None:
 
 
 def _record(result: GenerationResult, metrics: ApiMetrics, access: AccessEntry) -> None:
-    metrics.observe_result(result)
+    metrics.observe_result(result, tenant=access.tenant or "default")
     access.prompt_tokens = result.prompt_tokens
     access.virtual_tokens = result.virtual_tokens
     access.completion_tokens = result.completion_tokens

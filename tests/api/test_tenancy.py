@@ -138,6 +138,23 @@ async def test_health_and_metrics_need_no_key(tclient):
         assert (await tclient.get(path)).status_code == 200, path
 
 
+async def test_request_and_token_metrics_carry_the_tenant_label(tclient):
+    from tests.e2e.server_process import metric
+
+    await tclient.get("/v1/adapters", headers=_auth("wrong"))
+    r = await tclient.post("/v1/generate", headers=_auth("beta"),
+                           json={"text": "count me", "max_new_tokens": 2})
+    assert r.status_code == 200, r.text
+    text = (await tclient.get("/metrics")).text
+    assert metric(text, "softprompt_generated_tokens_total", {"tenant": "beta"}) >= 2
+    assert metric(text, "softprompt_requests_total", {
+        "endpoint": "/v1/generate", "method": "POST", "status": "200", "tenant": "beta"}) >= 1
+    assert metric(text, "softprompt_requests_total", {
+        "endpoint": "/v1/adapters", "method": "GET", "status": "401",
+        "tenant": "unauthenticated"}) >= 1
+    assert "owned" not in text  # no adapter-id label
+
+
 async def test_keys_file_reloads_on_mtime_and_keeps_old_keys_when_broken(tclient, tenancy):
     app, _, keys = tenancy
     new = {"Authorization": "Bearer gamma-key"}

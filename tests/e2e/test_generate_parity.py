@@ -85,9 +85,10 @@ def test_generated_tokens_counter_rises_by_completion_tokens(client):
         assert r.status_code == 200
         total += r.json()["usage"]["completion_tokens"]
     after = client.get("/metrics").text
-    assert (metric(after, "softprompt_generated_tokens_total")
-            - metric(before, "softprompt_generated_tokens_total")) == total
-    labels = {"endpoint": "/v1/generate", "method": "POST", "status": "200"}
+    tenant = {"tenant": "default"}  # single-tenant mode
+    assert (metric(after, "softprompt_generated_tokens_total", tenant)
+            - metric(before, "softprompt_generated_tokens_total", tenant)) == total
+    labels = {"endpoint": "/v1/generate", "method": "POST", "status": "200"} | tenant
     assert (metric(after, "softprompt_requests_total", labels)
             - metric(before, "softprompt_requests_total", labels)) == 3
     assert (metric(after, "softprompt_batch_size_count")
