@@ -10,6 +10,7 @@ SIGINT forces an immediate exit, as in plain uvicorn.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
@@ -60,7 +61,13 @@ class DrainingServer(uvicorn.Server):
             return True
         if time.monotonic() >= self._drain_deadline:
             self.drain_expired = True
+            self._app.state.drain_expired = True
             log.warning("drain timeout (%.1f s) reached with %d request(s) in flight; "
                         "aborting them", self._drain_timeout_s, self._busy())
+            # Stop the engine now: the rows still queued or running fail with 503 instead of
+            # finishing inside uvicorn's own shutdown grace, so the deadline really is one.
+            shutdown = getattr(self._app.state.engine, "shutdown", None)
+            if shutdown is not None:
+                await asyncio.to_thread(shutdown, 0.0)
             return True
         return False

@@ -51,7 +51,10 @@ def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics 
             app.state.draining = True
             aclose = getattr(engine, "aclose", None)
             if manage_engine and aclose is not None:
-                await aclose()
+                # Past an expired drain the grace period is spent: abort what is left at once,
+                # or the pod overruns terminationGracePeriodSeconds and is killed mid-write.
+                expired = getattr(app.state, "drain_expired", False)
+                await aclose(timeout=0.0 if expired else settings.drain_timeout_s)
 
     app = FastAPI(title="softprompt-server", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan)
@@ -59,6 +62,7 @@ def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics 
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.draining = False
+    app.state.drain_expired = False
     app.state.quotas = QuotaManager(settings)
     app.state.keyring = KeyRing(settings.api_keys) if settings.api_keys is not None else None
     if app.state.keyring is None:
