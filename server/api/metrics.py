@@ -97,6 +97,10 @@ class ApiMetrics:
         self.batch_adapters = Histogram(PREFIX + "batch_distinct_adapters",
                                         "Distinct adapters per model batch.",
                                         buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_row_steps = Counter(
+            PREFIX + "batch_row_steps", "Row-steps of model batches: kind=generated produced a "
+            "token, kind=padding was spent on a row that had already finished (static "
+            "batching runs every row to the batch's longest).", ["kind"], registry=r)
         self.cache_events = {
             CacheEvent.HIT: Counter(PREFIX + "prompt_cache_hits", "Prompt cache hits.",
                                     registry=r),
@@ -132,6 +136,10 @@ class ApiMetrics:
     def batch_started(self, *, size: int, distinct_adapters: int) -> None:
         self.batch_size.observe(size)
         self.batch_adapters.observe(distinct_adapters)
+
+    def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
+        self.batch_row_steps.labels(kind="generated").inc(generated_tokens)
+        self.batch_row_steps.labels(kind="padding").inc(max(0, size * steps - generated_tokens))
 
     def queue_wait(self, seconds: float) -> None:
         self._queue_wait.observe(seconds)

@@ -16,6 +16,11 @@ class CacheEvent(StrEnum):
 class EngineObserver(Protocol):
     def batch_started(self, *, size: int, distinct_adapters: int) -> None: ...
 
+    def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
+        """A batch ran `steps` decode steps for `size` rows; rows that finished early sat
+        idle for the rest (static batching), so size * steps - generated_tokens is waste."""
+        ...
+
     def queue_wait(self, seconds: float) -> None:
         """Time from submit to the request's batch starting."""
         ...
@@ -35,6 +40,9 @@ class NullObserver:
     """Default when nobody listens."""
 
     def batch_started(self, *, size: int, distinct_adapters: int) -> None:
+        pass
+
+    def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
         pass
 
     def queue_wait(self, seconds: float) -> None:

@@ -265,6 +265,9 @@ class Scheduler:
         finally:
             elapsed = time.monotonic() - started
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+        generated = [len(out.token_ids) for out in outputs if not out.aborted]
+        self._observer.batch_finished(size=len(batch), steps=max(generated, default=0),
+                                      generated_tokens=sum(generated))
         for ticket, out in zip(batch, outputs, strict=True):
             if out.aborted:
                 self.abort(ticket)

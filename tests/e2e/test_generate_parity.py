@@ -93,6 +93,10 @@ def test_generated_tokens_counter_rises_by_completion_tokens(client):
             - metric(before, "softprompt_requests_total", labels)) == 3
     assert (metric(after, "softprompt_batch_size_count")
             > metric(before, "softprompt_batch_size_count"))
+    steps = "softprompt_batch_row_steps_total"  # one request per batch here: no padding
+    assert (metric(after, steps, {"kind": "generated"})
+            - metric(before, steps, {"kind": "generated"})) == total
+    assert metric(after, steps, {"kind": "padding"}) == metric(before, steps, {"kind": "padding"})
     info = [line for line in after.splitlines() if line.startswith("softprompt_model_info{")]
     assert len(info) == 1 and 'architecture="LlamaForCausalLM"' in info[0]
     assert 'adapter_id="' not in after and "par-" not in after  # no adapter-id labels

@@ -39,6 +39,10 @@ class RecordingObserver(NullObserver):
         self.loads = 0
         self.first_tokens = 0
         self.queue_waits = 0
+        self.finished: list[tuple[int, int, int]] = []
+
+    def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
+        self.finished.append((size, steps, generated_tokens))
 
     def batch_started(self, *, size: int, distinct_adapters: int) -> None:
         self.batches.append((size, distinct_adapters))
@@ -134,6 +138,18 @@ async def test_concurrent_mixed_requests_equal_peft_alone(engine, tiny_model_dir
     sizes = engine._observer.batches
     assert sum(s for s, _ in sizes) == len(cases)
     assert max(s for s, _ in sizes) > 1 and max(d for _, d in sizes) > 1  # batches mix
+
+
+async def test_batch_finished_reports_steps_and_padding_of_mixed_lengths(engine) -> None:
+    """Rows asking 2, 5 and 9 tokens share one batch: 9 steps for 3 rows, 16 tokens made."""
+    observer = engine._observer
+    lengths = (2, 5, 9)
+    results = await asyncio.gather(*(
+        engine.generate(request(engine, "Hi!", None, max_new_tokens=n, ignore_eos=True))
+        for n in lengths))
+    assert [r.completion_tokens for r in results] == list(lengths)
+    assert observer.batches[-1][0] == 3  # max_wait_ms=200: one batch
+    assert observer.finished[-1] == (3, 9, 16)
 
 
 async def test_seq2seq_uses_only_the_encoder_half_of_the_stored_prompt(tiny_model_dirs,
