@@ -45,7 +45,7 @@ async def _b_round(engine, new_tokens: int) -> list[float]:
     return list(await asyncio.gather(*(one() for _ in range(5))))
 
 
-async def _measure(engine, *, backlog: int, rounds: int, new_tokens: int) -> list[float]:
+async def measure(engine, *, backlog: int, rounds: int, new_tokens: int) -> list[float]:
     stop = asyncio.Event()
 
     async def flood_worker() -> None:  # each worker keeps one of A's requests queued
@@ -62,6 +62,30 @@ async def _measure(engine, *, backlog: int, rounds: int, new_tokens: int) -> lis
     return latencies
 
 
+async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, rounds: int = 6,
+                       new_tokens: int = 8, max_batch_size: int = 32) -> dict:
+    """B's latencies idle and under A's flood on one engine; the harness reports this dict."""
+    with tempfile.TemporaryDirectory() as store:
+        settings = Settings(store=store, device="cpu", dtype="float32",
+                            max_batch_size=max_batch_size, max_wait_ms=5)
+        engine = Engine(settings, LocalAdapterStore(store), policy=POLICIES[policy]())
+        engine.start()
+        engine.wait_until_ready(300)
+        try:
+            await measure(engine, backlog=0, rounds=1, new_tokens=new_tokens)  # warm-up
+            idle = await measure(engine, backlog=0, rounds=rounds, new_tokens=new_tokens)
+            loaded = await measure(engine, backlog=backlog, rounds=rounds,
+                                   new_tokens=new_tokens)
+        finally:
+            await engine.aclose(30)
+    idle_ms, loaded_ms = statistics.median(idle) * 1000, statistics.median(loaded) * 1000
+    return {"policy": policy, "backlog_a": backlog, "b_concurrent": 5, "rounds": rounds,
+            "max_batch_size": max_batch_size, "new_tokens": new_tokens,
+            "b_idle_ms": {"p50": idle_ms, "max": max(idle) * 1000},
+            "b_loaded_ms": {"p50": loaded_ms, "max": max(loaded) * 1000},
+            "ratio": loaded_ms / idle_ms, "target": "<= 2x"}
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", choices=sorted(POLICIES), default="round_robin")
@@ -70,27 +94,13 @@ async def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=32)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as store:
-        settings = Settings(store=store, device="cpu", dtype="float32",
-                            max_batch_size=args.max_batch_size, max_wait_ms=5)
-        engine = Engine(settings, LocalAdapterStore(store), policy=POLICIES[args.policy]())
-        engine.start()
-        engine.wait_until_ready(300)
-        try:
-            await _measure(engine, backlog=0, rounds=1, new_tokens=args.new_tokens)  # warm-up
-            idle = await _measure(engine, backlog=0, rounds=args.rounds,
-                                  new_tokens=args.new_tokens)
-            loaded = await _measure(engine, backlog=args.backlog, rounds=args.rounds,
-                                    new_tokens=args.new_tokens)
-        finally:
-            await engine.aclose(30)
-    idle_ms, loaded_ms = statistics.median(idle) * 1000, statistics.median(loaded) * 1000
+    r = await run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
+                           new_tokens=args.new_tokens, max_batch_size=args.max_batch_size)
     print(f"policy={args.policy} backlog(A)={args.backlog} B=5 concurrent x {args.rounds} "
           f"rounds, max_batch_size={args.max_batch_size}, {args.new_tokens} new tokens")
-    print(f"B median latency idle:         {idle_ms:8.1f} ms")
-    print(f"B median latency with A flood: {loaded_ms:8.1f} ms")
-    ratio = loaded_ms / idle_ms
-    print(f"ratio: {ratio:.2f}x (target <= 2x) -> {'OK' if ratio <= 2 else 'OVER'}")
+    print(f"B median latency idle:         {r['b_idle_ms']['p50']:8.1f} ms")
+    print(f"B median latency with A flood: {r['b_loaded_ms']['p50']:8.1f} ms")
+    print(f"ratio: {r['ratio']:.2f}x (target <= 2x) -> {'OK' if r['ratio'] <= 2 else 'OVER'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The benchmark harness: named workloads, each measured against its baselines in one run."""

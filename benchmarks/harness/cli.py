@@ -1,0 +1,236 @@
+"""`python -m benchmarks <workload>`: run one named workload against its baselines, side by side.
+
+Prints a table (tokens/s, requests/s, p50/p99 latency and time to first token per system, then
+each server system's throughput ratio against each baseline) and writes the same as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.harness import fixtures
+from benchmarks.harness.results import Run, SystemResult, print_table, report, write_json
+from benchmarks.harness.workloads import SCENARIOS, WORKLOADS, Workload
+
+MODES = ("engine", "http")
+BASELINES = ("plain", "peft-sequential", "peft-batched")
+LABELS = {"engine": "engine (in process)", "http": "HTTP server, concurrent clients",
+          "plain": "plain HF generate, no adapters", "peft-sequential": "PEFT one at a time",
+          "peft-batched": "PEFT batched, single adapter"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("workload", choices=[*WORKLOADS, *SCENARIOS, "list"],
+                   help="what to run; 'list' prints the workloads")
+    p.add_argument("--modes", default="engine,http",
+                   help="server systems to measure: engine, http or both (default both)")
+    p.add_argument("--baselines", default=None,
+                   help="comma-separated subset of plain,peft-sequential,peft-batched "
+                        "(default: the workload's)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per system, interleaved; the best is reported "
+                        "(default 2; 1 for many-adapters, whose first run is the cold one)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="where to write the JSON (default benchmarks/results/<workload>.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--max-wait-ms", type=float, default=50.0,
+                   help="server's --max-wait-ms (default 50)")
+    p.add_argument("--overhead-requests", type=int, default=0,
+                   help="also measure the HTTP layer's overhead with N sequential 1-token "
+                        "requests (default 0: skip)")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="keep the model and store here instead of a temp dir")
+    over = p.add_argument_group("overrides (the run is then marked as not the reference "
+                                "workload)")
+    for name, kind in (("device", str), ("dtype", str), ("requests", int), ("adapters", int),
+                       ("new_tokens", int), ("new_tokens_max", int), ("prompt_tokens", int),
+                       ("max_batch_size", int), ("peft_sample", int), ("layers", int),
+                       ("cache_adapters", int)):
+        over.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    fair = p.add_argument_group("fairness")
+    fair.add_argument("--policy", choices=("round_robin", "fifo"), default="round_robin")
+    fair.add_argument("--backlog", type=int, default=200)
+    fair.add_argument("--rounds", type=int, default=6)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workload == "list":
+        for w in WORKLOADS.values():
+            print(f"{w.name:<15} {w.description}")
+        print(f"{'fairness':<15} tenant A keeps 200 requests queued, tenant B sends 5 at a time: "
+              "B's median latency against an idle server (builtin:tiny, engine in process)")
+        return 0
+    out = args.json or Path(__file__).resolve().parents[1] / "results" / f"{args.workload}.json"
+    result = _fairness(args) if args.workload == "fairness" else _workload(args)
+    write_json(result, out)
+    print(f"\nJSON: {out}")
+    return 0
+
+
+def _fairness(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.fairness import run_fairness
+    from benchmarks.harness.results import environment
+
+    r = asyncio.run(run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds))
+    env = environment()
+    print(f"\nfairness ({args.policy}): {env['date']}, commit {env['commit']}")
+    print(f"  B p50 idle {r['b_idle_ms']['p50']:.1f} ms, with A's backlog of {args.backlog} "
+          f"{r['b_loaded_ms']['p50']:.1f} ms: ratio {r['ratio']:.2f}x (target <= 2x)")
+    return {"workload": {"name": "fairness"}, "environment": env, "result": r}
+
+
+def _workload(args: argparse.Namespace) -> dict[str, Any]:
+    base = WORKLOADS[args.workload]
+    changes = {k: getattr(args, k) for k in ("device", "dtype", "requests", "adapters",
+                                              "new_tokens", "new_tokens_max", "prompt_tokens",
+                                              "max_batch_size", "peft_sample", "cache_adapters")}
+    overrides = {k: v for k, v in changes.items() if v is not None}
+    w = base.with_overrides(**changes)
+    if args.layers is not None:
+        overrides["layers"] = args.layers
+        w = dataclasses.replace(w, shape=dataclasses.replace(w.shape, layers=args.layers))
+    if w.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{w.name} runs on CUDA and this machine has none; pass --device cpu "
+                         "(and a smaller --layers/--requests) to try the code path here")
+    modes = [m for m in args.modes.split(",") if m]
+    baselines = args.baselines.split(",") if args.baselines is not None else list(w.baselines)
+    unknown = sorted(set(modes) - set(MODES)) + sorted(set(baselines) - set(BASELINES) - {""})
+    if unknown:
+        raise SystemExit(f"unknown system(s): {', '.join(unknown)}")
+    repeats = args.repeats or (1 if w.zipf_s is not None else 2)
+    with tempfile.TemporaryDirectory(prefix="softprompt-bench-") as tmp:
+        work = args.work_dir or Path(tmp)
+        return _measure(w, work, modes, [b for b in baselines if b], repeats, args, overrides)
+
+
+def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], repeats: int,
+             args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.harness.baselines import Baselines
+    from benchmarks.harness.engine_runner import EngineRunner, settings_for
+    from benchmarks.harness.http_runner import HttpRunner
+
+    say = _say(args)
+    model_dir = work / "model"
+    if not (model_dir / "config.json").exists():
+        say(f"building a random {w.shape.arch} model, {w.shape.params() / 1e9:.2f}B params, "
+            f"{w.dtype} ...")
+        fixtures.build_model(w.shape, model_dir, dtype=w.dtype, device=w.device)
+    store_dir = work / "store"
+    with tqdm(total=w.adapters, desc="storing adapters", disable=args.no_progress,
+              file=sys.stderr, leave=False) as bar:
+        fixtures.populate_store(w, store_dir, progress=bar)
+    requests = fixtures.make_requests(w)
+    settings = settings_for(w, model_dir, store_dir, args.max_wait_ms)
+    warm_adapters = w.zipf_s is None  # many-adapters measures the cold cache too
+
+    runners: dict[str, Any] = {}
+    systems: list[SystemResult] = []
+    try:
+        if "engine" in modes:
+            say("starting the engine ...")
+            runners["engine"] = EngineRunner(settings, requests)
+        if "http" in modes:
+            say("starting the server ...")
+            runners["http"] = HttpRunner(settings, requests, work / "server.log")
+        for name in runners:
+            systems.append(SystemResult(name, "server", LABELS[name]))
+        if baselines:
+            say("loading the baselines' model ...")
+            base = Baselines(w, model_dir, work / "peft-adapters", requests)
+            for name in baselines:
+                runners[name] = _BaselineRunner(base.runner(name))
+                systems.append(SystemResult(name, "baseline", LABELS[name]))
+        say("warming up ...")
+        for runner in runners.values():
+            runner.warm_up(with_adapters=warm_adapters)
+        for k in range(repeats):  # interleaved: a burst of outside load hits all alike
+            for s in systems:
+                s.runs.append(_timed(runners[s.name], s.label, k, repeats, len(requests), w,
+                                     args.no_progress))
+        extra = _extras(w, systems)
+        if args.overhead_requests and "http" in runners:
+            say("measuring the HTTP layer's overhead ...")
+            extra["http_overhead"] = runners["http"].overhead(args.overhead_requests)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    result = report(w.to_json(), systems, extra=extra, overrides=overrides)
+    print_table(result)
+    return result
+
+
+class _BaselineRunner:
+    def __init__(self, run: Callable[[Callable[[int], None]], Run]) -> None:
+        self._run = run
+
+    def warm_up(self, *, with_adapters: bool) -> None:
+        self._run(lambda _: None)  # allocations; PEFT loads its adapters here
+
+    def run(self, tick: Callable[[int], None]) -> Run:
+        return self._run(tick)
+
+    def close(self) -> None:
+        pass
+
+
+def _timed(runner: Any, label: str, k: int, repeats: int, total: int, w: Workload,
+           quiet: bool) -> Run:
+    if w.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with tqdm(total=total, desc=f"{label} ({k + 1}/{repeats})", disable=quiet,
+              file=sys.stderr, leave=False) as bar:
+        run = runner.run(bar.update)
+    if w.device == "cuda":  # the in-process systems only (the HTTP server is another process)
+        run.extra["peak_cuda_mib_in_process"] = torch.cuda.max_memory_allocated() / 2**20
+    return run
+
+
+def _extras(w: Workload, systems: list[SystemResult]) -> dict[str, Any]:
+    """Workload-specific figures: cache behaviour, static-batching waste."""
+    extra: dict[str, Any] = {}
+    by = {s.name: s for s in systems if s.runs}
+    if "engine" in by:
+        e = by["engine"].best.extra
+        if w.zipf_s is not None:
+            first = by["engine"].runs[0].extra  # the cold run
+            extra["engine_prompt_cache_first_run"] = first["prompt_cache"]
+            extra["engine_cold_loads_first_run"] = {"count": first["cold_loads"],
+                                                    "ms": first["cold_load_ms"]}
+            extra["distinct_adapters_requested"] = len({r for r in _adapters(w)})
+        if w.new_tokens_max is not None:
+            extra["engine_wasted_row_steps_pct"] = round(e["wasted_row_steps_pct"], 1)
+        extra["engine_batches"] = e["batches"]
+    if w.new_tokens_max is not None and "plain" in by:
+        extra["plain_wasted_row_steps_pct"] = round(by["plain"].best.extra[
+            "wasted_row_steps_pct"], 1)
+    return extra
+
+
+def _adapters(w: Workload) -> list[int | None]:
+    return [r.adapter for r in fixtures.make_requests(w)]
+
+
+def _say(args: argparse.Namespace) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+    return say
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())

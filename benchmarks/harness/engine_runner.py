@@ -1,0 +1,141 @@
+"""The engine in process: every request submitted at t=0, as concurrent asyncio tasks.
+
+Requests use Engine.generate (what /v1/generate without streaming does); time to first token is
+the engine's own measurement (submit to first token), as exported in its metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from adapters_store import LocalAdapterStore
+from benchmarks.harness.fixtures import NAMESPACE, RequestSpec, dtype_of
+from benchmarks.harness.results import Run
+from benchmarks.harness.workloads import Workload
+from server.config import Settings
+from server.engine import Engine
+from server.engine.interface import GenerationRequest, SamplingParams
+from server.engine.observer import CacheEvent, NullObserver
+
+_ids = itertools.count()
+
+
+class Recorder(NullObserver):
+    """What the engine reports: cache events, cold loads, batch shapes. Engine threads write."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.cache = {e: 0 for e in CacheEvent}
+            self.loads: list[float] = []
+            self.batch_sizes: list[int] = []
+            self.row_steps = 0
+            self.generated = 0
+            self.first_tokens: list[float] = []  # submit to first token, per request
+
+    def cache_event(self, event: CacheEvent) -> None:
+        with self._lock:
+            self.cache[CacheEvent(event)] += 1
+
+    def adapter_loaded(self, seconds: float) -> None:
+        with self._lock:
+            self.loads.append(seconds)
+
+    def first_token(self, seconds: float) -> None:
+        with self._lock:
+            self.first_tokens.append(seconds)
+
+    def batch_started(self, *, size: int, distinct_adapters: int) -> None:
+        with self._lock:
+            self.batch_sizes.append(size)
+
+    def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
+        with self._lock:
+            self.row_steps += size * steps
+            self.generated += generated_tokens
+
+
+def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
+                 max_wait_ms: float) -> Settings:
+    """The same settings for the in-process engine and the HTTP server."""
+    cache_bytes = 1 << 30
+    if workload.cache_adapters is not None:
+        element = dtype_of(workload.dtype).itemsize
+        cache_bytes = workload.cache_adapters * workload.virtual_tokens * workload.shape.hidden \
+            * element
+    return Settings(model=str(model_dir), store=str(store_dir), device=workload.device,
+                    dtype=workload.dtype, max_batch_size=workload.max_batch_size,
+                    max_wait_ms=max_wait_ms, max_queue=max(1024, 2 * workload.requests),
+                    prompt_cache_bytes=cache_bytes,
+                    tenant_max_concurrent_requests=max(256, 2 * workload.requests),
+                    max_virtual_tokens=max(512, workload.virtual_tokens))
+
+
+class EngineRunner:
+    def __init__(self, settings: Settings, requests: list[RequestSpec]) -> None:
+        self.requests = requests
+        self.recorder = Recorder()
+        self.loop = asyncio.new_event_loop()
+        self.engine = Engine(settings, LocalAdapterStore(settings.store), observer=self.recorder)
+        self.engine.start()
+        self.engine.wait_until_ready(1800)
+
+    def warm_up(self, *, with_adapters: bool) -> None:
+        """Compile/allocate once; with_adapters also makes every adapter used resident."""
+        reqs = self.requests if with_adapters else [
+            RequestSpec(r.index, None, r.prompt_ids, 2) for r in self.requests[:8]]
+        self.loop.run_until_complete(self._round(reqs, lambda _: None))
+
+    def run(self, tick: Callable[[int], None]) -> Run:
+        self.recorder.reset()
+        return self.loop.run_until_complete(self._round(self.requests, tick))
+
+    async def _round(self, requests: list[RequestSpec], tick: Callable[[int], None]) -> Run:
+        latencies: list[float] = [0.0] * len(requests)
+        t0 = time.perf_counter()
+
+        async def one(k: int, spec: RequestSpec) -> int:
+            req = GenerationRequest(
+                request_id=f"bench-{next(_ids)}", prompt_ids=spec.prompt_ids,
+                adapter_id=spec.adapter_id, namespace=NAMESPACE,
+                params=SamplingParams(max_new_tokens=spec.new_tokens, ignore_eos=True))
+            result = await self.engine.generate(req)
+            latencies[k] = time.perf_counter() - t0
+            tick(1)
+            assert result.completion_tokens == spec.new_tokens, result
+            return spec.new_tokens
+
+        tokens = sum(await asyncio.gather(*(one(k, s) for k, s in enumerate(requests))))
+        seconds = time.perf_counter() - t0
+        rec = self.recorder
+        hits, misses = rec.cache[CacheEvent.HIT], rec.cache[CacheEvent.MISS]
+        extra = {
+            "batches": len(rec.batch_sizes),
+            "mean_batch_size": sum(rec.batch_sizes) / max(1, len(rec.batch_sizes)),
+            "wasted_row_steps_pct": 100 * (1 - rec.generated / rec.row_steps)
+            if rec.row_steps else 0.0,
+            "prompt_cache": {"hits": hits, "misses": misses,
+                             "evictions": rec.cache[CacheEvent.EVICTION],
+                             "hit_rate": hits / (hits + misses) if hits + misses else None},
+            "cold_loads": len(rec.loads),
+            "cold_load_ms": {"p50": _pct(rec.loads, 50), "p99": _pct(rec.loads, 99)},
+        }
+        return Run(seconds=seconds, tokens=tokens, requests=len(requests),
+                   latencies_s=latencies, ttft_s=list(rec.first_tokens), extra=extra)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.aclose(60))
+        self.loop.close()
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    from benchmarks.harness.results import percentile
+
+    return percentile(values, q) * 1000 if values else None

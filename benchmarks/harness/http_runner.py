@@ -1,0 +1,108 @@
+"""The real server (`python -m server serve`, a subprocess on loopback) under concurrent load.
+
+Every request is its own client connection, all started at t=0, streaming (Server-Sent Events)
+so the time to first token is what a client sees. The server shares the engine runner's store
+directory and settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from benchmarks.harness.fixtures import RequestSpec
+from benchmarks.harness.results import Run
+from server.config import Settings
+from tests.e2e.server_process import ServerProcess
+
+_FLAGS = ("device", "dtype", "max_batch_size", "max_wait_ms", "max_queue", "prompt_cache_bytes",
+          "tenant_max_concurrent_requests", "max_virtual_tokens")
+
+
+class HttpRunner:
+    def __init__(self, settings: Settings, requests: list[RequestSpec], log_path: Path) -> None:
+        self.requests = requests
+        flags: list[str] = ["--log-level", "warning"]
+        for name in _FLAGS:
+            value = getattr(settings, name)
+            flags += ["--" + name.replace("_", "-"), str(getattr(value, "value", value))]
+        self.server = ServerProcess(Path(settings.model), Path(settings.store), log_path, *flags)
+        self.server.start(timeout=1800)
+        self.loop = asyncio.new_event_loop()
+        self.client = httpx.AsyncClient(
+            base_url=self.server.url, timeout=httpx.Timeout(3600, connect=60),
+            limits=httpx.Limits(max_connections=len(requests) + 8,
+                                max_keepalive_connections=len(requests) + 8))
+
+    def warm_up(self, *, with_adapters: bool) -> None:
+        reqs = self.requests if with_adapters else [
+            RequestSpec(r.index, None, r.prompt_ids, 2) for r in self.requests[:8]]
+        self.loop.run_until_complete(self._round(reqs, lambda _: None))
+
+    def run(self, tick: Callable[[int], None]) -> Run:
+        return self.loop.run_until_complete(self._round(self.requests, tick))
+
+    async def _round(self, requests: list[RequestSpec], tick: Callable[[int], None]) -> Run:
+        latencies = [0.0] * len(requests)
+        ttfts = [0.0] * len(requests)
+        t0 = time.perf_counter()
+
+        async def one(k: int, spec: RequestSpec) -> int:
+            body = {"adapter_id": spec.adapter_id, "text": spec.text,
+                    "max_new_tokens": spec.new_tokens, "ignore_eos": True, "stream": True}
+            final = None
+            async with self.client.stream("POST", "/v1/generate", json=body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:500]!r}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if not ttfts[k]:
+                        ttfts[k] = time.perf_counter() - t0
+                    data = line.removeprefix("data: ")
+                    if data != "[DONE]":
+                        final = json.loads(data)
+            latencies[k] = time.perf_counter() - t0
+            tick(1)
+            if final is None or "error" in final:
+                raise RuntimeError(f"stream ended without a result: {final}")
+            usage = final["usage"]
+            assert usage["prompt_tokens"] == len(spec.prompt_ids), usage
+            assert usage["completion_tokens"] == spec.new_tokens, usage
+            return spec.new_tokens
+
+        tokens = sum(await asyncio.gather(*(one(k, s) for k, s in enumerate(requests))))
+        return Run(seconds=time.perf_counter() - t0, tokens=tokens, requests=len(requests),
+                   latencies_s=latencies, ttft_s=ttfts)
+
+    def overhead(self, count: int) -> dict[str, float]:
+        """Sequential 1-token requests: client latency minus the engine time the server reports
+        in `Server-Timing` is what the HTTP layer adds (client, TCP, uvicorn, validation,
+        tokenization, JSON, logging, metrics)."""
+        spec = self.requests[0]
+        body = {"adapter_id": spec.adapter_id, "text": spec.text, "max_new_tokens": 1}
+        lat, engine = [], []
+        with httpx.Client(base_url=self.server.url, timeout=120) as c:
+            for i in range(count + 10):
+                started = time.perf_counter()
+                r = c.post("/v1/generate", json=body)
+                ms = (time.perf_counter() - started) * 1000
+                r.raise_for_status()
+                if i >= 10:  # warm-up
+                    lat.append(ms)
+                    engine.append(float(r.headers["server-timing"].split("dur=")[1]))
+        return {"requests": count, "latency_ms_p50": statistics.median(lat),
+                "engine_ms_p50": statistics.median(engine),
+                "overhead_ms_p50": statistics.median(a - b for a, b in zip(lat, engine,
+                                                                             strict=True))}
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.aclose())
+        self.loop.close()
+        self.server.stop()
