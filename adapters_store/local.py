@@ -291,6 +291,10 @@ class LocalAdapterStore:
         (raw,) = self._read(namespace, adapter_id, (RECORD_FILE,))
         return AdapterRecord.from_dict(json.loads(raw))
 
+    def peek_record(self, namespace: str, adapter_id: str) -> AdapterRecord | None:
+        """Always answers: a local record is one small file read (page cache), no network."""
+        return self.get_record(namespace, adapter_id)
+
     def get(self, namespace: str, adapter_id: str, *, verify: bool = False) -> StoredAdapter:
         """Record and float32 embeddings; verify=True also checks the sha256 (costs a hash)."""
         raw, data = self._read(namespace, adapter_id, (RECORD_FILE, EMBEDDINGS_FILE))

@@ -240,20 +240,28 @@ class S3AdapterStore:
 
     def get_record(self, namespace: str, adapter_id: str) -> AdapterRecord:
         """One GET, or none when this replica read it less than record_ttl_s ago."""
-        key = (namespace, adapter_id)
-        if self.record_ttl_s > 0:
-            with self._records_lock:
-                cached = self._records.get(key)
-            if cached is not None and time.monotonic() - cached[0] < self.record_ttl_s:
-                if cached[1] is None:
-                    raise self._not_found(namespace, adapter_id)
-                return cached[1]
+        cached = self.peek_record(namespace, adapter_id)
+        if cached is not None:
+            return cached
         current = self._pointer(namespace, adapter_id)
         record = None if current is None else AdapterRecord.from_dict(current[0]["record"])
         self._remember(namespace, adapter_id, record)
         if record is None:
             raise self._not_found(namespace, adapter_id)
         return record
+
+    def peek_record(self, namespace: str, adapter_id: str) -> AdapterRecord | None:
+        """The record read less than record_ttl_s ago (AdapterNotFoundError if it was absent
+        then); None when a GET is needed."""
+        if self.record_ttl_s <= 0:
+            return None
+        with self._records_lock:
+            cached = self._records.get((namespace, adapter_id))
+        if cached is None or time.monotonic() - cached[0] >= self.record_ttl_s:
+            return None
+        if cached[1] is None:
+            raise self._not_found(namespace, adapter_id)
+        return cached[1]
 
     def _read_version(self, namespace: str, adapter_id: str,
                       name: str) -> tuple[AdapterRecord, bytes]:

@@ -23,6 +23,12 @@ class AdapterStore(Protocol):
 
     def get_record(self, namespace: str, adapter_id: str) -> AdapterRecord: ...
 
+    def peek_record(self, namespace: str, adapter_id: str) -> AdapterRecord | None:
+        """The record if it can be had without network I/O, else None (then call get_record,
+        off the event loop). Raises AdapterNotFoundError when the id is known not to exist.
+        Lets the server resolve most requests without a thread hop or a blocking GET."""
+        ...
+
     def list(self, namespace: str | None = None) -> list[AdapterRecord]:
         """Records sorted by (namespace, adapter_id); None lists every namespace."""
         ...

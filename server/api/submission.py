@@ -144,7 +144,7 @@ async def open_stream(request: Request, engine: EngineClient, engine_request: Ge
     them into its stream. Closing or exhausting the iterator releases the lease and aborts
     whatever is still running."""
     try:
-        stream = engine.generate_stream(engine_request)
+        stream = await engine.open_stream(engine_request)
         try:
             first = await _unless_disconnected(request, anext(stream))
         except BaseException:

@@ -179,7 +179,7 @@ class Engine:
     # ---- generation ----------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        ticket = self._submit(request, stream=False)
+        ticket = await self._submit_async(request, stream=False)
         assert ticket.future is not None
         try:
             return await ticket.future
@@ -187,9 +187,14 @@ class Engine:
             self._abort(ticket)  # the caller went away: stop computing its row
             raise
 
+    async def open_stream(self, request: GenerationRequest) -> TokenStream:
+        """Submits (404/422/429/503 raise here, before a response starts) and returns the
+        stream: TokenChunks, then one GenerationResult; aclose() (or dropping it) aborts. The
+        adapter's record is looked up off the event loop when the store would block (S3)."""
+        return TokenStream(await self._submit_async(request, stream=True), self._abort)
+
     def generate_stream(self, request: GenerationRequest) -> TokenStream:
-        """Submits now (so 404/422/429/503 raise here, before a response starts). The stream
-        yields TokenChunks, then one GenerationResult; aclose() (or dropping it) aborts."""
+        """open_stream for synchronous callers: the record lookup blocks the calling thread."""
         return TokenStream(self._submit(request, stream=True), self._abort)
 
     async def abort(self, request_id: str) -> None:
@@ -200,11 +205,28 @@ class Engine:
         if self._scheduler is not None:
             self._scheduler.abort(ticket)
 
+    async def _submit_async(self, request: GenerationRequest, *, stream: bool) -> Ticket:
+        self._require()  # not ready: 503 before any store traffic
+        record = None
+        if request.adapter_id is not None:  # fast 404, and the version to serve
+            record = self.store.peek_record(request.namespace, request.adapter_id)
+            if record is None:  # a GET (S3): never on the event loop
+                record = await asyncio.to_thread(self.store.get_record, request.namespace,
+                                                 request.adapter_id)
+        return self._enqueue(request, record, stream=stream)
+
     def _submit(self, request: GenerationRequest, *, stream: bool) -> Ticket:
+        self._require()
+        record = None
+        if request.adapter_id is not None:
+            record = self.store.get_record(request.namespace, request.adapter_id)
+        return self._enqueue(request, record, stream=stream)
+
+    def _enqueue(self, request: GenerationRequest, record: AdapterRecord | None, *,
+                 stream: bool) -> Ticket:
         loaded, _, scheduler = self._require()
         version, virtual = None, 0
-        if request.adapter_id is not None:
-            record = self.store.get_record(request.namespace, request.adapter_id)  # fast 404
+        if record is not None:
             self._check_compatible(record, loaded)
             version, virtual = version_of(record), record.num_virtual_tokens
         self._validate(request, loaded, virtual)

@@ -107,10 +107,17 @@ class EngineClient(Protocol):
         """Raises AdapterNotFoundError, QueueFullError, EngineNotReadyError, GenerationError."""
         ...
 
+    async def open_stream(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[TokenChunk | GenerationResult]:
+        """Submits now (errors before the first token raise here), then yields TokenChunks and
+        exactly one GenerationResult. Closing the iterator aborts."""
+        ...
+
     def generate_stream(
         self, request: GenerationRequest
     ) -> AsyncIterator[TokenChunk | GenerationResult]:
-        """Yields TokenChunks, then exactly one GenerationResult. Closing the iterator aborts."""
+        """open_stream for synchronous callers (the adapter lookup may block)."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

@@ -90,13 +90,14 @@ def test_existing_id_needs_explicit_overwrite(store):
     second = store.put("acme", "x", make_parsed(2), overwrite=True)
 
     assert store.get_record("acme", "x") == second != first
+    assert store.peek_record("acme", "x") == second  # local: always answers, never stale
     torch.testing.assert_close(store.get("acme", "x").embeddings, make_parsed(2).embeddings)
     assert len(os.listdir(store.root / ".objects")) == 1  # the old version is gone
 
 
 def test_missing_adapter_is_not_found(store):
     assert not store.exists("acme", "nope")
-    for call in (store.get, store.get_record, store.delete):
+    for call in (store.get, store.get_record, store.peek_record, store.delete):
         with pytest.raises(AdapterNotFoundError, match="no adapter 'nope'"):
             call("acme", "nope")
 

@@ -161,6 +161,22 @@ def test_record_ttl_bounds_how_long_another_writer_goes_unseen(moto, prefix):
         reader.get_record("t", "a")
 
 
+def test_peek_record_answers_only_from_what_this_replica_read_within_the_ttl(moto, prefix):
+    reader = S3AdapterStore("adapters", prefix, client=moto.client(), record_ttl_s=0.5)
+    writer = S3AdapterStore("adapters", prefix, client=moto.client())
+    assert reader.peek_record("t", "a") is None  # never read: a GET is needed
+    with pytest.raises(AdapterNotFoundError):
+        reader.get_record("t", "a")
+    with pytest.raises(AdapterNotFoundError):  # the negative answer is remembered too
+        reader.peek_record("t", "a")
+    record = writer.put("t", "a", make_parsed(seed=1))
+    time.sleep(0.6)
+    assert reader.peek_record("t", "a") is None  # expired: no stale answer
+    assert reader.get_record("t", "a") == record
+    assert reader.peek_record("t", "a") == record
+    assert writer.peek_record("t", "a") is None  # record_ttl_s=0 never answers from memory
+
+
 def test_unreachable_endpoint_is_store_unavailable():
     import boto3
     from botocore.config import Config
