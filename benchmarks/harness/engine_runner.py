@@ -37,6 +37,7 @@ class Recorder(NullObserver):
             self.loads: list[float] = []
             self.batch_sizes: list[int] = []
             self.row_steps = 0
+            self.batches_finished = 0
             self.generated = 0
             self.first_tokens: list[float] = []  # submit to first token, per request
 
@@ -59,6 +60,7 @@ class Recorder(NullObserver):
     def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
         with self._lock:
             self.row_steps += size * steps
+            self.batches_finished += 1
             self.generated += generated_tokens
 
 
@@ -115,6 +117,8 @@ class EngineRunner:
         tokens = sum(await asyncio.gather(*(one(k, s) for k, s in enumerate(requests))))
         seconds = time.perf_counter() - t0
         rec = self.recorder
+        while rec.batches_finished < len(rec.batch_sizes):  # results leave before the batch
+            await asyncio.sleep(0.005)                      # reports that it finished
         hits, misses = rec.cache[CacheEvent.HIT], rec.cache[CacheEvent.MISS]
         extra = {
             "batches": len(rec.batch_sizes),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.engine.scheduler import InvalidRequestError
+from server.engine.errors import InvalidRequestError
 
 
 class ChatTemplateError(InvalidRequestError):

@@ -29,6 +29,13 @@ class QueueFullError(EngineError):
         self.retry_after_s = retry_after_s
 
 
+class InvalidRequestError(EngineError, ValueError):
+    """A request the model cannot run (empty, out-of-vocabulary ids, bad parameters) (HTTP 422).
+
+    Checked at submit so one bad row never fails a whole batch.
+    """
+
+
 class RequestTooLongError(EngineError):
     """Prompt + virtual tokens + max_new_tokens exceed what the model can attend to (HTTP 422)."""
 

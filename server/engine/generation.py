@@ -43,6 +43,10 @@ class BatchRow:
     is_aborted: Callable[[], bool] | None = None
     # Called once when the row's first token exists (time-to-first-token metric).
     on_first_token: Callable[[], None] | None = None
+    # Called once, from inside the generate loop, as soon as the row has finished (not when
+    # aborted) with its final output: a short row's caller need not wait for the batch's
+    # longest row. run_batch still returns the same output for it at the end.
+    on_finish: Callable[[RowOutput], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,18 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
         device = batch.inputs_embeds.device
         states = [RowState(r, tokenizer, eos_ids) for r in live_rows]
         finished = [False] * len(states)
+        early: dict[int, RowOutput] = {}  # id(state) -> output handed out before the end
+
+        def on_done(state: RowState) -> None:
+            if state.aborted or state.row.on_finish is None:
+                return
+            output = _final_output(state, tokenizer)
+            early[id(state)] = output
+            try:
+                state.row.on_finish(output)
+            except Exception:  # the row is finished either way; never fail the batch
+                logger.exception("on_finish failed")
+
         processor = PerRowLogitsProcessor(
             [r.params for r in live_rows], eos_ids=sorted(eos_ids), finished=finished,
             device=device,
@@ -104,10 +120,11 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
                 attention_mask=batch.attention_mask,
                 generation_config=config,
                 logits_processor=LogitsProcessorList([processor]),
-                stopping_criteria=StoppingCriteriaList([RowStoppingCriteria(states, finished)]),
+                stopping_criteria=StoppingCriteriaList(
+                    [RowStoppingCriteria(states, finished, on_done=on_done)]),
             )
 
-    untracked = [s for s in states if s.text is None and not s.aborted]
+    untracked = [s for s in states if s.text is None and not s.aborted and id(s) not in early]
     decoded: dict[int, str] = {}
     if untracked:  # batch_decode([]) is not an empty list
         texts = tokenizer.batch_decode([_text_ids(s) for s in untracked], **DECODE_KWARGS)
@@ -119,6 +136,9 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
             continue
         if state.finish_reason is None:  # cannot happen: generate runs to the longest row
             raise RuntimeError(f"row {i} ended without a finish reason")
+        if id(state) in early:
+            outputs[i] = early[id(state)]
+            continue
         text = state.text if state.text is not None else decoded[id(state)]
         outputs[i] = RowOutput(tuple(state.token_ids), text, state.finish_reason)
     return outputs
@@ -132,6 +152,15 @@ def _aborted_before_start(row: BatchRow) -> bool:
     except Exception:
         logger.exception("is_aborted failed; aborting its row")
         return True
+
+
+def _final_output(state: RowState, tokenizer: Any) -> RowOutput:
+    """A finished row's output, decoded now (the same text the end-of-batch decode gives)."""
+    assert state.finish_reason is not None
+    text = state.text
+    if text is None:
+        text = tokenizer.decode(_text_ids(state), **DECODE_KWARGS)
+    return RowOutput(tuple(state.token_ids), text, state.finish_reason)
 
 
 def _text_ids(state: RowState) -> list[int]:

@@ -26,7 +26,12 @@ import torch
 from adapters_store.errors import AdapterStoreError
 from adapters_store.store import AdapterStore
 from server.engine import generation
-from server.engine.errors import EngineError, EngineNotReadyError, GenerationError, QueueFullError
+from server.engine.errors import (
+    EngineNotReadyError,
+    GenerationError,
+    InvalidRequestError,
+    QueueFullError,
+)
 from server.engine.fairness import RoundRobinPolicy
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
 from server.engine.model_loader import LoadedModel
@@ -35,13 +40,6 @@ from server.engine.prompt_cache import PromptCache, version_of
 from server.engine.tickets import Failure, Ticket, TicketState
 
 log = logging.getLogger(__name__)
-
-
-class InvalidRequestError(EngineError, ValueError):
-    """A request the model cannot run (empty, out-of-vocabulary ids, bad parameters) (HTTP 422).
-
-    Checked at submit so one bad row never fails a whole batch.
-    """
 
 
 class BatchPolicy(Protocol):
@@ -271,15 +269,18 @@ class Scheduler:
         for ticket, out in zip(batch, outputs, strict=True):
             if out.aborted:
                 self.abort(ticket)
-                continue
-            req = ticket.request
-            result = GenerationResult(
-                request_id=req.request_id, adapter_id=req.adapter_id, text=out.text,
-                token_ids=out.token_ids, finish_reason=out.finish_reason,
-                prompt_tokens=len(req.prompt_ids), virtual_tokens=ticket.virtual_tokens,
-                completion_tokens=len(out.token_ids))
-            if self._finish(ticket):
-                ticket.deliver(result)
+            else:
+                self._complete(ticket, out)  # no-op for rows delivered early (on_finish)
+
+    def _complete(self, ticket: Ticket, out: generation.RowOutput) -> None:
+        req = ticket.request
+        result = GenerationResult(
+            request_id=req.request_id, adapter_id=req.adapter_id, text=out.text,
+            token_ids=out.token_ids, finish_reason=out.finish_reason,
+            prompt_tokens=len(req.prompt_ids), virtual_tokens=ticket.virtual_tokens,
+            completion_tokens=len(out.token_ids))
+        if self._finish(ticket):
+            ticket.deliver(result)
 
     def _row(self, ticket: Ticket) -> generation.BatchRow:
         def on_first_token() -> None:
@@ -294,7 +295,8 @@ class Scheduler:
         return generation.BatchRow(
             prompt_ids=ticket.request.prompt_ids, prompt_embeds=ticket.embeds,
             params=ticket.request.params, on_chunk=on_chunk, is_aborted=ticket.is_aborted,
-            on_first_token=on_first_token)
+            on_first_token=on_first_token,
+            on_finish=lambda out: self._complete(ticket, out))  # answer a short row at once
 
     # ---- bookkeeping ---------------------------------------------------------------------------
 

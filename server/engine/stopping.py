@@ -112,9 +112,11 @@ class RowStoppingCriteria(StoppingCriteria):
     skipped by the processor from step t+1 on.
     """
 
-    def __init__(self, states: Sequence[RowState], finished: list[bool]) -> None:
+    def __init__(self, states: Sequence[RowState], finished: list[bool], *,
+                 on_done: Callable[[RowState], None] | None = None) -> None:
         self._states = states
         self._finished = finished
+        self._on_done = on_done  # once per row, at the step it finished or was aborted
 
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs: Any
@@ -125,4 +127,6 @@ class RowStoppingCriteria(StoppingCriteria):
             if not self._finished[i]:
                 state.step(new_tokens[i])
                 self._finished[i] = state.done
+                if state.done and self._on_done is not None:
+                    self._on_done(state)
         return torch.tensor(self._finished, dtype=torch.bool, device=input_ids.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 
 import httpx
 from transformers import AutoTokenizer
@@ -94,6 +95,11 @@ def test_generated_tokens_counter_rises_by_completion_tokens(client):
     assert (metric(after, "softprompt_batch_size_count")
             > metric(before, "softprompt_batch_size_count"))
     steps = "softprompt_batch_row_steps_total"  # one request per batch here: no padding
+    deadline = time.monotonic() + 5  # a batch reports itself just after its rows are answered
+    while (metric(after, steps, {"kind": "generated"})
+           - metric(before, steps, {"kind": "generated"})) < total and time.monotonic() < deadline:
+        time.sleep(0.02)
+        after = client.get("/metrics").text
     assert (metric(after, steps, {"kind": "generated"})
             - metric(before, steps, {"kind": "generated"})) == total
     assert metric(after, steps, {"kind": "padding"}) == metric(before, steps, {"kind": "padding"})

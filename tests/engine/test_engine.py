@@ -149,7 +149,30 @@ async def test_batch_finished_reports_steps_and_padding_of_mixed_lengths(engine)
         for n in lengths))
     assert [r.completion_tokens for r in results] == list(lengths)
     assert observer.batches[-1][0] == 3  # max_wait_ms=200: one batch
+    await until(lambda: len(observer.finished) == len(observer.batches))
     assert observer.finished[-1] == (3, 9, 16)
+
+
+async def test_a_short_row_is_answered_before_its_batch_mates_finish(engine) -> None:
+    """Static batching runs every row to the longest one; the short row's result (and its
+    stream's end) still go out at the step it finished, and equal its output alone."""
+    observer = engine._observer
+    alone = await engine.generate(request(engine, "Hi!", "pt3", max_new_tokens=3))
+    long_req = request(engine, "a", None, max_new_tokens=400, ignore_eos=True)
+    long_task = asyncio.ensure_future(engine.generate(long_req))
+    stream = engine.generate_stream(request(engine, "Hi!", "pt3", max_new_tokens=3))
+    items = [item async for item in stream]
+    assert not long_task.done()  # 397 steps still to go when the short row is answered
+    assert engine.stats()["in_flight"] == 1
+    short = items[-1]
+    assert isinstance(short, GenerationResult)
+    assert (short.token_ids, short.text, short.finish_reason) == (
+        alone.token_ids, alone.text, alone.finish_reason)
+    assert (await long_task).completion_tokens == 400
+    assert observer.batches[-1][0] == 2  # they did share one batch
+    # Results go out from inside the batch; the batch's own report follows it.
+    await until(lambda: len(observer.finished) == len(observer.batches))
+    assert observer.finished[-1] == (2, 400, 400 + len(short.token_ids))
 
 
 async def test_seq2seq_uses_only_the_encoder_half_of_the_stored_prompt(tiny_model_dirs,
