@@ -76,6 +76,20 @@ class Baselines:
         return {"plain": self.plain, "peft-sequential": self.peft_sequential,
                 "peft-batched": self.peft_batched}[name]
 
+    def warm_up(self, name: str) -> None:
+        """Allocations and kernels once, on one batch of 2 tokens (not a whole run); PEFT also
+        loads its adapters here."""
+        chunk = self.requests[:self.w.max_batch_size]
+        if name == "plain":
+            filler = [1] * self.w.virtual_tokens
+            _generate(self.base, [list(r.prompt_ids) + filler for r in chunk], 2, self.device,
+                      self.pad)
+            return
+        peft = self._peft_model()
+        peft.set_adapter("a0")
+        rows = [list(r.prompt_ids) for r in (chunk[:1] if name == "peft-sequential" else chunk)]
+        _generate(peft, rows, 2, self.device, self.pad)
+
     # ---- plain generate: the same lengths, no adapters ------------------------------------
 
     def plain(self, tick: Callable[[int], None]) -> Run:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -152,7 +153,8 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
             say("loading the baselines' model ...")
             base = Baselines(w, model_dir, work / "peft-adapters", requests)
             for name in baselines:
-                runners[name] = _BaselineRunner(base.runner(name))
+                runners[name] = _BaselineRunner(base.runner(name),
+                                                functools.partial(base.warm_up, name))
                 systems.append(SystemResult(name, "baseline", LABELS[name]))
         say("warming up ...")
         for runner in runners.values():
@@ -174,11 +176,12 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
 
 
 class _BaselineRunner:
-    def __init__(self, run: Callable[[Callable[[int], None]], Run]) -> None:
-        self._run = run
+    def __init__(self, run: Callable[[Callable[[int], None]], Run],
+                 warm: Callable[[], None]) -> None:
+        self._run, self._warm = run, warm
 
     def warm_up(self, *, with_adapters: bool) -> None:
-        self._run(lambda _: None)  # allocations; PEFT loads its adapters here
+        self._warm()
 
     def run(self, tick: Callable[[int], None]) -> Run:
         return self._run(tick)
