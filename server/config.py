@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(8192, ge=1, description="Largest tokenized prompt accepted.")
     max_virtual_tokens: int = Field(512, ge=1, description="Largest num_virtual_tokens accepted.")
     max_upload_bytes: int = Field(64 << 20, ge=1, description="Largest upload file accepted.")
+    max_request_body_bytes: int = Field(8 << 20, ge=1024, description="Largest JSON body "
+                                         "accepted by generate and the OpenAI routes (413 "
+                                         "beyond; counted while it streams in).")
     max_upload_parts: int = Field(8, ge=2, le=64,
                                   description="Most multipart parts in one adapter upload.")
     max_stop_strings: int = Field(16, ge=0, le=256,
