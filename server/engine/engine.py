@@ -32,7 +32,7 @@ from server.engine.interface import (
     ModelInfo,
 )
 from server.engine.model_loader import LoadedModel, load_model
-from server.engine.observer import EngineObserver, NullObserver
+from server.engine.observer import EngineObserver, GuardedObserver, NullObserver
 from server.engine.prompt_cache import PromptCache, version_of
 from server.engine.sampling import validate_params
 from server.engine.scheduler import BatchPolicy, Scheduler
@@ -51,7 +51,7 @@ class Engine:
                  policy: BatchPolicy | None = None) -> None:
         self.settings = settings
         self.store = store
-        self._observer = observer or NullObserver()
+        self._observer = GuardedObserver(observer or NullObserver())
         self._policy = policy
         self._loaded: LoadedModel | None = None
         self._cache: PromptCache | None = None

@@ -3,8 +3,11 @@ import prometheus_client, and tests can pass a recording observer."""
 
 from __future__ import annotations
 
+import logging
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 
 class CacheEvent(StrEnum):
@@ -56,3 +59,39 @@ class NullObserver:
 
     def adapter_loaded(self, seconds: float) -> None:
         pass
+
+
+class GuardedObserver:
+    """What the engine calls: a listener that raises is logged and ignored, never allowed to
+    fail a batch, a load or the engine thread. Other attributes are the wrapped listener's."""
+
+    def __init__(self, inner: EngineObserver) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            getattr(self.inner, name)(*args, **kwargs)
+        except Exception:
+            log.exception("engine observer %s.%s failed; ignored",
+                          type(self.inner).__name__, name)
+
+    def batch_started(self, *, size: int, distinct_adapters: int) -> None:
+        self._call("batch_started", size=size, distinct_adapters=distinct_adapters)
+
+    def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
+        self._call("batch_finished", size=size, steps=steps, generated_tokens=generated_tokens)
+
+    def queue_wait(self, seconds: float) -> None:
+        self._call("queue_wait", seconds)
+
+    def first_token(self, seconds: float) -> None:
+        self._call("first_token", seconds)
+
+    def cache_event(self, event: CacheEvent) -> None:
+        self._call("cache_event", event)
+
+    def adapter_loaded(self, seconds: float) -> None:
+        self._call("adapter_loaded", seconds)

@@ -175,6 +175,33 @@ async def test_a_short_row_is_answered_before_its_batch_mates_finish(engine) -> 
     assert observer.finished[-1] == (2, 400, 400 + len(short.token_ids))
 
 
+class BrokenObserver(NullObserver):
+    """Every event raises: a metrics bug must not cost a single request."""
+
+    def _boom(self, *args, **kwargs) -> None:
+        raise RuntimeError("observer bug")
+
+    batch_started = batch_finished = queue_wait = first_token = _boom
+    cache_event = adapter_loaded = _boom
+
+
+async def test_a_failing_observer_is_logged_and_never_fails_requests(tiny_model_dirs, tmp_path,
+                                                                     llama_adapters, caplog):
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=BrokenObserver())
+    try:
+        await eng.add_adapter("t1", "pt3", upload_of(llama_adapters["pt3"]))
+        for _ in range(2):  # a cold load (miss, load) then a hit
+            result = await eng.generate(request(eng, "Hi!", "pt3", max_new_tokens=4,
+                                                ignore_eos=True))
+            assert result.completion_tokens == 4
+        assert (await eng.generate(request(eng, "a", None, max_new_tokens=2))).completion_tokens
+    finally:
+        await eng.aclose(10)
+    failed = {r.getMessage().split()[2] for r in caplog.records if "observer" in r.getMessage()}
+    assert {"BrokenObserver.adapter_loaded", "BrokenObserver.batch_started",
+            "BrokenObserver.cache_event", "BrokenObserver.first_token"} <= failed
+
+
 async def test_seq2seq_uses_only_the_encoder_half_of_the_stored_prompt(tiny_model_dirs,
                                                                        tmp_path) -> None:
     adapter = make_adapter(tiny_model_dirs["t5"], tmp_path / "t5-pt", "prompt_tuning",
