@@ -26,6 +26,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # as softprompt_engine_<key>, so a new engine gauge shows up without an API change.
 _STATS_GAUGES = {
     "queue_depth": ("queue_depth", "Requests waiting for a batch (or their adapter)."),
+    "queue_capacity": ("queue_capacity", "--max-queue: queued requests before 429 (for "
+                       "saturation alerts: queue_depth / queue_capacity)."),
     "in_flight": ("in_flight_requests", "Requests submitted to the engine and not finished."),
     "cache_resident_adapters": ("resident_adapters", "Adapters resident in the prompt cache."),
     "cache_bytes": ("resident_adapter_bytes", "Bytes of prompts resident in the prompt cache."),

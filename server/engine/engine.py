@@ -317,6 +317,7 @@ class Engine:
         cs = cache.stats() if cache is not None else None
         return {
             "queue_depth": float(scheduler.queue_depth if scheduler else 0),
+            "queue_capacity": float(self.settings.max_queue),
             "in_flight": float(scheduler.in_flight if scheduler else 0),
             "cache_resident_adapters": float(cs.resident_adapters if cs else 0),
             "cache_resident_bytes": float(cs.resident_bytes if cs else 0),
