@@ -10,12 +10,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.engine.interface import EngineClient, GenerationResult
 from server.engine.observer import CacheEvent
+
+# No `*_created` series: one extra timestamp series per counter/histogram (and label set) that
+# no dashboard or alert here reads.
+disable_created_metrics()
 
 PREFIX = "softprompt_"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,

@@ -104,6 +104,7 @@ def test_generated_tokens_counter_rises_by_completion_tokens(client):
             - metric(before, steps, {"kind": "generated"})) == total
     assert metric(after, steps, {"kind": "padding"}) == metric(before, steps, {"kind": "padding"})
     assert metric(after, "softprompt_queue_capacity") == 1024  # the default --max-queue
+    assert "_created" not in after  # no per-series creation timestamps
     info = [line for line in after.splitlines() if line.startswith("softprompt_model_info{")]
     assert len(info) == 1 and 'architecture="LlamaForCausalLM"' in info[0]
     assert 'adapter_id="' not in after and "par-" not in after  # no adapter-id labels
