@@ -40,6 +40,7 @@ from adapters_store.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
     InvalidAdapterError,
+    InvalidAdapterIdError,
     StoredAdapterCorruptError,
     StoreUnavailableError,
 )
@@ -235,6 +236,59 @@ class S3AdapterStore:
         except (self._client_error, self._boto_error) as e:
             log.warning("could not remove version %s of %s/%s: %s", version, namespace,
                         adapter_id, e)
+
+    def collect_garbage(self, *, min_age_s: float = 3600.0, dry_run: bool = False) -> list[str]:
+        """Delete version objects that no pointer names, once older than min_age_s.
+
+        They are left by a writer that died between writing a version and publishing it, or
+        by a best-effort removal that failed; they are never visible, only paid for. A put in
+        progress has written its version but not yet published it, so only versions whose
+        newest object is older than min_age_s go. Returns the keys deleted (or, with dry_run,
+        that would be). Safe to run beside serving replicas: a reader that resolved an old
+        pointer re-resolves when its version disappears, as with an overwrite.
+        """
+        base = self._key("objects") + "/"
+        versions: dict[tuple[str, str, str], list[tuple[str, datetime]]] = {}
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base,
+                PaginationConfig={"PageSize": self.list_page_size})
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    parts = obj["Key"][len(base):].split("/")
+                    if len(parts) == 4:
+                        versions.setdefault((parts[0], parts[1], parts[2]), []).append(
+                            (obj["Key"], obj["LastModified"]))
+        except (self._client_error, self._boto_error) as e:
+            raise self._unavailable("list version objects", e) from e
+        now = datetime.now(UTC)
+        current: dict[tuple[str, str], str | None] = {}
+        doomed: list[str] = []
+        for (namespace, adapter_id, version), objects in sorted(versions.items()):
+            if (namespace, adapter_id) not in current:
+                try:
+                    pointer = self._pointer(namespace, adapter_id)
+                except InvalidAdapterIdError:  # not a valid id: not ours to judge, leave it
+                    log.warning("store gc: skipping %s/%s (not a valid id)", namespace,
+                                adapter_id)
+                    current[(namespace, adapter_id)] = version
+                    continue
+                current[(namespace, adapter_id)] = (
+                    None if pointer is None else str(pointer[0].get("version")))
+            if version == current[(namespace, adapter_id)]:
+                continue
+            newest = max(modified for _, modified in objects)
+            if (now - newest).total_seconds() >= min_age_s:
+                doomed.extend(key for key, _ in objects)
+        if not dry_run:
+            for start in range(0, len(doomed), 1000):  # DeleteObjects takes 1,000 keys
+                chunk = [{"Key": key} for key in doomed[start:start + 1000]]
+                try:
+                    self._client.delete_objects(Bucket=self.bucket,
+                                                Delete={"Objects": chunk, "Quiet": True})
+                except (self._client_error, self._boto_error) as e:
+                    raise self._unavailable("delete unreferenced versions", e) from e
+        return doomed
 
     # ---- reading ----------------------------------------------------------------------------
 

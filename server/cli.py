@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -142,6 +143,25 @@ def make_sample_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def store_gc(args: argparse.Namespace) -> int:
+    """Unreferenced S3 versions cost storage only; an operator (or a CronJob) removes them."""
+    if not args.store.startswith("s3://"):
+        print(f"{args.store}: a local store collects its own garbage every time the server "
+              "starts; nothing to do")
+        return 0
+    from server.engine.stores import open_store
+
+    store = open_store(args.store, refresh_s=0)
+    keys = store.collect_garbage(min_age_s=args.min_age_s,  # type: ignore[attr-defined]
+                                 dry_run=args.dry_run)
+    for key in keys:
+        print(key)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {len(keys)} unreferenced version objects older than {args.min_age_s:g} s",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -165,12 +185,30 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     sample.add_argument("--model-cache", default=str(default_of("model_cache")),
                         help="where builtin models are written (default: %(default)s)")
+    gc = commands.add_parser(
+        "store-gc", help="delete unreferenced adapter versions from an s3:// store",
+        description="Delete version objects no adapter points to (left by a writer that died "
+        "mid-upload, or a failed cleanup). Safe beside running replicas; only versions older "
+        "than --min-age-s go, so uploads in progress are untouched. Endpoint and credentials "
+        "from the AWS_* variables.")
+    gc.add_argument("--store", default=os.environ.get("SOFTPROMPT_STORE", "./adapters"),
+                    help="the server's --store (default: $SOFTPROMPT_STORE or ./adapters)")
+    gc.add_argument("--min-age-s", type=float, default=3600.0,
+                    help="only versions older than this (default: 3600)")
+    gc.add_argument("--dry-run", action="store_true", help="list, do not delete")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "store-gc":
+        from adapters_store.errors import AdapterStoreError
+
+        try:
+            return store_gc(args)
+        except (AdapterStoreError, RuntimeError) as e:
+            parser.exit(1, f"{PROG} store-gc: error: {e}\n")
     if args.command == "make-sample-adapter":
         try:
             return make_sample_adapter(args)

@@ -5,6 +5,7 @@ endpoint."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -197,3 +198,40 @@ def test_unreachable_endpoint_is_store_unavailable():
     ("s3://bucket", ("bucket", "")), ("s3://bucket/a/b/", ("bucket", "a/b"))])
 def test_parse_s3_url(url, parsed):
     assert parse_s3_url(url) == parsed
+
+
+def _orphan(store: S3AdapterStore, namespace: str, adapter_id: str, version: str) -> None:
+    """A version written and never published: what a writer killed before the pointer leaves."""
+    record = store.put(namespace, f"tmp-{version}", make_parsed(seed=9))
+    store._write_version(namespace, adapter_id, version, b"x" * 16, b"{}", record)
+    store.delete(namespace, f"tmp-{version}")
+
+
+def test_collect_garbage_removes_only_old_unreferenced_versions(store, moto, prefix):
+    live = store.put("t", "a", make_parsed(seed=1))
+    _orphan(store, "t", "a", "dead-1")  # beside a live adapter
+    _orphan(store, "t", "gone", "dead-2")  # of an adapter that has no pointer at all
+    before = _keys(moto, prefix)
+    assert store.collect_garbage(min_age_s=3600) == []  # too young: could be a put under way
+    orphans = store.collect_garbage(min_age_s=0, dry_run=True)
+    assert sorted(orphans) == sorted(k for k in before if "/dead-" in k) and len(orphans) == 6
+    assert _keys(moto, prefix) == before  # dry run deleted nothing
+    assert sorted(store.collect_garbage(min_age_s=0)) == sorted(orphans)
+    after = _keys(moto, prefix)
+    assert not any("/dead-" in k for k in after) and len(after) == 1 + 3
+    assert store.get("t", "a", verify=True).record == live  # the live version is untouched
+    assert store.collect_garbage(min_age_s=0) == []
+
+
+def test_store_gc_command_over_the_aws_variables(store, moto, prefix):
+    store.put("t", "a", make_parsed(seed=1))
+    _orphan(store, "t", "a", "dead-3")
+    env = {**os.environ, **moto.env()}
+    run = subprocess.run([sys.executable, "-m", "server", "store-gc", "--store",
+                          f"s3://adapters/{prefix}", "--min-age-s", "0"], cwd=REPO_ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert len(run.stdout.split()) == 3 and all("/dead-3/" in k for k in run.stdout.split())
+    assert "deleted 3 unreferenced version objects" in run.stderr
+    assert not any("/dead-3/" in k for k in _keys(moto, prefix))
+    assert store.get("t", "a", verify=True).embeddings.shape == (4, 8)
