@@ -6,12 +6,10 @@ client could make the server hold gigabytes. Adapter uploads have their own stre
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import ErrorKind, envelope
-from server.api.openai_errors import OPENAI_PATHS, openai_body
+from server.api.errors import ErrorKind
+from server.api.openai_errors import send_route_error
 
 TOO_LARGE = ErrorKind(413, "payload_too_large")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -64,13 +62,6 @@ class BodyLimit:
 
 
 async def _refuse(send: Send, path: str, limit: int) -> None:
-    message = (f"request body is larger than {limit} bytes (--max-request-body-bytes); "
-               "send a shorter prompt")
-    error = (openai_body(TOO_LARGE.status, message, param=None, code=TOO_LARGE.type)
-             if path.startswith(OPENAI_PATHS) else envelope(TOO_LARGE, message))
-    body = json.dumps(error).encode()
-    await send({"type": "http.response.start", "status": TOO_LARGE.status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    await send_route_error(send, path, TOO_LARGE,
+                           f"request body is larger than {limit} bytes "
+                           "(--max-request-body-bytes); send a shorter prompt")

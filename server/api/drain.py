@@ -7,12 +7,10 @@ is the one switch: /readyz reads it too, so the replica leaves the Service at th
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api.errors import ErrorKind, envelope
-from server.api.openai_errors import OPENAI_PATHS, openai_body
+from server.api.errors import ErrorKind
+from server.api.openai_errors import send_route_error
 
 DRAINING = ErrorKind(503, "draining")
 _NEW_WORK_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -34,13 +32,6 @@ class DrainGate:
 
 
 async def _refuse(send: Send, path: str) -> None:
-    message = "draining: this replica is shutting down; retry on another"
-    # OpenAI clients get OpenAI's error shape on the OpenAI-compatible routes.
-    error = (openai_body(DRAINING.status, message, param=None, code=DRAINING.type)
-             if path.startswith(OPENAI_PATHS) else envelope(DRAINING, message))
-    body = json.dumps(error).encode()
-    await send({"type": "http.response.start", "status": DRAINING.status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", b"1"), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    await send_route_error(send, path, DRAINING,
+                           "draining: this replica is shutting down; retry on another",
+                           headers=((b"retry-after", b"1"),))

@@ -20,7 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from server.api.errors import INTERNAL, InvalidRequestError, classify, error_response
+from server.api.errors import (
+    INTERNAL,
+    ErrorKind,
+    InvalidRequestError,
+    classify,
+    envelope,
+    error_response,
+)
 from server.engine.errors import AdapterNotFoundError
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,20 @@ class ModelNotFoundError(AdapterNotFoundError):
 def openai_body(status: int, message: str, *, param: str | None, code: str | None) -> dict:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def send_route_error(send: Any, path: str, kind: ErrorKind, message: str, *,
+                           headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """A whole JSON error response from pure ASGI middleware (drain gate, body limit), in the
+    shape the route's clients read: OpenAI's on the OpenAI routes, the envelope elsewhere."""
+    error = (openai_body(kind.status, message, param=None, code=kind.type)
+             if path.startswith(OPENAI_PATHS) else envelope(kind, message))
+    body = json.dumps(error).encode()
+    await send({"type": "http.response.start", "status": kind.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            *headers, (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def openai_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:

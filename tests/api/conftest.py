@@ -34,10 +34,15 @@ def app(tiny_model_dirs, tmp_path_factory) -> Iterator:
     engine.shutdown(10)
 
 
+def asgi_client(app) -> httpx.AsyncClient:
+    """An httpx client that talks to the app in process (no socket)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                             timeout=60)
+
+
 @pytest.fixture()
 async def client(app):
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+    async with asgi_client(app) as c:
         yield c
 
 

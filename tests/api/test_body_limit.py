@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 
-import httpx
 import pytest
 
 from server.api.app import create_app
-from tests.api.conftest import assert_envelope, started_engine
+from tests.api.conftest import asgi_client, assert_envelope, started_engine
 from tests.factories import make_adapter
 
 LIMIT = 4096
@@ -27,8 +26,7 @@ def small_app(tiny_model_dirs, tmp_path_factory) -> Iterator:
 
 @pytest.fixture()
 async def client(small_app):
-    transport = httpx.ASGITransport(app=small_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+    async with asgi_client(small_app) as c:
         yield c
 
 
