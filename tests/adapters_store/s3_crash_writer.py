@@ -13,7 +13,7 @@ import sys
 import boto3
 
 from adapters_store.s3 import S3AdapterStore
-from tests.adapters_store.test_s3_store import make_parsed
+from tests.adapters_store.helpers import make_parsed
 
 
 class DieBeforePointer:

@@ -20,21 +20,9 @@ from adapters_store import (
     InvalidAdapterError,
     InvalidAdapterIdError,
     LocalAdapterStore,
-    ParsedAdapter,
-    PeftType,
     StoreUnavailableError,
-    TaskType,
 )
-
-
-def make_parsed(seed: int = 0, rows: int = 4, dim: int = 8) -> ParsedAdapter:
-    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": rows}
-    return ParsedAdapter(
-        peft_type=PeftType.PROMPT_TUNING, task_type=TaskType.CAUSAL_LM,
-        num_virtual_tokens=rows, num_transformer_submodules=1, token_dim=dim, config=config,
-        config_bytes=json.dumps(config).encode(),
-        embeddings=torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)),
-    )
+from tests.adapters_store.helpers import make_parsed
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ endpoint."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,24 +19,13 @@ from adapters_store import (
     AdapterExistsError,
     AdapterNotFoundError,
     AdapterStore,
-    ParsedAdapter,
-    PeftType,
     StoreUnavailableError,
-    TaskType,
 )
 from adapters_store.s3 import S3AdapterStore, parse_s3_url
+from tests.adapters_store.helpers import make_parsed
 from tests.moto_s3 import moto_s3_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_parsed(seed: int = 0, rows: int = 4, dim: int = 8) -> ParsedAdapter:
-    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": rows}
-    return ParsedAdapter(
-        peft_type=PeftType.PROMPT_TUNING, task_type=TaskType.CAUSAL_LM,
-        num_virtual_tokens=rows, num_transformer_submodules=1, token_dim=dim, config=config,
-        config_bytes=json.dumps(config).encode(),
-        embeddings=torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)))
 
 
 @pytest.fixture(scope="module")

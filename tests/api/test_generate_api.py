@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 
-import httpx
 import pytest
 
 from server.api.app import create_app
@@ -20,7 +19,7 @@ from server.engine.errors import (
     QueueFullError,
     UnsupportedAdapterTypeError,
 )
-from tests.api.conftest import assert_envelope, started_engine
+from tests.api.conftest import asgi_client, assert_envelope, started_engine
 
 
 @pytest.mark.parametrize("body", [
@@ -73,8 +72,7 @@ async def test_full_queue_is_429_with_retry_after(tiny_model_dirs, tmp_path):
                                                max_queue=1, max_batch_size=1, max_wait_ms=0)
     app = create_app(settings, engine, metrics=metrics, manage_engine=False)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://t", timeout=60) as c:
+        async with asgi_client(app) as c:
             body = {"text": "busy", "max_new_tokens": 20, "ignore_eos": True}
             responses = await asyncio.gather(*(c.post("/v1/generate", json=body)
                                                for _ in range(8)))
@@ -91,8 +89,7 @@ async def test_not_ready_until_the_model_is_loaded(tiny_model_dirs, tmp_path):
     settings = Settings(model=str(tiny_model_dirs["llama"]), store=str(tmp_path), device="cpu")
     engine = build_engine(settings)  # never started: the model is "still loading"
     app = create_app(settings, engine, manage_engine=False)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as c:
+    async with asgi_client(app) as c:
         assert (await c.get("/healthz")).status_code == 200
         assert_envelope(await c.get("/readyz"), 503, "not_ready")
         assert_envelope(await c.post("/v1/generate", json={"text": "x"}), 503, "not_ready")
@@ -105,8 +102,7 @@ async def test_unexpected_exceptions_are_500_envelopes_and_logged_by_type(app, c
         raise RuntimeError("secret internals")
 
     app.add_api_route("/test-boom", boom)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as c:
+    async with asgi_client(app) as c:
         r = await c.get("/test-boom")
     error = assert_envelope(r, 500, "internal_error")
     assert "secret" not in error["message"]

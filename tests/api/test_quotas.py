@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from server.api.app import create_app
 from server.api.errors import TooManyRequestsError
 from server.api.quotas import QuotaManager
 from server.config import Settings
-from tests.api.conftest import assert_envelope, started_engine
+from tests.api.conftest import asgi_client, assert_envelope, started_engine
 from tests.factories import make_adapter
 
 TENANTS = [
@@ -43,8 +42,7 @@ def quota_app(tiny_model_dirs, tmp_path_factory) -> Iterator[tuple]:
 
 @pytest.fixture()
 async def qclient(quota_app):
-    transport = httpx.ASGITransport(app=quota_app[0])
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+    async with asgi_client(quota_app[0]) as c:
         yield c
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from server.api.app import create_app
-from tests.api.conftest import assert_envelope, started_engine
+from tests.api.conftest import asgi_client, assert_envelope, started_engine
 from tests.factories import make_adapter
 
 KEYS = {"acme": "acme-key", "beta": "beta-key", "admin": "admin-key"}
@@ -41,8 +41,7 @@ def tenancy(tiny_model_dirs, tmp_path_factory) -> Iterator[tuple]:
 
 @pytest.fixture()
 async def tclient(tenancy):
-    transport = httpx.ASGITransport(app=tenancy[0])
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+    async with asgi_client(tenancy[0]) as c:
         yield c
 
 
