@@ -12,7 +12,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -26,6 +25,7 @@ from server.api.submission import (
     check_params,
     complete,
     open_stream,
+    sse_events,
     to_engine_request,
     tokenize_text,
 )
@@ -101,27 +101,21 @@ def _event(adapter_id: str | None, text: str, token_ids: Any, **extra: Any) -> s
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def _events(items: AsyncIterator[StreamItem], adapter_id: str | None) -> AsyncIterator[str]:
+def _events(items: AsyncIterator[StreamItem], adapter_id: str | None) -> AsyncIterator[str]:
+    return sse_events(_frames(items, adapter_id), items, error_event)
+
+
+async def _frames(items: AsyncIterator[StreamItem], adapter_id: str | None) -> AsyncIterator[str]:
     sent_text, sent_ids = "", 0
-    failure: str | None = None
-    try:
-        async for item in items:
-            if isinstance(item, TokenChunk):
-                sent_text += item.text
-                sent_ids += len(item.token_ids)
-                yield _event(adapter_id, item.text, item.token_ids)
-                continue
-            # Whatever the chunks did not carry yet (normally nothing) goes in the final event.
-            rest = item.text[len(sent_text):] if item.text.startswith(sent_text) else ""
-            usage = {"prompt_tokens": item.prompt_tokens, "virtual_tokens": item.virtual_tokens,
-                     "completion_tokens": item.completion_tokens}
-            yield _event(adapter_id, rest, item.token_ids[sent_ids:],
-                         finish_reason=str(item.finish_reason), usage=usage)
-    except Exception as exc:  # after the 200 went out, errors travel in the stream
-        failure = error_event(exc)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await items.aclose()  # type: ignore[attr-defined]
-    if failure is not None:
-        yield failure
-    yield "data: [DONE]\n\n"
+    async for item in items:
+        if isinstance(item, TokenChunk):
+            sent_text += item.text
+            sent_ids += len(item.token_ids)
+            yield _event(adapter_id, item.text, item.token_ids)
+            continue
+        # Whatever the chunks did not carry yet (normally nothing) goes in the final event.
+        rest = item.text[len(sent_text):] if item.text.startswith(sent_text) else ""
+        usage = {"prompt_tokens": item.prompt_tokens, "virtual_tokens": item.virtual_tokens,
+                 "completion_tokens": item.completion_tokens}
+        yield _event(adapter_id, rest, item.token_ids[sent_ids:],
+                     finish_reason=str(item.finish_reason), usage=usage)

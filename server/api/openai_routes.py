@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from server.api.deps import EngineDep, MetricsDep, SettingsDep, TenantDep
 from server.api.errors import error_responses
+from server.api.metrics import ApiMetrics
 from server.api.openai_errors import ModelNotFoundError, OpenAIParamError, OpenAIRoute
 from server.api.openai_schemas import (
     CHAT_DEFAULT_MAX_TOKENS,
@@ -31,7 +32,7 @@ from server.api.openai_schemas import (
     ModelList,
 )
 from server.api.openai_stream import ChatFormat, CompletionFormat, respond
-from server.api.quotas import quotas_for
+from server.api.quotas import Quotas, quotas_for
 from server.api.schemas import ADAPTER_ID_PATTERN
 from server.api.submission import (
     admit,
@@ -119,11 +120,20 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     check_params(params, settings=settings, quotas=quotas)
     prompt_ids = tokenize_text(engine, text, quotas=quotas,
                                max_new_tokens=params.max_new_tokens)
+    return await _submit(request, engine, body, CompletionFormat, prompt_ids, adapter_id=adapter_id,
+                         namespace=namespace, params=params, quotas=quotas, metrics=metrics)
+
+
+async def _submit(request: Request, engine: EngineClient,
+                  body: CompletionRequest | ChatCompletionRequest, fmt: type[CompletionFormat],
+                  prompt_ids: list[int], *, adapter_id: str | None, namespace: str,
+                  params: SamplingParams, quotas: Quotas, metrics: ApiMetrics) -> Any:
+    """Both routes end the same way: admit under the tenant's quotas, run, answer in `fmt`."""
     engine_request = to_engine_request(prompt_ids, adapter_id=adapter_id, namespace=namespace,
                                        params=params)
     lease = admit(request, namespace, quotas, engine_request, stream=bool(body.stream))
     return await respond(request, engine, engine_request, metrics=metrics, lease=lease,
-                         fmt=CompletionFormat(engine_request.request_id, body.model),
+                         fmt=fmt(engine_request.request_id, body.model),
                          stream=bool(body.stream),
                          include_usage=bool(body.stream_options
                                             and body.stream_options.include_usage))
@@ -163,14 +173,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     prompt_ids = tokenize_within(lambda: engine.apply_chat_template(messages),
                                  chars=sum(len(m["content"]) for m in messages),
                                  quotas=quotas, max_new_tokens=params.max_new_tokens)
-    engine_request = to_engine_request(prompt_ids, adapter_id=adapter_id, namespace=namespace,
-                                       params=params)
-    lease = admit(request, namespace, quotas, engine_request, stream=bool(body.stream))
-    return await respond(request, engine, engine_request, metrics=metrics, lease=lease,
-                         fmt=ChatFormat(engine_request.request_id, body.model),
-                         stream=bool(body.stream),
-                         include_usage=bool(body.stream_options
-                                            and body.stream_options.include_usage))
+    return await _submit(request, engine, body, ChatFormat, prompt_ids, adapter_id=adapter_id,
+                         namespace=namespace, params=params, quotas=quotas, metrics=metrics)
 
 
 def _epoch(iso: str) -> int:

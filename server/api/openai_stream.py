@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -30,7 +29,7 @@ from server.api.openai_schemas import (
     Usage,
 )
 from server.api.quotas import Lease
-from server.api.submission import StreamItem, complete, open_stream
+from server.api.submission import StreamItem, complete, open_stream, sse_events
 from server.engine.interface import (
     EngineClient,
     FinishReason,
@@ -134,29 +133,25 @@ async def respond(request: Request, engine: EngineClient, engine_request: Genera
                         headers=headers | {"Server-Timing": f"engine;dur={engine_ms:.3f}"})
 
 
-async def _events(items: AsyncIterator[StreamItem], fmt: CompletionFormat, *,
+def _events(items: AsyncIterator[StreamItem], fmt: CompletionFormat, *,
+            include_usage: bool) -> AsyncIterator[str]:
+    return sse_events(_frames(items, fmt, include_usage=include_usage), items,
+                      openai_error_event)
+
+
+async def _frames(items: AsyncIterator[StreamItem], fmt: CompletionFormat, *,
                   include_usage: bool) -> AsyncIterator[str]:
     sent = ""
-    failure: str | None = None
-    try:
-        for opening in fmt.opening():
-            yield _data(opening)
-        async for item in items:
-            if isinstance(item, TokenChunk):
-                if item.text:
-                    sent += item.text
-                    yield _data(fmt.chunk(item.text, None))
-                continue
-            # Whatever the chunks did not carry yet (normally nothing) goes in the last one.
-            rest = item.text[len(sent):] if item.text.startswith(sent) else ""
-            yield _data(fmt.chunk(rest, finish_reason(item)))
-            if include_usage:
-                yield _data(fmt.usage_chunk(item))
-    except Exception as exc:  # after the 200 went out, errors travel in the stream
-        failure = openai_error_event(exc)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await items.aclose()  # type: ignore[attr-defined]
-    if failure is not None:
-        yield failure
-    yield "data: [DONE]\n\n"
+    for opening in fmt.opening():
+        yield _data(opening)
+    async for item in items:
+        if isinstance(item, TokenChunk):
+            if item.text:
+                sent += item.text
+                yield _data(fmt.chunk(item.text, None))
+            continue
+        # Whatever the chunks did not carry yet (normally nothing) goes in the last one.
+        rest = item.text[len(sent):] if item.text.startswith(sent) else ""
+        yield _data(fmt.chunk(rest, finish_reason(item)))
+        if include_usage:
+            yield _data(fmt.usage_chunk(item))

@@ -171,3 +171,22 @@ async def _items(first: StreamItem, stream: AsyncIterator[StreamItem], metrics: 
     finally:
         lease.release()
         await _close(stream)
+
+
+async def sse_events(frames: AsyncIterator[str], items: AsyncIterator[StreamItem],
+                     error_event: Callable[[BaseException], str]) -> AsyncIterator[str]:
+    """How every SSE response of an open_stream runs: `frames` (rendered from `items`) as
+    they come; an error after the 200 went out travels as one `error_event` frame; the engine
+    stream is closed whatever happens (which aborts it when the client left); then [DONE]."""
+    failure: str | None = None
+    try:
+        async for frame in frames:
+            yield frame
+    except Exception as exc:
+        failure = error_event(exc)
+    finally:
+        await _close(frames)
+        await _close(items)
+    if failure is not None:
+        yield failure
+    yield "data: [DONE]\n\n"
