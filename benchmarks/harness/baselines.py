@@ -170,9 +170,10 @@ class Baselines:
     def _batched(self, model: Any, row_of: Callable[[RequestSpec], list[int]],
                  tick: Callable[[int], None]) -> Run:
         latencies, ttfts = [], []
+        chunks = _chunks(self.requests, self.w.max_batch_size)
         _sync(self.device)
         t0 = time.perf_counter()
-        for chunk in _chunks(self.requests, self.w.max_batch_size):
+        for chunk in chunks:
             first = _generate(model, [row_of(r) for r in chunk],
                               max(r.new_tokens for r in chunk), self.device, self.pad)
             _sync(self.device)
@@ -181,8 +182,7 @@ class Baselines:
             ttfts += [((first or t0) - t0)] * len(chunk)
             tick(len(chunk))
         seconds = time.perf_counter() - t0
-        steps = sum(len(c) * max(r.new_tokens for r in c)
-                    for c in _chunks(self.requests, self.w.max_batch_size))
+        steps = sum(len(c) * max(r.new_tokens for r in c) for c in chunks)
         useful = sum(r.new_tokens for r in self.requests)
         return Run(seconds=seconds, tokens=useful, requests=len(self.requests),
                    latencies_s=latencies, ttft_s=ttfts,

@@ -124,7 +124,6 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
     from benchmarks.harness.engine_runner import EngineRunner, settings_for
     from benchmarks.harness.http_runner import HttpRunner
 
-    say = _say(args)
     model_dir = work / "model"
     if not (model_dir / "config.json").exists():
         say(f"building a random {w.shape.arch} model, {w.shape.params() / 1e9:.2f}B params, "
@@ -163,7 +162,7 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
             for s in systems:
                 s.runs.append(_timed(runners[s.name], s.label, k, repeats, len(requests), w,
                                      args.no_progress))
-        extra = _extras(w, systems)
+        extra = _extras(w, systems, requests)
         if args.overhead_requests and "http" in runners:
             say("measuring the HTTP layer's overhead ...")
             extra["http_overhead"] = runners["http"].overhead(args.overhead_requests)
@@ -203,7 +202,8 @@ def _timed(runner: Any, label: str, k: int, repeats: int, total: int, w: Workloa
     return run
 
 
-def _extras(w: Workload, systems: list[SystemResult]) -> dict[str, Any]:
+def _extras(w: Workload, systems: list[SystemResult],
+            requests: list[fixtures.RequestSpec]) -> dict[str, Any]:
     """Workload-specific figures: cache behaviour, static-batching waste."""
     extra: dict[str, Any] = {}
     by = {s.name: s for s in systems if s.runs}
@@ -214,7 +214,7 @@ def _extras(w: Workload, systems: list[SystemResult]) -> dict[str, Any]:
             extra["engine_prompt_cache_first_run"] = first["prompt_cache"]
             extra["engine_cold_loads_first_run"] = {"count": first["cold_loads"],
                                                     "ms": first["cold_load_ms"]}
-            extra["distinct_adapters_requested"] = len({r for r in _adapters(w)})
+            extra["distinct_adapters_requested"] = len({r.adapter for r in requests})
         if w.new_tokens_max is not None:
             extra["engine_wasted_row_steps_pct"] = round(e["wasted_row_steps_pct"], 1)
         extra["engine_batches"] = e["batches"]
@@ -224,14 +224,9 @@ def _extras(w: Workload, systems: list[SystemResult]) -> dict[str, Any]:
     return extra
 
 
-def _adapters(w: Workload) -> list[int | None]:
-    return [r.adapter for r in fixtures.make_requests(w)]
-
-
-def _say(args: argparse.Namespace) -> Callable[[str], None]:
-    def say(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-    return say
+def say(message: str) -> None:
+    """Progress notes go to stderr; stdout carries the table."""
+    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from adapters_store import LocalAdapterStore
-from benchmarks.harness.fixtures import NAMESPACE, RequestSpec, dtype_of
-from benchmarks.harness.results import Run
+from benchmarks.harness.fixtures import NAMESPACE, RequestSpec, dtype_of, warm_up_requests
+from benchmarks.harness.results import Run, percentiles_ms
 from benchmarks.harness.workloads import Workload
 from server.config import Settings
 from server.engine import Engine
@@ -91,9 +91,8 @@ class EngineRunner:
 
     def warm_up(self, *, with_adapters: bool) -> None:
         """Compile/allocate once; with_adapters also makes every adapter used resident."""
-        reqs = self.requests if with_adapters else [
-            RequestSpec(r.index, None, r.prompt_ids, 2) for r in self.requests[:8]]
-        self.loop.run_until_complete(self._round(reqs, lambda _: None))
+        self.loop.run_until_complete(self._round(warm_up_requests(self.requests, with_adapters),
+                                                 lambda _: None))
 
     def run(self, tick: Callable[[int], None]) -> Run:
         self.recorder.reset()
@@ -129,7 +128,7 @@ class EngineRunner:
                              "evictions": rec.cache[CacheEvent.EVICTION],
                              "hit_rate": hits / (hits + misses) if hits + misses else None},
             "cold_loads": len(rec.loads),
-            "cold_load_ms": {"p50": _pct(rec.loads, 50), "p99": _pct(rec.loads, 99)},
+            "cold_load_ms": percentiles_ms(rec.loads),
         }
         return Run(seconds=seconds, tokens=tokens, requests=len(requests),
                    latencies_s=latencies, ttft_s=list(rec.first_tokens), extra=extra)
@@ -137,9 +136,3 @@ class EngineRunner:
     def close(self) -> None:
         self.loop.run_until_complete(self.engine.aclose(60))
         self.loop.close()
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    from benchmarks.harness.results import percentile
-
-    return percentile(values, q) * 1000 if values else None

@@ -133,3 +133,11 @@ def make_requests(workload: Workload) -> list[RequestSpec]:
             new = rng.randint(workload.new_tokens, workload.new_tokens_max)
         out.append(RequestSpec(i, adapter, ids, new))
     return out
+
+
+def warm_up_requests(requests: list[RequestSpec], with_adapters: bool) -> list[RequestSpec]:
+    """The whole workload (makes every adapter it uses resident), or a few bare-model requests
+    of 2 tokens (allocations only, the prompt cache stays cold)."""
+    if with_adapters:
+        return requests
+    return [RequestSpec(r.index, None, r.prompt_ids, 2) for r in requests[:8]]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.harness.fixtures import RequestSpec
+from benchmarks.harness.fixtures import RequestSpec, warm_up_requests
 from benchmarks.harness.results import Run
 from server.config import Settings
 from tests.e2e.server_process import ServerProcess
@@ -41,9 +41,8 @@ class HttpRunner:
                                 max_keepalive_connections=len(requests) + 8))
 
     def warm_up(self, *, with_adapters: bool) -> None:
-        reqs = self.requests if with_adapters else [
-            RequestSpec(r.index, None, r.prompt_ids, 2) for r in self.requests[:8]]
-        self.loop.run_until_complete(self._round(reqs, lambda _: None))
+        self.loop.run_until_complete(self._round(warm_up_requests(self.requests, with_adapters),
+                                                 lambda _: None))
 
     def run(self, tick: Callable[[int], None]) -> Run:
         return self.loop.run_until_complete(self._round(self.requests, tick))

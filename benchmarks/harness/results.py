@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,7 +54,8 @@ class SystemResult:
             "tokens_per_s": best.tokens_per_s, "requests_per_s": best.requests_per_s,
             "seconds": best.seconds, "runs_seconds": [r.seconds for r in self.runs],
             "tokens": best.tokens, "requests": best.requests,
-            "latency_ms": _percentiles(best.latencies_s), "ttft_ms": _percentiles(best.ttft_s),
+            "latency_ms": percentiles_ms(best.latencies_s),
+            "ttft_ms": percentiles_ms(best.ttft_s),
             "extrapolated_from": best.extrapolated_from, **best.extra,
         }
 
@@ -69,8 +69,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
-    return {"p50": percentile(values, 50) * 1000, "p99": percentile(values, 99) * 1000}
+def percentiles_ms(values_s: list[float]) -> dict[str, float | None]:
+    """p50/p99 in milliseconds of values in seconds; None (JSON null) when there are none."""
+    if not values_s:
+        return {"p50": None, "p99": None}
+    return {"p50": percentile(values_s, 50) * 1000, "p99": percentile(values_s, 99) * 1000}
 
 
 def ratios(systems: list[SystemResult]) -> dict[str, float]:
@@ -144,7 +147,3 @@ def print_table(result: dict[str, Any]) -> None:
 def write_json(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
