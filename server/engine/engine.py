@@ -193,10 +193,6 @@ class Engine:
         adapter's record is looked up off the event loop when the store would block (S3)."""
         return TokenStream(await self._submit_async(request, stream=True), self._abort)
 
-    def generate_stream(self, request: GenerationRequest) -> TokenStream:
-        """open_stream for synchronous callers: the record lookup blocks the calling thread."""
-        return TokenStream(self._submit(request, stream=True), self._abort)
-
     async def abort(self, request_id: str) -> None:
         if self._scheduler is not None:
             self._scheduler.abort_id(request_id)
@@ -213,13 +209,6 @@ class Engine:
             if record is None:  # a GET (S3): never on the event loop
                 record = await asyncio.to_thread(self.store.get_record, request.namespace,
                                                  request.adapter_id)
-        return self._enqueue(request, record, stream=stream)
-
-    def _submit(self, request: GenerationRequest, *, stream: bool) -> Ticket:
-        self._require()
-        record = None
-        if request.adapter_id is not None:
-            record = self.store.get_record(request.namespace, request.adapter_id)
         return self._enqueue(request, record, stream=stream)
 
     def _enqueue(self, request: GenerationRequest, record: AdapterRecord | None, *,

@@ -114,12 +114,6 @@ class EngineClient(Protocol):
         exactly one GenerationResult. Closing the iterator aborts."""
         ...
 
-    def generate_stream(
-        self, request: GenerationRequest
-    ) -> AsyncIterator[TokenChunk | GenerationResult]:
-        """open_stream for synchronous callers (the adapter lookup may block)."""
-        ...
-
     async def abort(self, request_id: str) -> None: ...
 
     async def add_adapter(

@@ -2,7 +2,7 @@
 
 A Ticket carries the request through the scheduler; results reach asyncio only through
 loop.call_soon_threadsafe, to a Future (generate) or a Queue (streams). TokenStream is what
-generate_stream returns: closing it (or dropping it) aborts the request even if it was never
+open_stream returns: closing it (or dropping it) aborts the request even if it was never
 iterated, which a plain async generator cannot do (its finally never runs if it never started).
 """
 

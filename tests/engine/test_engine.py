@@ -160,7 +160,7 @@ async def test_a_short_row_is_answered_before_its_batch_mates_finish(engine) -> 
     alone = await engine.generate(request(engine, "Hi!", "pt3", max_new_tokens=3))
     long_req = request(engine, "a", None, max_new_tokens=400, ignore_eos=True)
     long_task = asyncio.ensure_future(engine.generate(long_req))
-    stream = engine.generate_stream(request(engine, "Hi!", "pt3", max_new_tokens=3))
+    stream = await engine.open_stream(request(engine, "Hi!", "pt3", max_new_tokens=3))
     items = [item async for item in stream]
     assert not long_task.done()  # 397 steps still to go when the short row is answered
     assert engine.stats()["in_flight"] == 1
@@ -224,7 +224,7 @@ async def test_seq2seq_uses_only_the_encoder_half_of_the_stored_prompt(tiny_mode
 
 
 async def test_stream_yields_chunks_then_one_result_matching_generate(engine) -> None:
-    items = [item async for item in engine.generate_stream(
+    items = [item async for item in await engine.open_stream(
         request(engine, "Hi!", "pt3", max_new_tokens=10, ignore_eos=True))]
     chunks, final = items[:-1], items[-1]
     assert all(isinstance(c, TokenChunk) for c in chunks)

@@ -87,8 +87,8 @@ async def test_queue_full_raises_with_retry_after_then_recovers(gated) -> None:
 
 async def test_closing_a_stream_aborts_and_gauges_return_to_zero(gated) -> None:
     eng, _ = gated
-    stream = eng.generate_stream(request(eng, "Hi!", "warm", max_new_tokens=400,
-                                         ignore_eos=True))
+    stream = await eng.open_stream(request(eng, "Hi!", "warm", max_new_tokens=400,
+                                           ignore_eos=True))
     first = await anext(stream)
     assert isinstance(first, TokenChunk)
     assert eng.stats()["in_flight"] == 1
@@ -100,7 +100,7 @@ async def test_closing_a_stream_aborts_and_gauges_return_to_zero(gated) -> None:
 
 async def test_aborting_a_queued_request_frees_its_slot(gated) -> None:
     eng, gate = gated
-    stream = eng.generate_stream(request(eng, "Hi!", "cold"))
+    stream = await eng.open_stream(request(eng, "Hi!", "cold"))
     await until(lambda: eng.stats()["queue_depth"] == 1)
     await stream.aclose()  # never started: closing still aborts the submitted request
     assert eng.stats()["queue_depth"] == 0 and eng.stats()["in_flight"] == 0
