@@ -179,7 +179,7 @@ class Engine:
     # ---- generation ----------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        ticket = await self._submit_async(request, stream=False)
+        ticket = await self._submit(request, stream=False)
         assert ticket.future is not None
         try:
             return await ticket.future
@@ -191,7 +191,7 @@ class Engine:
         """Submits (404/422/429/503 raise here, before a response starts) and returns the
         stream: TokenChunks, then one GenerationResult; aclose() (or dropping it) aborts. The
         adapter's record is looked up off the event loop when the store would block (S3)."""
-        return TokenStream(await self._submit_async(request, stream=True), self._abort)
+        return TokenStream(await self._submit(request, stream=True), self._abort)
 
     async def abort(self, request_id: str) -> None:
         if self._scheduler is not None:
@@ -201,7 +201,7 @@ class Engine:
         if self._scheduler is not None:
             self._scheduler.abort(ticket)
 
-    async def _submit_async(self, request: GenerationRequest, *, stream: bool) -> Ticket:
+    async def _submit(self, request: GenerationRequest, *, stream: bool) -> Ticket:
         self._require()  # not ready: 503 before any store traffic
         record = None
         if request.adapter_id is not None:  # fast 404, and the version to serve
