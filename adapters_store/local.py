@@ -28,35 +28,25 @@ one, keeps its work in progress).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import shutil
 import threading
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-
+from adapters_store import stored_form
 from adapters_store.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
-    InvalidAdapterError,
-    StoredAdapterCorruptError,
     StoreUnavailableError,
 )
 from adapters_store.records import AdapterRecord, ParsedAdapter, StoredAdapter, validate_adapter_id
+from adapters_store.stored_form import CONFIG_FILE, EMBEDDINGS_FILE, RECORD_FILE
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS_FILE = "embeddings.safetensors"
-CONFIG_FILE = "adapter_config.json"
-RECORD_FILE = "record.json"
-TENSOR_KEY = "prompt_embeddings"
 _OBJECTS, _TMP = ".objects", ".tmp"
 _READ_RETRIES = 20
 _PROCESS_TOKEN = uuid.uuid4().hex[:12]  # tells this process from an earlier one with its pid
@@ -107,10 +97,6 @@ def _owner_gone(name: str) -> bool:
     except PermissionError:
         return False
     return False
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class LocalAdapterStore:
@@ -182,22 +168,7 @@ class LocalAdapterStore:
             overwrite: bool = False) -> AdapterRecord:
         """Store atomically; AdapterExistsError if the id exists and overwrite is False."""
         link = self._link(namespace, adapter_id)
-        table = adapter.embeddings
-        expected = (adapter.num_virtual_tokens * adapter.num_transformer_submodules,
-                    adapter.token_dim)
-        if table.dtype != torch.float32 or tuple(table.shape) != expected:
-            raise InvalidAdapterError(
-                f"embeddings must be float32 of shape {list(expected)}, got {table.dtype} "
-                f"{list(table.shape)}: pass the ParsedAdapter returned by the parse functions"
-            )
-        data = save_safetensors({TENSOR_KEY: table.detach().cpu().contiguous()},
-                                metadata={"format": "pt"})
-        record = AdapterRecord(
-            adapter_id=adapter_id, namespace=namespace, peft_type=adapter.peft_type,
-            task_type=adapter.task_type, num_virtual_tokens=adapter.num_virtual_tokens,
-            token_dim=adapter.token_dim, sha256=hashlib.sha256(data).hexdigest(),
-            size_bytes=len(data), created_at=_now(),
-        )
+        data, record = stored_form.encode(namespace, adapter_id, adapter)
         version = self._new_name()
         try:
             self._write_version(version, data, adapter.config_bytes, record)
@@ -298,12 +269,7 @@ class LocalAdapterStore:
     def get(self, namespace: str, adapter_id: str, *, verify: bool = False) -> StoredAdapter:
         """Record and float32 embeddings; verify=True also checks the sha256 (costs a hash)."""
         raw, data = self._read(namespace, adapter_id, (RECORD_FILE, EMBEDDINGS_FILE))
-        record = AdapterRecord.from_dict(json.loads(raw))
-        if verify and hashlib.sha256(data).hexdigest() != record.sha256:
-            raise StoredAdapterCorruptError(
-                f"stored adapter {adapter_id!r} in {namespace!r} does not match its sha256"
-            )
-        return StoredAdapter(record=record, embeddings=load_safetensors(data)[TENSOR_KEY])
+        return stored_form.decode(AdapterRecord.from_dict(json.loads(raw)), data, verify=verify)
 
     def get_config(self, namespace: str, adapter_id: str) -> bytes:
         """The adapter_config.json bytes as uploaded."""

@@ -23,7 +23,6 @@ seen at once). boto3 is imported here only, lazily, so the package does not need
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -32,26 +31,18 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-
+from adapters_store import stored_form
 from adapters_store.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
-    InvalidAdapterError,
     InvalidAdapterIdError,
-    StoredAdapterCorruptError,
     StoreUnavailableError,
 )
 from adapters_store.records import AdapterRecord, ParsedAdapter, StoredAdapter, validate_adapter_id
+from adapters_store.stored_form import CONFIG_FILE, EMBEDDINGS_FILE, RECORD_FILE
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS_FILE = "embeddings.safetensors"
-CONFIG_FILE = "adapter_config.json"
-RECORD_FILE = "record.json"
-TENSOR_KEY = "prompt_embeddings"
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _PUBLISH_RETRIES = 5
@@ -66,10 +57,6 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if not bucket:
         raise ValueError(f"no bucket in {url!r}")
     return bucket, prefix.strip("/")
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _default_client() -> Any:
@@ -151,20 +138,7 @@ class S3AdapterStore:
             overwrite: bool = False) -> AdapterRecord:
         """Store atomically; AdapterExistsError if the id exists and overwrite is False."""
         pointer_key = self._pointer_key(namespace, adapter_id)
-        table = adapter.embeddings  # [num_virtual_tokens * submodules, token_dim]
-        expected = (adapter.num_virtual_tokens * adapter.num_transformer_submodules,
-                    adapter.token_dim)
-        if table.dtype != torch.float32 or tuple(table.shape) != expected:
-            raise InvalidAdapterError(
-                f"embeddings must be float32 of shape {list(expected)}, got {table.dtype} "
-                f"{list(table.shape)}: pass the ParsedAdapter returned by the parse functions")
-        data = save_safetensors({TENSOR_KEY: table.detach().cpu().contiguous()},
-                                metadata={"format": "pt"})
-        record = AdapterRecord(
-            adapter_id=adapter_id, namespace=namespace, peft_type=adapter.peft_type,
-            task_type=adapter.task_type, num_virtual_tokens=adapter.num_virtual_tokens,
-            token_dim=adapter.token_dim, sha256=hashlib.sha256(data).hexdigest(),
-            size_bytes=len(data), created_at=_now())
+        data, record = stored_form.encode(namespace, adapter_id, adapter)
         version = uuid.uuid4().hex
         pointer = json.dumps({"version": version, "record": record.to_dict()}).encode()
         try:
@@ -334,10 +308,7 @@ class S3AdapterStore:
     def get(self, namespace: str, adapter_id: str, *, verify: bool = False) -> StoredAdapter:
         """Record and float32 embeddings; verify=True also checks the sha256."""
         record, data = self._read_version(namespace, adapter_id, EMBEDDINGS_FILE)
-        if verify and hashlib.sha256(data).hexdigest() != record.sha256:
-            raise StoredAdapterCorruptError(
-                f"stored adapter {adapter_id!r} in {namespace!r} does not match its sha256")
-        return StoredAdapter(record=record, embeddings=load_safetensors(data)[TENSOR_KEY])
+        return stored_form.decode(record, data, verify=verify)
 
     def get_config(self, namespace: str, adapter_id: str) -> bytes:
         """The adapter_config.json bytes as uploaded."""
