@@ -22,6 +22,11 @@ class DType(StrEnum):
     FLOAT16 = "float16"
 
 
+class Batching(StrEnum):
+    CONTINUOUS = "continuous"
+    STATIC = "static"
+
+
 class LogLevel(StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -45,7 +50,13 @@ class Settings(BaseSettings):
     device: Device = Field(Device.AUTO, description="auto picks cuda when available.")
     dtype: DType = Field(DType.AUTO, description="auto: bfloat16 on CUDA, float32 on CPU.")
     max_batch_size: int = Field(32, ge=1, description="Most requests in one batch.")
-    max_wait_ms: float = Field(5.0, ge=0, description="Longest a request waits for batch mates.")
+    max_wait_ms: float = Field(5.0, ge=0, description="Longest a request waits for batch mates "
+                               "when the engine is idle.")
+    batching: Batching = Field(Batching.CONTINUOUS, description="continuous: requests join "
+                               "the running batch between decode steps and leave the step "
+                               "they finish (decoder-only models; seq2seq models fall back to "
+                               "static); static: a batch runs until its longest request is "
+                               "done.")
     max_queue: int = Field(1024, ge=1, description="Queued requests before 429.")
     prompt_cache_bytes: int = Field(1 << 30, ge=0, description="Byte budget of resident prompts.")
     api_keys: Path | None = Field(None, description="JSON file of tenants and API keys.")
@@ -79,7 +90,7 @@ class Settings(BaseSettings):
                                    "requests may run before they are aborted and the process "
                                    "exits.")
 
-    @field_validator("device", "dtype", "log_level", mode="before")
+    @field_validator("device", "dtype", "batching", "log_level", mode="before")
     @classmethod
     def _lowercase_choice(cls, value: object) -> object:
         """INFO, CPU and Float32 mean what their lowercase spelling means."""

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--max-wait-ms", type=float, default=50.0,
                    help="server's --max-wait-ms (default 50)")
+    p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="server's --batching (default continuous)")
     p.add_argument("--overhead-requests", type=int, default=0,
                    help="also measure the HTTP layer's overhead with N sequential 1-token "
                         "requests (default 0: skip)")
@@ -86,9 +88,11 @@ def _fairness(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.fairness import run_fairness
     from benchmarks.harness.results import environment
 
-    r = asyncio.run(run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds))
+    r = asyncio.run(run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
+                                 batching=args.batching))
     env = environment()
-    print(f"\nfairness ({args.policy}): {env['date']}, commit {env['commit']}")
+    print(f"\nfairness ({args.policy}, {args.batching} batching): {env['date']}, "
+          f"commit {env['commit']}")
     print(f"  B p50 idle {r['b_idle_ms']['p50']:.1f} ms, with A's backlog of {args.backlog} "
           f"{r['b_loaded_ms']['p50']:.1f} ms: ratio {r['ratio']:.2f}x (target <= 2x)")
     return {"workload": {"name": "fairness"}, "environment": env, "result": r}
@@ -134,7 +138,7 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
               file=sys.stderr, leave=False) as bar:
         fixtures.populate_store(w, store_dir, progress=bar)
     requests = fixtures.make_requests(w)
-    settings = settings_for(w, model_dir, store_dir, args.max_wait_ms)
+    settings = settings_for(w, model_dir, store_dir, args.max_wait_ms, args.batching)
     warm_adapters = w.zipf_s is None  # many-adapters measures the cold cache too
 
     runners: dict[str, Any] = {}
@@ -162,7 +166,7 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
             for s in systems:
                 s.runs.append(_timed(runners[s.name], s.label, k, repeats, len(requests), w,
                                      args.no_progress))
-        extra = _extras(w, systems, requests)
+        extra = {"batching": args.batching, **_extras(w, systems, requests)}
         if args.overhead_requests and "http" in runners:
             say("measuring the HTTP layer's overhead ...")
             extra["http_overhead"] = runners["http"].overhead(args.overhead_requests)
@@ -204,7 +208,7 @@ def _timed(runner: Any, label: str, k: int, repeats: int, total: int, w: Workloa
 
 def _extras(w: Workload, systems: list[SystemResult],
             requests: list[fixtures.RequestSpec]) -> dict[str, Any]:
-    """Workload-specific figures: cache behaviour, static-batching waste."""
+    """Workload-specific figures: cache behaviour, row-steps wasted on finished rows."""
     extra: dict[str, Any] = {}
     by = {s.name: s for s in systems if s.runs}
     if "engine" in by:

@@ -65,7 +65,7 @@ class Recorder(NullObserver):
 
 
 def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
-                 max_wait_ms: float) -> Settings:
+                 max_wait_ms: float, batching: str = "continuous") -> Settings:
     """The same settings for the in-process engine and the HTTP server."""
     cache_bytes = 1 << 30
     if workload.cache_adapters is not None:
@@ -74,7 +74,8 @@ def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
             * element
     return Settings(model=str(model_dir), store=str(store_dir), device=workload.device,
                     dtype=workload.dtype, max_batch_size=workload.max_batch_size,
-                    max_wait_ms=max_wait_ms, max_queue=max(1024, 2 * workload.requests),
+                    max_wait_ms=max_wait_ms, batching=batching,
+                    max_queue=max(1024, 2 * workload.requests),
                     prompt_cache_bytes=cache_bytes,
                     tenant_max_concurrent_requests=max(256, 2 * workload.requests),
                     max_virtual_tokens=max(512, workload.virtual_tokens))

@@ -33,6 +33,8 @@ _STATS_GAUGES = {
     "queue_capacity": ("queue_capacity", "--max-queue: queued requests before 429 (for "
                        "saturation alerts: queue_depth / queue_capacity)."),
     "in_flight": ("in_flight_requests", "Requests submitted to the engine and not finished."),
+    "parked": ("parked_requests", "Running requests parked by fair preemption (KV cache kept, "
+               "no decode steps) so another tenant could have its share of the batch."),
     "cache_resident_adapters": ("resident_adapters", "Adapters resident in the prompt cache."),
     "cache_bytes": ("resident_adapter_bytes", "Bytes of prompts resident in the prompt cache."),
     "stored_adapters": ("stored_adapters", "Adapters in the store."),

@@ -21,8 +21,9 @@ from adapters_store.errors import (
 )
 from adapters_store.records import AdapterRecord, Limits, ModelSpec, validate_adapter_id
 from adapters_store.store import AdapterStore
-from server.config import Settings
+from server.config import Batching, Settings
 from server.engine.chat import render_chat
+from server.engine.decoding import unsupported_reason
 from server.engine.detokenizer import DECODE_KWARGS
 from server.engine.errors import EngineNotReadyError, InvalidRequestError, RequestTooLongError
 from server.engine.interface import (
@@ -81,7 +82,8 @@ class Engine:
                 loaded, store=self.store, cache=cache, observer=self._observer,
                 max_batch_size=self.settings.max_batch_size,
                 max_wait_s=self.settings.max_wait_ms / 1000.0,
-                max_queue=self.settings.max_queue, policy=self._policy)
+                max_queue=self.settings.max_queue, policy=self._policy,
+                continuous=self._continuous(loaded))
             self._count_stored()
             scheduler.start()
             self._refresher = StoreRefresher(self.store, cache,
@@ -96,6 +98,26 @@ class Engine:
             log.error("engine failed to start: %s: %s", type(e).__name__, e, exc_info=True)
         finally:
             self._loaded_event.set()
+
+    def _continuous(self, loaded: LoadedModel) -> bool:
+        """--batching continuous where the model allows it; otherwise static, and say why."""
+        if self.settings.batching is not Batching.CONTINUOUS:
+            log.info("batching: static (--batching static)")
+            return False
+        reason = unsupported_reason(loaded.model, loaded.tokenizer)
+        if reason is not None:
+            log.warning("batching: static, this model cannot run continuous batching: %s",
+                        reason)
+            return False
+        log.info("batching: continuous")
+        return True
+
+    @property
+    def batching(self) -> Batching | None:
+        """What the engine runs (None until the model is loaded)."""
+        if self._scheduler is None:
+            return None
+        return Batching.CONTINUOUS if self._scheduler.continuous else Batching.STATIC
 
     def _count_stored(self) -> None:
         """Best effort: a store that is down at startup must not keep the model from serving."""
@@ -308,6 +330,7 @@ class Engine:
             "queue_depth": float(scheduler.queue_depth if scheduler else 0),
             "queue_capacity": float(self.settings.max_queue),
             "in_flight": float(scheduler.in_flight if scheduler else 0),
+            "parked": float(scheduler.parked if scheduler else 0),
             "cache_resident_adapters": float(cs.resident_adapters if cs else 0),
             "cache_resident_bytes": float(cs.resident_bytes if cs else 0),
             "cache_bytes": float(cs.resident_bytes if cs else 0),  # alias named in interface.py

@@ -62,7 +62,7 @@ class RowOutput:
     aborted: bool = False
 
 
-_ABORTED = RowOutput(token_ids=(), text="", finish_reason=FinishReason.LENGTH, aborted=True)
+ABORTED = RowOutput(token_ids=(), text="", finish_reason=FinishReason.LENGTH, aborted=True)
 
 
 def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutput]:
@@ -75,19 +75,16 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
     """
     if not rows:
         return []
-    for i, row in enumerate(rows):
-        if not row.prompt_ids and (row.prompt_embeds is None or row.prompt_embeds.shape[0] == 0):
-            raise ValueError(f"row {i}: no prompt tokens and no virtual tokens")
-        validate_params(row.params)
+    check_rows(rows)
 
     # Rows aborted before the batch starts are not computed at all.
-    live = [i for i, row in enumerate(rows) if not _aborted_before_start(row)]
-    outputs = [_ABORTED] * len(rows)
+    live = [i for i, row in enumerate(rows) if not aborted_before_start(row)]
+    outputs = [ABORTED] * len(rows)
     if not live:
         return outputs
     live_rows = [rows[i] for i in live]
 
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_ids_of(model, tokenizer)
     with torch.inference_mode():
         batch = build_batch_inputs(
             model.get_input_embeddings(),
@@ -101,7 +98,7 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
         def on_done(state: RowState) -> None:
             if state.aborted or state.row.on_finish is None:
                 return
-            output = _final_output(state, tokenizer)
+            output = final_output(state, tokenizer)
             early[id(state)] = output
             try:
                 state.row.on_finish(output)
@@ -144,7 +141,16 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
     return outputs
 
 
-def _aborted_before_start(row: BatchRow) -> bool:
+def check_rows(rows: Sequence[BatchRow]) -> None:
+    """ValueError for a row no batch can run: no tokens at all, or out-of-range parameters."""
+    for i, row in enumerate(rows):
+        if not row.prompt_ids and (row.prompt_embeds is None or row.prompt_embeds.shape[0] == 0):
+            raise ValueError(f"row {i}: no prompt tokens and no virtual tokens")
+        validate_params(row.params)
+
+
+def aborted_before_start(row: BatchRow) -> bool:
+    """Whether a row was aborted before it ran: it is not computed at all."""
     if row.is_aborted is None:
         return False
     try:
@@ -154,7 +160,7 @@ def _aborted_before_start(row: BatchRow) -> bool:
         return True
 
 
-def _final_output(state: RowState, tokenizer: Any) -> RowOutput:
+def final_output(state: RowState, tokenizer: Any) -> RowOutput:
     """A finished row's output, decoded now (the same text the end-of-batch decode gives)."""
     assert state.finish_reason is not None
     text = state.text
@@ -170,7 +176,7 @@ def _text_ids(state: RowState) -> list[int]:
     return state.token_ids
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+def eos_ids_of(model: Any, tokenizer: Any) -> frozenset[int]:
     """The ids that end a row: what PEFT's generate would stop on (model first, then tokenizer)."""
     candidates = (
         getattr(getattr(model, "generation_config", None), "eos_token_id", None),

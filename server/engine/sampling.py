@@ -1,10 +1,11 @@
-"""Per-row logits processing, so rows with different sampling parameters share one `generate`.
+"""Per-row token choice, so rows with different sampling parameters share one model batch.
 
-`generate` accepts one GenerationConfig per call. We run it greedy and do every row's own
-decision here: greedy rows keep their logits (generate's argmax picks the token); sampled rows
-are sampled here, each from its own seeded generator, and their logits are replaced by a one-hot
-(0 on the chosen token, -inf elsewhere) so the argmax picks exactly that token. A row's random
-stream therefore never depends on its batch mates.
+Greedy rows take the argmax of their logits; sampled rows are sampled here, each from its own
+seeded generator (RowSampler), so a row's random stream never depends on its batch mates. The
+continuous decode loop (server.engine.decoding) calls sample_rows directly. Static batching runs
+`generate`, which accepts one GenerationConfig per call: it runs greedy, and
+PerRowLogitsProcessor replaces a sampled row's logits by a one-hot (0 on the chosen token, -inf
+elsewhere) so generate's argmax picks exactly that token.
 """
 
 from __future__ import annotations
@@ -32,6 +33,57 @@ def validate_params(params: SamplingParams) -> None:
         raise ValueError(f"top_k must be >= 0, got {params.top_k}")
 
 
+class RowSampler:
+    """One row's sampling state: its parameters and, for a sampled row, its own generator.
+
+    A row's random stream depends only on its seed: one uniform draw per step from its own
+    generator, whatever batch it shares and whichever batching mode runs it.
+    """
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            self.generator = torch.Generator(device="cpu").manual_seed(seed & _SEED_MASK)
+
+
+def mask_eos(scores: torch.Tensor, rows: Sequence[int], eos_ids: torch.Tensor) -> None:
+    """-inf on the eos ids of `rows` (their ignore_eos), in place; scores [batch, vocab]."""
+    if rows and eos_ids.numel():
+        index = torch.tensor(rows, dtype=torch.long, device=scores.device)
+        scores[index[:, None], eos_ids.to(scores.device)[None, :]] = float("-inf")
+
+
+def sample_rows(scores: torch.Tensor, samplers: Sequence[RowSampler]) -> torch.Tensor:
+    """One token per row of `scores` [n, vocab] (float32) from its sampler; returns ids [n].
+
+    Every sampler must be a sampled one (temperature > 0).
+    """
+    device = scores.device
+    params = [s.params for s in samplers]
+    # One uniform draw per row per step from the row's own generator, whatever its path.
+    u = torch.cat([torch.rand(1, generator=s.generator) for s in samplers]).to(device)  # [n]
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32,
+                               device=device)  # [n]
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)  # 0 = off
+    # top_p == 1 means "off"; an infinite threshold avoids dropping tail tokens whose
+    # preceding cumulative mass merely rounds to 1.0.
+    top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params],
+                         dtype=torch.float32, device=device)  # [n]
+    logits = scores / temperature[:, None]  # [n, vocab]
+
+    chosen = torch.empty(len(samplers), dtype=torch.long, device=device)  # [n]
+    whole = (top_k == 0) & torch.isinf(top_p)  # plain temperature sampling: no sorting
+    if whole.any():
+        chosen[whole] = _sample_whole_vocab(logits[whole], u[whole])
+    ranked = ~whole
+    if ranked.any():
+        chosen[ranked] = _sample_ranked(logits[ranked], top_k[ranked], top_p[ranked],
+                                        u[ranked])
+    return chosen
+
+
 class PerRowLogitsProcessor(LogitsProcessor):
     """Applies each row's ignore_eos, temperature, top-k, top-p and seeded sampling.
 
@@ -49,60 +101,23 @@ class PerRowLogitsProcessor(LogitsProcessor):
         device: torch.device,
     ) -> None:
         self._finished = finished
-        ignore = [i for i, p in enumerate(params) if p.ignore_eos]
-        self._ignore_eos_rows = torch.tensor(ignore, dtype=torch.long, device=device)
+        self._ignore_eos_rows = [i for i, p in enumerate(params) if p.ignore_eos]
         self._eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
-        self._mask_eos = bool(ignore) and self._eos_ids.numel() > 0
-
-        self._sampled = [i for i, p in enumerate(params) if p.temperature > 0]
-        sp = [params[i] for i in self._sampled]
-        self._temperature = torch.tensor([p.temperature for p in sp], dtype=torch.float32,
-                                         device=device)  # [num_sampled]
-        self._top_k = torch.tensor([p.top_k for p in sp], dtype=torch.long,
-                                   device=device)  # [num_sampled], 0 = off
-        # top_p == 1 means "off"; an infinite threshold avoids dropping tail tokens whose
-        # preceding cumulative mass merely rounds to 1.0.
-        self._top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in sp],
-                                   dtype=torch.float32, device=device)  # [num_sampled]
-        self._generators = [
-            torch.Generator(device="cpu").manual_seed(
-                (p.seed if p.seed is not None else secrets.randbits(63)) & _SEED_MASK
-            )
-            for p in sp
-        ]
-        self._device = device
+        self._sampled = [(i, RowSampler(p)) for i, p in enumerate(params) if p.temperature > 0]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # scores: [batch, vocab], float32 (generate upcasts); modified in place, it is a copy.
         scores = scores.float()
-        if self._mask_eos:
-            scores[self._ignore_eos_rows[:, None], self._eos_ids[None, :]] = float("-inf")
-        active = [j for j, row in enumerate(self._sampled) if not self._finished[row]]
+        mask_eos(scores, self._ignore_eos_rows, self._eos_ids)
+        active = [(i, s) for i, s in self._sampled if not self._finished[i]]
         if active:
-            self._sample_into(scores, active)
+            rows = torch.tensor([i for i, _ in active], dtype=torch.long,
+                                device=scores.device)  # [n]
+            chosen = sample_rows(scores.index_select(0, rows), [s for _, s in active])
+            # A one-hot (0 on the chosen token, -inf elsewhere): generate's argmax takes it.
+            scores.index_fill_(0, rows, float("-inf"))
+            scores[rows, chosen] = 0.0
         return scores
-
-    def _sample_into(self, scores: torch.Tensor, active: list[int]) -> None:
-        """Sample one token for each active sampled row; make its logits a one-hot on it."""
-        device = scores.device
-        rows = torch.tensor([self._sampled[j] for j in active], dtype=torch.long,
-                            device=device)  # [n]
-        sel = torch.tensor(active, dtype=torch.long, device=device)  # [n]
-        # One uniform draw per row per step from the row's own generator, whatever its path.
-        u = torch.cat([torch.rand(1, generator=self._generators[j]) for j in active]).to(device)
-        logits = scores.index_select(0, rows) / self._temperature[sel, None]  # [n, vocab]
-        top_k, top_p = self._top_k[sel], self._top_p[sel]  # [n], [n]
-
-        chosen = torch.empty(len(active), dtype=torch.long, device=device)  # [n]
-        whole = (top_k == 0) & torch.isinf(top_p)  # plain temperature sampling: no sorting
-        if whole.any():
-            chosen[whole] = _sample_whole_vocab(logits[whole], u[whole])
-        ranked = ~whole
-        if ranked.any():
-            chosen[ranked] = _sample_ranked(logits[ranked], top_k[ranked], top_p[ranked],
-                                            u[ranked])
-        scores.index_fill_(0, rows, float("-inf"))
-        scores[rows, chosen] = 0.0
 
 
 # Top-p rows first look among this many best tokens; that is exact whenever their mass reaches

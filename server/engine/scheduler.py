@@ -2,9 +2,14 @@
 
 Requests whose adapter is resident (or that use the bare model) are *ready*; a request whose
 adapter misses the prompt cache waits while a small loader pool reads it from the store and
-moves it onto the device, so a cold adapter never holds up anyone else's batch. Of the ready
-requests a `BatchPolicy` picks up to max_batch_size; the thread waits at most max_wait after
-the oldest ready request arrived for batch mates, then calls run_batch once.
+moves it onto the device, so a cold adapter never holds up anyone else's batch. A `BatchPolicy`
+picks which ready requests run next (fairly across tenants by default).
+
+Continuous batching (the default where the model allows it, server.engine.decoding): between
+two decode steps the policy fills the running batch's free slots up to max_batch_size, and a
+row leaves the step it finishes. Static batching (seq2seq models, or --batching static): the
+policy picks up to max_batch_size and run_batch runs them to the longest row. Either way, an
+idle engine waits at most max_wait after the oldest ready request arrived for batch mates.
 
 Results travel back with loop.call_soon_threadsafe: to an asyncio Future (generate) or an
 asyncio.Queue (streams). The thread never blocks on the event loop and vice versa.
@@ -19,6 +24,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +32,7 @@ import torch
 from adapters_store.errors import AdapterStoreError
 from adapters_store.store import AdapterStore
 from server.engine import generation
+from server.engine.decoding import RunningBatch
 from server.engine.errors import (
     EngineNotReadyError,
     GenerationError,
@@ -43,25 +50,51 @@ log = logging.getLogger(__name__)
 
 
 class BatchPolicy(Protocol):
-    """Which ready requests form the next batch. May keep state across calls (fairness)."""
+    """Which requests run next. May keep state across calls."""
 
-    def select(self, ready: Sequence[Ticket], max_batch_size: int) -> list[Ticket]: ...
+    def select(self, ready: Sequence[Ticket], slots: int,
+               running: Sequence[Ticket] = ()) -> list[Ticket]:
+        """Up to `slots` of `ready` to start (or resume), given the rows already running."""
+        ...
+
+    def preempt(self, running: Sequence[Ticket], waiting: Sequence[Ticket],
+                capacity: int) -> list[Ticket]:
+        """Running rows to park to make room for `waiting` (continuous batching only)."""
+        ...
 
 
 class FifoPolicy:
-    """Oldest first, across tenants (the default is fairness.RoundRobinPolicy)."""
+    """Oldest first, across tenants, never preempting (the default is
+    fairness.RoundRobinPolicy)."""
 
-    def select(self, ready: Sequence[Ticket], max_batch_size: int) -> list[Ticket]:
-        return sorted(ready, key=lambda t: t.seq)[:max_batch_size]
+    def select(self, ready: Sequence[Ticket], slots: int,
+               running: Sequence[Ticket] = ()) -> list[Ticket]:
+        return sorted(ready, key=lambda t: t.seq)[:slots]
+
+    def preempt(self, running: Sequence[Ticket], waiting: Sequence[Ticket],
+                capacity: int) -> list[Ticket]:
+        return []
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the engine thread does before its next step."""
+
+    park: list[Ticket]  # running rows to take out of the steps (fair preemption)
+    resume: list[Ticket]  # parked rows to put back
+    admit: list[Ticket]  # queued requests to start
 
 
 class Scheduler:
-    """Thread-safe submit/abort; one engine thread and a small adapter-loader pool."""
+    """Thread-safe submit/abort; one engine thread and a small adapter-loader pool.
+
+    `continuous` must only be True for a model decoding.unsupported_reason accepts.
+    """
 
     def __init__(self, loaded: LoadedModel, *, store: AdapterStore, cache: PromptCache,
                  observer: EngineObserver, max_batch_size: int, max_wait_s: float,
                  max_queue: int, policy: BatchPolicy | None = None,
-                 loader_threads: int = 2) -> None:
+                 continuous: bool = False, loader_threads: int = 2) -> None:
         self._loaded = loaded
         self._store = store
         self._cache = cache
@@ -70,6 +103,8 @@ class Scheduler:
         self._max_wait_s = max_wait_s
         self._max_queue = max_queue
         self._policy = policy or RoundRobinPolicy()  # fair across tenants
+        self.continuous = continuous
+        self.parked = 0  # rows parked by fair preemption, for the gauge
         self._cond = threading.Condition()
         self._ready: list[Ticket] = []
         self._loading: dict[tuple[str, str, str], list[Ticket]] = {}
@@ -78,7 +113,9 @@ class Scheduler:
         self._seq = 0
         self._draining = False
         self._stopped = False
-        self._batch_seconds = 1.0  # running mean, for Retry-After
+        # Running mean of how long max_batch_size requests take to clear, for Retry-After:
+        # a static batch's duration, or one request's time in the running batch.
+        self._batch_seconds = 1.0
         self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="adapter-loader")
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -205,8 +242,11 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
-            while (batch := self._next_batch()) is not None:
-                self._run_batch(batch)
+            if self.continuous:
+                self._run_continuous()
+            else:
+                while (plan := self._next_plan()) is not None:
+                    self._run_batch(plan.admit)
         except BaseException as e:  # the thread must not die silently: fail everyone
             log.critical("engine thread crashed: %s: %s", type(e).__name__, e, exc_info=True)
             with self._cond:
@@ -217,13 +257,22 @@ class Scheduler:
                                                    f"{type(e).__name__}"))
             raise
 
-    def _next_batch(self) -> list[Ticket] | None:
-        """Block until a batch is due; None when stopping and nothing is left to do."""
+    def _next_plan(self, running: Sequence[Ticket] = (),
+                   parked: Sequence[Ticket] = ()) -> _Plan | None:
+        """What to park, resume and admit before the next step; None when stopping and
+        nothing is left to do.
+
+        With no rows running or parked, blocks until a batch is due (max_batch_size ready, or
+        max_wait after the oldest); otherwise never blocks (rows must keep decoding).
+        """
         with self._cond:
             while True:
                 self._ready = [t for t in self._ready if t.state is TicketState.QUEUED]
-                if self._stopped or (self._draining and self._queued == 0):
+                busy = bool(running or parked)
+                if self._stopped or (self._draining and self._queued == 0 and not busy):
                     return None
+                if busy:
+                    break
                 if not self._ready:
                     self._cond.wait()
                     continue
@@ -234,31 +283,88 @@ class Scheduler:
                 if wait <= 0:
                     break
                 self._cond.wait(wait)
-            batch = self._policy.select(self._ready, self._max_batch_size)
-            chosen = {id(t) for t in batch}
-            self._ready = [t for t in self._ready if id(t) not in chosen]
-            for ticket in batch:
+            waiting = [*self._ready, *(t for t in parked if t.state is TicketState.RUNNING)]
+            park: list[Ticket] = []
+            if waiting and len(parked) < self._max_batch_size:  # parked rows hold KV cache
+                park = self._policy.preempt(running, waiting, self._max_batch_size)
+            parking = {id(t) for t in park}
+            staying = [t for t in running if id(t) not in parking]
+            chosen = self._policy.select(waiting, self._max_batch_size - len(staying), staying)
+            admit = [t for t in chosen if t.state is TicketState.QUEUED]
+            admitted = {id(t) for t in admit}
+            self._ready = [t for t in self._ready if id(t) not in admitted]
+            for ticket in admit:
                 ticket.state = TicketState.RUNNING
-            self._queued -= len(batch)
-            return batch
+            self._queued -= len(admit)
+            return _Plan(park, [t for t in chosen if id(t) not in admitted], admit)
+
+    def _run_continuous(self) -> None:
+        """Admit into the running batch between steps; a row leaves the step it finishes."""
+        batch: RunningBatch[Ticket] = RunningBatch(self._loaded.model, self._loaded.tokenizer)
+        while True:
+            gone = [t for t in batch.parked if t.state is TicketState.DONE]  # aborted, failed
+            batch.discard_parked(gone)
+            plan = self._next_plan(batch.handles, batch.parked)
+            if plan is None:
+                break
+            batch.park(plan.park)
+            batch.resume(plan.resume)
+            running, joining = batch.handles, plan.admit
+            now = time.monotonic()
+            self._observe_batch_start(running + joining, joining, now)
+            left: list[tuple[Ticket, generation.RowOutput]] = []
+            try:
+                left += batch.step()
+            except Exception as e:  # noqa: BLE001 - the cache is not trusted after this
+                batch.clear()
+                self._fail_batch(running, e)
+            for ticket in joining:
+                ticket.started_at = now
+            try:
+                left += batch.admit([(t, self._row(t, early=False)) for t in joining])
+            except Exception as e:  # noqa: BLE001 - the running rows are untouched
+                self._fail_batch(joining, e)
+            finished = time.monotonic()
+            aborted = 0
+            for ticket, out in left:
+                run_s = finished - (ticket.started_at or finished)
+                self._batch_seconds = 0.95 * self._batch_seconds + 0.05 * run_s
+                if out.aborted:
+                    aborted += 1
+                    self.abort(ticket)
+                else:
+                    self._complete(ticket, out)
+            size = len(running) + len(joining)
+            self._observer.batch_finished(size=size, steps=1, generated_tokens=size - aborted)
+            self.parked = len(batch.parked)
+        # Stopped: stop() has failed whatever was still running or parked.
+
+    def _observe_batch_start(self, tickets: Sequence[Ticket], joining: Sequence[Ticket],
+                             now: float) -> None:
+        adapters = {(t.namespace, t.request.adapter_id) for t in tickets
+                    if t.request.adapter_id is not None}
+        self._observer.batch_started(size=len(tickets), distinct_adapters=len(adapters))
+        for ticket in joining:
+            self._observer.queue_wait(now - ticket.submitted_at)
+
+    def _fail_batch(self, tickets: Sequence[Ticket], error: Exception) -> None:
+        """A model failure fails the rows that shared the failing call, and only them."""
+        log.error("batch of %s requests failed: %s: %s", len(tickets), type(error).__name__,
+                  error, exc_info=error)
+        for ticket in tickets:
+            self._fail(ticket, GenerationError(
+                f"generation failed for the batch holding this request: "
+                f"{type(error).__name__}: {error}"))
 
     def _run_batch(self, batch: list[Ticket]) -> None:
+        """Static batching: one run_batch call, every row to the longest one."""
         started = time.monotonic()
-        adapters = {(t.namespace, t.request.adapter_id) for t in batch
-                    if t.request.adapter_id is not None}
-        self._observer.batch_started(size=len(batch), distinct_adapters=len(adapters))
-        for ticket in batch:
-            self._observer.queue_wait(started - ticket.submitted_at)
-        rows = [self._row(t) for t in batch]
+        self._observe_batch_start(batch, batch, started)
+        rows = [self._row(t, early=True) for t in batch]
         try:
             outputs = generation.run_batch(self._loaded.model, self._loaded.tokenizer, rows)
         except Exception as e:  # noqa: BLE001 - isolate the failure to this batch
-            log.error("batch of %s requests failed: %s: %s", len(batch), type(e).__name__, e,
-                      exc_info=True)
-            for ticket in batch:
-                self._fail(ticket, GenerationError(
-                    f"generation failed for the batch holding this request: "
-                    f"{type(e).__name__}: {e}"))
+            self._fail_batch(batch, e)
             return
         finally:
             elapsed = time.monotonic() - started
@@ -282,7 +388,9 @@ class Scheduler:
         if self._finish(ticket):
             ticket.deliver(result)
 
-    def _row(self, ticket: Ticket) -> generation.BatchRow:
+    def _row(self, ticket: Ticket, *, early: bool) -> generation.BatchRow:
+        """The ticket as a model row; `early`: answer it from inside run_batch when it finishes
+        (continuous batching returns a row the step it finishes anyway)."""
         def on_first_token() -> None:
             self._observer.first_token(time.monotonic() - ticket.submitted_at)
 
@@ -296,7 +404,7 @@ class Scheduler:
             prompt_ids=ticket.request.prompt_ids, prompt_embeds=ticket.embeds,
             params=ticket.request.params, on_chunk=on_chunk, is_aborted=ticket.is_aborted,
             on_first_token=on_first_token,
-            on_finish=lambda out: self._complete(ticket, out))  # answer a short row at once
+            on_finish=(lambda out: self._complete(ticket, out)) if early else None)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class Ticket:
         self.virtual_tokens = virtual_tokens
         self.loop = loop
         self.submitted_at = time.monotonic()
+        self.started_at: float | None = None  # when it joined a running batch (continuous)
         self.state = TicketState.QUEUED
         self.embeds: torch.Tensor | None = None  # [num_virtual_tokens, hidden] once resolved
         self.future: asyncio.Future | None = None if stream else loop.create_future()

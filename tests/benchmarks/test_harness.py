@@ -46,18 +46,25 @@ def test_cpu_ref_runs_every_system_and_reports_ratios(tmp_path, capsys) -> None:
     assert "OVERRIDDEN" in printed and "engine/peft-sequential" in printed
 
 
-def test_mixed_lengths_reports_the_padding_static_batching_wastes(tmp_path) -> None:
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_mixed_lengths_reports_the_padding_static_batching_wastes(batching, tmp_path) -> None:
     args = ["--requests", "6", "--adapters", "3", "--new-tokens", "2", "--new-tokens-max", "9"]
-    result = run(tmp_path, "mixed-lengths", *args, "--modes", "engine", "--baselines", "plain")
+    result = run(tmp_path, "mixed-lengths", *args, "--modes", "engine", "--baselines", "plain",
+                 "--batching", batching)
     lengths = [r.new_tokens for r in make_requests(WORKLOADS["mixed-lengths"].with_overrides(
         requests=6, adapters=3, new_tokens=2, new_tokens_max=9))]
     assert len(set(lengths)) > 1
     # One batch (6 rows <= max_batch_size): every row runs to the longest one.
     expected = round(100 * (1 - sum(lengths) / (len(lengths) * max(lengths))), 1)
-    assert result["extra"]["engine_batches"] == 1
-    assert result["extra"]["engine_wasted_row_steps_pct"] == expected
+    assert result["extra"]["batching"] == batching
     assert result["extra"]["plain_wasted_row_steps_pct"] == expected
     assert result["systems"]["engine"]["tokens"] == sum(lengths)
+    if batching == "static":
+        assert result["extra"]["engine_batches"] == 1
+        assert result["extra"]["engine_wasted_row_steps_pct"] == expected
+    else:  # every step is a batch of the rows still running: nothing wasted
+        assert result["extra"]["engine_batches"] == max(lengths)
+        assert result["extra"]["engine_wasted_row_steps_pct"] == 0.0
 
 
 def test_many_adapters_reports_cache_behaviour_from_a_cold_start(tmp_path) -> None:

@@ -61,10 +61,12 @@ class RecordingObserver(NullObserver):
 
 
 def make_engine(model_dir: Path, tmp_path: Path, *, store: LocalAdapterStore | None = None,
-                observer: RecordingObserver | None = None, **settings_kw) -> Engine:
+                observer: RecordingObserver | None = None, policy=None,
+                **settings_kw) -> Engine:
     settings = Settings(model=str(model_dir), store=str(tmp_path / "store"),
                         model_cache=tmp_path / "model-cache", device=Device.CPU, **settings_kw)
-    engine = Engine(settings, store or LocalAdapterStore(settings.store), observer=observer)
+    engine = Engine(settings, store or LocalAdapterStore(settings.store), observer=observer,
+                    policy=policy)
     engine.start()
     engine.wait_until_ready(60)
     return engine
@@ -104,11 +106,12 @@ def llama_adapters(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
             for name, kind, n, seed in ADAPTERS}
 
 
-@pytest.fixture
-async def engine(tiny_model_dirs, tmp_path, llama_adapters):
+@pytest.fixture(params=["continuous", "static"])
+async def engine(request, tiny_model_dirs, tmp_path, llama_adapters):
     observer = RecordingObserver()
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_wait_ms=200,
-                      max_batch_size=16)
+                      max_batch_size=16, batching=request.param)
+    assert eng.batching == request.param
     for name, path in llama_adapters.items():
         await eng.add_adapter("t1", name, upload_of(path))
     yield eng
@@ -125,6 +128,7 @@ async def test_concurrent_mixed_requests_equal_peft_alone(engine, tiny_model_dir
     # Warm the cache so all ten are ready together and share batches.
     await asyncio.gather(*(engine.generate(request(engine, "x", n)) for n in llama_adapters))
     engine._observer.batches.clear()
+    engine._observer.inner.queue_waits = 0
     results = await asyncio.gather(*(engine.generate(request(engine, t, n, max_new_tokens=m))
                                      for t, n, m in cases))
     refs = {n: load_peft_reference(tiny_model_dirs["llama"], llama_adapters.get(n))
@@ -136,26 +140,33 @@ async def test_concurrent_mixed_requests_equal_peft_alone(engine, tiny_model_dir
         vt = 0 if name is None else dict((a[0], a[2]) for a in ADAPTERS)[name]
         assert (result.prompt_tokens, result.virtual_tokens) == (len(engine.tokenize(text)), vt)
     sizes = engine._observer.batches
-    assert sum(s for s, _ in sizes) == len(cases)
+    assert engine._observer.queue_waits == len(cases)  # each started once
     assert max(s for s, _ in sizes) > 1 and max(d for _, d in sizes) > 1  # batches mix
 
 
 async def test_batch_finished_reports_steps_and_padding_of_mixed_lengths(engine) -> None:
-    """Rows asking 2, 5 and 9 tokens share one batch: 9 steps for 3 rows, 16 tokens made."""
+    """Rows asking 2, 5 and 9 tokens start together and make 16 tokens. Static batching runs
+    one 9-step batch of 3 rows (11 padding row-steps); continuous batching reports every step
+    as a batch of the rows still running (3, 3, 2, 2, 2, 1, 1, 1, 1: no padding)."""
     observer = engine._observer
     lengths = (2, 5, 9)
     results = await asyncio.gather(*(
         engine.generate(request(engine, "Hi!", None, max_new_tokens=n, ignore_eos=True))
         for n in lengths))
     assert [r.completion_tokens for r in results] == list(lengths)
-    assert observer.batches[-1][0] == 3  # max_wait_ms=200: one batch
     await until(lambda: len(observer.finished) == len(observer.batches))
-    assert observer.finished[-1] == (3, 9, 16)
+    if engine.batching == "static":
+        assert observer.batches[-1][0] == 3  # max_wait_ms=200: one batch
+        assert observer.finished[-1] == (3, 9, 16)
+    else:
+        assert [size for size, _, _ in observer.finished[-9:]] == [3, 3, 2, 2, 2, 1, 1, 1, 1]
+        assert all(steps == 1 and made == size for size, steps, made in observer.finished)
 
 
 async def test_a_short_row_is_answered_before_its_batch_mates_finish(engine) -> None:
-    """Static batching runs every row to the longest one; the short row's result (and its
-    stream's end) still go out at the step it finished, and equal its output alone."""
+    """The short row's result (and its stream's end) go out at the step it finished, and equal
+    its output alone: static batching answers it from inside a batch that runs on to the
+    longest row; continuous batching lets it join the long row's running batch and leave."""
     observer = engine._observer
     alone = await engine.generate(request(engine, "Hi!", "pt3", max_new_tokens=3))
     long_req = request(engine, "a", None, max_new_tokens=400, ignore_eos=True)
@@ -169,10 +180,15 @@ async def test_a_short_row_is_answered_before_its_batch_mates_finish(engine) -> 
     assert (short.token_ids, short.text, short.finish_reason) == (
         alone.token_ids, alone.text, alone.finish_reason)
     assert (await long_task).completion_tokens == 400
-    assert observer.batches[-1][0] == 2  # they did share one batch
-    # Results go out from inside the batch; the batch's own report follows it.
     await until(lambda: len(observer.finished) == len(observer.batches))
-    assert observer.finished[-1] == (2, 400, 400 + len(short.token_ids))
+    if engine.batching == "static":
+        assert observer.batches[-1][0] == 2  # they did share one batch
+        # Results go out from inside the batch; the batch's own report follows it.
+        assert observer.finished[-1] == (2, 400, 400 + len(short.token_ids))
+    else:  # the short row joined the running batch and left it; the long row went on alone
+        steps = observer.finished[-400:]
+        assert sum(size for size, _, _ in steps) == 400 + len(short.token_ids)
+        assert max(size for size, _, _ in steps) == 2 and steps[-1][0] == 1
 
 
 class BrokenObserver(NullObserver):

@@ -1,14 +1,17 @@
-"""Round-robin batch selection: a small tenant is not starved by another tenant's backlog."""
+"""Fair batch selection: a small tenant is not starved by another tenant's backlog, neither when
+a batch forms nor (continuous batching) when a full running batch must make room for it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engine.fairness import RoundRobinPolicy
+import pytest
+
+from server.engine.fairness import RoundRobinPolicy, fair_shares
 from server.engine.scheduler import FifoPolicy
 
 
-@dataclass
+@dataclass(eq=False)
 class Queued:
     seq: int
     namespace: str
@@ -43,3 +46,60 @@ def test_tenants_alternate_and_rotate_by_oldest_head() -> None:
 def test_more_tenants_than_batch_slots_serves_the_longest_waiting_first() -> None:
     ready = [Queued(i, f"t{i}") for i in range(10)]
     assert [t.namespace for t in RoundRobinPolicy().select(ready, 3)] == ["t0", "t1", "t2"]
+
+
+def test_each_free_slot_goes_to_the_tenant_with_the_fewest_running_rows() -> None:
+    running = [Queued(i, "a") for i in range(6)] + [Queued(6, "b")]
+    ready = [Queued(10 + i, "a") for i in range(5)] + [Queued(20, "b"), Queued(21, "c"),
+                                                        Queued(22, "c")]
+    picked = RoundRobinPolicy().select(ready, 3, running)
+    # c has none, then b and c have one each (b's head is older), then c.
+    assert [(t.namespace, t.seq) for t in picked] == [("c", 21), ("b", 20), ("c", 22)]
+
+
+@pytest.mark.parametrize(("demand", "capacity", "expected"), [
+    ({"a": 200, "b": 5}, 32, {"a": 27, "b": 5}),
+    ({"a": 10, "b": 10}, 32, {"a": 10, "b": 10}),
+    ({"a": 100, "b": 100, "c": 3}, 32, {"a": 15, "b": 14, "c": 3}),
+    ({"a": 1, "b": 1, "c": 1}, 2, {"a": 1, "b": 1, "c": 0}),
+    ({"a": 0, "b": 7}, 4, {"a": 0, "b": 4}),
+])
+def test_fair_shares_are_max_min_fair_and_leave_no_slot_idle(demand, capacity,
+                                                             expected) -> None:
+    shares = fair_shares(demand, capacity)
+    assert shares == expected
+    assert sum(shares.values()) == min(capacity, sum(demand.values()))
+
+
+def test_a_full_batch_parks_the_big_tenants_newest_rows_for_a_waiting_small_tenant() -> None:
+    running = [Queued(i, "a") for i in range(32)]
+    waiting = [Queued(100 + i, "a") for i in range(50)] + [Queued(200 + i, "b")
+                                                            for i in range(5)]
+    parked = RoundRobinPolicy().preempt(running, waiting, 32)
+    assert sorted(t.seq for t in parked) == list(range(27, 32))
+    # With those parked, the freed slots all go to b.
+    staying = [t for t in running if t not in parked]
+    picked = RoundRobinPolicy().select(waiting + parked, 5, staying)
+    assert {t.namespace for t in picked} == {"b"}
+
+
+def test_no_preemption_when_free_slots_cover_the_waiting_or_shares_are_met() -> None:
+    policy = RoundRobinPolicy()
+    running = [Queued(i, "a") for i in range(27)]
+    assert policy.preempt(running, [Queued(100 + i, "b") for i in range(5)], 32) == []
+    running += [Queued(50 + i, "b") for i in range(5)]
+    assert policy.preempt(running, [Queued(100 + i, "a") for i in range(9)], 32) == []
+    even = [Queued(i, "a") for i in range(16)] + [Queued(50 + i, "b") for i in range(16)]
+    more = [Queued(100, "a"), Queued(101, "b"), Queued(102, "b")]
+    assert policy.preempt(even, more, 32) == []  # both at their share of 16
+    assert FifoPolicy().preempt([Queued(i, "a") for i in range(32)], [Queued(99, "b")],
+                                32) == []
+
+
+def test_preemption_takes_only_what_the_free_slots_do_not_cover() -> None:
+    running = [Queued(i, "a") for i in range(30)]
+    waiting = [Queued(100 + i, "b") for i in range(5)]
+    assert [t.seq for t in RoundRobinPolicy().preempt(running, waiting, 32)] == [29, 28, 27]
+    # b's sixth request: a small tenant's whole demand is its share when a does not need it.
+    running = [Queued(i, "a") for i in range(27)] + [Queued(50 + i, "b") for i in range(5)]
+    assert [t.seq for t in RoundRobinPolicy().preempt(running, [Queued(60, "b")], 32)] == [26]

@@ -1,9 +1,12 @@
 """The correctness bar: inside one mixed batch, every row's greedy tokens equal PEFT's output for
-that request run alone, token for token, in float32 — for every architecture and adapter type.
+that request run alone, token for token, in float32 — for every architecture and adapter type,
+with static batching and (decoder-only models) with continuous batching, rows joining a running
+batch at different steps and leaving as they finish.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +15,8 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters_store import ModelSpec, parse_directory
-from server.engine.generation import BatchRow, run_batch
+from server.engine.decoding import RunningBatch, unsupported_reason
+from server.engine.generation import BatchRow, RowOutput, run_batch
 from server.engine.interface import FinishReason, SamplingParams
 from tests.factories import (
     ARCHS,
@@ -97,6 +101,40 @@ def _make_adapter(model_dir: Path, root: Path, i: int, spec: AdapterSpec, *,
     return peft_dir, parsed.embeddings[: parsed.num_virtual_tokens]
 
 
+# Continuous batching: how many of REQUESTS join before each step (the rest join at the end).
+JOINS = (3, 0, 1, 4, 0, 0, 2, 1, 0, 0, 0, 3)
+PARK = {2: (1, 4), 5: (3, 7)}  # at step k, park the rows of these REQUESTS indices ...
+RESUME = {4: (1,), 6: (4,), 9: (3, 7)}  # ... and at step k resume these
+
+
+def run_continuous(model, tokenizer, rows: list[BatchRow]) -> list[RowOutput]:
+    """Rows join a RunningBatch in JOINS-sized groups between steps, some are parked for a
+    few steps and resumed (as a fair scheduler does); outputs in row order."""
+    batch: RunningBatch[int] = RunningBatch(model, tokenizer)
+    outputs: dict[int, RowOutput] = {}
+    pending = list(enumerate(rows))
+    joins = list(JOINS)
+    widths, parked = [], []
+    for k in itertools.count():
+        if not (pending or len(batch) or batch.parked):
+            break
+        take = joins.pop(0) if joins else len(pending)
+        admitted, pending = pending[:take], pending[take:]
+        if admitted:
+            outputs.update(batch.admit(admitted))
+        batch.park([i for i in PARK.get(k, ()) if i in batch.handles])
+        batch.resume([i for i in RESUME.get(k, ()) if i in batch.parked])
+        if k > max(RESUME):
+            batch.resume(batch.parked)
+        parked.append(len(batch.parked))
+        outputs.update(batch.step())
+        widths.append(batch.cache_length)
+    # Rows of different lengths shared the cache, and finished rows were trimmed away.
+    assert max(widths) > 0 and widths[-1] == 0
+    assert max(parked) >= 2 and parked[-1] == 0
+    return [outputs[i] for i in range(len(rows))]
+
+
 CUDA = pytest.param("cuda", marks=[
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -127,17 +165,23 @@ def test_mixed_batch_matches_peft_alone(arch: str, device: str, tiny_model_dirs,
     ]
 
     outputs = run_batch(model, tokenizer, rows)
+    modes = {"static": outputs}
+    if not seq2seq:
+        assert unsupported_reason(model, tokenizer) is None
+        modes["continuous"] = run_continuous(model, tokenizer, rows)
 
     # One PEFT model per adapter, reused across its requests (loading is the slow part).
     references = {None: load_base(model_dir)}
     references.update({i: load_peft_reference(model_dir, d) for i, d in enumerate(adapter_dirs)})
-    for i, (request, row, out) in enumerate(zip(REQUESTS, rows, outputs, strict=True)):
+    for i, (request, row) in enumerate(zip(REQUESTS, rows, strict=True)):
         expected = reference_greedy(references[request.adapter], list(row.prompt_ids),
                                     request.max_new_tokens)
-        assert list(out.token_ids) == expected, f"{arch} row {i} ({request})"
         eos = bool(expected) and expected[-1] == model.generation_config.eos_token_id
-        assert out.finish_reason is (FinishReason.EOS if eos else FinishReason.LENGTH)
-        assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        for mode, outs in modes.items():
+            out = outs[i]
+            assert list(out.token_ids) == expected, f"{arch} {mode} row {i} ({request})"
+            assert out.finish_reason is (FinishReason.EOS if eos else FinishReason.LENGTH)
+            assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
     # Anchor the reused-model helper to the factory's reference itself, for one adapter row.
     assert list(outputs[2].token_ids) == peft_reference_generate(

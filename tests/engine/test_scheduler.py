@@ -13,6 +13,7 @@ import pytest
 
 from adapters_store import LocalAdapterStore
 from server.engine import generation
+from server.engine.decoding import RunningBatch
 from server.engine.errors import EngineNotReadyError, GenerationError, QueueFullError
 from server.engine.interface import GenerationRequest, SamplingParams, TokenChunk
 from server.engine.scheduler import FifoPolicy
@@ -43,12 +44,12 @@ def adapters(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
             for name, n, seed in (("cold", 4, 11), ("warm", 3, 12))}
 
 
-@pytest.fixture
-async def gated(tiny_model_dirs, tmp_path, adapters):
+@pytest.fixture(params=["continuous", "static"])
+async def gated(request, tiny_model_dirs, tmp_path, adapters):
     store = GatedStore(tmp_path / "store")
     observer = RecordingObserver()
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, store=store, observer=observer,
-                      max_queue=3, max_wait_ms=1)
+                      max_queue=3, max_wait_ms=1, batching=request.param)
     for name, path in adapters.items():
         await eng.add_adapter("t1", name, upload_of(path))
     store.gates["cold"] = threading.Event()
@@ -137,18 +138,29 @@ async def test_shutdown_fails_what_cannot_finish_in_time(gated) -> None:
     gate.set()
 
 
-async def test_a_failing_batch_fails_only_its_requests(tiny_model_dirs, tmp_path, monkeypatch,
-                                                       caplog) -> None:
-    real = generation.run_batch
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+async def test_a_failing_batch_fails_only_its_requests(batching, tiny_model_dirs, tmp_path,
+                                                       monkeypatch, caplog) -> None:
     poison = 7  # a token id only the poisoned request carries
+    if batching == "static":
+        real = generation.run_batch
 
-    def run_batch(model, tokenizer, rows):
-        if any(poison in row.prompt_ids for row in rows):
-            raise RuntimeError("simulated device failure")
-        return real(model, tokenizer, rows)
+        def run_batch(model, tokenizer, rows):
+            if any(poison in row.prompt_ids for row in rows):
+                raise RuntimeError("simulated device failure")
+            return real(model, tokenizer, rows)
 
-    monkeypatch.setattr(generation, "run_batch", run_batch)
-    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=1)
+        monkeypatch.setattr(generation, "run_batch", run_batch)
+    else:
+        real_admit = RunningBatch.admit
+
+        def admit(self, entries):
+            if any(poison in row.prompt_ids for _, row in entries):
+                raise RuntimeError("simulated device failure")
+            return real_admit(self, entries)
+
+        monkeypatch.setattr(RunningBatch, "admit", admit)
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=1, batching=batching)
     try:
         bad = GenerationRequest(request_id="bad", prompt_ids=(1, poison), adapter_id=None)
         with caplog.at_level(logging.ERROR):
@@ -164,20 +176,55 @@ async def test_a_failing_batch_fails_only_its_requests(tiny_model_dirs, tmp_path
         await eng.aclose(10)
 
 
-async def test_batches_are_bounded_and_fifo(tiny_model_dirs, tmp_path) -> None:
+async def test_a_failing_step_fails_the_running_rows_and_the_engine_goes_on(
+        tiny_model_dirs, tmp_path, monkeypatch) -> None:
+    """Continuous batching: a model error mid-decode fails the rows that were running (their
+    cache is not trusted) and only them; the next requests start from a clean batch."""
+    real_step = RunningBatch.step
+    armed, failed = threading.Event(), threading.Event()
+
+    def step(self):
+        if armed.is_set() and len(self) == 2 and not failed.is_set():
+            failed.set()
+            raise RuntimeError("simulated device failure")
+        return real_step(self)
+
+    monkeypatch.setattr(RunningBatch, "step", step)
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_wait_ms=200)
+    armed.set()  # after the startup probe, which steps a two-row batch too
+    try:
+        outcomes = await asyncio.gather(
+            *(eng.generate(request(eng, t, None, max_new_tokens=6)) for t in ("Hi!", "abc")),
+            return_exceptions=True)
+        assert failed.is_set()
+        assert all(isinstance(o, GenerationError) and "simulated" in str(o) for o in outcomes)
+        after = await asyncio.gather(*(eng.generate(request(eng, t, None, max_new_tokens=6))
+                                       for t in ("Hi!", "abc")))
+        assert [r.completion_tokens for r in after] == [6, 6]
+        assert eng.is_ready() and eng.stats()["in_flight"] == 0
+    finally:
+        await eng.aclose(10)
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+async def test_batches_are_bounded_and_fifo(batching, tiny_model_dirs, tmp_path) -> None:
     observer = RecordingObserver()
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=3,
-                      max_wait_ms=500)
+                      max_wait_ms=500, batching=batching)
     try:
         order: list[int] = []
 
-        async def one(i: int) -> None:
-            await eng.generate(request(eng, "Hi!", None, max_new_tokens=3))
+        async def one(i: int) -> int:
+            result = await eng.generate(request(eng, "Hi!", None, max_new_tokens=3))
             order.append(i)
+            return result.completion_tokens
 
-        await asyncio.gather(*(one(i) for i in range(7)))
+        made = await asyncio.gather(*(one(i) for i in range(7)))
+        await until(lambda: len(observer.finished) == len(observer.batches))
         assert all(size <= 3 for size, _ in observer.batches)
-        assert sum(size for size, _ in observer.batches) == 7
+        assert sum(tokens for _, _, tokens in observer.finished) == sum(made)
+        if batching == "static":  # continuous batching reports every step as a batch
+            assert sum(size for size, _ in observer.batches) == 7
         assert order[:3] == sorted(order[:3]) and set(order[:3]) == {0, 1, 2}
         assert observer.queue_waits == 7 and observer.first_tokens == 7
     finally:
@@ -202,3 +249,60 @@ async def test_sampled_output_with_seed_is_independent_of_batch_mates(gated) -> 
         *(eng.generate(request(eng, t, None, max_new_tokens=5)) for t in ("abc", "de")))
     assert mates[0].token_ids == alone.token_ids
     assert SamplingParams(**params).seed == 1234
+
+
+def _long(eng, text: str, tenant: str, tokens: int):
+    return request(eng, text, None, namespace=tenant, max_new_tokens=tokens, ignore_eos=True)
+
+
+@pytest.mark.parametrize("policy", ["fair", "fifo"])
+async def test_a_full_batch_makes_room_for_another_tenant(policy, tiny_model_dirs,
+                                                          tmp_path) -> None:
+    """Continuous batching: tenant a's long rows fill the batch. With the fair (default)
+    policy tenant b's short request parks one of them and is answered while a's rows are still
+    decoding; the parked row then resumes where it stopped and every output equals its output
+    alone. FIFO makes b wait for a's rows."""
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=2, max_wait_ms=50,
+                      policy=FifoPolicy() if policy == "fifo" else None)
+    try:
+        texts = ("abc", "de")
+        alone = [await eng.generate(_long(eng, t, "a", 120)) for t in texts]
+        a_tasks = [asyncio.ensure_future(eng.generate(_long(eng, t, "a", 120))) for t in texts]
+        await until(lambda: eng.stats()["in_flight"] == 2 and eng.stats()["queue_depth"] == 0)
+        parked: list[float] = []
+        b_task = asyncio.ensure_future(eng.generate(_long(eng, "Hi!", "b", 4)))
+        while not b_task.done():
+            parked.append(eng.stats()["parked"])
+            await asyncio.sleep(0.001)
+        assert b_task.result().completion_tokens == 4
+        b_first = not any(t.done() for t in a_tasks)
+        results = await asyncio.gather(*a_tasks)
+        assert [r.token_ids for r in results] == [r.token_ids for r in alone]
+        if policy == "fair":
+            assert b_first and max(parked) == 1
+        else:
+            assert not b_first and max(parked) == 0
+        assert eng.stats()["parked"] == 0 and eng.stats()["in_flight"] == 0
+    finally:
+        await eng.aclose(10)
+
+
+async def test_a_parked_request_can_be_aborted(tiny_model_dirs, tmp_path) -> None:
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=2, max_wait_ms=50)
+    try:
+        a_tasks = [asyncio.ensure_future(eng.generate(_long(eng, t, "a", 400)))
+                   for t in ("abc", "de")]
+        await until(lambda: eng.stats()["in_flight"] == 2 and eng.stats()["queue_depth"] == 0)
+        b_task = asyncio.ensure_future(eng.generate(_long(eng, "Hi!", "b", 300)))
+        await until(lambda: eng.stats()["parked"] == 1)
+        parked = a_tasks[1]  # the newest of a's rows is the one parked
+        parked.cancel()
+        await until(lambda: eng.stats()["parked"] == 0)
+        assert eng.stats()["in_flight"] == 2 and not b_task.done()
+        assert (await b_task).completion_tokens == 300
+        assert (await a_tasks[0]).completion_tokens == 400
+        with pytest.raises(asyncio.CancelledError):
+            await parked
+        assert eng.stats()["in_flight"] == 0
+    finally:
+        await eng.aclose(10)

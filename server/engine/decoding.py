@@ -1,0 +1,341 @@
+"""Continuous batching: rows join a running decode loop between steps and leave at the step
+they finish.
+
+`generate` (static batching, server.engine.generation) runs a batch until its longest row is
+done: a finished row's slot idles, and a new request waits for the whole batch. Here the engine
+thread owns the loop over the model's forward instead. All running rows share one KV cache (a
+transformers DynamicCache), left-padded to a common length, with an attention mask of 0 on the
+pads:
+
+- a joining group is prefilled on its own (soft prompt then token embeddings, laid out by
+  build_batch_inputs), then its cache and mask are left-padded and concatenated onto the running
+  ones;
+- every step feeds each row its last token at the row's own position (its count of real
+  tokens), so padding changes nothing a row sees, exactly as in the static path;
+- a row that finishes (or is aborted) leaves at once: its cache rows are dropped, and leading
+  columns that are padding for every remaining row are trimmed, so the cache never outgrows the
+  longest live row.
+
+This needs a decoder-only model whose cache is a plain DynamicCache (GPT-2, Llama, Qwen2, BLOOM,
+Mistral without a sliding window, ...). `unsupported_reason` says when a model is not one;
+the scheduler then runs static batching.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from server.engine.batch import RowInput, build_batch_inputs
+from server.engine.generation import (
+    ABORTED,
+    BatchRow,
+    RowOutput,
+    aborted_before_start,
+    check_rows,
+    eos_ids_of,
+    final_output,
+)
+from server.engine.interface import SamplingParams
+from server.engine.sampling import RowSampler, mask_eos, sample_rows
+from server.engine.stopping import RowState
+
+log = logging.getLogger(__name__)
+
+H = TypeVar("H")  # the caller's handle for a row (the scheduler's Ticket)
+
+
+class ContinuousBatchingUnsupportedError(RuntimeError):
+    """The model's KV cache cannot be merged and split by rows; use static batching."""
+
+
+@dataclass
+class _Slot(Generic[H]):
+    handle: H
+    state: RowState
+    sampler: RowSampler
+    length: int  # real tokens in this row's cache: virtual + prompt + generated tokens fed
+
+
+class _Group(Generic[H]):
+    """Rows sharing one KV cache, left-padded to a common width."""
+
+    def __init__(self, slots: list[_Slot[H]], cache: DynamicCache | None,
+                 mask: torch.Tensor | None, next_ids: torch.Tensor | None) -> None:
+        self.slots = slots
+        self.cache = cache
+        self.mask = mask  # [rows, width] int64, 0 on left pads
+        self.next_ids = next_ids  # [rows, 1]: each row's last token, fed at the next step
+
+    @classmethod
+    def empty(cls) -> _Group[H]:
+        return cls([], None, None, None)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    def take(self, indices: Sequence[int]) -> _Group[H]:
+        """Split the rows at `indices` off into a group of their own; this one keeps the rest.
+        Both are trimmed of leading columns that are padding for all of their rows."""
+        taken = self._select(sorted(set(indices)))
+        self.drop(indices)
+        return taken
+
+    def drop(self, indices: Sequence[int]) -> None:
+        """Forget the rows at `indices`; trim leading columns no remaining row uses."""
+        gone = set(indices)
+        rest = self._select([i for i in range(len(self.slots)) if i not in gone])
+        self.slots, self.cache, self.mask, self.next_ids = (
+            rest.slots, rest.cache, rest.mask, rest.next_ids)
+
+    def extend(self, other: _Group[H]) -> None:
+        """Append another group's rows, left-padding whichever cache is narrower."""
+        if not other.slots:
+            return
+        if not self.slots:
+            self.slots, self.cache, self.mask, self.next_ids = (
+                other.slots, other.cache, other.mask, other.next_ids)
+            return
+        assert self.cache is not None and self.mask is not None and self.next_ids is not None
+        assert other.cache is not None and other.mask is not None and other.next_ids is not None
+        mine, theirs = self.width, other.width
+        width = max(mine, theirs)
+        self.mask = torch.cat([F.pad(self.mask, (width - mine, 0)),
+                               F.pad(other.mask, (width - theirs, 0))])
+        for a, b in zip(self.cache.layers, other.cache.layers, strict=True):
+            a.keys = torch.cat([_left_pad(a.keys, width - mine), _left_pad(b.keys, width - theirs)])
+            a.values = torch.cat([_left_pad(a.values, width - mine),
+                                  _left_pad(b.values, width - theirs)])
+        self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.slots = self.slots + other.slots
+
+    def _select(self, rows: list[int]) -> _Group[H]:
+        if not rows:
+            return _Group.empty()
+        assert self.cache is not None and self.mask is not None and self.next_ids is not None
+        slots = [self.slots[i] for i in rows]
+        trim = min(self.width - slot.length for slot in slots)
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        cache = copy.copy(self.cache)  # the same kind of cache, with its own layers
+        cache.layers = []
+        for layer in self.cache.layers:
+            part = copy.copy(layer)
+            at = index.to(layer.keys.device)
+            part.keys = layer.keys.index_select(0, at)[:, :, trim:]
+            part.values = layer.values.index_select(0, at)[:, :, trim:]
+            cache.layers.append(part)
+        return _Group(slots, cache, self.mask.index_select(0, index)[:, trim:],
+                      self.next_ids.index_select(0, index))
+
+
+class RunningBatch(Generic[H]):
+    """The rows decoding now on one model, and rows parked out of it. Owned by the engine
+    thread; not thread-safe.
+
+    A parked row keeps its cache and its place in its output but takes no steps until it is
+    resumed (a fair scheduler parks a tenant's rows to make room for another tenant's).
+    If `step` or `admit` raises a model error, call `clear()`: the cache may be half updated.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._eos_ids = eos_ids_of(model, tokenizer)
+        self._eos = torch.tensor(sorted(self._eos_ids), dtype=torch.long)
+        accepted = inspect.signature(model.forward).parameters
+        self._takes_position_ids = "position_ids" in accepted  # BLOOM: ALiBi from the mask
+        self._takes_logits_to_keep = "logits_to_keep" in accepted
+        self._running: _Group[H] = _Group.empty()
+        self._parked: _Group[H] = _Group.empty()
+
+    def __len__(self) -> int:
+        """Rows that take a step (parked rows not counted)."""
+        return len(self._running)
+
+    @property
+    def handles(self) -> list[H]:
+        return [slot.handle for slot in self._running.slots]
+
+    @property
+    def parked(self) -> list[H]:
+        return [slot.handle for slot in self._parked.slots]
+
+    @property
+    def cache_length(self) -> int:
+        """Columns of the running rows' cache: the longest running row (after trimming)."""
+        return self._running.width
+
+    def clear(self) -> None:
+        """Drop every running row without output (after a model failure, or at shutdown).
+        Parked rows are untouched."""
+        self._running = _Group.empty()
+
+    def park(self, handles: Sequence[H]) -> None:
+        """Take these running rows out of the steps, keeping their cache, until resumed."""
+        wanted = {id(h) for h in handles}
+        indices = [i for i, slot in enumerate(self._running.slots) if id(slot.handle) in wanted]
+        self._parked.extend(self._running.take(indices))
+
+    def resume(self, handles: Sequence[H]) -> None:
+        """Put parked rows back into the steps, where they go on from their last token."""
+        wanted = {id(h) for h in handles}
+        indices = [i for i, slot in enumerate(self._parked.slots) if id(slot.handle) in wanted]
+        self._running.extend(self._parked.take(indices))
+
+    def discard_parked(self, handles: Sequence[H]) -> None:
+        """Forget parked rows nobody waits for any more (aborted while parked)."""
+        wanted = {id(h) for h in handles}
+        self._parked.drop([i for i, slot in enumerate(self._parked.slots)
+                           if id(slot.handle) in wanted])
+
+    def admit(self, entries: Sequence[tuple[H, BatchRow]]) -> list[tuple[H, RowOutput]]:
+        """Prefill new rows and add them; each takes its first token now.
+
+        Returns the rows that left at once: aborted before they started (not computed), or
+        finished at their first token. Raises ValueError for an invalid row (then none is
+        admitted) and ContinuousBatchingUnsupportedError for a cache that cannot be merged;
+        model errors propagate. The running rows are untouched when this raises.
+        """
+        check_rows([row for _, row in entries])
+        live: list[tuple[H, BatchRow]] = []
+        left: list[tuple[H, RowOutput]] = []
+        for handle, row in entries:
+            if aborted_before_start(row):
+                left.append((handle, ABORTED))
+            else:
+                live.append((handle, row))
+        if not live:
+            return left
+        with torch.inference_mode():
+            batch = build_batch_inputs(self._model.get_input_embeddings(),
+                                       [RowInput(r.prompt_ids, r.prompt_embeds) for _, r in live])
+            mask = batch.attention_mask  # [new, width]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # a pad's position is never seen
+            out = self._forward(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
+                                position_ids=positions, past_key_values=None)
+            _check_cache(out.past_key_values, rows=len(live), length=int(mask.shape[1]))
+            slots = [_Slot(handle, RowState(row, self._tokenizer, self._eos_ids),
+                           RowSampler(row.params), length)
+                     for (handle, row), length in zip(live, batch.lengths, strict=True)]
+            tokens = self._choose(out.logits[:, -1, :], slots)  # [new]
+            group = _Group(slots, out.past_key_values, mask, tokens[:, None])
+            left += self._record(group, tokens)
+            self._running.extend(group)
+        return left
+
+    def step(self) -> list[tuple[H, RowOutput]]:
+        """One decode step: every running row takes one token. Returns the rows that left."""
+        group = self._running
+        if not group.slots:
+            return []
+        assert group.mask is not None and group.next_ids is not None
+        with torch.inference_mode():
+            mask = torch.cat([group.mask, group.mask.new_ones(len(group), 1)], dim=1)
+            positions = torch.tensor([[slot.length] for slot in group.slots],
+                                     device=mask.device)  # [rows, 1]
+            out = self._forward(input_ids=group.next_ids, attention_mask=mask,
+                                position_ids=positions, past_key_values=group.cache)
+            group.cache, group.mask = out.past_key_values, mask
+            for slot in group.slots:
+                slot.length += 1
+            tokens = self._choose(out.logits[:, -1, :], group.slots)  # [rows]
+            group.next_ids = tokens[:, None]
+            return self._record(group, tokens)
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _forward(self, *, position_ids: torch.Tensor, **kwargs: Any) -> Any:
+        if self._takes_position_ids:
+            kwargs["position_ids"] = position_ids
+        if self._takes_logits_to_keep:  # the last position's logits only, not the prompt's
+            kwargs["logits_to_keep"] = 1
+        return self._model(use_cache=True, return_dict=True, **kwargs)
+
+    def _choose(self, logits: torch.Tensor, slots: Sequence[_Slot[H]]) -> torch.Tensor:
+        """Each row's next token [n] from its logits [n, vocab]: argmax, or its own sampler."""
+        scores = logits.float()  # what generate compares, whatever the model's dtype
+        mask_eos(scores, [i for i, s in enumerate(slots) if s.sampler.params.ignore_eos],
+                 self._eos)
+        tokens = scores.argmax(dim=-1)  # [n]
+        sampled = [i for i, s in enumerate(slots) if s.sampler.generator is not None]
+        if sampled:
+            index = torch.tensor(sampled, dtype=torch.long, device=scores.device)
+            tokens[index] = sample_rows(scores.index_select(0, index),
+                                        [slots[i].sampler for i in sampled])
+        return tokens
+
+    def _record(self, group: _Group[H], tokens: torch.Tensor) -> list[tuple[H, RowOutput]]:
+        """Give each row of `group` its token; split off the ones that finished or aborted."""
+        leaving = []
+        for i, (slot, token) in enumerate(zip(group.slots, tokens.tolist(), strict=True)):
+            slot.state.step(token)
+            if slot.state.done:
+                leaving.append(i)
+        if not leaving:
+            return []
+        outputs = [(group.slots[i].handle, self._output(group.slots[i].state)) for i in leaving]
+        group.drop(leaving)
+        return outputs
+
+    def _output(self, state: RowState) -> RowOutput:
+        if state.aborted:
+            return RowOutput(tuple(state.token_ids), state.text or "", ABORTED.finish_reason,
+                             aborted=True)
+        return final_output(state, self._tokenizer)
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Zeros in front of the sequence axis of t [batch, heads, seq, head_dim]."""
+    return F.pad(t, (0, 0, n, 0)) if n else t
+
+
+def _check_cache(cache: Any, *, rows: int, length: int) -> None:
+    """Only a plain DynamicCache of [batch, heads, seq, head_dim] layers can be merged/split."""
+    if type(cache) is not DynamicCache:
+        raise ContinuousBatchingUnsupportedError(
+            f"the model returned a {type(cache).__name__}, not a DynamicCache")
+    for i, layer in enumerate(cache.layers):
+        keys = getattr(layer, "keys", None)
+        if (type(layer) is not DynamicLayer or keys is None or keys.dim() != 4
+                or tuple(keys.shape[:1]) + tuple(keys.shape[2:3]) != (rows, length)):
+            raise ContinuousBatchingUnsupportedError(
+                f"cache layer {i} is a {type(layer).__name__} of shape "
+                f"{None if keys is None else tuple(keys.shape)}; expected a DynamicLayer of "
+                f"[{rows}, heads, {length}, head_dim]")
+
+
+def unsupported_reason(model: Any, tokenizer: Any) -> str | None:
+    """Why this model cannot run continuous batching, or None when it can.
+
+    Seq2seq models are refused outright; a decoder-only model is probed with one two-row
+    admission and one step, which checks its cache type and layout; any error there means no.
+    """
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "seq2seq models run static batching"
+    probe: RunningBatch[int] = RunningBatch(model, tokenizer)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    rows = [BatchRow(prompt_ids=ids, prompt_embeds=None, params=params)
+            for ids in ([0], [min(1, vocab - 1), 0])]
+    try:
+        probe.admit(list(enumerate(rows)))
+        probe.step()
+    except ContinuousBatchingUnsupportedError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - a model our loop cannot drive: static still may
+        log.warning("continuous batching probe failed", exc_info=True)
+        return f"the probe failed: {type(e).__name__}: {e}"
+    return None
