@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -64,10 +63,16 @@ class _Slot(Generic[H]):
     state: RowState
     sampler: RowSampler
     length: int  # real tokens in this row's cache: virtual + prompt + generated tokens fed
+    alive: bool = True  # False once finished: its cache rows linger until the next compaction
 
 
 class _Group(Generic[H]):
-    """Rows sharing one KV cache, left-padded to a common width."""
+    """Rows sharing one KV cache, left-padded to a common width.
+
+    A finished row is retired, not removed at once: removing rows copies the whole cache, so
+    retired rows ride along (their output ignored) until rows join or move anyway, or a
+    quarter of the group is retired.
+    """
 
     def __init__(self, slots: list[_Slot[H]], cache: DynamicCache | None,
                  mask: torch.Tensor | None, next_ids: torch.Tensor | None) -> None:
@@ -75,52 +80,72 @@ class _Group(Generic[H]):
         self.cache = cache
         self.mask = mask  # [rows, width] int64, 0 on left pads
         self.next_ids = next_ids  # [rows, 1]: each row's last token, fed at the next step
+        self.retired = 0
 
     @classmethod
     def empty(cls) -> _Group[H]:
         return cls([], None, None, None)
 
     def __len__(self) -> int:
-        return len(self.slots)
+        """Live rows."""
+        return len(self.slots) - self.retired
+
+    @property
+    def live(self) -> list[_Slot[H]]:
+        return [slot for slot in self.slots if slot.alive] if self.retired else self.slots
 
     @property
     def width(self) -> int:
         return 0 if self.mask is None else int(self.mask.shape[1])
 
+    def retire(self, indices: Sequence[int]) -> None:
+        """Mark rows finished; compact when nothing is left or a quarter is retired."""
+        for i in indices:
+            self.slots[i].alive = False
+        self.retired += len(indices)
+        if self.retired and 4 * self.retired >= len(self.slots):
+            self.drop([])
+
     def take(self, indices: Sequence[int]) -> _Group[H]:
-        """Split the rows at `indices` off into a group of their own; this one keeps the rest.
-        Both are trimmed of leading columns that are padding for all of their rows."""
+        """Split the live rows at `indices` off into a group of their own; this one keeps the
+        other live rows. Both are trimmed of leading columns that are padding for all their
+        rows."""
         taken = self._select(sorted(set(indices)))
         self.drop(indices)
         return taken
 
     def drop(self, indices: Sequence[int]) -> None:
-        """Forget the rows at `indices`; trim leading columns no remaining row uses."""
+        """Forget the rows at `indices` and the retired ones; trim leading columns no
+        remaining row uses."""
         gone = set(indices)
-        rest = self._select([i for i in range(len(self.slots)) if i not in gone])
-        self.slots, self.cache, self.mask, self.next_ids = (
-            rest.slots, rest.cache, rest.mask, rest.next_ids)
+        rest = self._select([i for i, slot in enumerate(self.slots)
+                             if slot.alive and i not in gone])
+        self._become(rest)
 
     def extend(self, other: _Group[H]) -> None:
-        """Append another group's rows, left-padding whichever cache is narrower."""
+        """Append another group's live rows, left-padding whichever cache is narrower."""
+        if other.retired:
+            other.drop([])
+        if self.retired:
+            self.drop([])
         if not other.slots:
             return
         if not self.slots:
-            self.slots, self.cache, self.mask, self.next_ids = (
-                other.slots, other.cache, other.mask, other.next_ids)
+            self._become(other)
             return
         assert self.cache is not None and self.mask is not None and self.next_ids is not None
         assert other.cache is not None and other.mask is not None and other.next_ids is not None
-        mine, theirs = self.width, other.width
-        width = max(mine, theirs)
-        self.mask = torch.cat([F.pad(self.mask, (width - mine, 0)),
-                               F.pad(other.mask, (width - theirs, 0))])
+        width = max(self.width, other.width)
+        self.mask = _stack_left_padded(self.mask, other.mask, width)
         for a, b in zip(self.cache.layers, other.cache.layers, strict=True):
-            a.keys = torch.cat([_left_pad(a.keys, width - mine), _left_pad(b.keys, width - theirs)])
-            a.values = torch.cat([_left_pad(a.values, width - mine),
-                                  _left_pad(b.values, width - theirs)])
+            a.keys = _stack_left_padded(a.keys, b.keys, width)
+            a.values = _stack_left_padded(a.values, b.values, width)
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
         self.slots = self.slots + other.slots
+
+    def _become(self, other: _Group[H]) -> None:
+        self.slots, self.cache, self.mask, self.next_ids, self.retired = (
+            other.slots, other.cache, other.mask, other.next_ids, other.retired)
 
     def _select(self, rows: list[int]) -> _Group[H]:
         if not rows:
@@ -167,11 +192,11 @@ class RunningBatch(Generic[H]):
 
     @property
     def handles(self) -> list[H]:
-        return [slot.handle for slot in self._running.slots]
+        return [slot.handle for slot in self._running.live]
 
     @property
     def parked(self) -> list[H]:
-        return [slot.handle for slot in self._parked.slots]
+        return [slot.handle for slot in self._parked.live]
 
     @property
     def cache_length(self) -> int:
@@ -186,20 +211,24 @@ class RunningBatch(Generic[H]):
     def park(self, handles: Sequence[H]) -> None:
         """Take these running rows out of the steps, keeping their cache, until resumed."""
         wanted = {id(h) for h in handles}
-        indices = [i for i, slot in enumerate(self._running.slots) if id(slot.handle) in wanted]
-        self._parked.extend(self._running.take(indices))
+        indices = [i for i, slot in enumerate(self._running.slots)
+                   if slot.alive and id(slot.handle) in wanted]
+        if indices:
+            self._parked.extend(self._running.take(indices))
 
     def resume(self, handles: Sequence[H]) -> None:
         """Put parked rows back into the steps, where they go on from their last token."""
         wanted = {id(h) for h in handles}
         indices = [i for i, slot in enumerate(self._parked.slots) if id(slot.handle) in wanted]
-        self._running.extend(self._parked.take(indices))
+        if indices:
+            self._running.extend(self._parked.take(indices))
 
     def discard_parked(self, handles: Sequence[H]) -> None:
         """Forget parked rows nobody waits for any more (aborted while parked)."""
         wanted = {id(h) for h in handles}
-        self._parked.drop([i for i, slot in enumerate(self._parked.slots)
-                           if id(slot.handle) in wanted])
+        indices = [i for i, slot in enumerate(self._parked.slots) if id(slot.handle) in wanted]
+        if indices:
+            self._parked.drop(indices)
 
     def admit(self, entries: Sequence[tuple[H, BatchRow]]) -> list[tuple[H, RowOutput]]:
         """Prefill new rows and add them; each takes its first token now.
@@ -243,7 +272,7 @@ class RunningBatch(Generic[H]):
             return []
         assert group.mask is not None and group.next_ids is not None
         with torch.inference_mode():
-            mask = torch.cat([group.mask, group.mask.new_ones(len(group), 1)], dim=1)
+            mask = torch.cat([group.mask, group.mask.new_ones(len(group.slots), 1)], dim=1)
             positions = torch.tensor([[slot.length] for slot in group.slots],
                                      device=mask.device)  # [rows, 1]
             out = self._forward(input_ids=group.next_ids, attention_mask=mask,
@@ -270,7 +299,7 @@ class RunningBatch(Generic[H]):
         mask_eos(scores, [i for i, s in enumerate(slots) if s.sampler.params.ignore_eos],
                  self._eos)
         tokens = scores.argmax(dim=-1)  # [n]
-        sampled = [i for i, s in enumerate(slots) if s.sampler.generator is not None]
+        sampled = [i for i, s in enumerate(slots) if s.alive and s.sampler.generator is not None]
         if sampled:
             index = torch.tensor(sampled, dtype=torch.long, device=scores.device)
             tokens[index] = sample_rows(scores.index_select(0, index),
@@ -278,16 +307,17 @@ class RunningBatch(Generic[H]):
         return tokens
 
     def _record(self, group: _Group[H], tokens: torch.Tensor) -> list[tuple[H, RowOutput]]:
-        """Give each row of `group` its token; split off the ones that finished or aborted."""
+        """Give each live row of `group` its token; retire the ones that finished or aborted."""
         leaving = []
         for i, (slot, token) in enumerate(zip(group.slots, tokens.tolist(), strict=True)):
-            slot.state.step(token)
-            if slot.state.done:
-                leaving.append(i)
+            if slot.alive:
+                slot.state.step(token)
+                if slot.state.done:
+                    leaving.append(i)
         if not leaving:
             return []
         outputs = [(group.slots[i].handle, self._output(group.slots[i].state)) for i in leaving]
-        group.drop(leaving)
+        group.retire(leaving)
         return outputs
 
     def _output(self, state: RowState) -> RowOutput:
@@ -297,9 +327,17 @@ class RunningBatch(Generic[H]):
         return final_output(state, self._tokenizer)
 
 
-def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Zeros in front of the sequence axis of t [batch, heads, seq, head_dim]."""
-    return F.pad(t, (0, 0, n, 0)) if n else t
+def _stack_left_padded(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
+    """a then b along the batch axis, each right-aligned on the sequence axis (dim 2 of a
+    cache layer [batch, heads, seq, head_dim], dim 1 of a mask [batch, seq]), zeros in front:
+    one copy of each."""
+    seq = 2 if a.dim() == 4 else 1
+    shape = list(a.shape)
+    shape[0], shape[seq] = a.shape[0] + b.shape[0], width
+    out = a.new_zeros(shape)
+    out[: a.shape[0]].narrow(seq, width - a.shape[seq], a.shape[seq]).copy_(a)
+    out[a.shape[0]:].narrow(seq, width - b.shape[seq], b.shape[seq]).copy_(b)
+    return out
 
 
 def _check_cache(cache: Any, *, rows: int, length: int) -> None:

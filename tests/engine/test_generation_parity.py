@@ -114,7 +114,7 @@ def run_continuous(model, tokenizer, rows: list[BatchRow]) -> list[RowOutput]:
     outputs: dict[int, RowOutput] = {}
     pending = list(enumerate(rows))
     joins = list(JOINS)
-    widths, parked = [], []
+    widths, parked, retired = [], [], []
     for k in itertools.count():
         if not (pending or len(batch) or batch.parked):
             break
@@ -127,11 +127,13 @@ def run_continuous(model, tokenizer, rows: list[BatchRow]) -> list[RowOutput]:
         if k > max(RESUME):
             batch.resume(batch.parked)
         parked.append(len(batch.parked))
+        retired.append(batch._running.retired)  # finished rows not yet compacted away
         outputs.update(batch.step())
         widths.append(batch.cache_length)
     # Rows of different lengths shared the cache, and finished rows were trimmed away.
     assert max(widths) > 0 and widths[-1] == 0
     assert max(parked) >= 2 and parked[-1] == 0
+    assert max(retired) >= 1  # some steps ran with finished rows still in the cache
     return [outputs[i] for i in range(len(rows))]
 
 
