@@ -5,7 +5,7 @@ Prints B's median latency with A's flood and on an idle engine, and their ratio 
 constant to both) on builtin:tiny, so it needs no download:
 
     python benchmarks/fairness.py [--policy round_robin|fifo] [--batching continuous|static]
-                                  [--backlog 200] [--rounds 6]
+                                  [--device cpu|cuda] [--backlog 200] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ async def measure(engine, *, backlog: int, rounds: int, new_tokens: int) -> list
 
 async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, rounds: int = 6,
                        new_tokens: int = 8, max_batch_size: int = 32,
-                       batching: str = "continuous") -> dict:
+                       batching: str = "continuous", device: str = "cpu") -> dict:
     """B's latencies idle and under A's flood on one engine; the harness reports this dict."""
     with tempfile.TemporaryDirectory() as store:
-        settings = Settings(store=store, device="cpu", dtype="float32",
+        settings = Settings(store=store, device=device, dtype="auto",  # f32 on CPU, bf16 CUDA
                             max_batch_size=max_batch_size, max_wait_ms=5, batching=batching)
         engine = Engine(settings, LocalAdapterStore(store), policy=POLICIES[policy]())
         engine.start()
@@ -81,7 +81,8 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
         finally:
             await engine.aclose(30)
     idle_ms, loaded_ms = statistics.median(idle) * 1000, statistics.median(loaded) * 1000
-    return {"policy": policy, "batching": batching, "backlog_a": backlog, "b_concurrent": 5,
+    return {"policy": policy, "batching": batching, "device": device, "backlog_a": backlog,
+            "b_concurrent": 5,
             "rounds": rounds,
             "max_batch_size": max_batch_size, "new_tokens": new_tokens,
             "b_idle_ms": {"p50": idle_ms, "max": max(idle) * 1000},
@@ -97,10 +98,11 @@ async def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batching", choices=("continuous", "static"), default="continuous")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     r = await run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
                            new_tokens=args.new_tokens, max_batch_size=args.max_batch_size,
-                           batching=args.batching)
+                           batching=args.batching, device=args.device)
     print(f"policy={args.policy} batching={args.batching} backlog(A)={args.backlog} "
           f"B=5 concurrent x {args.rounds} rounds, max_batch_size={args.max_batch_size}, "
           f"{args.new_tokens} new tokens")

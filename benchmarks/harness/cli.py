@@ -89,10 +89,10 @@ def _fairness(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.harness.results import environment
 
     r = asyncio.run(run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
-                                 batching=args.batching))
+                                 batching=args.batching, device=args.device or "cpu"))
     env = environment()
-    print(f"\nfairness ({args.policy}, {args.batching} batching): {env['date']}, "
-          f"commit {env['commit']}")
+    print(f"\nfairness ({args.policy}, {args.batching} batching, {r['device']}): "
+          f"{env['date']}, commit {env['commit']}")
     print(f"  B p50 idle {r['b_idle_ms']['p50']:.1f} ms, with A's backlog of {args.backlog} "
           f"{r['b_loaded_ms']['p50']:.1f} ms: ratio {r['ratio']:.2f}x (target <= 2x)")
     return {"workload": {"name": "fairness"}, "environment": env, "result": r}

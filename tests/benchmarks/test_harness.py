@@ -79,3 +79,15 @@ def test_many_adapters_reports_cache_behaviour_from_a_cold_start(tmp_path) -> No
     assert distinct <= loads["count"] <= cache["misses"]  # a 4-adapter cache re-loads some
     assert cache["evictions"] >= distinct - 4
     assert loads["ms"]["p50"] > 0
+
+
+@pytest.mark.parametrize(("policy", "batching"), [("round_robin", "continuous"),
+                                                  ("fifo", "static")])
+def test_fairness_reports_b_idle_and_under_a_flood(policy, batching, tmp_path) -> None:
+    result = run(tmp_path, "fairness", "--backlog", "12", "--rounds", "2", "--policy", policy,
+                 "--batching", batching)["result"]
+    assert (result["policy"], result["batching"], result["device"]) == (policy, batching, "cpu")
+    assert (result["backlog_a"], result["rounds"]) == (12, 2)
+    idle, loaded = result["b_idle_ms"], result["b_loaded_ms"]
+    assert 0 < idle["p50"] <= idle["max"] and 0 < loaded["p50"] <= loaded["max"]
+    assert result["ratio"] == pytest.approx(loaded["p50"] / idle["p50"])
