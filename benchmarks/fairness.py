@@ -24,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters_store.local import LocalAdapterStore  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
-from server.engine.fairness import RoundRobinPolicy  # noqa: E402
+from server.engine.fairness import (
+    FifoPolicy,  # noqa: E402
+    RoundRobinPolicy,  # noqa: E402
+)
 from server.engine.interface import GenerationRequest, SamplingParams  # noqa: E402
-from server.engine.scheduler import FifoPolicy  # noqa: E402
 
 POLICIES = {"round_robin": RoundRobinPolicy, "fifo": FifoPolicy}
 

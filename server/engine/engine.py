@@ -26,6 +26,7 @@ from server.engine.chat import render_chat
 from server.engine.decoding import unsupported_reason
 from server.engine.detokenizer import DECODE_KWARGS
 from server.engine.errors import EngineNotReadyError, InvalidRequestError, RequestTooLongError
+from server.engine.fairness import BatchPolicy
 from server.engine.interface import (
     AdapterUpload,
     GenerationRequest,
@@ -36,7 +37,7 @@ from server.engine.model_loader import LoadedModel, load_model
 from server.engine.observer import EngineObserver, GuardedObserver, NullObserver
 from server.engine.prompt_cache import PromptCache, version_of
 from server.engine.sampling import validate_params
-from server.engine.scheduler import BatchPolicy, Scheduler
+from server.engine.scheduler import Scheduler
 from server.engine.store_refresh import StoreRefresher, count_stored
 from server.engine.stores import open_store
 from server.engine.tickets import Ticket, TokenStream

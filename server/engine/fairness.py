@@ -1,4 +1,5 @@
-"""Fair batch selection across tenants: max-min fair shares of the batch's slots.
+"""Batch policies: which requests run next. The default is fair across tenants: max-min fair
+shares of the batch's slots (FifoPolicy, oldest first, is there to compare against).
 
 With FIFO, a tenant that keeps hundreds of requests queued fills every batch and a tenant with a
 few requests waits behind all of them. Here each free slot goes to the tenant with the fewest
@@ -53,6 +54,32 @@ def fair_shares(demand: Mapping[str, int], capacity: int) -> dict[str, int]:
             if not left:
                 break
     return shares
+
+
+class BatchPolicy(Protocol):
+    """Which requests run next. May keep state across calls."""
+
+    def select(self, ready: Sequence[T], slots: int,
+               running: Sequence[T] = ()) -> list[T]:
+        """Up to `slots` of `ready` to start (or resume), given the rows already running."""
+        ...
+
+    def preempt(self, running: Sequence[T], waiting: Sequence[T],
+                capacity: int) -> list[T]:
+        """Running rows to park to make room for `waiting` (continuous batching only)."""
+        ...
+
+
+class FifoPolicy:
+    """Oldest first, across tenants, never preempting: one tenant's backlog delays everyone."""
+
+    def select(self, ready: Sequence[T], slots: int,
+               running: Sequence[T] = ()) -> list[T]:
+        return sorted(ready, key=lambda t: t.seq)[:slots]
+
+    def preempt(self, running: Sequence[T], waiting: Sequence[T],
+                capacity: int) -> list[T]:
+        return []
 
 
 class RoundRobinPolicy:

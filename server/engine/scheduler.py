@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -39,7 +39,7 @@ from server.engine.errors import (
     InvalidRequestError,
     QueueFullError,
 )
-from server.engine.fairness import RoundRobinPolicy
+from server.engine.fairness import BatchPolicy, RoundRobinPolicy
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver
@@ -47,33 +47,6 @@ from server.engine.prompt_cache import PromptCache, version_of
 from server.engine.tickets import Failure, Ticket, TicketState
 
 log = logging.getLogger(__name__)
-
-
-class BatchPolicy(Protocol):
-    """Which requests run next. May keep state across calls."""
-
-    def select(self, ready: Sequence[Ticket], slots: int,
-               running: Sequence[Ticket] = ()) -> list[Ticket]:
-        """Up to `slots` of `ready` to start (or resume), given the rows already running."""
-        ...
-
-    def preempt(self, running: Sequence[Ticket], waiting: Sequence[Ticket],
-                capacity: int) -> list[Ticket]:
-        """Running rows to park to make room for `waiting` (continuous batching only)."""
-        ...
-
-
-class FifoPolicy:
-    """Oldest first, across tenants, never preempting (the default is
-    fairness.RoundRobinPolicy)."""
-
-    def select(self, ready: Sequence[Ticket], slots: int,
-               running: Sequence[Ticket] = ()) -> list[Ticket]:
-        return sorted(ready, key=lambda t: t.seq)[:slots]
-
-    def preempt(self, running: Sequence[Ticket], waiting: Sequence[Ticket],
-                capacity: int) -> list[Ticket]:
-        return []
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.engine.fairness import RoundRobinPolicy, fair_shares
-from server.engine.scheduler import FifoPolicy
+from server.engine.fairness import FifoPolicy, RoundRobinPolicy, fair_shares
 
 
 @dataclass(eq=False)

@@ -15,8 +15,8 @@ from adapters_store import LocalAdapterStore
 from server.engine import generation
 from server.engine.decoding import RunningBatch
 from server.engine.errors import EngineNotReadyError, GenerationError, QueueFullError
+from server.engine.fairness import FifoPolicy
 from server.engine.interface import GenerationRequest, SamplingParams, TokenChunk
-from server.engine.scheduler import FifoPolicy
 from tests.engine.test_engine import RecordingObserver, make_engine, request, until, upload_of
 from tests.factories import make_adapter
 
