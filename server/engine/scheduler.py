@@ -80,6 +80,9 @@ class Scheduler:
         self.parked = 0  # rows parked by fair preemption, for the gauge
         self._cond = threading.Condition()
         self._ready: list[Ticket] = []
+        # Tickets made ready so far, and as of the last plan: a full batch with no new arrival
+        # has nothing to decide, and the policy is not run over a long queue every step.
+        self._arrivals = self._planned_arrivals = 0
         self._loading: dict[tuple[str, str, str], list[Ticket]] = {}
         self._live: dict[str, Ticket] = {}  # request_id -> ticket, until DONE
         self._queued = 0  # tickets in state QUEUED
@@ -129,7 +132,7 @@ class Scheduler:
             self._live[request.request_id] = ticket
             self._queued += 1
             if request.adapter_id is None:
-                self._ready.append(ticket)
+                self._make_ready(ticket)
             else:
                 self._resolve(ticket)
             self._cond.notify_all()
@@ -171,7 +174,7 @@ class Scheduler:
         embeds = self._cache.lookup(req.namespace, req.adapter_id, ticket.version)
         if embeds is not None:
             ticket.embeds = embeds
-            self._ready.append(ticket)
+            self._make_ready(ticket)
             return
         key = (req.namespace, req.adapter_id, ticket.version)
         waiting = self._loading.get(key)
@@ -179,6 +182,11 @@ class Scheduler:
             self._loading[key] = waiting = []
             self._pool.submit(self._load, key)
         waiting.append(ticket)
+
+    def _make_ready(self, ticket: Ticket) -> None:
+        """Under the lock."""
+        self._ready.append(ticket)
+        self._arrivals += 1
 
     def _load(self, key: tuple[str, str, str]) -> None:
         """On a loader thread: store -> device/dtype -> cache; then release the waiters."""
@@ -205,7 +213,7 @@ class Scheduler:
             for ticket in waiting:
                 if ticket.state is TicketState.QUEUED and embeds is not None:
                     ticket.embeds = embeds
-                    self._ready.append(ticket)
+                    self._make_ready(ticket)
             self._cond.notify_all()
         if error is not None:
             for ticket in waiting:
@@ -256,6 +264,9 @@ class Scheduler:
                 if wait <= 0:
                     break
                 self._cond.wait(wait)
+            if len(running) >= self._max_batch_size and self._arrivals == self._planned_arrivals:
+                return _Plan([], [], [])
+            self._planned_arrivals = self._arrivals
             waiting = [*self._ready, *(t for t in parked if t.state is TicketState.RUNNING)]
             park: list[Ticket] = []
             if waiting and len(parked) < self._max_batch_size:  # parked rows hold KV cache
