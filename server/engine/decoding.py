@@ -208,6 +208,7 @@ class RunningBatch(Generic[H]):
         Parked rows are untouched."""
         self._running = _Group.empty()
 
+    @torch.inference_mode()
     def park(self, handles: Sequence[H]) -> None:
         """Take these running rows out of the steps, keeping their cache, until resumed."""
         wanted = {id(h) for h in handles}
@@ -216,6 +217,7 @@ class RunningBatch(Generic[H]):
         if indices:
             self._parked.extend(self._running.take(indices))
 
+    @torch.inference_mode()
     def resume(self, handles: Sequence[H]) -> None:
         """Put parked rows back into the steps, where they go on from their last token."""
         wanted = {id(h) for h in handles}
@@ -223,6 +225,7 @@ class RunningBatch(Generic[H]):
         if indices:
             self._running.extend(self._parked.take(indices))
 
+    @torch.inference_mode()
     def discard_parked(self, handles: Sequence[H]) -> None:
         """Forget parked rows nobody waits for any more (aborted while parked)."""
         wanted = {id(h) for h in handles}
