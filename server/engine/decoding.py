@@ -211,26 +211,19 @@ class RunningBatch(Generic[H]):
     @torch.inference_mode()
     def park(self, handles: Sequence[H]) -> None:
         """Take these running rows out of the steps, keeping their cache, until resumed."""
-        wanted = {id(h) for h in handles}
-        indices = [i for i, slot in enumerate(self._running.slots)
-                   if slot.alive and id(slot.handle) in wanted]
-        if indices:
+        if indices := _indices(self._running, handles):
             self._parked.extend(self._running.take(indices))
 
     @torch.inference_mode()
     def resume(self, handles: Sequence[H]) -> None:
         """Put parked rows back into the steps, where they go on from their last token."""
-        wanted = {id(h) for h in handles}
-        indices = [i for i, slot in enumerate(self._parked.slots) if id(slot.handle) in wanted]
-        if indices:
+        if indices := _indices(self._parked, handles):
             self._running.extend(self._parked.take(indices))
 
     @torch.inference_mode()
     def discard_parked(self, handles: Sequence[H]) -> None:
         """Forget parked rows nobody waits for any more (aborted while parked)."""
-        wanted = {id(h) for h in handles}
-        indices = [i for i, slot in enumerate(self._parked.slots) if id(slot.handle) in wanted]
-        if indices:
+        if indices := _indices(self._parked, handles):
             self._parked.drop(indices)
 
     def admit(self, entries: Sequence[tuple[H, BatchRow]]) -> list[tuple[H, RowOutput]]:
@@ -328,6 +321,12 @@ class RunningBatch(Generic[H]):
             return RowOutput(tuple(state.token_ids), state.text or "", ABORTED.finish_reason,
                              aborted=True)
         return final_output(state, self._tokenizer)
+
+
+def _indices(group: _Group[H], handles: Sequence[H]) -> list[int]:
+    """Where the live rows of these handles are in the group."""
+    wanted = {id(h) for h in handles}
+    return [i for i, slot in enumerate(group.slots) if slot.alive and id(slot.handle) in wanted]
 
 
 def _stack_left_padded(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
