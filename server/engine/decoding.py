@@ -40,6 +40,7 @@ from server.engine.generation import (
     BatchRow,
     RowOutput,
     aborted_before_start,
+    aborted_output,
     check_rows,
     eos_ids_of,
     final_output,
@@ -317,10 +318,7 @@ class RunningBatch(Generic[H]):
         return outputs
 
     def _output(self, state: RowState) -> RowOutput:
-        if state.aborted:
-            return RowOutput(tuple(state.token_ids), state.text or "", ABORTED.finish_reason,
-                             aborted=True)
-        return final_output(state, self._tokenizer)
+        return aborted_output(state) if state.aborted else final_output(state, self._tokenizer)
 
 
 def _indices(group: _Group[H], handles: Sequence[H]) -> list[int]:

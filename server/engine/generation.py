@@ -128,8 +128,7 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
         decoded = dict(zip(map(id, untracked), texts, strict=True))
     for i, state in zip(live, states, strict=True):
         if state.aborted:
-            outputs[i] = RowOutput(tuple(state.token_ids), state.text or "",
-                                   state.finish_reason or FinishReason.LENGTH, aborted=True)
+            outputs[i] = aborted_output(state)
             continue
         if state.finish_reason is None:  # cannot happen: generate runs to the longest row
             raise RuntimeError(f"row {i} ended without a finish reason")
@@ -158,6 +157,12 @@ def aborted_before_start(row: BatchRow) -> bool:
     except Exception:
         logger.exception("is_aborted failed; aborting its row")
         return True
+
+
+def aborted_output(state: RowState) -> RowOutput:
+    """An aborted row's partial output (its finish_reason is meaningless)."""
+    return RowOutput(tuple(state.token_ids), state.text or "",
+                     state.finish_reason or FinishReason.LENGTH, aborted=True)
 
 
 def final_output(state: RowState, tokenizer: Any) -> RowOutput:
