@@ -17,15 +17,19 @@ class CacheEvent(StrEnum):
 
 
 class EngineObserver(Protocol):
-    def batch_started(self, *, size: int, distinct_adapters: int) -> None: ...
+    def batch_started(self, *, size: int, distinct_adapters: int) -> None:
+        """A model batch starts: a static batch, or (continuous batching) one decode step of
+        the rows running plus those joining."""
+        ...
 
     def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
         """A batch ran `steps` decode steps for `size` rows; rows that finished early sat
-        idle for the rest (static batching), so size * steps - generated_tokens is waste."""
+        idle for the rest (static batching), so size * steps - generated_tokens is waste.
+        Continuous batching reports each step with steps=1 (waste: aborted rows only)."""
         ...
 
     def queue_wait(self, seconds: float) -> None:
-        """Time from submit to the request's batch starting."""
+        """Time from submit to the request's batch starting (or its joining a running one)."""
         ...
 
     def first_token(self, seconds: float) -> None:
