@@ -1,4 +1,5 @@
-"""run_batch per row: max_new_tokens, eos, stop strings, streaming, abort, input checks."""
+"""Per row, under static batching (run_batch) and the continuous loop alike: max_new_tokens, eos,
+stop strings, streaming, abort, input checks."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from tests.engine.conftest import make_row, run_one
 TEXTS = ("Tweet: I love it. Label:", "a", "The quick brown fox", "Hi")
 
 
-def test_each_row_stops_at_its_own_max_new_tokens(model_and_tokenizer) -> None:
+def test_each_row_stops_at_its_own_max_new_tokens(model_and_tokenizer, run) -> None:
     model, tok = model_and_tokenizer
-    outs = run_batch(model, tok, [
+    outs = run(model, tok, [
         make_row(tok, TEXTS[0], max_new_tokens=3, ignore_eos=True),
         make_row(tok, TEXTS[0], max_new_tokens=11, ignore_eos=True),
         make_row(tok, TEXTS[1], max_new_tokens=1, ignore_eos=True, temperature=1.0, seed=0),
@@ -30,13 +31,13 @@ def _greedy_ids(model, tok, text: str, n: int) -> list[int]:
     return list(run_one(model, tok, row).token_ids)
 
 
-def test_eos_finishes_the_row_unless_ignore_eos(llama) -> None:
+def test_eos_finishes_the_row_unless_ignore_eos(llama, run) -> None:
     model, tok = llama
     ids = _greedy_ids(model, tok, TEXTS[0], 16)
     k = next(i for i in range(2, 16) if ids[i] not in ids[:i])  # a token first seen at step k
     model.generation_config.eos_token_id = ids[k]  # the model now "ends" there
 
-    stops, ignores = run_batch(model, tok, [
+    stops, ignores = run(model, tok, [
         make_row(tok, TEXTS[0], max_new_tokens=16),
         make_row(tok, TEXTS[0], max_new_tokens=16, ignore_eos=True),
     ])
@@ -66,15 +67,15 @@ def _printable_stop(model, tok) -> tuple[str, list[int], str, int]:
     raise AssertionError("the tiny model produced no printable pair; add test texts")
 
 
-def test_stop_string_across_tokens_ends_the_row(model_and_tokenizer) -> None:
+def test_stop_string_across_tokens_ends_the_row(model_and_tokenizer, run) -> None:
     model, tok = model_and_tokenizer
     text, ids, stop, last = _printable_stop(model, tok)
     chunks: list[TokenChunk] = []
 
-    out = run_one(model, tok, BatchRow(tok(text)["input_ids"], None,
+    out = run(model, tok, [BatchRow(tok(text)["input_ids"], None,
                                     SamplingParams(max_new_tokens=24, stop=("zzz", stop),
                                                    ignore_eos=True),
-                                    on_chunk=chunks.append))
+                                    on_chunk=chunks.append)])[0]
 
     assert out.finish_reason is FinishReason.STOP
     assert list(out.token_ids) == ids[: last + 1]
@@ -84,7 +85,7 @@ def test_stop_string_across_tokens_ends_the_row(model_and_tokenizer) -> None:
     assert sum((c.token_ids for c in chunks), ()) == out.token_ids
 
 
-def test_streamed_chunks_add_up_to_the_result(model_and_tokenizer) -> None:
+def test_streamed_chunks_add_up_to_the_result(model_and_tokenizer, run) -> None:
     model, tok = model_and_tokenizer
     streams: dict[int, list[TokenChunk]] = {0: [], 1: []}
     rows = [
@@ -96,7 +97,7 @@ def test_streamed_chunks_add_up_to_the_result(model_and_tokenizer) -> None:
         make_row(tok, TEXTS[2], max_new_tokens=7),
     ]
 
-    outs = run_batch(model, tok, rows)
+    outs = run(model, tok, rows)
 
     for i, chunks in streams.items():
         assert chunks, f"row {i} streamed nothing"
@@ -108,10 +109,10 @@ def test_streamed_chunks_add_up_to_the_result(model_and_tokenizer) -> None:
         assert outs[i].text == tok.decode(text_ids, skip_special_tokens=True)
 
 
-def test_streamed_chunks_never_split_a_character(llama) -> None:
+def test_streamed_chunks_never_split_a_character(llama, run) -> None:
     model, tok = llama
     streams: list[list[TokenChunk]] = [[] for _ in range(4)]
-    outs = run_batch(model, tok, [
+    outs = run(model, tok, [
         BatchRow(tok("é€👋" * 4)["input_ids"], None,
                  SamplingParams(max_new_tokens=48, temperature=1.0, seed=s, ignore_eos=True),
                  on_chunk=streams[s].append)
@@ -129,7 +130,7 @@ def test_streamed_chunks_never_split_a_character(llama) -> None:
             assert c.text == tok.decode(list(c.token_ids), skip_special_tokens=True)
 
 
-def test_abort_stops_only_that_row(llama) -> None:
+def test_abort_stops_only_that_row(llama, run) -> None:
     model, tok = llama
     polls = {"n": 0}
 
@@ -138,7 +139,7 @@ def test_abort_stops_only_that_row(llama) -> None:
         return polls["n"] > 3
 
     reference = run_one(model, tok, make_row(tok, TEXTS[0], max_new_tokens=12, ignore_eos=True))
-    outs = run_batch(model, tok, [
+    outs = run(model, tok, [
         BatchRow(tok(TEXTS[1])["input_ids"], None,
                  SamplingParams(max_new_tokens=30, ignore_eos=True),
                  is_aborted=aborted_after_three),
@@ -151,9 +152,9 @@ def test_abort_stops_only_that_row(llama) -> None:
     assert outs[1].token_ids == reference.token_ids
 
 
-def test_row_aborted_before_start_is_not_generated(llama) -> None:
+def test_row_aborted_before_start_is_not_generated(llama, run) -> None:
     model, tok = llama
-    outs = run_batch(model, tok, [
+    outs = run(model, tok, [
         BatchRow(tok(TEXTS[0])["input_ids"], None, SamplingParams(), is_aborted=lambda: True),
         make_row(tok, TEXTS[1], max_new_tokens=4, ignore_eos=True),
     ])
@@ -162,13 +163,13 @@ def test_row_aborted_before_start_is_not_generated(llama) -> None:
     assert len(outs[1].token_ids) == 4
 
 
-def test_a_failing_callback_aborts_its_row_not_the_batch(llama) -> None:
+def test_a_failing_callback_aborts_its_row_not_the_batch(llama, run) -> None:
     model, tok = llama
 
     def broken(chunk: TokenChunk) -> None:
         raise RuntimeError("client went away")
 
-    outs = run_batch(model, tok, [
+    outs = run(model, tok, [
         BatchRow(tok(TEXTS[0])["input_ids"], None,
                  SamplingParams(max_new_tokens=8, ignore_eos=True), on_chunk=broken),
         make_row(tok, TEXTS[1], max_new_tokens=8, ignore_eos=True),
@@ -178,13 +179,13 @@ def test_a_failing_callback_aborts_its_row_not_the_batch(llama) -> None:
     assert len(outs[1].token_ids) == 8 and not outs[1].aborted
 
 
-def test_a_failing_abort_poll_aborts_its_row_not_the_batch(llama) -> None:
+def test_a_failing_abort_poll_aborts_its_row_not_the_batch(llama, run) -> None:
     model, tok = llama
 
     def broken() -> bool:
         raise RuntimeError("ticket gone")
 
-    outs = run_batch(model, tok, [
+    outs = run(model, tok, [
         BatchRow(tok(TEXTS[0])["input_ids"], None, SamplingParams(), is_aborted=broken),
         make_row(tok, TEXTS[1], max_new_tokens=3, ignore_eos=True),
     ])
@@ -193,20 +194,20 @@ def test_a_failing_abort_poll_aborts_its_row_not_the_batch(llama) -> None:
     assert len(outs[1].token_ids) == 3
 
 
-def test_a_row_of_only_virtual_tokens_generates(llama) -> None:
+def test_a_row_of_only_virtual_tokens_generates(llama, run) -> None:
     model, tok = llama
     soft = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
 
-    out = run_batch(model, tok, [BatchRow([], soft, SamplingParams(max_new_tokens=5,
+    out = run(model, tok, [BatchRow([], soft, SamplingParams(max_new_tokens=5,
                                                                   ignore_eos=True))])[0]
 
     assert len(out.token_ids) == 5
 
 
-def test_first_token_is_reported_once_per_row(llama) -> None:
+def test_first_token_is_reported_once_per_row(llama, run) -> None:
     model, tok = llama
     calls: list[int] = []
-    run_batch(model, tok, [
+    run(model, tok, [
         BatchRow(tok(t)["input_ids"], None, SamplingParams(max_new_tokens=n),
                  on_first_token=lambda i=i: calls.append(i))
         for i, (t, n) in enumerate([(TEXTS[0], 6), (TEXTS[1], 2)])
@@ -215,10 +216,10 @@ def test_first_token_is_reported_once_per_row(llama) -> None:
     assert sorted(calls) == [0, 1]
 
 
-def test_no_rows_no_work(llama) -> None:
+def test_no_rows_no_work(llama, run) -> None:
     model, tok = llama
 
-    assert run_batch(model, tok, []) == []
+    assert run(model, tok, []) == []
 
 
 @pytest.mark.parametrize("params", [
@@ -227,16 +228,16 @@ def test_no_rows_no_work(llama) -> None:
     SamplingParams(top_p=0.0),
     SamplingParams(top_k=-1),
 ])
-def test_invalid_parameters_are_rejected(llama, params) -> None:
+def test_invalid_parameters_are_rejected(llama, params, run) -> None:
     model, tok = llama
     with pytest.raises(ValueError):
-        run_batch(model, tok, [BatchRow([1, 5], None, params)])
+        run(model, tok, [BatchRow([1, 5], None, params)])
 
 
-def test_empty_prompt_without_soft_prompt_is_rejected(llama) -> None:
+def test_empty_prompt_without_soft_prompt_is_rejected(llama, run) -> None:
     model, tok = llama
     with pytest.raises(ValueError, match="row 1"):
-        run_batch(model, tok, [make_row(tok, "x"), BatchRow([], None, SamplingParams())])
+        run(model, tok, [make_row(tok, "x"), BatchRow([], None, SamplingParams())])
 
 
 def test_model_generation_config_is_restored(llama) -> None:

@@ -9,7 +9,7 @@ import torch
 from server.engine.generation import BatchRow, run_batch
 from server.engine.interface import SamplingParams
 from server.engine.sampling import PerRowLogitsProcessor
-from tests.engine.conftest import make_row, run_one
+from tests.engine.conftest import make_row, run_continuous, run_one
 
 EOS = 2
 TEXTS = ("Tweet: I love it. Label:", "a", "The quick brown fox", "Hi")
@@ -118,7 +118,7 @@ def test_near_zero_temperature_is_greedy() -> None:
     assert counts == Counter({1: 50})
 
 
-# -- run_batch on a real tiny model ---------------------------------------------------------
+# -- run_batch (and the continuous loop) on a real tiny model ------------------------------------
 
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model_and_tokenizer) -> None:
@@ -138,6 +138,10 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model_and_tokenizer) -
     batched = run_batch(model, tok, [mates[0], sampled[0], sampled[1], mates[1], sampled[2]])
 
     assert [o.token_ids for o in alone] == [batched[i].token_ids for i in (1, 2, 4)]
+    if not model.config.is_encoder_decoder:  # the same draws in the continuous loop
+        joined = run_continuous(model, tok, [mates[0], sampled[0], sampled[1], mates[1],
+                                             sampled[2]])
+        assert [o.token_ids for o in joined] == [o.token_ids for o in batched]
 
 
 def test_different_seeds_give_different_samples(llama) -> None:
