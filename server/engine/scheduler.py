@@ -269,8 +269,9 @@ class Scheduler:
             self._planned_arrivals = self._arrivals
             waiting = [*self._ready, *(t for t in parked if t.state is TicketState.RUNNING)]
             park: list[Ticket] = []
-            if waiting and len(parked) < self._max_batch_size:  # parked rows hold KV cache
-                park = self._policy.preempt(running, waiting, self._max_batch_size)
+            room = self._max_batch_size - len(parked)  # parked rows hold KV cache: one batch
+            if waiting and room > 0:
+                park = self._policy.preempt(running, waiting, self._max_batch_size)[:room]
             parking = {id(t) for t in park}
             staying = [t for t in running if id(t) not in parking]
             chosen = self._policy.select(waiting, self._max_batch_size - len(staying), staying)
