@@ -192,6 +192,11 @@ class RunningBatch(Generic[H]):
         return len(self._running)
 
     @property
+    def rows(self) -> int:
+        """Rows the next step computes: the running ones plus finished ones not yet dropped."""
+        return len(self._running.slots)
+
+    @property
     def handles(self) -> list[H]:
         return [slot.handle for slot in self._running.live]
 

@@ -25,7 +25,8 @@ class EngineObserver(Protocol):
     def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
         """A batch ran `steps` decode steps for `size` rows; rows that finished early sat
         idle for the rest (static batching), so size * steps - generated_tokens is waste.
-        Continuous batching reports each step with steps=1 (waste: aborted rows only)."""
+        Continuous batching reports each step with steps=1: size counts the finished rows
+        still in the cache (dropped at the next compaction), which are its waste."""
         ...
 
     def queue_wait(self, seconds: float) -> None:

@@ -294,7 +294,7 @@ class Scheduler:
                 break
             batch.park(plan.park)
             batch.resume(plan.resume)
-            running, joining = batch.handles, plan.admit
+            running, joining, computed = batch.handles, plan.admit, batch.rows
             now = time.monotonic()
             self._observe_batch_start(running + joining, joining, now)
             left: list[tuple[Ticket, generation.RowOutput]] = []
@@ -319,8 +319,9 @@ class Scheduler:
                     self.abort(ticket)
                 else:
                     self._complete(ticket, out)
-            size = len(running) + len(joining)
-            self._observer.batch_finished(size=size, steps=1, generated_tokens=size - aborted)
+            self._observer.batch_finished(
+                size=computed + len(joining), steps=1,
+                generated_tokens=len(running) + len(joining) - aborted)
             self.parked = len(batch.parked)
         # Stopped: stop() has failed whatever was still running or parked.
 

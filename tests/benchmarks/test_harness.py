@@ -62,9 +62,9 @@ def test_mixed_lengths_reports_the_padding_static_batching_wastes(batching, tmp_
     if batching == "static":
         assert result["extra"]["engine_batches"] == 1
         assert result["extra"]["engine_wasted_row_steps_pct"] == expected
-    else:  # every step is a batch of the rows still running: nothing wasted
+    else:  # every step is a batch; only finished rows awaiting compaction are waste
         assert result["extra"]["engine_batches"] == max(lengths)
-        assert result["extra"]["engine_wasted_row_steps_pct"] == 0.0
+        assert 0 <= result["extra"]["engine_wasted_row_steps_pct"] < expected / 2
 
 
 def test_many_adapters_reports_cache_behaviour_from_a_cold_start(tmp_path) -> None:
