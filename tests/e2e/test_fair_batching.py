@@ -1,0 +1,71 @@
+"""Fair continuous batching through the real server: tenant a's long streams fill the batch,
+tenant b's request parks one of them instead of waiting, and a's streams still finish whole."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+
+from tests.e2e.server_process import ServerProcess, metric
+
+KEYS = {"tenant-a": "a-secret-1", "tenant-b": "b-secret-2"}
+
+
+def _auth(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
+async def _stream(client: httpx.AsyncClient, text: str, started: asyncio.Event) -> dict:
+    """A streaming generate as tenant a; returns its final event."""
+    body = {"text": text, "max_new_tokens": 300, "ignore_eos": True, "stream": True}
+    final: dict = {}
+    async with client.stream("POST", "/v1/generate", json=body,
+                             headers=_auth("tenant-a")) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            started.set()
+            event = json.loads(line[len("data: "):])
+            if "finish_reason" in event:
+                final = event
+    return final
+
+
+async def test_a_full_batch_makes_room_for_another_tenant_over_http(model_dir, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"tenants": [{"name": n, "keys": [k]} for n, k in KEYS.items()]}))
+    server = ServerProcess(model_dir, tmp_path / "store", tmp_path / "server.log",
+                           "--api-keys", str(keys), "--max-batch-size", "2")
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            starts = [asyncio.Event(), asyncio.Event()]
+            streams = [asyncio.ensure_future(_stream(client, t, s))
+                       for t, s in zip(("abc", "de"), starts, strict=True)]
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in starts)), 60)
+
+            b_body = {"text": "Hi!", "max_new_tokens": 60, "ignore_eos": True}
+            b_task = asyncio.ensure_future(client.post("/v1/generate", json=b_body,
+                                                       headers=_auth("tenant-b")))
+            parked = 0.0
+            while not b_task.done():
+                scrape = (await client.get("/metrics")).text
+                parked = max(parked, metric(scrape, "softprompt_parked_requests"))
+                await asyncio.sleep(0.005)
+            b = b_task.result()
+            assert b.status_code == 200, b.text
+            assert b.json()["usage"]["completion_tokens"] == 60
+            assert not any(s.done() for s in streams)  # b did not wait for a's rows
+            assert parked == 1
+
+            finals = await asyncio.gather(*streams)
+            assert [f["usage"]["completion_tokens"] for f in finals] == [300, 300]
+            scrape = (await client.get("/metrics")).text
+            assert metric(scrape, "softprompt_parked_requests") == 0
+            assert metric(scrape, "softprompt_in_flight_requests") == 0
+        assert "batching: continuous" in server.log()
+    finally:
+        server.stop()
