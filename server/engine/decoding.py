@@ -275,7 +275,9 @@ class RunningBatch(Generic[H]):
         assert group.mask is not None and group.next_ids is not None
         with torch.inference_mode():
             mask = torch.cat([group.mask, group.mask.new_ones(len(group.slots), 1)], dim=1)
-            positions = torch.tensor([[slot.length] for slot in group.slots],
+            # A finished row riding along until the next compaction is fed position 0: its
+            # own next position may be past the model's position table.
+            positions = torch.tensor([[slot.length if slot.alive else 0] for slot in group.slots],
                                      device=mask.device)  # [rows, 1]
             out = self._forward(input_ids=group.next_ids, attention_mask=mask,
                                 position_ids=positions, past_key_values=group.cache)

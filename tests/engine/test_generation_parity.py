@@ -18,6 +18,7 @@ from adapters_store import ModelSpec, parse_directory
 from server.engine.decoding import RunningBatch, unsupported_reason
 from server.engine.generation import BatchRow, RowOutput, run_batch
 from server.engine.interface import FinishReason, SamplingParams
+from tests.engine.conftest import run_continuous
 from tests.factories import (
     ARCHS,
     is_seq2seq,
@@ -107,7 +108,7 @@ PARK = {2: (1, 4), 5: (3, 7)}  # at step k, park the rows of these REQUESTS indi
 RESUME = {4: (1,), 6: (4,), 9: (3, 7)}  # ... and at step k resume these
 
 
-def run_continuous(model, tokenizer, rows: list[BatchRow]) -> list[RowOutput]:
+def run_staggered(model, tokenizer, rows: list[BatchRow]) -> list[RowOutput]:
     """Rows join a RunningBatch in JOINS-sized groups between steps, some are parked for a
     few steps and resumed (as a fair scheduler does); outputs in row order."""
     batch: RunningBatch[int] = RunningBatch(model, tokenizer)
@@ -170,7 +171,7 @@ def test_mixed_batch_matches_peft_alone(arch: str, device: str, tiny_model_dirs,
     modes = {"static": outputs}
     if not seq2seq:
         assert unsupported_reason(model, tokenizer) is None
-        modes["continuous"] = run_continuous(model, tokenizer, rows)
+        modes["continuous"] = run_staggered(model, tokenizer, rows)
 
     # One PEFT model per adapter, reused across its requests (loading is the slow part).
     references = {None: load_base(model_dir)}
@@ -194,3 +195,19 @@ def test_mixed_batch_matches_peft_alone(arch: str, device: str, tiny_model_dirs,
     varied_rows = sum(len(set(out.token_ids)) > 2 for out in outputs)
     assert len(distinct_outputs) >= len(outputs) - 2, f"{arch}: outputs barely depend on input"
     assert varied_rows >= len(outputs) // 2, f"{arch}: outputs are mostly one repeated token"
+
+
+def test_rows_at_the_context_limit_can_finish_while_others_run(tiny_model_dirs) -> None:
+    """GPT-2's position table ends at n_positions: a row that uses the whole context and then
+    rides along, finished, until the next compaction must not be fed a position past it."""
+    model_dir = tiny_model_dirs["gpt2"]
+    model, tokenizer = load_base(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    limit = model.config.n_positions
+
+    def row(ids: list[int], extra: int = 0) -> BatchRow:
+        return BatchRow(ids, None, SamplingParams(max_new_tokens=limit - len(ids) - extra,
+                                                  ignore_eos=True))
+
+    rows = [row([5] * 10, extra=3)] + [row([7 + i] * 6) for i in range(5)]
+    outputs = run_continuous(model, tokenizer, rows)
+    assert [len(o.token_ids) for o in outputs] == [limit - 13] + [limit - 6] * 5
