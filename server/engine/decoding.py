@@ -12,13 +12,16 @@ pads:
   ones;
 - every step feeds each row its last token at the row's own position (its count of real
   tokens), so padding changes nothing a row sees, exactly as in the static path;
-- a row that finishes (or is aborted) leaves at once: its cache rows are dropped, and leading
-  columns that are padding for every remaining row are trimmed, so the cache never outgrows the
-  longest live row.
+- a row that finishes (or is aborted) is answered at once; its cache rows are dropped at the
+  next compaction (when rows join or move, or a quarter of the rows have finished: dropping
+  copies the whole cache), and leading columns that are padding for every remaining row are
+  trimmed then, so the cache does not outgrow the longest live row for long;
+- a row can be parked (its cache split off, no steps) and resumed later, which is how the fair
+  scheduler makes room for another tenant in a full batch.
 
-This needs a decoder-only model whose cache is a plain DynamicCache (GPT-2, Llama, Qwen2, BLOOM,
-Mistral without a sliding window, ...). `unsupported_reason` says when a model is not one;
-the scheduler then runs static batching.
+This needs a decoder-only model whose cache is a plain DynamicCache (tested: GPT-2, Llama, Qwen2,
+BLOOM). `unsupported_reason` probes a model and says when it is not one; the scheduler then
+runs static batching.
 """
 
 from __future__ import annotations
