@@ -100,6 +100,20 @@ def load_model(settings: Settings) -> LoadedModel:
     return load_pretrained(source, name=settings.model, device=device, dtype=dtype)
 
 
+def _feed_lm_head_contiguous(model: Any) -> None:
+    """Give the output projection a contiguous input.
+
+    A prefill asks for the last position's logits only (logits_to_keep), so the LM head sees
+    the strided slice hidden[:, -1:, :]. With frozen weights, torch's matmul does not fold such
+    an input into one matrix product: it expands the [vocab, hidden] weight once per row and
+    copies it (12x slower prefill for a 1B-shaped model in bf16 on the CPU). Copying the small
+    slice instead keeps it one matrix product.
+    """
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+
+
 def load_pretrained(source: str | Path, *, name: str, device: torch.device,
                     dtype: torch.dtype) -> LoadedModel:
     """AutoConfig decides causal vs seq2seq; the weights are frozen for serving."""
@@ -127,6 +141,7 @@ def load_pretrained(source: str | Path, *, name: str, device: torch.device,
         raise ModelLoadError(f"--model {name!r} does not fit on --device {device}: {e}") from e
     model.eval()
     model.requires_grad_(False)
+    _feed_lm_head_contiguous(model)
     if tokenizer.pad_token_id is None:
         # generate needs a pad id for finished rows; eos is what HF pipelines use too.
         tokenizer.pad_token = tokenizer.eos_token

@@ -37,6 +37,21 @@ def test_causal_model_loads_frozen_with_info(tiny_model_dirs, tmp_path) -> None:
     assert loaded.task_type == "CAUSAL_LM" and loaded.vocab_size == 260
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "bloom"])
+def test_the_lm_head_of_a_frozen_model_gets_a_contiguous_input(arch, tiny_model_dirs,
+                                                              tmp_path) -> None:
+    """A prefill keeping only the last position's logits hands the LM head a strided slice;
+    with frozen weights torch's matmul would expand the whole vocabulary matrix per row."""
+    model = load_model(settings_for(tiny_model_dirs[arch], tmp_path)).model
+    seen: list[bool] = []
+    model.get_output_embeddings().register_forward_pre_hook(
+        lambda _module, args: seen.append(args[0].is_contiguous()))
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+    assert seen == [True]
+
+
 def test_seq2seq_model_is_chosen_from_config_and_gets_default_context(
         tiny_model_dirs, tmp_path) -> None:
     loaded = load_model(settings_for(tiny_model_dirs["t5"], tmp_path))
