@@ -183,7 +183,7 @@ class RunningBatch(Generic[H]):
         self._model = model
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids_of(model, tokenizer)
-        device = model.get_input_embeddings().weight.device  # where the logits come out
+        device = model.get_input_embeddings().weight.device  # mask_eos moves it if need be
         self._eos = torch.tensor(sorted(self._eos_ids), dtype=torch.long, device=device)
         accepted = inspect.signature(model.forward).parameters
         self._takes_position_ids = "position_ids" in accepted  # BLOOM: ALiBi from the mask
