@@ -11,8 +11,9 @@ row leaves the step it finishes. Static batching (seq2seq models, or --batching 
 policy picks up to max_batch_size and run_batch runs them to the longest row. Either way, an
 idle engine waits at most max_wait after the oldest ready request arrived for batch mates.
 
-Results travel back with loop.call_soon_threadsafe: to an asyncio Future (generate) or an
-asyncio.Queue (streams). The thread never blocks on the event loop and vice versa.
+Results travel back through the loop's Mailbox (one call_soon_threadsafe per burst): to an
+asyncio Future (generate) or an asyncio.Queue (streams). The thread never blocks on the event
+loop and vice versa.
 """
 
 from __future__ import annotations

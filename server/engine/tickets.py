@@ -1,7 +1,8 @@
 """A request's handle between the asyncio side and the engine thread.
 
-A Ticket carries the request through the scheduler; results reach asyncio only through
-loop.call_soon_threadsafe, to a Future (generate) or a Queue (streams). TokenStream is what
+A Ticket carries the request through the scheduler; results reach asyncio only through the
+loop's Mailbox (call_soon_threadsafe, once per burst), to a Future (generate) or a Queue
+(streams). TokenStream is what
 open_stream returns: closing it (or dropping it) aborts the request even if it was never
 iterated, which a plain async generator cannot do (its finally never runs if it never started).
 """
@@ -18,6 +19,7 @@ from enum import StrEnum
 import torch
 
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
+from server.engine.mailbox import mailbox_for
 
 
 class TicketState(StrEnum):
@@ -43,6 +45,7 @@ class Ticket:
         self.version = version  # of the adapter record seen at submit; None: bare model
         self.virtual_tokens = virtual_tokens
         self.loop = loop
+        self._mailbox = mailbox_for(loop)
         self.submitted_at = time.monotonic()
         self.started_at: float | None = None  # when it joined a running batch (continuous)
         self.state = TicketState.QUEUED
@@ -59,8 +62,7 @@ class Ticket:
 
     def deliver(self, item: GenerationResult | TokenChunk | Failure | None) -> None:
         """From any thread: hand `item` to the asyncio side (None: cancelled)."""
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-            self.loop.call_soon_threadsafe(self._deliver_on_loop, item)
+        self._mailbox.post(self._deliver_on_loop, item)
 
     def _deliver_on_loop(self, item: GenerationResult | TokenChunk | Failure | None) -> None:
         if self.queue is not None:
