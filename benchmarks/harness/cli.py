@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     fair = p.add_argument_group("fairness")
     fair.add_argument("--policy", choices=("round_robin", "fifo"), default="round_robin")
     fair.add_argument("--backlog", type=int, default=200)
-    fair.add_argument("--rounds", type=int, default=6)
+    fair.add_argument("--rounds", type=int, default=6,
+                      help="B rounds per phase and cycle")
+    fair.add_argument("--cycles", type=int, default=3,
+                      help="idle and loaded phases alternate this many times")
     return p
 
 
@@ -89,12 +92,16 @@ def _fairness(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.harness.results import environment
 
     r = asyncio.run(run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
-                                 batching=args.batching, device=args.device or "cpu"))
+                                 cycles=args.cycles, batching=args.batching,
+                                 device=args.device or "cpu"))
     env = environment()
     print(f"\nfairness ({args.policy}, {args.batching} batching, {r['device']}): "
           f"{env['date']}, commit {env['commit']}")
     print(f"  B p50 idle {r['b_idle_ms']['p50']:.1f} ms, with A's backlog of {args.backlog} "
           f"{r['b_loaded_ms']['p50']:.1f} ms: ratio {r['ratio']:.2f}x (target <= 2x)")
+    a = r["a_requests_per_s"]
+    print(f"  A's requests/s alone {a['alone']:.0f}, beside B {a['beside_b']:.0f} "
+          f"({r['cycles']} cycles of {r['rounds']} B rounds per phase)")
     return {"workload": {"name": "fairness"}, "environment": env, "result": r}
 
 

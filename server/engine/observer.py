@@ -25,8 +25,9 @@ class EngineObserver(Protocol):
     def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
         """A batch ran `steps` decode steps for `size` rows; rows that finished early sat
         idle for the rest (static batching), so size * steps - generated_tokens is waste.
-        Continuous batching reports each step with steps=1: size counts the finished rows
-        still in the cache (dropped at the next compaction), which are its waste."""
+        Continuous batching reports each step with steps=1: size counts the rows that
+        joined (their prefill is a row-step) and every row stepped, including finished rows
+        still in the cache until the next compaction, which are its waste."""
         ...
 
     def queue_wait(self, seconds: float) -> None:

@@ -295,21 +295,24 @@ class Scheduler:
                 break
             batch.park(plan.park)
             batch.resume(plan.resume)
-            running, joining, computed = batch.handles, plan.admit, batch.rows
+            joining = plan.admit
             now = time.monotonic()
-            self._observe_batch_start(running + joining, joining, now)
-            left: list[tuple[Ticket, generation.RowOutput]] = []
-            try:
-                left += batch.step()
-            except Exception as e:  # noqa: BLE001 - the cache is not trusted after this
-                batch.clear()
-                self._fail_batch(running, e)
+            self._observe_batch_start(batch.handles + joining, joining, now)
             for ticket in joining:
                 ticket.started_at = now
+            # Joiners first, so they take this step too: a slot freed by the last step is
+            # used by this one (stepping first would leave it empty for one step).
+            left: list[tuple[Ticket, generation.RowOutput]] = []
             try:
                 left += batch.admit([(t, self._row(t, early=False)) for t in joining])
             except Exception as e:  # noqa: BLE001 - the running rows are untouched
                 self._fail_batch(joining, e)
+            stepping, computed = batch.handles, batch.rows
+            try:
+                left += batch.step()
+            except Exception as e:  # noqa: BLE001 - the cache is not trusted after this
+                batch.clear()
+                self._fail_batch(stepping, e)
             finished = time.monotonic()
             aborted = 0
             for ticket, out in left:
@@ -320,9 +323,9 @@ class Scheduler:
                     self.abort(ticket)
                 else:
                     self._complete(ticket, out)
-            self._observer.batch_finished(
+            self._observer.batch_finished(  # a joiner's prefill counts as one row-step
                 size=computed + len(joining), steps=1,
-                generated_tokens=len(running) + len(joining) - aborted)
+                generated_tokens=len(stepping) + len(joining) - aborted)
             self.parked = len(batch.parked)
         # Stopped: stop() has failed whatever was still running or parked.
 

@@ -84,10 +84,12 @@ def test_many_adapters_reports_cache_behaviour_from_a_cold_start(tmp_path) -> No
 @pytest.mark.parametrize(("policy", "batching"), [("round_robin", "continuous"),
                                                   ("fifo", "static")])
 def test_fairness_reports_b_idle_and_under_a_flood(policy, batching, tmp_path) -> None:
-    result = run(tmp_path, "fairness", "--backlog", "12", "--rounds", "2", "--policy", policy,
-                 "--batching", batching)["result"]
+    result = run(tmp_path, "fairness", "--backlog", "12", "--rounds", "2", "--cycles", "2",
+                 "--policy", policy, "--batching", batching)["result"]
     assert (result["policy"], result["batching"], result["device"]) == (policy, batching, "cpu")
-    assert (result["backlog_a"], result["rounds"]) == (12, 2)
+    assert (result["backlog_a"], result["rounds"], result["cycles"]) == (12, 2, 2)
+    a = result["a_requests_per_s"]
+    assert a["alone"] > 0 and a["beside_b"] > 0  # A keeps being served while B runs
     idle, loaded = result["b_idle_ms"], result["b_loaded_ms"]
     assert 0 < idle["p50"] <= idle["max"] and 0 < loaded["p50"] <= loaded["max"]
     assert result["ratio"] == pytest.approx(loaded["p50"] / idle["p50"])
