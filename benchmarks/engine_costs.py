@@ -1,0 +1,186 @@
+"""What one forward pass of the continuous-batching loop costs, and what slows it down.
+
+The fairness target (tenant B within 2x of idle while tenant A floods) depends on the cost
+structure of the device, which this prints for builtin:tiny (or `--model`) on `--device`:
+
+1. a prefill pass for n rows of a short prompt, and a decode step for n rows: how much of a
+   pass is fixed cost, and how much a step's cost grows with its rows;
+2. RunningBatch throughput with every row starting together (lockstep: one big prefill, then
+   steps) against rows finishing and joining at every step (staggered, what a second tenant's
+   traffic turns a flood into);
+3. the staggered loop again while another Python thread holds the GIL for a share of the
+   time, as the event loop does when it serves clients in the same process.
+
+    python -m benchmarks.engine_costs [--device cpu|cuda] [--seconds 3] [--busy 0,15,30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.config import Settings  # noqa: E402
+from server.engine.decoding import RunningBatch  # noqa: E402
+from server.engine.generation import BatchRow  # noqa: E402
+from server.engine.interface import SamplingParams  # noqa: E402
+from server.engine.model_loader import load_model  # noqa: E402
+
+PROMPT = "Tweet: I love it. Label:"
+NEW_TOKENS = 8
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def pass_costs(model, ids: list[int], device: torch.device, repeats: int,
+               sizes: tuple[int, ...] = (1, 4, 8, 16, 32)) -> list[dict]:
+    """Median ms of a prefill pass and of one decode step, per number of rows."""
+    out = []
+    with torch.inference_mode():
+        for n in sizes:
+            prompt = torch.tensor([ids] * n, device=device)
+            prefill = _median_ms(lambda p=prompt: model(input_ids=p, use_cache=True,
+                                                        logits_to_keep=1), device, repeats)
+            cache = model(input_ids=prompt, use_cache=True).past_key_values
+            nxt = torch.zeros(n, 1, dtype=torch.long, device=device)
+
+            def step(c=cache, x=nxt) -> None:
+                model(input_ids=x, past_key_values=c, use_cache=True, logits_to_keep=1)
+                c.crop(-1)  # drop the step's token: the same width every time
+
+            out.append({"rows": n, "prefill_ms": prefill,
+                        "step_ms": _median_ms(step, device, repeats)})
+    return out
+
+
+def _rows(ids: tuple[int, ...], counter: itertools.count, n: int,
+          new_tokens: Callable[[int], int]) -> list[tuple[int, BatchRow]]:
+    return [(next(counter), BatchRow(prompt_ids=ids, prompt_embeds=None, params=SamplingParams(
+        max_new_tokens=new_tokens(i), ignore_eos=True))) for i in range(n)]
+
+
+def loop_throughput(model, tokenizer, ids: tuple[int, ...], *, staggered: bool, seconds: float,
+                    rows: int = 32) -> dict:
+    """Requests per second through one RunningBatch kept full, and its median pass times."""
+    batch: RunningBatch[int] = RunningBatch(model, tokenizer)
+    counter = itertools.count()
+    steps: list[float] = []
+    admits: list[float] = []
+    done = 0
+    # Staggered: the first rows want 1..8 tokens, so from then on some finish at every step.
+    first: Callable[[int], int] = (lambda i: 1 + i % NEW_TOKENS) if staggered else (
+        lambda i: NEW_TOKENS)
+    pending, lengths = rows, first
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        if pending and (staggered or not len(batch)):
+            t = time.perf_counter()
+            left = batch.admit(_rows(ids, counter, pending, lengths))
+            admits.append(time.perf_counter() - t)
+            pending, lengths = len(left), (lambda i: NEW_TOKENS)
+            done += len(left)
+        if len(batch):
+            t = time.perf_counter()
+            left = batch.step()
+            steps.append(time.perf_counter() - t)
+            pending += len(left)
+            done += len(left)
+    wall = time.perf_counter() - started
+    return {"requests_per_s": done / wall, "step_ms": statistics.median(steps) * 1000,
+            "admit_ms": statistics.median(admits) * 1000,
+            "rows_per_admit": rows if not staggered else None}
+
+
+class GilHolder:
+    """A thread that holds the GIL (pure Python work) `busy` percent of each millisecond."""
+
+    def __init__(self, busy: int) -> None:
+        self._busy_s, self._stop = busy / 100_000, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            while time.perf_counter() - started < self._busy_s:
+                sum(range(50))
+            time.sleep(0.001 - self._busy_s)
+
+    def __enter__(self) -> GilHolder:
+        if self._busy_s:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._busy_s:
+            self._thread.join()
+
+
+def run(*, device: str, model: str, seconds: float, busy: list[int], repeats: int) -> dict:
+    with tempfile.TemporaryDirectory() as store:
+        loaded = load_model(Settings(store=store, device=device, dtype="auto", model=model))
+    ids = tuple(loaded.tokenizer(PROMPT)["input_ids"])
+    m, tok, dev = loaded.model, loaded.tokenizer, loaded.device
+    result = {"device": str(dev), "dtype": loaded.info.dtype, "model": model,
+              "prompt_tokens": len(ids), "passes": pass_costs(m, list(ids), dev, repeats),
+              "lockstep": loop_throughput(m, tok, ids, staggered=False, seconds=seconds),
+              "staggered": {}}
+    for share in busy:
+        with GilHolder(share):
+            result["staggered"][share] = loop_throughput(m, tok, ids, staggered=True,
+                                                         seconds=seconds)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", default="builtin:tiny")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--busy", default="0,15,30",
+                        help="GIL-holding shares (percent) of a second Python thread")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    r = run(device=args.device, model=args.model, seconds=args.seconds,
+            busy=[int(b) for b in args.busy.split(",")], repeats=args.repeats)
+    print(f"{r['model']} on {r['device']} ({r['dtype']}), prompt {r['prompt_tokens']} tokens, "
+          f"{NEW_TOKENS} new tokens")
+    print("rows  prefill pass  decode step")
+    for p in r["passes"]:
+        print(f"{p['rows']:4d}  {p['prefill_ms']:9.2f} ms  {p['step_ms']:8.2f} ms")
+    lock = r["lockstep"]
+    print(f"lockstep (32 rows start together): {lock['requests_per_s']:6.0f} req/s, "
+          f"step {lock['step_ms']:.2f} ms, 32-row prefill {lock['admit_ms']:.2f} ms")
+    for share, s in r["staggered"].items():
+        print(f"staggered (rows join every step), another thread holding the GIL {share:2d}%: "
+              f"{s['requests_per_s']:6.0f} req/s, step {s['step_ms']:.2f} ms, "
+              f"prefill {s['admit_ms']:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
