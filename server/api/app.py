@@ -66,6 +66,10 @@ def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics 
     app.state.drain_expired = False
     app.state.quotas = QuotaManager(settings)
     app.state.keyring = KeyRing(settings.api_keys) if settings.api_keys is not None else None
+    set_weights = getattr(engine, "set_tenant_weights", None)
+    if app.state.keyring is not None and set_weights is not None:
+        keyring = app.state.keyring
+        set_weights(lambda tenant: keyring.table.weight(tenant))  # follows reloads
     if app.state.keyring is None:
         log.warning("no --api-keys: single-tenant mode, every request is tenant 'default' "
                     "and needs no key")

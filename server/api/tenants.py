@@ -1,8 +1,11 @@
 """The --api-keys file: tenants, their keys and quota overrides, and admin keys.
 
     {"tenants": [{"name": "acme", "keys": ["<plaintext>", "sha256:<hex>"],
-                  "quotas": {"max_adapters": 10}}],
+                  "quotas": {"max_adapters": 10}, "weight": 2}],
      "admin_keys": ["sha256:<hex>"]}
+
+"weight" (default 1) is the tenant's share of batch slots relative to the others when several
+want more than an equal split (server.engine.fairness).
 
 Parsing turns every key into the sha256 hex of the key, so plaintext keys never outlive the
 parse. A file that does not parse raises KeyFileError with a message a person can act on.
@@ -23,6 +26,7 @@ from server.api.schemas import ADAPTER_ID_PATTERN
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME_RE = re.compile(ADAPTER_ID_PATTERN)
 MAX_KEY_FILE_BYTES = 16 << 20
+MAX_WEIGHT = 1000.0  # a bigger ratio is a typo, not a policy
 
 
 class KeyFileError(ValueError):
@@ -48,6 +52,7 @@ class _TenantEntry(BaseModel):
     name: str
     keys: list[str] = Field(min_length=1)
     quotas: QuotaOverrides = Field(default_factory=QuotaOverrides)
+    weight: float = Field(1.0, gt=0, le=MAX_WEIGHT)
 
     @field_validator("name")
     @classmethod
@@ -83,10 +88,15 @@ class KeyTable:
 
     owners: dict[str, str | None] = field(default_factory=dict)
     quotas: dict[str, QuotaOverrides] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
 
     @property
     def tenants(self) -> frozenset[str]:
         return frozenset(self.quotas)
+
+    def weight(self, tenant: str) -> float:
+        """The tenant's scheduling weight; 1 for a tenant the file does not name."""
+        return self.weights.get(tenant, 1.0)
 
 
 def parse_key_file(path: Path) -> KeyTable:
@@ -106,15 +116,17 @@ def parse_key_file(path: Path) -> KeyTable:
         raise KeyFileError(f"{path}: {problems}") from e
     owners: dict[str, str | None] = {}
     quotas: dict[str, QuotaOverrides] = {}
+    weights: dict[str, float] = {}
     entries = [(t.name, k) for t in parsed.tenants for k in t.keys]
     entries += [(None, k) for k in parsed.admin_keys]
     for tenant in parsed.tenants:
         if tenant.name in quotas:
             raise KeyFileError(f"{path}: tenant {tenant.name!r} appears twice")
         quotas[tenant.name] = tenant.quotas
+        weights[tenant.name] = tenant.weight
     for owner, key in entries:
         digest = key_hash(key)
         if digest in owners:
             raise KeyFileError(f"{path}: the same key is listed twice")
         owners[digest] = owner
-    return KeyTable(owners=owners, quotas=quotas)
+    return KeyTable(owners=owners, quotas=quotas, weights=weights)

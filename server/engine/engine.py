@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from adapters_store import parse_archive, parse_paths
@@ -26,7 +27,7 @@ from server.engine.chat import render_chat
 from server.engine.decoding import unsupported_reason
 from server.engine.detokenizer import DECODE_KWARGS
 from server.engine.errors import EngineNotReadyError, InvalidRequestError, RequestTooLongError
-from server.engine.fairness import BatchPolicy
+from server.engine.fairness import BatchPolicy, RoundRobinPolicy
 from server.engine.interface import (
     AdapterUpload,
     GenerationRequest,
@@ -54,7 +55,8 @@ class Engine:
         self.settings = settings
         self.store = store
         self._observer = GuardedObserver(observer or NullObserver())
-        self._policy = policy
+        self._weight_of: Callable[[str], float] = lambda _tenant: 1.0
+        self._policy = policy or RoundRobinPolicy(weight_of=lambda t: self._weight_of(t))
         self._loaded: LoadedModel | None = None
         self._cache: PromptCache | None = None
         self._scheduler: Scheduler | None = None
@@ -112,6 +114,11 @@ class Engine:
             return False
         log.info("batching: continuous")
         return True
+
+    def set_tenant_weights(self, weight_of: Callable[[str], float]) -> None:
+        """Where the default (fair) policy reads each tenant's scheduling weight, from any
+        thread; the app points it at the current --api-keys table."""
+        self._weight_of = weight_of
 
     @property
     def batching(self) -> Batching | None:

@@ -12,14 +12,15 @@ and the batch is full, tenants above their share give up their newest rows. Thos
 parked (their KV cache kept, no steps taken) and resume before their tenant's queued requests
 as soon as slots free up, so a small tenant never waits for a large tenant's rows to finish.
 Shares are max-min fair (water-filling): a tenant that needs fewer slots than an equal split
-gets all it needs and the rest is divided among the others, so no slot is left idle.
+gets all it needs and the rest is divided among the others, so no slot is left idle. Tenants
+can be weighted (the keys file's "weight"): shares are then in proportion to the weights.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import Counter, defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 
@@ -33,26 +34,34 @@ class _Queued(Protocol):
 T = TypeVar("T", bound=_Queued)
 
 
-def fair_shares(demand: Mapping[str, int], capacity: int) -> dict[str, int]:
-    """Max-min fair split of `capacity` slots over tenants' demands (water-filling).
+WeightOf = Callable[[str], float]
 
-    Every tenant gets min(demand, level) for one level; when slots do not divide evenly, the
-    tenants with the smallest remaining demand (then the smallest name) get the spare ones.
+
+def _equal(_tenant: str) -> float:
+    return 1.0
+
+
+def fair_shares(demand: Mapping[str, int], capacity: int,
+                weight_of: WeightOf = _equal) -> dict[str, int]:
+    """Weighted max-min fair split of `capacity` slots over tenants' demands.
+
+    Slot by slot, each goes to the tenant with unmet demand whose share would be smallest
+    relative to its weight ((share + 1) / weight; ties: the smaller remaining demand, then the
+    smaller name). With equal weights that is water-filling: every tenant gets min(demand,
+    level) for one level. A tenant that needs less than its weighted split gets all it needs
+    and the rest is divided among the others, so no slot is left idle.
     """
     shares = dict.fromkeys(demand, 0)
-    remaining = {t: d for t, d in demand.items() if d > 0}
-    left = capacity
-    while remaining and left > 0:
-        each = max(1, left // len(remaining))
-        for tenant in sorted(remaining, key=lambda t: (remaining[t], t)):
-            give = min(each, remaining[tenant], left)
-            shares[tenant] += give
-            remaining[tenant] -= give
-            left -= give
-            if not remaining[tenant]:
-                del remaining[tenant]
-            if not left:
-                break
+    weights = {t: weight_of(t) for t in demand}
+    heap = [(1 / weights[t], d, t) for t, d in demand.items() if d > 0]
+    heapq.heapify(heap)
+    for _ in range(capacity):
+        if not heap:
+            break
+        _, left, tenant = heapq.heappop(heap)
+        shares[tenant] += 1
+        if left > 1:
+            heapq.heappush(heap, ((shares[tenant] + 1) / weights[tenant], left - 1, tenant))
     return shares
 
 
@@ -83,23 +92,35 @@ class FifoPolicy:
 
 
 class RoundRobinPolicy:
-    """Fair across tenants: least-loaded tenant first, preemption up to max-min fair shares."""
+    """Fair across tenants: least-loaded tenant first, preemption up to max-min fair shares.
+
+    `weight_of(tenant)` (default 1 for all) makes both weighted: a tenant of weight 2 is
+    entitled to twice the slots of a tenant of weight 1 when both want more than that. It is
+    asked at every decision, so a reloaded keys file takes effect at once.
+    """
+
+    def __init__(self, weight_of: WeightOf = _equal) -> None:
+        self.weight_of = weight_of
 
     def select(self, ready: Sequence[T], slots: int, running: Sequence[T] = ()) -> list[T]:
-        """Up to `slots` of `ready`: each to the tenant with the fewest rows (running + picked)."""
+        """Up to `slots` of `ready`: each to the tenant with the fewest rows (running + picked)
+        for its weight."""
         queues: dict[str, deque[T]] = defaultdict(deque)
         for item in sorted(ready, key=lambda t: t.seq):
             queues[item.namespace].append(item)
         load = Counter(t.namespace for t in running)
-        heap = [(load[ns], queue[0].seq, ns) for ns, queue in queues.items()]
+        weights = {ns: self.weight_of(ns) for ns in queues}
+        heap = [((load[ns] + 1) / weights[ns], queue[0].seq, ns)
+                for ns, queue in queues.items()]
         heapq.heapify(heap)
         picked: list[T] = []
         while heap and len(picked) < slots:
-            rows, _, ns = heapq.heappop(heap)
+            _, _, ns = heapq.heappop(heap)
             queue = queues[ns]
             picked.append(queue.popleft())
+            load[ns] += 1
             if queue:
-                heapq.heappush(heap, (rows + 1, queue[0].seq, ns))
+                heapq.heappush(heap, ((load[ns] + 1) / weights[ns], queue[0].seq, ns))
         return picked
 
     def preempt(self, running: Sequence[T], waiting: Sequence[T], capacity: int) -> list[T]:
@@ -110,7 +131,8 @@ class RoundRobinPolicy:
             return []
         run = Counter(t.namespace for t in running)
         wait = Counter(t.namespace for t in waiting)
-        shares = fair_shares({ns: run[ns] + wait[ns] for ns in run | wait}, capacity)
+        shares = fair_shares({ns: run[ns] + wait[ns] for ns in run | wait}, capacity,
+                             self.weight_of)
         owed = sum(min(wait[ns], max(0, shares[ns] - run[ns])) for ns in wait)
         need = owed - (capacity - len(running))
         over = {ns: run[ns] - shares[ns] for ns in run if run[ns] > shares[ns]}

@@ -55,7 +55,9 @@ def test_invalid_values_fail_naming_the_flag(argv, named, capsys):
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"tenants": [{"name": "../x", "keys": ["k"]}]}',
-                                     '{"admin_keys": ["sha256:nothex"]}'])
+                                     '{"admin_keys": ["sha256:nothex"]}',
+                                     '{"tenants": [{"name": "a", "keys": ["k"], "weight": 0}]}',
+                                     '{"tenants": [{"name": "a", "keys": ["k"], "weight": 1e6}]}'])
 def test_a_bad_api_keys_file_fails_startup_naming_the_flag(tmp_path, content, capsys):
     keys = tmp_path / "keys.json"
     keys.write_text(content)

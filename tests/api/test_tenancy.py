@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from server.api.app import create_app
+from server.api.tenants import KeyFileError, parse_key_file
 from tests.api.conftest import asgi_client, assert_envelope, started_engine
 from tests.factories import make_adapter
 
@@ -168,3 +169,28 @@ async def test_keys_file_reloads_on_mtime_and_keeps_old_keys_when_broken(tclient
     write_keys(keys)
     assert app.state.keyring.reload() is True
     assert (await tclient.get("/v1/adapters", headers=new)).status_code == 401
+
+
+def test_keys_file_weights_parse_with_a_default_and_name_the_field_when_wrong(tmp_path):
+    keys = write_keys(tmp_path / "keys.json",
+                      extra_tenants=[{"name": "gold", "keys": ["gold-key"], "weight": 2.5}])
+    table = parse_key_file(keys)
+    assert (table.weight("gold"), table.weight("acme"), table.weight("unknown")) == (2.5, 1, 1)
+    for bad in (0, -1, 1001, "heavy"):
+        write_keys(keys, extra_tenants=[{"name": "gold", "keys": ["gold-key"], "weight": bad}])
+        with pytest.raises(KeyFileError, match=r"tenants\.2\.weight"):
+            parse_key_file(keys)
+
+
+async def test_tenant_weights_reach_the_fair_scheduler_and_follow_reloads(tenancy):
+    app, _, keys = tenancy
+    weight_of = app.state.engine._policy.weight_of  # what the engine thread asks per decision
+    assert (weight_of("acme"), weight_of("gamma")) == (1, 1)
+    write_keys(keys, extra_tenants=[{"name": "gamma", "keys": ["gamma-key"], "weight": 4}])
+    try:
+        assert app.state.keyring.reload() is True
+        assert (weight_of("acme"), weight_of("gamma")) == (1, 4)
+    finally:
+        write_keys(keys)
+        assert app.state.keyring.reload() is True
+    assert weight_of("gamma") == 1

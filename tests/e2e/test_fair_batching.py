@@ -1,5 +1,6 @@
 """Fair continuous batching through the real server: tenant a's long streams fill the batch,
-tenant b's request parks one of them instead of waiting, and a's streams still finish whole."""
+tenant b's request parks one of them instead of waiting, and a's streams still finish whole;
+with weights from the keys file, b parks as many as its weighted share allows."""
 
 from __future__ import annotations
 
@@ -67,5 +68,42 @@ async def test_a_full_batch_makes_room_for_another_tenant_over_http(model_dir, t
             assert metric(scrape, "softprompt_parked_requests") == 0
             assert metric(scrape, "softprompt_in_flight_requests") == 0
         assert "batching: continuous" in server.log()
+    finally:
+        server.stop()
+
+
+async def test_a_heavier_tenant_parks_up_to_its_weighted_share_over_http(model_dir, tmp_path):
+    """Batch of 4, all a's streams; b (weight 3 against 1) sends 4 requests. Weighted shares
+    are b 3, a 1, so three of a's rows park (an equal split would park two)."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"tenants": [{"name": "tenant-a", "keys": [KEYS["tenant-a"]]},
+                                            {"name": "tenant-b", "keys": [KEYS["tenant-b"]],
+                                             "weight": 3}]}))
+    server = ServerProcess(model_dir, tmp_path / "store", tmp_path / "server.log",
+                           "--api-keys", str(keys), "--max-batch-size", "4")
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            starts = [asyncio.Event() for _ in range(4)]
+            streams = [asyncio.ensure_future(_stream(client, t, s))
+                       for t, s in zip(("abc", "de", "f", "gh"), starts, strict=True)]
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in starts)), 60)
+
+            b_body = {"text": "Hi!", "max_new_tokens": 60, "ignore_eos": True}
+            b_tasks = [asyncio.ensure_future(client.post("/v1/generate", json=b_body,
+                                                         headers=_auth("tenant-b")))
+                       for _ in range(4)]
+            parked = 0.0
+            while not all(t.done() for t in b_tasks):
+                scrape = (await client.get("/metrics")).text
+                parked = max(parked, metric(scrape, "softprompt_parked_requests"))
+                await asyncio.sleep(0.005)
+            for task in b_tasks:
+                assert task.result().status_code == 200, task.result().text
+            assert not any(s.done() for s in streams)
+            assert parked == 3
+
+            finals = await asyncio.gather(*streams)
+            assert [f["usage"]["completion_tokens"] for f in finals] == [300] * 4
     finally:
         server.stop()

@@ -102,3 +102,35 @@ def test_preemption_takes_only_what_the_free_slots_do_not_cover() -> None:
     # b's sixth request: a small tenant's whole demand is its share when a does not need it.
     running = [Queued(i, "a") for i in range(27)] + [Queued(50 + i, "b") for i in range(5)]
     assert [t.seq for t in RoundRobinPolicy().preempt(running, [Queued(60, "b")], 32)] == [26]
+
+
+@pytest.mark.parametrize(("demand", "weights", "capacity", "expected"), [
+    ({"a": 100, "b": 100}, {"a": 3}, 32, {"a": 24, "b": 8}),
+    ({"a": 100, "b": 100, "c": 100}, {"a": 2}, 32, {"a": 16, "b": 8, "c": 8}),
+    # b's weight makes its share 24, but it only wants 5: a gets the rest.
+    ({"a": 100, "b": 5}, {"b": 3}, 32, {"a": 27, "b": 5}),
+    ({"a": 100, "b": 100}, {"a": 0.5}, 30, {"a": 10, "b": 20}),
+])
+def test_weighted_shares_are_in_proportion_and_still_leave_no_slot_idle(demand, weights,
+                                                                        capacity,
+                                                                        expected) -> None:
+    shares = fair_shares(demand, capacity, lambda t: weights.get(t, 1.0))
+    assert shares == expected
+    assert sum(shares.values()) == min(capacity, sum(demand.values()))
+
+
+def test_weighted_select_fills_an_empty_batch_in_proportion() -> None:
+    ready = [Queued(i, "a") for i in range(50)] + [Queued(100 + i, "b") for i in range(50)]
+    policy = RoundRobinPolicy(weight_of=lambda t: 3.0 if t == "a" else 1.0)
+    picked = policy.select(ready, 32)
+    assert sum(t.namespace == "a" for t in picked) == 24
+    assert [t.seq for t in picked if t.namespace == "b"] == list(range(100, 108))
+
+
+def test_weighted_preemption_parks_only_what_is_above_the_weighted_share() -> None:
+    """b (weight 3) waits on a batch a filled: a keeps its weighted share of 8, not 16."""
+    running = [Queued(i, "a") for i in range(32)]
+    waiting = [Queued(100 + i, "b") for i in range(40)]
+    policy = RoundRobinPolicy(weight_of=lambda t: 3.0 if t == "b" else 1.0)
+    assert sorted(t.seq for t in policy.preempt(running, waiting, 32)) == list(range(8, 32))
+    assert len(RoundRobinPolicy().preempt(running, waiting, 32)) == 16
