@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Run ON the device machine, from the repo root, in one `run` call with .whl carried (made here
+# by benchmarks/gpu/fetch_wheels.sh). Installs the wheels into /tmp/site, then runs the GPU
+# checks named in STEPS in order, each under its own time limit. Every printout goes to
+# $OUT/checks.log and the harness JSONs to $OUT, within the tool's 8-file limit. See
+# benchmarks/README.md ("GPU checks in one device call").
+#
+#   STEPS="env parity costs fairness gpu1b" (default, ~7.5 min at most)  or  STEPS="bf16 gpu8b"
+#   QUICK=1 DEVICE=cpu: shrunken runs on the CPU, to try the script itself without a GPU.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+OUT=${OUT:-/tmp/gpu-checks}
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-0}
+STEPS=${STEPS:-env parity costs fairness gpu1b}
+mkdir -p "$OUT"
+LOG=$OUT/checks.log
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=$PWD
+
+if [[ $QUICK != 1 ]] && compgen -G ".whl/*.whl" >/dev/null; then  # QUICK: this venv's packages
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || { echo "run_checks: wheel install failed" | tee -a "$LOG"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+
+step() {  # step NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2 started rc
+    shift 2
+    echo "===== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    started=$(date +%s)
+    timeout "$limit" "$@" 2>&1 | grep -v --line-buffered "Loading weights" | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    echo "===== $name: rc=$rc after $(( $(date +%s) - started ))s" | tee -a "$LOG"
+}
+
+if [[ $QUICK == 1 ]]; then
+    harness=(--layers 1 --requests 4 --adapters 4 --new-tokens 4 --modes engine
+             --baselines plain --no-progress)
+    fair=(--rounds 2 --cycles 1 --backlog 20)
+    costs=(--seconds 0.3 --repeats 3)
+    bf16=(--rows 4 --new-tokens 4)
+else
+    harness=(--no-progress)
+    fair=(--rounds 20)
+    costs=(--seconds 2)
+    bf16=()
+fi
+
+for s in $STEPS; do
+    case $s in
+        env) step env 60 bash -c 'nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; git log -1 --format="commit %h %s" 2>/dev/null; python3 -c "
+import torch, transformers, peft, fastapi, pydantic
+print(\"python torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"-\")
+print(\"transformers\", transformers.__version__, \"peft\", peft.__version__, \"fastapi\", fastapi.__version__, \"pydantic\", pydantic.__version__)"' ;;
+        parity) step parity 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
+                    tests/engine/test_generation_parity.py ;;
+        costs) step costs 90 python3 -m benchmarks.engine_costs --device "$DEVICE" "${costs[@]}" ;;
+        fairness) step fairness 120 python3 -m benchmarks fairness --device "$DEVICE" \
+                      "${fair[@]}" --json "$OUT/fairness.json" ;;
+        gpu1b) step gpu1b 240 python3 -m benchmarks gpu-1b --device "$DEVICE" "${harness[@]}" \
+                   --json "$OUT/gpu-1b.json" ;;
+        bf16) step bf16 150 python3 -m benchmarks.bf16_agreement --device "$DEVICE" "${bf16[@]}" ;;
+        gpu8b) step gpu8b 400 python3 -m benchmarks gpu-8b --device "$DEVICE" "${harness[@]}" \
+                   --json "$OUT/gpu-8b.json" ;;
+        *) echo "run_checks: unknown step $s" | tee -a "$LOG" ;;
+    esac
+done
+echo "run_checks: done; files in $OUT" | tee -a "$LOG"

@@ -1,0 +1,30 @@
+"""benchmarks/gpu/run_checks.sh, the one-call GPU check, runs end to end in its shrunken CPU
+mode: a broken script would otherwise only show on a device machine, whose time is scarce."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_run_checks_quick_mode_logs_every_step_and_writes_the_json(tmp_path) -> None:
+    env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "OUT": str(tmp_path),
+           "STEPS": "env fairness nosuchstep",
+           # the script calls python3: make it this interpreter (the venv's)
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run_checks.sh")], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "checks.log").read_text()
+    assert "===== env: rc=0" in log and "===== fairness: rc=0" in log
+    assert "unknown step nosuchstep" in log
+    result = json.loads((tmp_path / "fairness.json").read_text())["result"]
+    assert result["device"] == "cpu" and result["ratio"] > 0
