@@ -88,12 +88,13 @@ class ApiMetrics:
         self.request_duration = Histogram(
             PREFIX + "request_duration_seconds", "HTTP request duration (streams: to the end).",
             ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        # Per tenant, so a tenant starved by another's flood shows in its own TTFT.
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
-                              "Submit to first generated token.", buckets=_LATENCY_BUCKETS,
-                              registry=r)
+                              "Submit to first generated token, by tenant.", ["tenant"],
+                              buckets=_LATENCY_BUCKETS, registry=r)
         self._queue_wait = Histogram(PREFIX + "queue_wait_seconds",
-                                    "Submit to the request's batch starting.",
-                                    buckets=_LATENCY_BUCKETS, registry=r)
+                                    "Submit to the request's batch starting, by tenant.",
+                                    ["tenant"], buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished "
                                      "requests.", ["tenant"], registry=r)
         self.virtual_tokens = Counter(PREFIX + "virtual_tokens", "Virtual (soft prompt) tokens "
@@ -149,11 +150,11 @@ class ApiMetrics:
         self.batch_row_steps.labels(kind="generated").inc(generated_tokens)
         self.batch_row_steps.labels(kind="padding").inc(max(0, size * steps - generated_tokens))
 
-    def queue_wait(self, seconds: float) -> None:
-        self._queue_wait.observe(seconds)
+    def queue_wait(self, seconds: float, *, tenant: str) -> None:
+        self._queue_wait.labels(tenant=tenant).observe(seconds)
 
-    def first_token(self, seconds: float) -> None:
-        self.ttft.observe(seconds)
+    def first_token(self, seconds: float, *, tenant: str) -> None:
+        self.ttft.labels(tenant=tenant).observe(seconds)
 
     def cache_event(self, event: CacheEvent) -> None:
         self.cache_events[CacheEvent(event)].inc()

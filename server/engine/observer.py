@@ -30,11 +30,12 @@ class EngineObserver(Protocol):
         still in the cache until the next compaction, which are its waste."""
         ...
 
-    def queue_wait(self, seconds: float) -> None:
-        """Time from submit to the request's batch starting (or its joining a running one)."""
+    def queue_wait(self, seconds: float, *, tenant: str) -> None:
+        """Time from submit to the request's batch starting (or its joining a running one);
+        `tenant` is the request's namespace, so fairness between tenants can be watched."""
         ...
 
-    def first_token(self, seconds: float) -> None:
+    def first_token(self, seconds: float, *, tenant: str) -> None:
         """Time from submit to the request's first generated token."""
         ...
 
@@ -54,10 +55,10 @@ class NullObserver:
     def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
         pass
 
-    def queue_wait(self, seconds: float) -> None:
+    def queue_wait(self, seconds: float, *, tenant: str) -> None:
         pass
 
-    def first_token(self, seconds: float) -> None:
+    def first_token(self, seconds: float, *, tenant: str) -> None:
         pass
 
     def cache_event(self, event: CacheEvent) -> None:
@@ -90,11 +91,11 @@ class GuardedObserver:
     def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
         self._call("batch_finished", size=size, steps=steps, generated_tokens=generated_tokens)
 
-    def queue_wait(self, seconds: float) -> None:
-        self._call("queue_wait", seconds)
+    def queue_wait(self, seconds: float, *, tenant: str) -> None:
+        self._call("queue_wait", seconds, tenant=tenant)
 
-    def first_token(self, seconds: float) -> None:
-        self._call("first_token", seconds)
+    def first_token(self, seconds: float, *, tenant: str) -> None:
+        self._call("first_token", seconds, tenant=tenant)
 
     def cache_event(self, event: CacheEvent) -> None:
         self._call("cache_event", event)

@@ -335,7 +335,7 @@ class Scheduler:
                     if t.request.adapter_id is not None}
         self._observer.batch_started(size=len(tickets), distinct_adapters=len(adapters))
         for ticket in joining:
-            self._observer.queue_wait(now - ticket.submitted_at)
+            self._observer.queue_wait(now - ticket.submitted_at, tenant=ticket.namespace)
 
     def _fail_batch(self, tickets: Sequence[Ticket], error: Exception) -> None:
         """A model failure fails the rows that shared the failing call, and only them."""
@@ -382,7 +382,8 @@ class Scheduler:
         """The ticket as a model row; `early`: answer it from inside run_batch when it finishes
         (continuous batching returns a row the step it finishes anyway)."""
         def on_first_token() -> None:
-            self._observer.first_token(time.monotonic() - ticket.submitted_at)
+            self._observer.first_token(time.monotonic() - ticket.submitted_at,
+                                       tenant=ticket.namespace)
 
         on_chunk: Any = None
         if ticket.queue is not None:

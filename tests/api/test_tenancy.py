@@ -147,6 +147,11 @@ async def test_request_and_token_metrics_carry_the_tenant_label(tclient):
     assert r.status_code == 200, r.text
     text = (await tclient.get("/metrics")).text
     assert metric(text, "softprompt_generated_tokens_total", {"tenant": "beta"}) >= 2
+    # Latency by tenant: one tenant's waits can be told from another's.
+    for name in ("softprompt_time_to_first_token_seconds_count",
+                 "softprompt_queue_wait_seconds_count"):
+        assert metric(text, name, {"tenant": "beta"}) >= 1
+        assert metric(text, name) == 0  # no series without the label
     assert metric(text, "softprompt_requests_total", {
         "endpoint": "/v1/generate", "method": "POST", "status": "200", "tenant": "beta"}) >= 1
     assert metric(text, "softprompt_requests_total", {

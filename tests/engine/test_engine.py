@@ -53,10 +53,10 @@ class RecordingObserver(NullObserver):
     def adapter_loaded(self, seconds: float) -> None:
         self.loads += 1
 
-    def first_token(self, seconds: float) -> None:
+    def first_token(self, seconds: float, *, tenant: str) -> None:
         self.first_tokens += 1
 
-    def queue_wait(self, seconds: float) -> None:
+    def queue_wait(self, seconds: float, *, tenant: str) -> None:
         self.queue_waits += 1
 
 
