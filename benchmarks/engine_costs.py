@@ -9,9 +9,13 @@ structure of the device, which this prints for builtin:tiny (or `--model`) on `-
    steps) against rows finishing and joining at every step (staggered, what a second tenant's
    traffic turns a flood into);
 3. the staggered loop again while another Python thread holds the GIL for a share of the
-   time, as the event loop does when it serves clients in the same process.
+   time, as the event loop does when it serves clients in the same process;
+4. what moving rows in the shared KV cache costs at a realistic cache shape (`--move-shape
+   rows,kv_heads,tokens,head_dim`, 4 layers, the model's dtype): rows joining a batch that
+   holds finished rows (one compaction plus the join).
 
     python -m benchmarks.engine_costs [--device cpu|cuda] [--seconds 3] [--busy 0,15,30]
+                                      [--move-shape 32,8,512,128]
 """
 
 from __future__ import annotations
@@ -116,6 +120,44 @@ def loop_throughput(model, tokenizer, ids: tuple[int, ...], *, staggered: bool, 
             "rows_per_admit": rows if not staggered else None}
 
 
+def cache_move_ms(shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype,
+                  repeats: int, layers: int = 4) -> float:
+    """Median ms of 8 rows joining `shape[0]` running rows of which every eighth has finished
+    (RunningBatch's compaction and join, on synthetic caches of that shape)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    from server.engine.decoding import _Group, _Slot
+
+    def group(rows: int, width: int) -> _Group:
+        cache = DynamicCache()
+        cache.layers = []
+        for _ in range(layers):
+            layer = DynamicLayer()
+            layer.keys, layer.values = (torch.randn(rows, heads, width, dim, device=device,
+                                                    dtype=dtype) for _ in range(2))
+            layer.is_initialized = True
+            cache.layers.append(layer)
+        slots = [_Slot(handle=i, state=None, sampler=None, length=width - i % 5)
+                 for i in range(rows)]
+        return _Group(slots, cache, torch.ones(rows, width, dtype=torch.long, device=device),
+                      torch.zeros(rows, 1, dtype=torch.long, device=device))
+
+    rows, heads, width, dim = shape
+    times = []
+    for _ in range(repeats + 1):
+        running, joining = group(rows, width), group(8, width * 3 // 4)
+        for i in range(0, rows, 8):
+            running.slots[i].alive = False
+        running.retired = len(range(0, rows, 8))
+        _sync(device)
+        started = time.perf_counter()
+        running.extend(joining)
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:]) * 1000
+
+
 class GilHolder:
     """A thread that holds the GIL (pure Python work) `busy` percent of each millisecond."""
 
@@ -141,7 +183,8 @@ class GilHolder:
             self._thread.join()
 
 
-def run(*, device: str, model: str, seconds: float, busy: list[int], repeats: int) -> dict:
+def run(*, device: str, model: str, seconds: float, busy: list[int], repeats: int,
+        move_shape: tuple[int, int, int, int] = (32, 8, 512, 128)) -> dict:
     with tempfile.TemporaryDirectory() as store:
         loaded = load_model(Settings(store=store, device=device, dtype="auto", model=model))
     ids = tuple(loaded.tokenizer(PROMPT)["input_ids"])
@@ -154,6 +197,8 @@ def run(*, device: str, model: str, seconds: float, busy: list[int], repeats: in
         with GilHolder(share):
             result["staggered"][share] = loop_throughput(m, tok, ids, staggered=True,
                                                          seconds=seconds)
+    result["cache_move"] = {"shape": list(move_shape),
+                            "ms": cache_move_ms(move_shape, dev, m.dtype, max(3, repeats // 6))}
     return result
 
 
@@ -165,9 +210,13 @@ def main() -> None:
     parser.add_argument("--busy", default="0,15,30",
                         help="GIL-holding shares (percent) of a second Python thread")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--move-shape", default="32,8,512,128",
+                        help="rows,kv_heads,tokens,head_dim of the cache-move measurement")
     args = parser.parse_args()
+    rows, heads, width, dim = (int(x) for x in args.move_shape.split(","))
     r = run(device=args.device, model=args.model, seconds=args.seconds,
-            busy=[int(b) for b in args.busy.split(",")], repeats=args.repeats)
+            busy=[int(b) for b in args.busy.split(",")], repeats=args.repeats,
+            move_shape=(rows, heads, width, dim))
     print(f"{r['model']} on {r['device']} ({r['dtype']}), prompt {r['prompt_tokens']} tokens, "
           f"{NEW_TOKENS} new tokens")
     print("rows  prefill pass  decode step")
@@ -180,6 +229,10 @@ def main() -> None:
         print(f"staggered (rows join every step), another thread holding the GIL {share:2d}%: "
               f"{s['requests_per_s']:6.0f} req/s, step {s['step_ms']:.2f} ms, "
               f"prefill {s['admit_ms']:.2f} ms")
+    move = r["cache_move"]
+    print(f"8 rows joining {move['shape'][0]} with every eighth finished, cache "
+          f"{'x'.join(map(str, move['shape']))} x 4 layers in {r['dtype']}: "
+          f"{move['ms']:.2f} ms")
 
 
 if __name__ == "__main__":

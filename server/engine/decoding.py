@@ -110,64 +110,81 @@ class _Group(Generic[H]):
         if self.retired and 4 * self.retired >= len(self.slots):
             self.drop([])
 
-    def take(self, indices: Sequence[int]) -> _Group[H]:
-        """Split the live rows at `indices` off into a group of their own; this one keeps the
-        other live rows. Both are trimmed of leading columns that are padding for all their
-        rows."""
-        taken = self._select(sorted(set(indices)))
-        self.drop(indices)
-        return taken
+    def live_rows(self, *, but: Sequence[int] = ()) -> list[int]:
+        """Indices of the live rows, less `but`."""
+        gone = set(but)
+        return [i for i, slot in enumerate(self.slots) if slot.alive and i not in gone]
 
     def drop(self, indices: Sequence[int]) -> None:
         """Forget the rows at `indices` and the retired ones; trim leading columns no
         remaining row uses."""
-        gone = set(indices)
-        rest = self._select([i for i, slot in enumerate(self.slots)
-                             if slot.alive and i not in gone])
-        self._become(rest)
+        self._become(_Group.gather([(self, self.live_rows(but=indices))]))
 
     def extend(self, other: _Group[H]) -> None:
-        """Append another group's live rows, left-padding whichever cache is narrower."""
-        if other.retired:
-            other.drop([])
-        if self.retired:
-            self.drop([])
-        if not other.slots:
+        """Append another group's live rows (dropping both groups' retired ones)."""
+        mine, theirs = self.live_rows(), other.live_rows()
+        if not theirs and len(mine) == len(self.slots):
             return
-        if not self.slots:
-            self._become(other)
+        if not mine and len(theirs) == len(other.slots):
+            self._become(other)  # nothing to merge with: no copy
             return
-        assert self.cache is not None and self.mask is not None and self.next_ids is not None
-        assert other.cache is not None and other.mask is not None and other.next_ids is not None
-        width = max(self.width, other.width)
-        self.mask = _stack_left_padded(self.mask, other.mask, width)
-        for a, b in zip(self.cache.layers, other.cache.layers, strict=True):
-            a.keys = _stack_left_padded(a.keys, b.keys, width)
-            a.values = _stack_left_padded(a.values, b.values, width)
-        self.next_ids = torch.cat([self.next_ids, other.next_ids])
-        self.slots = self.slots + other.slots
+        self._become(_Group.gather([(self, mine), (other, theirs)]))
 
     def _become(self, other: _Group[H]) -> None:
         self.slots, self.cache, self.mask, self.next_ids, self.retired = (
             other.slots, other.cache, other.mask, other.next_ids, other.retired)
 
-    def _select(self, rows: list[int]) -> _Group[H]:
-        if not rows:
+    @staticmethod
+    def gather(parts: Sequence[tuple[_Group[H], Sequence[int]]]) -> _Group[H]:
+        """A new group of the given rows of each group, in order: each group's rows without
+        the leading columns that are padding for all of them, right-aligned to a common width.
+        Every tensor is written once, straight into its place (no gather-then-stack copy)."""
+        parts = [(g, list(rows)) for g, rows in parts if rows]
+        if not parts:
             return _Group.empty()
-        assert self.cache is not None and self.mask is not None and self.next_ids is not None
-        slots = [self.slots[i] for i in rows]
-        trim = min(self.width - slot.length for slot in slots)
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        cache = copy.copy(self.cache)  # the same kind of cache, with its own layers
+        for g, _ in parts:
+            assert g.cache is not None and g.mask is not None and g.next_ids is not None
+        trims = [min(g.width - g.slots[i].length for i in rows) for g, rows in parts]
+        width = max(g.width - trim for (g, _), trim in zip(parts, trims, strict=True))
+        index = [torch.tensor(rows, dtype=torch.long, device=g.mask.device)
+                 for g, rows in parts]
+
+        def place(tensors: list[torch.Tensor], seq: int) -> torch.Tensor:
+            return _place_rows(tensors, index, trims, width, seq)
+
+        first = parts[0][0].cache
+        cache = copy.copy(first)  # the same kind of cache, with its own layers
         cache.layers = []
-        for layer in self.cache.layers:
-            part = copy.copy(layer)
-            at = index.to(layer.keys.device)
-            part.keys = layer.keys.index_select(0, at)[:, :, trim:]
-            part.values = layer.values.index_select(0, at)[:, :, trim:]
-            cache.layers.append(part)
-        return _Group(slots, cache, self.mask.index_select(0, index)[:, trim:],
-                      self.next_ids.index_select(0, index))
+        for n, layer in enumerate(first.layers):
+            layers = [g.cache.layers[n] for g, _ in parts]
+            merged = copy.copy(layer)
+            merged.keys = place([lay.keys for lay in layers], seq=2)
+            merged.values = place([lay.values for lay in layers], seq=2)
+            cache.layers.append(merged)
+        mask = place([g.mask for g, _ in parts], seq=1)
+        next_ids = torch.cat([g.next_ids.index_select(0, at)
+                              for (g, _), at in zip(parts, index, strict=True)])
+        return _Group([g.slots[i] for g, rows in parts for i in rows], cache, mask, next_ids)
+
+
+def _place_rows(sources: list[torch.Tensor], index: list[torch.Tensor], trims: list[int],
+                width: int, seq: int) -> torch.Tensor:
+    """The `index` rows of each source (less its first `trims` columns on axis `seq`: dim 2 of
+    a cache layer [batch, heads, seq, head_dim], dim 1 of a mask [batch, seq]) stacked on the
+    batch axis, right-aligned in `width` columns with zeros in front. index_select writes
+    each part straight into its slice of the result: one copy, whatever the strides."""
+    shape = list(sources[0].shape)
+    shape[0], shape[seq] = sum(len(at) for at in index), width
+    out = sources[0].new_empty(shape)
+    row = 0
+    for src, at, trim in zip(sources, index, trims, strict=True):
+        cols = src.shape[seq] - trim
+        block = out.narrow(0, row, len(at))
+        block.narrow(seq, 0, width - cols).zero_()
+        torch.index_select(src.narrow(seq, trim, cols), 0, at.to(src.device),
+                           out=block.narrow(seq, width - cols, cols))
+        row += len(at)
+    return out
 
 
 class RunningBatch(Generic[H]):
@@ -222,13 +239,13 @@ class RunningBatch(Generic[H]):
     def park(self, handles: Sequence[H]) -> None:
         """Take these running rows out of the steps, keeping their cache, until resumed."""
         if indices := _indices(self._running, handles):
-            self._parked.extend(self._running.take(indices))
+            self._running, self._parked = _move(self._running, indices, self._parked)
 
     @torch.inference_mode()
     def resume(self, handles: Sequence[H]) -> None:
         """Put parked rows back into the steps, where they go on from their last token."""
         if indices := _indices(self._parked, handles):
-            self._running.extend(self._parked.take(indices))
+            self._parked, self._running = _move(self._parked, indices, self._running)
 
     @torch.inference_mode()
     def discard_parked(self, handles: Sequence[H]) -> None:
@@ -332,23 +349,17 @@ class RunningBatch(Generic[H]):
         return aborted_output(state) if state.aborted else final_output(state, self._tokenizer)
 
 
+def _move(source: _Group[H], indices: Sequence[int],
+          target: _Group[H]) -> tuple[_Group[H], _Group[H]]:
+    """(source less the rows at `indices`, target plus them): each row copied once."""
+    return (_Group.gather([(source, source.live_rows(but=indices))]),
+            _Group.gather([(target, target.live_rows()), (source, sorted(set(indices)))]))
+
+
 def _indices(group: _Group[H], handles: Sequence[H]) -> list[int]:
     """Where the live rows of these handles are in the group."""
     wanted = {id(h) for h in handles}
     return [i for i, slot in enumerate(group.slots) if slot.alive and id(slot.handle) in wanted]
-
-
-def _stack_left_padded(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
-    """a then b along the batch axis, each right-aligned on the sequence axis (dim 2 of a
-    cache layer [batch, heads, seq, head_dim], dim 1 of a mask [batch, seq]), zeros in front:
-    one copy of each."""
-    seq = 2 if a.dim() == 4 else 1
-    shape = list(a.shape)
-    shape[0], shape[seq] = a.shape[0] + b.shape[0], width
-    out = a.new_zeros(shape)
-    out[: a.shape[0]].narrow(seq, width - a.shape[seq], a.shape[seq]).copy_(a)
-    out[a.shape[0]:].narrow(seq, width - b.shape[seq], b.shape[seq]).copy_(b)
-    return out
 
 
 def _check_cache(cache: Any, *, rows: int, length: int) -> None:

@@ -11,13 +11,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_engine_costs_reports_passes_and_both_loop_shapes() -> None:
-    r = run(device="cpu", model="builtin:tiny", seconds=0.3, busy=[0, 30], repeats=2)
+    r = run(device="cpu", model="builtin:tiny", seconds=0.3, busy=[0, 30], repeats=2,
+            move_shape=(16, 2, 64, 16))
     assert (r["device"], r["dtype"], r["prompt_tokens"]) == ("cpu", "float32", 25)
     assert [p["rows"] for p in r["passes"]] == [1, 4, 8, 16, 32]
     assert all(p["prefill_ms"] > 0 and p["step_ms"] > 0 for p in r["passes"])
     assert set(r["staggered"]) == {0, 30}
     for loop in (r["lockstep"], *r["staggered"].values()):
         assert loop["requests_per_s"] > 0 and loop["step_ms"] > 0 and loop["admit_ms"] > 0
+    assert r["cache_move"]["shape"] == [16, 2, 64, 16] and r["cache_move"]["ms"] > 0
 
 
 def test_gil_holder_stops() -> None:
