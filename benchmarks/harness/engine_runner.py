@@ -49,7 +49,7 @@ class Recorder(NullObserver):
         with self._lock:
             self.loads.append(seconds)
 
-    def first_token(self, seconds: float) -> None:
+    def first_token(self, seconds: float, *, tenant: str) -> None:
         with self._lock:
             self.first_tokens.append(seconds)
 
