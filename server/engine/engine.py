@@ -86,7 +86,8 @@ class Engine:
                 max_batch_size=self.settings.max_batch_size,
                 max_wait_s=self.settings.max_wait_ms / 1000.0,
                 max_queue=self.settings.max_queue, policy=self._policy,
-                continuous=self._continuous(loaded))
+                continuous=self._continuous(loaded),
+                max_prefill_tokens=self.settings.max_prefill_tokens)
             self._count_stored()
             scheduler.start()
             self._refresher = StoreRefresher(self.store, cache,

@@ -68,7 +68,8 @@ class Scheduler:
     def __init__(self, loaded: LoadedModel, *, store: AdapterStore, cache: PromptCache,
                  observer: EngineObserver, max_batch_size: int, max_wait_s: float,
                  max_queue: int, policy: BatchPolicy | None = None,
-                 continuous: bool = False, loader_threads: int = 2) -> None:
+                 continuous: bool = False, loader_threads: int = 2,
+                 max_prefill_tokens: int | None = None) -> None:
         self._loaded = loaded
         self._store = store
         self._cache = cache
@@ -78,6 +79,7 @@ class Scheduler:
         self._max_queue = max_queue
         self._policy = policy or RoundRobinPolicy()  # fair across tenants
         self.continuous = continuous
+        self._max_prefill_tokens = max_prefill_tokens  # None: no cap
         self.parked = 0  # rows parked by fair preemption, for the gauge
         self._cond = threading.Condition()
         self._ready: list[Ticket] = []
@@ -276,13 +278,37 @@ class Scheduler:
             parking = {id(t) for t in park}
             staying = [t for t in running if id(t) not in parking]
             chosen = self._policy.select(waiting, self._max_batch_size - len(staying), staying)
+            resume = [t for t in chosen if t.state is TicketState.RUNNING]  # parked rows
             admit = [t for t in chosen if t.state is TicketState.QUEUED]
+            if staying or resume:  # rows decode this step: they wait for the joiners' prefill
+                admit = self._within_prefill_budget(admit)
             admitted = {id(t) for t in admit}
             self._ready = [t for t in self._ready if id(t) not in admitted]
             for ticket in admit:
                 ticket.state = TicketState.RUNNING
             self._queued -= len(admit)
-            return _Plan(park, [t for t in chosen if id(t) not in admitted], admit)
+            return _Plan(park, resume, admit)
+
+    def _within_prefill_budget(self, admit: list[Ticket]) -> list[Ticket]:
+        """The head of `admit` (the policy's order) whose prefill fits max_prefill_tokens.
+
+        Joiners are prefilled together, each padded to the longest, and every running row
+        waits for that pass: a burst of long prompts admitted at once would stall every
+        stream for all their prefills. The first joiner always fits, so a prompt longer than
+        the budget still joins (alone), and the rest wait for the next step in the same order,
+        so none is passed over for good.
+        """
+        if self._max_prefill_tokens is None:
+            return admit
+        taken: list[Ticket] = []
+        longest = 0
+        for ticket in admit:
+            width = max(longest, len(ticket.request.prompt_ids) + ticket.virtual_tokens)
+            if taken and width * (len(taken) + 1) > self._max_prefill_tokens:
+                break
+            taken.append(ticket)
+            longest = width
+        return taken
 
     def _run_continuous(self) -> None:
         """Admit into the running batch between steps; a row leaves the step it finishes."""

@@ -5,6 +5,7 @@ failure isolation, FIFO policy. Ordering is asserted, never wall-clock timing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 from pathlib import Path
@@ -304,5 +305,34 @@ async def test_a_parked_request_can_be_aborted(tiny_model_dirs, tmp_path) -> Non
         with pytest.raises(asyncio.CancelledError):
             await parked
         assert eng.stats()["in_flight"] == 0
+    finally:
+        await eng.aclose(10)
+
+
+async def test_a_burst_of_long_prompts_joins_a_running_batch_a_budget_at_a_time(
+        tiny_model_dirs, tmp_path) -> None:
+    """--max-prefill-tokens: while a row decodes, each step prefills at most that many
+    (padded) prompt tokens, so four long prompts join one per step instead of stalling the
+    running row for all four prefills at once. Each still answers as it would alone."""
+    observer = RecordingObserver()
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=8,
+                      max_wait_ms=1, max_prefill_tokens=60)
+    try:
+        texts = [f"a long prompt of about forty tokens, number {i}." for i in range(4)]
+        assert all(30 < len(eng.tokenize(t)) <= 60 for t in texts)
+        alone = [await eng.generate(request(eng, t, None, max_new_tokens=3)) for t in texts]
+        running = asyncio.ensure_future(eng.generate(
+            request(eng, "Hi!", None, max_new_tokens=300, ignore_eos=True)))
+        await until(lambda: eng.stats()["in_flight"] == 1 and eng.stats()["queue_depth"] == 0
+                    and len(observer.batches) > 0 and observer.batches[-1][0] == 1)
+        start = len(observer.batches) - 1  # a step of the running row alone (size 1)
+        burst = await asyncio.gather(*(eng.generate(request(eng, t, None, max_new_tokens=3))
+                                       for t in texts))
+        assert [r.token_ids for r in burst] == [r.token_ids for r in alone]
+        sizes = [size for size, _ in observer.batches[start:]]
+        # batch_started counts the running rows plus the joiners: one more row at a time.
+        assert max(b - a for a, b in itertools.pairwise(sizes)) == 1
+        assert not running.done()
+        assert (await running).completion_tokens == 300
     finally:
         await eng.aclose(10)
