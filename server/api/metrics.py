@@ -59,6 +59,17 @@ class EngineStatsCollector(Collector):
             if key not in _STATS_SKIP and _NAME_OK.match(key):
                 yield GaugeMetricFamily(f"{PREFIX}engine_{key}", f"engine.stats()[{key!r}]",
                                         value=float(value))
+        tenant_stats = getattr(self._engine, "tenant_stats", None)
+        if tenant_stats is not None:
+            family = GaugeMetricFamily(
+                PREFIX + "tenant_requests", "Requests in the engine by tenant and state: queued "
+                "(waiting for a batch or their adapter) or running (in the batch, parked rows "
+                "included). Only tenants with requests in flight appear.",
+                labels=["tenant", "state"])
+            for tenant, by_state in sorted(tenant_stats().items()):
+                for state, count in sorted(by_state.items()):
+                    family.add_metric([tenant, state], float(count))
+            yield family
         yield GaugeMetricFamily(PREFIX + "http_requests_in_flight",
                                 "HTTP requests being handled (streams until they end).",
                                 value=self._http_in_flight())

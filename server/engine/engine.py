@@ -332,6 +332,10 @@ class Engine:
 
     # ---- gauges --------------------------------------------------------------------------------
 
+    def tenant_stats(self) -> dict[str, dict[str, int]]:
+        scheduler = self._scheduler
+        return scheduler.tenant_counts() if scheduler is not None else {}
+
     def stats(self) -> dict[str, float]:
         scheduler, cache = self._scheduler, self._cache
         cs = cache.stats() if cache is not None else None

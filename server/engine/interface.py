@@ -133,3 +133,8 @@ class EngineClient(Protocol):
     def stats(self) -> dict[str, float]:
         """Gauges for /metrics: queue_depth, in_flight, cache_resident_adapters, cache_bytes, ..."""
         ...
+
+    def tenant_stats(self) -> dict[str, dict[str, int]]:
+        """Requests per tenant (namespace) and state, "queued" or "running" (parked rows
+        included), for /metrics: who fills the queue and who holds the batch."""
+        ...

@@ -115,6 +115,16 @@ class Scheduler:
     def in_flight(self) -> int:
         return len(self._live)
 
+    def tenant_counts(self) -> dict[str, dict[str, int]]:
+        """{tenant: {"queued": n, "running": m}} over the requests in flight (thread-safe)."""
+        counts: dict[str, dict[str, int]] = {}
+        with self._cond:
+            for ticket in self._live.values():
+                if ticket.state is not TicketState.DONE:
+                    by_state = counts.setdefault(ticket.namespace, {"queued": 0, "running": 0})
+                    by_state[ticket.state.value] += 1
+        return counts
+
     def submit(self, request: GenerationRequest, *, version: str | None, virtual_tokens: int,
                stream: bool) -> Ticket:
         """Queue a validated request; must be called on the event loop that will consume it."""

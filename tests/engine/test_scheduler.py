@@ -336,3 +336,29 @@ async def test_a_burst_of_long_prompts_joins_a_running_batch_a_budget_at_a_time(
         assert (await running).completion_tokens == 300
     finally:
         await eng.aclose(10)
+
+
+async def test_requests_in_flight_are_counted_per_tenant_and_state(gated) -> None:
+    """engine.tenant_stats() and the softprompt_tenant_requests gauge it feeds: who waits and
+    who holds the batch, by tenant."""
+    from prometheus_client import generate_latest
+
+    from server.api.metrics import ApiMetrics
+    from tests.e2e.server_process import metric
+
+    eng, gate = gated
+    assert eng.tenant_stats() == {}
+    cold = asyncio.ensure_future(eng.generate(request(eng, "Hi!", "cold")))  # tenant t1
+    running = asyncio.ensure_future(eng.generate(
+        request(eng, "Hi!", None, namespace="t2", max_new_tokens=300, ignore_eos=True)))
+    await until(lambda: eng.tenant_stats().get("t2", {}).get("running") == 1)
+    assert eng.tenant_stats() == {"t1": {"queued": 1, "running": 0},
+                                  "t2": {"queued": 0, "running": 1}}
+    metrics = ApiMetrics()
+    metrics.bind_engine(eng)
+    text = generate_latest(metrics.registry).decode()
+    assert metric(text, "softprompt_tenant_requests", {"tenant": "t1", "state": "queued"}) == 1
+    assert metric(text, "softprompt_tenant_requests", {"tenant": "t2", "state": "running"}) == 1
+    gate.set()
+    await asyncio.gather(cold, running)
+    assert eng.tenant_stats() == {}
