@@ -57,10 +57,11 @@ class Settings(BaseSettings):
                                "they finish (decoder-only models; seq2seq models fall back to "
                                "static); static: a batch runs until its longest request is "
                                "done.")
-    max_prefill_tokens: int = Field(4096, ge=1, description="While rows are decoding "
+    max_prefill_tokens: int = Field(4096, ge=2, description="While rows are decoding "
                                     "(continuous batching), the most prompt tokens prefilled "
                                     "between two decode steps, counted padded and with soft "
-                                    "prompts; one request joins per step whatever its length.")
+                                    "prompts; a longer prompt is prefilled in chunks of half "
+                                    "this, one per step.")
     max_queue: int = Field(1024, ge=1, description="Queued requests before 429.")
     prompt_cache_bytes: int = Field(1 << 30, ge=0, description="Byte budget of resident prompts.")
     api_keys: Path | None = Field(None, description="JSON file of tenants and API keys.")

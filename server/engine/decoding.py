@@ -70,6 +70,20 @@ class _Slot(Generic[H]):
     alive: bool = True  # False once finished: its cache rows linger until the next compaction
 
 
+@dataclass
+class _Chunked(Generic[H]):
+    """One row whose prompt is prefilled a chunk per step, in a cache of its own, before it
+    joins the running rows."""
+
+    handle: H
+    row: BatchRow
+    embeds: torch.Tensor  # [1, width, hidden]: soft prompt then prompt
+    mask: torch.Tensor  # [1, width], all ones
+    chunk: int  # columns per step
+    cache: DynamicCache | None = None
+    done: int = 0  # columns prefilled so far
+
+
 class _Group(Generic[H]):
     """Rows sharing one KV cache, left-padded to a common width.
 
@@ -207,6 +221,7 @@ class RunningBatch(Generic[H]):
         self._takes_logits_to_keep = "logits_to_keep" in accepted
         self._running: _Group[H] = _Group.empty()
         self._parked: _Group[H] = _Group.empty()
+        self._chunked: _Chunked[H] | None = None
 
     def __len__(self) -> int:
         """Rows that take a step (parked rows not counted)."""
@@ -285,6 +300,63 @@ class RunningBatch(Generic[H]):
             tokens = self._choose(out.logits[:, -1, :], slots)  # [new]
             group = _Group(slots, out.past_key_values, mask, tokens[:, None])
             left += self._record(group, tokens)
+            self._running.extend(group)
+        return left
+
+    @property
+    def chunked(self) -> H | None:
+        """The row being prefilled in chunks, if any (not yet running, not parkable)."""
+        return None if self._chunked is None else self._chunked.handle
+
+    def admit_chunked(self, handle: H, row: BatchRow, chunk: int) -> list[tuple[H, RowOutput]]:
+        """Start prefilling one long row `chunk` prompt columns per call of advance_chunk (the
+        first chunk now), so running rows wait for a chunk per step, not the whole prompt.
+        It joins the running rows, with its first token, after its last chunk. At most one
+        row is chunked at a time. Returns the row if it left at once (aborted)."""
+        assert self._chunked is None, "one chunked prefill at a time"
+        check_rows([row])
+        if aborted_before_start(row):
+            return [(handle, ABORTED)]
+        with torch.inference_mode():
+            batch = build_batch_inputs(self._model.get_input_embeddings(),
+                                       [RowInput(row.prompt_ids, row.prompt_embeds)])
+        self._chunked = _Chunked(handle, row, batch.inputs_embeds, batch.attention_mask,
+                                 max(1, chunk))
+        return self.advance_chunk()
+
+    def advance_chunk(self) -> list[tuple[H, RowOutput]]:
+        """Prefill the chunked row's next chunk; after the last one it joins the running rows
+        with its first token. Returns it if it left (aborted, or finished at that token).
+        Model errors propagate, with the chunked row dropped; the running rows are untouched."""
+        work = self._chunked
+        if work is None:
+            return []
+        if aborted_before_start(work.row):  # aborted meanwhile: stop prefilling it
+            self._chunked = None
+            return [(work.handle, ABORTED)]
+        width = int(work.mask.shape[1])
+        end = min(width, work.done + work.chunk)
+        try:
+            with torch.inference_mode():
+                out = self._forward(inputs_embeds=work.embeds[:, work.done:end],
+                                    attention_mask=work.mask[:, :end],
+                                    position_ids=torch.arange(work.done, end,
+                                                              device=work.mask.device)[None],
+                                    past_key_values=work.cache)
+        except BaseException:
+            self._chunked = None
+            raise
+        work.cache, work.done = out.past_key_values, end
+        if end < width:
+            return []
+        self._chunked = None
+        with torch.inference_mode():
+            _check_cache(work.cache, rows=1, length=width)
+            slot = _Slot(work.handle, RowState(work.row, self._tokenizer, self._eos_ids),
+                         RowSampler(work.row.params), width)
+            tokens = self._choose(out.logits[:, -1, :], [slot])
+            group = _Group([slot], work.cache, work.mask, tokens[:, None])
+            left = self._record(group, tokens)
             self._running.extend(group)
         return left
 

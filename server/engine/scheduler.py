@@ -57,6 +57,7 @@ class _Plan:
     park: list[Ticket]  # running rows to take out of the steps (fair preemption)
     resume: list[Ticket]  # parked rows to put back
     admit: list[Ticket]  # queued requests to start
+    chunk: Ticket | None = None  # a queued request too long for one pass: prefill in chunks
 
 
 class Scheduler:
@@ -80,6 +81,9 @@ class Scheduler:
         self._policy = policy or RoundRobinPolicy()  # fair across tenants
         self.continuous = continuous
         self._max_prefill_tokens = max_prefill_tokens  # None: no cap
+        # A prompt longer than the cap is prefilled half a cap per step, beside joiners that
+        # fit in the other half.
+        self._chunk_tokens = max(1, (max_prefill_tokens or 2) // 2)
         self.parked = 0  # rows parked by fair preemption, for the gauge
         self._cond = threading.Condition()
         self._ready: list[Ticket] = []
@@ -251,8 +255,8 @@ class Scheduler:
                                                    f"{type(e).__name__}"))
             raise
 
-    def _next_plan(self, running: Sequence[Ticket] = (),
-                   parked: Sequence[Ticket] = ()) -> _Plan | None:
+    def _next_plan(self, running: Sequence[Ticket] = (), parked: Sequence[Ticket] = (),
+                   chunked: Ticket | None = None) -> _Plan | None:
         """What to park, resume and admit before the next step; None when stopping and
         nothing is left to do.
 
@@ -262,7 +266,7 @@ class Scheduler:
         with self._cond:
             while True:
                 self._ready = [t for t in self._ready if t.state is TicketState.QUEUED]
-                busy = bool(running or parked)
+                busy = bool(running or parked or chunked)
                 if self._stopped or (self._draining and self._queued == 0 and not busy):
                     return None
                 if busy:
@@ -277,6 +281,7 @@ class Scheduler:
                 if wait <= 0:
                     break
                 self._cond.wait(wait)
+            running = [*running, chunked] if chunked is not None else list(running)
             if len(running) >= self._max_batch_size and self._arrivals == self._planned_arrivals:
                 return _Plan([], [], [])
             self._planned_arrivals = self._arrivals
@@ -284,41 +289,52 @@ class Scheduler:
             park: list[Ticket] = []
             room = self._max_batch_size - len(parked)  # parked rows hold KV cache: one batch
             if waiting and room > 0:
-                park = self._policy.preempt(running, waiting, self._max_batch_size)[:room]
+                park = [t for t in self._policy.preempt(running, waiting, self._max_batch_size)
+                        if t is not chunked][:room]  # a row mid-prefill cannot be parked
             parking = {id(t) for t in park}
             staying = [t for t in running if id(t) not in parking]
             chosen = self._policy.select(waiting, self._max_batch_size - len(staying), staying)
             resume = [t for t in chosen if t.state is TicketState.RUNNING]  # parked rows
             admit = [t for t in chosen if t.state is TicketState.QUEUED]
+            chunk = None
             if staying or resume:  # rows decode this step: they wait for the joiners' prefill
-                admit = self._within_prefill_budget(admit)
-            admitted = {id(t) for t in admit}
+                admit, chunk = self._within_prefill_budget(admit, chunking=chunked is not None)
+            starting = admit + ([chunk] if chunk is not None else [])
+            admitted = {id(t) for t in starting}
             self._ready = [t for t in self._ready if id(t) not in admitted]
-            for ticket in admit:
+            for ticket in starting:
                 ticket.state = TicketState.RUNNING
-            self._queued -= len(admit)
-            return _Plan(park, resume, admit)
+            self._queued -= len(starting)
+            return _Plan(park, resume, admit, chunk)
 
-    def _within_prefill_budget(self, admit: list[Ticket]) -> list[Ticket]:
-        """The head of `admit` (the policy's order) whose prefill fits max_prefill_tokens.
+    def _within_prefill_budget(self, admit: list[Ticket], *,
+                               chunking: bool) -> tuple[list[Ticket], Ticket | None]:
+        """Of `admit` (the policy's order): the joiners to prefill in one pass this step, and
+        at most one to start prefilling in chunks.
 
         Joiners are prefilled together, each padded to the longest, and every running row
-        waits for that pass: a burst of long prompts admitted at once would stall every
-        stream for all their prefills. The first joiner always fits, so a prompt longer than
-        the budget still joins (alone), and the rest wait for the next step in the same order,
-        so none is passed over for good.
+        waits for that pass, so a step prefills at most max_prefill_tokens (padded). A prompt
+        longer than that is prefilled half the budget per step in a lane of its own, one at a
+        time; while it runs, other joiners share the other half. A joiner that does not fit
+        keeps its place for the next step, so none is passed over for good.
         """
         if self._max_prefill_tokens is None:
-            return admit
+            return admit, None
+        budget = self._max_prefill_tokens - (self._chunk_tokens if chunking else 0)
         taken: list[Ticket] = []
         longest = 0
         for ticket in admit:
-            width = max(longest, len(ticket.request.prompt_ids) + ticket.virtual_tokens)
-            if taken and width * (len(taken) + 1) > self._max_prefill_tokens:
+            length = len(ticket.request.prompt_ids) + ticket.virtual_tokens
+            if length > self._max_prefill_tokens:  # only in chunks
+                if not taken and not chunking:
+                    return [], ticket
+                continue  # waits for the lane, first in line
+            width = max(longest, length)
+            if width * (len(taken) + 1) > budget:
                 break
             taken.append(ticket)
             longest = width
-        return taken
+        return taken, None
 
     def _run_continuous(self) -> None:
         """Admit into the running batch between steps; a row leaves the step it finishes."""
@@ -326,15 +342,16 @@ class Scheduler:
         while True:
             gone = [t for t in batch.parked if t.state is TicketState.DONE]  # aborted, failed
             batch.discard_parked(gone)
-            plan = self._next_plan(batch.handles, batch.parked)
+            plan = self._next_plan(batch.handles, batch.parked, batch.chunked)
             if plan is None:
                 break
             batch.park(plan.park)
             batch.resume(plan.resume)
             joining = plan.admit
+            starting = joining + ([plan.chunk] if plan.chunk is not None else [])
             now = time.monotonic()
-            self._observe_batch_start(batch.handles + joining, joining, now)
-            for ticket in joining:
+            self._observe_batch_start(batch.handles + joining, starting, now)
+            for ticket in starting:
                 ticket.started_at = now
             # Joiners first, so they take this step too: a slot freed by the last step is
             # used by this one (stepping first would leave it empty for one step).
@@ -343,6 +360,15 @@ class Scheduler:
                 left += batch.admit([(t, self._row(t, early=False)) for t in joining])
             except Exception as e:  # noqa: BLE001 - the running rows are untouched
                 self._fail_batch(joining, e)
+            chunked = plan.chunk or batch.chunked
+            try:  # one chunk of a long prompt's prefill per step
+                if plan.chunk is not None:
+                    left += batch.admit_chunked(plan.chunk, self._row(plan.chunk, early=False),
+                                                self._chunk_tokens)
+                else:
+                    left += batch.advance_chunk()
+            except Exception as e:  # noqa: BLE001 - only the chunked row is lost
+                self._fail_batch([chunked], e)
             stepping, computed = batch.handles, batch.rows
             try:
                 left += batch.step()

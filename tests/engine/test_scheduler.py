@@ -362,3 +362,31 @@ async def test_requests_in_flight_are_counted_per_tenant_and_state(gated) -> Non
     gate.set()
     await asyncio.gather(cold, running)
     assert eng.tenant_stats() == {}
+
+
+async def test_a_prompt_longer_than_the_budget_joins_after_a_chunk_per_step(
+        tiny_model_dirs, tmp_path) -> None:
+    """A prompt over --max-prefill-tokens is prefilled half the budget per step while the
+    running row keeps taking steps, then joins; its output equals its output alone."""
+    observer = RecordingObserver()
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=8,
+                      max_wait_ms=1, max_prefill_tokens=60)
+    try:
+        text = "a long prompt that goes on and on, " * 5
+        length = len(eng.tokenize(text))
+        assert length > 150
+        alone = await eng.generate(request(eng, text, None, max_new_tokens=4))
+        running = asyncio.ensure_future(eng.generate(
+            request(eng, "Hi!", None, max_new_tokens=300, ignore_eos=True)))
+        await until(lambda: eng.stats()["in_flight"] == 1 and eng.stats()["queue_depth"] == 0
+                    and len(observer.batches) > 0 and observer.batches[-1][0] == 1)
+        start = len(observer.batches)
+        long = await eng.generate(request(eng, text, None, max_new_tokens=4))
+        assert long.token_ids == alone.token_ids
+        sizes = [size for size, _ in observer.batches[start:]]
+        joined = sizes.index(2)  # the first step the long row took beside the running one
+        assert joined >= -(-length // 30) - 1  # ceil(length / chunk of 30) steps to prefill
+        assert not running.done()
+        assert (await running).completion_tokens == 300
+    finally:
+        await eng.aclose(10)
