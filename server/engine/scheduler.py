@@ -10,6 +10,9 @@ two decode steps the policy fills the running batch's free slots up to max_batch
 row leaves the step it finishes. Static batching (seq2seq models, or --batching static): the
 policy picks up to max_batch_size and run_batch runs them to the longest row. Either way, an
 idle engine waits at most max_wait after the oldest ready request arrived for batch mates.
+While rows decode, the joiners of one step are cut at max_prefill_tokens (padded), and a
+prompt longer than that is prefilled in chunks over several steps, so running streams wait
+for a bounded prefill between two tokens.
 
 Results travel back through the loop's Mailbox (one call_soon_threadsafe per burst): to an
 asyncio Future (generate) or an asyncio.Queue (streams). The thread never blocks on the event
