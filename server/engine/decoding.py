@@ -293,14 +293,21 @@ class RunningBatch(Generic[H]):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # a pad's position is never seen
             out = self._forward(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
                                 position_ids=positions, past_key_values=None)
-            _check_cache(out.past_key_values, rows=len(live), length=int(mask.shape[1]))
-            slots = [_Slot(handle, RowState(row, self._tokenizer, self._eos_ids),
-                           RowSampler(row.params), length)
-                     for (handle, row), length in zip(live, batch.lengths, strict=True)]
-            tokens = self._choose(out.logits[:, -1, :], slots)  # [new]
-            group = _Group(slots, out.past_key_values, mask, tokens[:, None])
-            left += self._record(group, tokens)
-            self._running.extend(group)
+            left += self._join(live, batch.lengths, out, mask)
+        return left
+
+    def _join(self, rows: Sequence[tuple[H, BatchRow]], lengths: Sequence[int], out: Any,
+              mask: torch.Tensor) -> list[tuple[H, RowOutput]]:
+        """Prefilled rows (`out`: the model's output over their whole prompts) take their
+        first token and join the running rows; returns those that left at it."""
+        _check_cache(out.past_key_values, rows=len(rows), length=int(mask.shape[1]))
+        slots = [_Slot(handle, RowState(row, self._tokenizer, self._eos_ids),
+                       RowSampler(row.params), length)
+                 for (handle, row), length in zip(rows, lengths, strict=True)]
+        tokens = self._choose(out.logits[:, -1, :], slots)  # [rows]
+        group = _Group(slots, out.past_key_values, mask, tokens[:, None])
+        left = self._record(group, tokens)
+        self._running.extend(group)
         return left
 
     @property
@@ -351,14 +358,7 @@ class RunningBatch(Generic[H]):
             return []
         self._chunked = None
         with torch.inference_mode():
-            _check_cache(work.cache, rows=1, length=width)
-            slot = _Slot(work.handle, RowState(work.row, self._tokenizer, self._eos_ids),
-                         RowSampler(work.row.params), width)
-            tokens = self._choose(out.logits[:, -1, :], [slot])
-            group = _Group([slot], work.cache, work.mask, tokens[:, None])
-            left = self._record(group, tokens)
-            self._running.extend(group)
-        return left
+            return self._join([(work.handle, work.row)], [width], out, work.mask)
 
     def step(self) -> list[tuple[H, RowOutput]]:
         """One decode step: every running row takes one token. Returns the rows that left."""

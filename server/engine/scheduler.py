@@ -86,7 +86,7 @@ class Scheduler:
         self._max_prefill_tokens = max_prefill_tokens  # None: no cap
         # A prompt longer than the cap is prefilled half a cap per step, beside joiners that
         # fit in the other half.
-        self._chunk_tokens = max(1, (max_prefill_tokens or 2) // 2)
+        self._chunk_tokens = max(1, max_prefill_tokens // 2) if max_prefill_tokens else 0
         self.parked = 0  # rows parked by fair preemption, for the gauge
         self._cond = threading.Condition()
         self._ready: list[Ticket] = []
