@@ -69,9 +69,10 @@ async def measure(engine, *, backlog: int, rounds: int, new_tokens: int,
     alone = 0.0
     if backlog:
         await asyncio.sleep(0.5)  # A's backlog builds up and its batch fills
-        before, started = done, time.perf_counter()
-        await asyncio.sleep(a_alone_s)
-        alone = (done - before) / a_alone_s if a_alone_s else 0.0
+        if a_alone_s:
+            before, started = done, time.perf_counter()
+            await asyncio.sleep(a_alone_s)
+            alone = (done - before) / (time.perf_counter() - started)
     before, started = done, time.perf_counter()
     latencies: list[float] = []
     for _ in range(rounds):

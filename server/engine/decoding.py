@@ -17,7 +17,10 @@ pads:
   copies the whole cache), and leading columns that are padding for every remaining row are
   trimmed then, so the cache does not outgrow the longest live row for long;
 - a row can be parked (its cache split off, no steps) and resumed later, which is how the fair
-  scheduler makes room for another tenant in a full batch.
+  scheduler makes room for another tenant in a full batch;
+- one long row at a time can be prefilled in chunks (admit_chunked, advance_chunk: a chunk per
+  step, in a cache of its own), joining with its first token after the last chunk, so the
+  running rows wait for a chunk between two steps rather than for the whole prompt.
 
 This needs a decoder-only model whose cache is a plain DynamicCache (tested: GPT-2, Llama, Qwen2,
 BLOOM). `unsupported_reason` probes a model and says when it is not one; the scheduler then
