@@ -12,10 +12,13 @@ structure of the device, which this prints for builtin:tiny (or `--model`) on `-
    time, as the event loop does when it serves clients in the same process;
 4. what moving rows in the shared KV cache costs at a realistic cache shape (`--move-shape
    rows,kv_heads,tokens,head_dim`, 4 layers, the model's dtype): rows joining a batch that
-   holds finished rows (one compaction plus the join).
+   holds finished rows (one compaction plus the join);
+5. a 32-row decode step at several cache widths (`--widths`), with the cache taking each
+   step's column in place (RoomyLayer, what the loop runs) and concatenated onto it as
+   transformers' DynamicLayer does (a copy of the whole cache per step).
 
     python -m benchmarks.engine_costs [--device cpu|cuda] [--seconds 3] [--busy 0,15,30]
-                                      [--move-shape 32,8,512,128]
+                                      [--move-shape 32,8,512,128] [--widths 30,250,500,1000]
 """
 
 from __future__ import annotations
@@ -158,6 +161,40 @@ def cache_move_ms(shape: tuple[int, int, int, int], device: torch.device, dtype:
     return statistics.median(times[1:]) * 1000
 
 
+def step_by_width(model, tokenizer, widths: list[int], device: torch.device, repeats: int,
+                  rows: int = 32) -> list[dict]:
+    """Median ms of a `rows`-row decode step at each cache width: in place, and concatenating."""
+    from unittest import mock
+
+    from transformers.cache_utils import DynamicLayer
+
+    from server.engine import decoding
+
+    def timed(batch: RunningBatch) -> float:
+        return _median_ms(batch.step, device, repeats)
+
+    out = []
+    for width in widths:
+        params = SamplingParams(max_new_tokens=4 * repeats + 8, ignore_eos=True)
+        entries = [(i, BatchRow(prompt_ids=[5 + i % 7] * width, prompt_embeds=None,
+                                params=params)) for i in range(rows)]
+        batch: RunningBatch[int] = RunningBatch(model, tokenizer)
+        batch.admit(entries)
+        in_place = timed(batch)
+        with mock.patch.object(decoding, "_roomy", lambda layer: layer):
+            cache = batch._running.cache
+            plain = []
+            for layer in cache.layers:
+                copy = DynamicLayer()
+                copy.lazy_initialization(layer.keys, layer.values)
+                copy.keys, copy.values = layer.keys.clone(), layer.values.clone()
+                plain.append(copy)
+            cache.layers = plain
+            concatenating = timed(batch)
+        out.append({"width": width, "in_place_ms": in_place, "concatenating_ms": concatenating})
+    return out
+
+
 class GilHolder:
     """A thread that holds the GIL (pure Python work) `busy` percent of each millisecond."""
 
@@ -184,7 +221,8 @@ class GilHolder:
 
 
 def run(*, device: str, model: str, seconds: float, busy: list[int], repeats: int,
-        move_shape: tuple[int, int, int, int] = (32, 8, 512, 128)) -> dict:
+        move_shape: tuple[int, int, int, int] = (32, 8, 512, 128),
+        widths: tuple[int, ...] = (30, 250, 500, 1000)) -> dict:
     with tempfile.TemporaryDirectory() as store:
         loaded = load_model(Settings(store=store, device=device, dtype="auto", model=model))
     ids = tuple(loaded.tokenizer(PROMPT)["input_ids"])
@@ -199,6 +237,7 @@ def run(*, device: str, model: str, seconds: float, busy: list[int], repeats: in
                                                          seconds=seconds)
     result["cache_move"] = {"shape": list(move_shape),
                             "ms": cache_move_ms(move_shape, dev, m.dtype, max(3, repeats // 6))}
+    result["step_by_width"] = step_by_width(m, tok, list(widths), dev, max(5, repeats // 2))
     return result
 
 
@@ -212,11 +251,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--move-shape", default="32,8,512,128",
                         help="rows,kv_heads,tokens,head_dim of the cache-move measurement")
+    parser.add_argument("--widths", default="30,250,500,1000",
+                        help="cache widths (tokens) of the 32-row step measurement")
     args = parser.parse_args()
     rows, heads, width, dim = (int(x) for x in args.move_shape.split(","))
     r = run(device=args.device, model=args.model, seconds=args.seconds,
             busy=[int(b) for b in args.busy.split(",")], repeats=args.repeats,
-            move_shape=(rows, heads, width, dim))
+            move_shape=(rows, heads, width, dim),
+            widths=tuple(int(w) for w in args.widths.split(",")))
     print(f"{r['model']} on {r['device']} ({r['dtype']}), prompt {r['prompt_tokens']} tokens, "
           f"{NEW_TOKENS} new tokens")
     print("rows  prefill pass  decode step")
@@ -233,6 +275,11 @@ def main() -> None:
     print(f"8 rows joining {move['shape'][0]} with every eighth finished, cache "
           f"{'x'.join(map(str, move['shape']))} x 4 layers in {r['dtype']}: "
           f"{move['ms']:.2f} ms")
+    print("32-row decode step by cache width: in place (RoomyLayer) / concatenating "
+          "(DynamicLayer)")
+    for w in r["step_by_width"]:
+        print(f"{w['width']:6d} tokens  {w['in_place_ms']:8.2f} ms  "
+              f"{w['concatenating_ms']:8.2f} ms")
 
 
 if __name__ == "__main__":

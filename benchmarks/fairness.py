@@ -85,7 +85,8 @@ async def measure(engine, *, backlog: int, rounds: int, new_tokens: int,
 
 async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, rounds: int = 6,
                        cycles: int = 3, new_tokens: int = 8, max_batch_size: int = 32,
-                       batching: str = "continuous", device: str = "cpu") -> dict:
+                       max_prefill_tokens: int = 4096, batching: str = "continuous",
+                       device: str = "cpu") -> dict:
     """B's latencies idle and under A's flood on one engine; the harness reports this dict.
 
     The idle and loaded phases alternate `cycles` times (`rounds` B rounds each) and the
@@ -98,7 +99,8 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
     a_beside: list[float] = []
     with tempfile.TemporaryDirectory() as store:
         settings = Settings(store=store, device=device, dtype="auto",  # f32 on CPU, bf16 CUDA
-                            max_batch_size=max_batch_size, max_wait_ms=5, batching=batching)
+                            max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
+                            max_wait_ms=5, batching=batching)
         engine = Engine(settings, LocalAdapterStore(store), policy=POLICIES[policy]())
         engine.start()
         engine.wait_until_ready(300)
@@ -118,7 +120,8 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
     return {"policy": policy, "batching": batching, "device": device, "backlog_a": backlog,
             "b_concurrent": 5,
             "rounds": rounds, "cycles": cycles,
-            "max_batch_size": max_batch_size, "new_tokens": new_tokens,
+            "max_batch_size": max_batch_size, "max_prefill_tokens": max_prefill_tokens,
+            "new_tokens": new_tokens,
             "b_idle_ms": {"p50": idle_ms, "max": max(idle) * 1000},
             "b_loaded_ms": {"p50": loaded_ms, "max": max(loaded) * 1000},
             "a_requests_per_s": {"alone": statistics.mean(a_alone),
@@ -134,12 +137,14 @@ async def main() -> None:
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-prefill-tokens", type=int, default=4096)
     parser.add_argument("--batching", choices=("continuous", "static"), default="continuous")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     r = await run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
                            cycles=args.cycles, new_tokens=args.new_tokens,
                            max_batch_size=args.max_batch_size,
+                           max_prefill_tokens=args.max_prefill_tokens,
                            batching=args.batching, device=args.device)
     print(f"policy={args.policy} batching={args.batching} backlog(A)={args.backlog} "
           f"B=5 concurrent x {args.rounds} rounds x {args.cycles} cycles, "

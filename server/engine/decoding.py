@@ -52,6 +52,7 @@ from server.engine.generation import (
     final_output,
 )
 from server.engine.interface import SamplingParams
+from server.engine.roomy_cache import Columns, RoomyLayer, spare_columns
 from server.engine.sampling import RowSampler, mask_eos, sample_rows
 from server.engine.stopping import RowState
 
@@ -96,10 +97,12 @@ class _Group(Generic[H]):
     """
 
     def __init__(self, slots: list[_Slot[H]], cache: DynamicCache | None,
-                 mask: torch.Tensor | None, next_ids: torch.Tensor | None) -> None:
+                 mask: torch.Tensor | Columns | None, next_ids: torch.Tensor | None) -> None:
         self.slots = slots
         self.cache = cache
-        self.mask = mask  # [rows, width] int64, 0 on left pads
+        if isinstance(mask, torch.Tensor):
+            mask = Columns(mask, int(mask.shape[1]), dim=1)
+        self._mask = mask  # [rows, width] int64, 0 on left pads; grows a column per step
         self.next_ids = next_ids  # [rows, 1]: each row's last token, fed at the next step
         self.retired = 0
 
@@ -116,8 +119,19 @@ class _Group(Generic[H]):
         return [slot for slot in self.slots if slot.alive] if self.retired else self.slots
 
     @property
+    def mask(self) -> torch.Tensor | None:
+        return None if self._mask is None else self._mask.view
+
+    @property
     def width(self) -> int:
-        return 0 if self.mask is None else int(self.mask.shape[1])
+        return 0 if self._mask is None else self._mask.filled
+
+    def grow(self) -> torch.Tensor:
+        """Before a step: the mask with a column of ones for the token each row is fed, and
+        every cache layer able to take that column in place."""
+        assert self._mask is not None and self.cache is not None
+        self.cache.layers = [_roomy(layer) for layer in self.cache.layers]
+        return self._mask.append(self._mask.buffer.new_ones(len(self.slots), 1))
 
     def retire(self, indices: Sequence[int]) -> None:
         """Mark rows finished; compact when nothing is left or a quarter is retired."""
@@ -148,14 +162,15 @@ class _Group(Generic[H]):
         self._become(_Group.gather([(self, mine), (other, theirs)]))
 
     def _become(self, other: _Group[H]) -> None:
-        self.slots, self.cache, self.mask, self.next_ids, self.retired = (
-            other.slots, other.cache, other.mask, other.next_ids, other.retired)
+        self.slots, self.cache, self._mask, self.next_ids, self.retired = (
+            other.slots, other.cache, other._mask, other.next_ids, other.retired)
 
     @staticmethod
     def gather(parts: Sequence[tuple[_Group[H], Sequence[int]]]) -> _Group[H]:
         """A new group of the given rows of each group, in order: each group's rows without
         the leading columns that are padding for all of them, right-aligned to a common width.
-        Every tensor is written once, straight into its place (no gather-then-stack copy)."""
+        Every tensor is written once, straight into its place (no gather-then-stack copy),
+        with room for the columns of the steps to come."""
         parts = [(g, list(rows)) for g, rows in parts if rows]
         if not parts:
             return _Group.empty()
@@ -166,18 +181,18 @@ class _Group(Generic[H]):
         index = [torch.tensor(rows, dtype=torch.long, device=g.mask.device)
                  for g, rows in parts]
 
-        def place(tensors: list[torch.Tensor], seq: int) -> torch.Tensor:
-            return _place_rows(tensors, index, trims, width, seq)
+        spare = spare_columns(width)
+
+        def place(tensors: list[torch.Tensor], seq: int) -> Columns:
+            return Columns(_place_rows(tensors, index, trims, width, seq, spare), width, seq)
 
         first = parts[0][0].cache
         cache = copy.copy(first)  # the same kind of cache, with its own layers
         cache.layers = []
-        for n, layer in enumerate(first.layers):
+        for n in range(len(first.layers)):
             layers = [g.cache.layers[n] for g, _ in parts]
-            merged = copy.copy(layer)
-            merged.keys = place([lay.keys for lay in layers], seq=2)
-            merged.values = place([lay.values for lay in layers], seq=2)
-            cache.layers.append(merged)
+            cache.layers.append(RoomyLayer(place([lay.keys for lay in layers], seq=2),
+                                           place([lay.values for lay in layers], seq=2)))
         mask = place([g.mask for g, _ in parts], seq=1)
         next_ids = torch.cat([g.next_ids.index_select(0, at)
                               for (g, _), at in zip(parts, index, strict=True)])
@@ -185,13 +200,14 @@ class _Group(Generic[H]):
 
 
 def _place_rows(sources: list[torch.Tensor], index: list[torch.Tensor], trims: list[int],
-                width: int, seq: int) -> torch.Tensor:
+                width: int, seq: int, spare: int = 0) -> torch.Tensor:
     """The `index` rows of each source (less its first `trims` columns on axis `seq`: dim 2 of
     a cache layer [batch, heads, seq, head_dim], dim 1 of a mask [batch, seq]) stacked on the
-    batch axis, right-aligned in `width` columns with zeros in front. index_select writes
-    each part straight into its slice of the result: one copy, whatever the strides."""
+    batch axis, right-aligned in `width` columns with zeros in front, then `spare` columns
+    left unwritten (room for later steps). index_select writes each part straight into its
+    slice of the result: one copy, whatever the strides."""
     shape = list(sources[0].shape)
-    shape[0], shape[seq] = sum(len(at) for at in index), width
+    shape[0], shape[seq] = sum(len(at) for at in index), width + spare
     out = sources[0].new_empty(shape)
     row = 0
     for src, at, trim in zip(sources, index, trims, strict=True):
@@ -370,14 +386,14 @@ class RunningBatch(Generic[H]):
             return []
         assert group.mask is not None and group.next_ids is not None
         with torch.inference_mode():
-            mask = torch.cat([group.mask, group.mask.new_ones(len(group.slots), 1)], dim=1)
+            mask = group.grow()
             # A finished row riding along until the next compaction is fed position 0: its
             # own next position may be past the model's position table.
             positions = torch.tensor([[slot.length if slot.alive else 0] for slot in group.slots],
                                      device=mask.device)  # [rows, 1]
             out = self._forward(input_ids=group.next_ids, attention_mask=mask,
                                 position_ids=positions, past_key_values=group.cache)
-            group.cache, group.mask = out.past_key_values, mask
+            group.cache = out.past_key_values
             for slot in group.slots:
                 slot.length += 1
             tokens = self._choose(out.logits[:, -1, :], group.slots)  # [rows]
@@ -422,6 +438,15 @@ class RunningBatch(Generic[H]):
 
     def _output(self, state: RowState) -> RowOutput:
         return aborted_output(state) if state.aborted else final_output(state, self._tokenizer)
+
+
+def _roomy(layer: Any) -> Any:
+    """A plain DynamicLayer (straight from a prefill) as a RoomyLayer over the same tensors:
+    its first step regrows it once, every later one writes in place."""
+    if type(layer) is not DynamicLayer:
+        return layer
+    return RoomyLayer(Columns(layer.keys, int(layer.keys.shape[2]), dim=2),
+                      Columns(layer.values, int(layer.values.shape[2]), dim=2))
 
 
 def _move(source: _Group[H], indices: Sequence[int],

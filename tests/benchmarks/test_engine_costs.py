@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_engine_costs_reports_passes_and_both_loop_shapes() -> None:
     r = run(device="cpu", model="builtin:tiny", seconds=0.3, busy=[0, 30], repeats=2,
-            move_shape=(16, 2, 64, 16))
+            move_shape=(16, 2, 64, 16), widths=(8, 40))
     assert (r["device"], r["dtype"], r["prompt_tokens"]) == ("cpu", "float32", 25)
     assert [p["rows"] for p in r["passes"]] == [1, 4, 8, 16, 32]
     assert all(p["prefill_ms"] > 0 and p["step_ms"] > 0 for p in r["passes"])
@@ -20,6 +20,8 @@ def test_engine_costs_reports_passes_and_both_loop_shapes() -> None:
     for loop in (r["lockstep"], *r["staggered"].values()):
         assert loop["requests_per_s"] > 0 and loop["step_ms"] > 0 and loop["admit_ms"] > 0
     assert r["cache_move"]["shape"] == [16, 2, 64, 16] and r["cache_move"]["ms"] > 0
+    assert [w["width"] for w in r["step_by_width"]] == [8, 40]
+    assert all(w["in_place_ms"] > 0 and w["concatenating_ms"] > 0 for w in r["step_by_width"])
 
 
 def test_gil_holder_stops() -> None:

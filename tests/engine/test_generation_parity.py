@@ -15,6 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters_store import ModelSpec, parse_directory
+from server.engine import roomy_cache
 from server.engine.decoding import RunningBatch, unsupported_reason
 from server.engine.generation import BatchRow, RowOutput, run_batch
 from server.engine.interface import FinishReason, SamplingParams
@@ -147,8 +148,10 @@ CUDA = pytest.param("cuda", marks=[
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_matches_peft_alone(arch: str, device: str, tiny_model_dirs,
-                                        tmp_path: Path) -> None:
-    """The engine on `device`; the PEFT reference always on the CPU, float32."""
+                                        tmp_path: Path, monkeypatch) -> None:
+    """The engine on `device`; the PEFT reference always on the CPU, float32. Continuous
+    batching runs twice: as configured, and with the KV cache's spare room cut to a few
+    columns so that layers are regrown every few steps."""
     model_dir = tiny_model_dirs[arch]
     seq2seq = is_seq2seq(arch)
     model = load_base(model_dir).to(device)
@@ -172,6 +175,9 @@ def test_mixed_batch_matches_peft_alone(arch: str, device: str, tiny_model_dirs,
     if not seq2seq:
         assert unsupported_reason(model, tokenizer) is None
         modes["continuous"] = run_staggered(model, tokenizer, rows)
+        with monkeypatch.context() as m:
+            m.setattr(roomy_cache, "MIN_SPARE", 1)
+            modes["continuous, regrowing"] = run_staggered(model, tokenizer, rows)
 
     # One PEFT model per adapter, reused across its requests (loading is the slow part).
     references = {None: load_base(model_dir)}
