@@ -11,11 +11,11 @@ structure of the device, which this prints for builtin:tiny (or `--model`) on `-
 3. the staggered loop again while another Python thread holds the GIL for a share of the
    time, as the event loop does when it serves clients in the same process;
 4. what moving rows in the shared KV cache costs at a realistic cache shape (`--move-shape
-   rows,kv_heads,tokens,head_dim`, 4 layers, the model's dtype): rows joining a batch that
-   holds finished rows (one compaction plus the join);
-5. a 32-row decode step at several cache widths (`--widths`), with the cache taking each
-   step's column in place (RoomyLayer, what the loop runs) and concatenated onto it as
-   transformers' DynamicLayer does (a copy of the whole cache per step).
+   rows,kv_heads,tokens,head_dim`, 4 layers, the model's dtype): 8 rows joining a batch that
+   holds finished rows, and 8 rows parked;
+5. a 32-row decode pass at several cache widths (`--widths`), with the cache in a KVSlab
+   (each step's column written in place, what the loop runs) and in transformers'
+   DynamicCache (concatenated: a copy of the whole cache per step).
 
     python -m benchmarks.engine_costs [--device cpu|cuda] [--seconds 3] [--busy 0,15,30]
                                       [--move-shape 32,8,512,128] [--widths 30,250,500,1000]
@@ -124,74 +124,92 @@ def loop_throughput(model, tokenizer, ids: tuple[int, ...], *, staggered: bool, 
 
 
 def cache_move_ms(shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype,
-                  repeats: int, layers: int = 4) -> float:
-    """Median ms of 8 rows joining `shape[0]` running rows of which every eighth has finished
-    (RunningBatch's compaction and join, on synthetic caches of that shape)."""
+                  repeats: int, layers: int = 4) -> dict:
+    """Median ms of moving rows in the running rows' KV cache at a realistic shape, with
+    synthetic caches: 8 rows joining `shape[0]` rows of which every eighth has finished (they
+    take the finished rows' places), and 8 rows parked out of them."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
-    from server.engine.decoding import _Group, _Slot
-
-    def group(rows: int, width: int) -> _Group:
-        cache = DynamicCache()
-        cache.layers = []
-        for _ in range(layers):
-            layer = DynamicLayer()
-            layer.keys, layer.values = (torch.randn(rows, heads, width, dim, device=device,
-                                                    dtype=dtype) for _ in range(2))
-            layer.is_initialized = True
-            cache.layers.append(layer)
-        slots = [_Slot(handle=i, state=None, sampler=None, length=width - i % 5)
-                 for i in range(rows)]
-        return _Group(slots, cache, torch.ones(rows, width, dtype=torch.long, device=device),
-                      torch.zeros(rows, 1, dtype=torch.long, device=device))
+    from server.engine.decoding import _Group, _move, _Slot
 
     rows, heads, width, dim = shape
-    times = []
+
+    def tensors(n: int, w: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        return ([torch.randn(n, heads, w, dim, device=device, dtype=dtype)
+                 for _ in range(layers)],
+                [torch.randn(n, heads, w, dim, device=device, dtype=dtype)
+                 for _ in range(layers)],
+                torch.ones(n, w, dtype=torch.long, device=device))
+
+    def group(n: int, w: int) -> _Group:
+        g: _Group = _Group()
+        slots = [_Slot(handle=i, state=None, sampler=None, length=w - i % 5) for i in range(n)]
+        g.add(slots, *tensors(n, w), torch.zeros(n, 1, dtype=torch.long, device=device),
+              template=DynamicCache())
+        return g
+
+    join, park = [], []
     for _ in range(repeats + 1):
-        running, joining = group(rows, width), group(8, width * 3 // 4)
-        for i in range(0, rows, 8):
+        running = group(rows, width)
+        finished = list(range(0, rows, 8))
+        for i in finished:
             running.slots[i].alive = False
-        running.retired = len(range(0, rows, 8))
+        running.retired = len(finished)
+        w = width * 3 // 4
+        joiners = [_Slot(handle=-i, state=None, sampler=None, length=w) for i in range(8)]
+        payload = tensors(8, w)
         _sync(device)
         started = time.perf_counter()
-        running.extend(joining)
+        running.add(joiners, *payload, torch.zeros(8, 1, dtype=torch.long, device=device),
+                    template=DynamicCache())
         _sync(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:]) * 1000
+        join.append(time.perf_counter() - started)
+        parked: _Group = _Group()
+        _sync(device)
+        started = time.perf_counter()
+        _move(running, list(range(1, rows, rows // 8))[:8], parked)
+        _sync(device)
+        park.append(time.perf_counter() - started)
+    return {"join_ms": statistics.median(join[1:]) * 1000,
+            "park_ms": statistics.median(park[1:]) * 1000}
 
 
-def step_by_width(model, tokenizer, widths: list[int], device: torch.device, repeats: int,
+def step_by_width(model, widths: list[int], device: torch.device, repeats: int,
                   rows: int = 32) -> list[dict]:
-    """Median ms of a `rows`-row decode step at each cache width: in place, and concatenating."""
-    from unittest import mock
+    """Median ms of a `rows`-row decode pass at each cache width, with the cache in a KVSlab
+    (the step's column written in place, what the loop runs) and in transformers'
+    DynamicCache (concatenated: a copy of the whole cache per step)."""
+    import copy
 
-    from transformers.cache_utils import DynamicLayer
-
-    from server.engine import decoding
-
-    def timed(batch: RunningBatch) -> float:
-        return _median_ms(batch.step, device, repeats)
+    from server.engine.kv_slab import KVSlab
 
     out = []
-    for width in widths:
-        params = SamplingParams(max_new_tokens=4 * repeats + 8, ignore_eos=True)
-        entries = [(i, BatchRow(prompt_ids=[5 + i % 7] * width, prompt_embeds=None,
-                                params=params)) for i in range(rows)]
-        batch: RunningBatch[int] = RunningBatch(model, tokenizer)
-        batch.admit(entries)
-        in_place = timed(batch)
-        with mock.patch.object(decoding, "_roomy", lambda layer: layer):
-            cache = batch._running.cache
-            plain = []
-            for layer in cache.layers:
-                copy = DynamicLayer()
-                copy.lazy_initialization(layer.keys, layer.values)
-                copy.keys, copy.values = layer.keys.clone(), layer.values.clone()
-                plain.append(copy)
-            cache.layers = plain
-            concatenating = timed(batch)
-        out.append({"width": width, "in_place_ms": in_place, "concatenating_ms": concatenating})
+    with torch.inference_mode():
+        for width in widths:
+            prompt = torch.full((rows, width), 5, device=device)
+            cache = model(input_ids=prompt, use_cache=True).past_key_values
+            token = torch.zeros(rows, 1, dtype=torch.long, device=device)
+            position = torch.full((rows, 1), width, device=device)
+            ones = torch.ones(rows, width + 1, dtype=torch.long, device=device)
+
+            def concatenating(c=cache, x=token, p=position, m=ones) -> None:
+                model(input_ids=x, attention_mask=m, position_ids=p, past_key_values=c,
+                      use_cache=True, logits_to_keep=1)
+                c.crop(-1)  # drop the step's token: the same width every time
+
+            slab = KVSlab()
+            slab.put(range(rows), [layer.keys for layer in cache.layers],
+                     [layer.values for layer in cache.layers], ones[:, :width])
+            slabbed = copy.copy(cache)
+            slabbed.layers = slab.layers
+
+            def in_place(c=slabbed, s=slab, x=token, p=position) -> None:
+                model(input_ids=x, attention_mask=s.step_mask(), position_ids=p,
+                      past_key_values=c, use_cache=True, logits_to_keep=1)
+                s.advance(0)  # not advanced: the next pass writes the same column
+
+            out.append({"width": width, "in_place_ms": _median_ms(in_place, device, repeats),
+                        "concatenating_ms": _median_ms(concatenating, device, repeats)})
     return out
 
 
@@ -236,8 +254,8 @@ def run(*, device: str, model: str, seconds: float, busy: list[int], repeats: in
             result["staggered"][share] = loop_throughput(m, tok, ids, staggered=True,
                                                          seconds=seconds)
     result["cache_move"] = {"shape": list(move_shape),
-                            "ms": cache_move_ms(move_shape, dev, m.dtype, max(3, repeats // 6))}
-    result["step_by_width"] = step_by_width(m, tok, list(widths), dev, max(5, repeats // 2))
+                            **cache_move_ms(move_shape, dev, m.dtype, max(3, repeats // 6))}
+    result["step_by_width"] = step_by_width(m, list(widths), dev, max(5, repeats // 2))
     return result
 
 
@@ -272,11 +290,11 @@ def main() -> None:
               f"{s['requests_per_s']:6.0f} req/s, step {s['step_ms']:.2f} ms, "
               f"prefill {s['admit_ms']:.2f} ms")
     move = r["cache_move"]
-    print(f"8 rows joining {move['shape'][0]} with every eighth finished, cache "
-          f"{'x'.join(map(str, move['shape']))} x 4 layers in {r['dtype']}: "
-          f"{move['ms']:.2f} ms")
-    print("32-row decode step by cache width: in place (RoomyLayer) / concatenating "
-          "(DynamicLayer)")
+    print(f"cache {'x'.join(map(str, move['shape']))} x 4 layers in {r['dtype']}: 8 rows joining "
+          f"{move['shape'][0]} with every eighth finished {move['join_ms']:.2f} ms, "
+          f"8 rows parked {move['park_ms']:.2f} ms")
+    print("32-row decode pass by cache width: in place (KVSlab) / concatenating "
+          "(DynamicCache)")
     for w in r["step_by_width"]:
         print(f"{w['width']:6d} tokens  {w['in_place_ms']:8.2f} ms  "
               f"{w['concatenating_ms']:8.2f} ms")

@@ -3,28 +3,29 @@ they finish.
 
 `generate` (static batching, server.engine.generation) runs a batch until its longest row is
 done: a finished row's slot idles, and a new request waits for the whole batch. Here the engine
-thread owns the loop over the model's forward instead. All running rows share one KV cache (a
-transformers DynamicCache), left-padded to a common length, with an attention mask of 0 on the
-pads:
+thread owns the loop over the model's forward instead. All running rows share one KV cache, a
+KVSlab (server.engine.kv_slab): preallocated buffers in which rows are right-aligned (left
+padding with an attention mask of 0), so one step writes every row's token in one column, in
+place:
 
 - a joining group is prefilled on its own (soft prompt then token embeddings, laid out by
-  build_batch_inputs), then its cache and mask are left-padded and concatenated onto the running
-  ones;
+  build_batch_inputs), then its rows are written into the slab: into the places of finished
+  rows first, then after the others (only the joiners are copied);
 - every step feeds each row its last token at the row's own position (its count of real
   tokens), so padding changes nothing a row sees, exactly as in the static path;
-- a row that finishes (or is aborted) is answered at once; its cache rows are dropped at the
-  next compaction (when rows join or move, or a quarter of the rows have finished: dropping
-  copies the whole cache), and leading columns that are padding for every remaining row are
-  trimmed then, so the cache does not outgrow the longest live row for long;
-- a row can be parked (its cache split off, no steps) and resumed later, which is how the fair
-  scheduler makes room for another tenant in a full batch;
+- a row that finishes (or is aborted) is answered at once; its row rides along in the slab
+  until a joiner takes its place or a quarter of the rows have finished (then the last rows
+  move into the holes), and leading columns no row uses are let go of (no copy), so the cache
+  does not outgrow the longest row for long;
+- a row can be parked (its cache moved to a slab of its own, no steps) and resumed later,
+  which is how the fair scheduler makes room for another tenant in a full batch;
 - one long row at a time can be prefilled in chunks (admit_chunked, advance_chunk: a chunk per
   step, in a cache of its own), joining with its first token after the last chunk, so the
   running rows wait for a chunk between two steps rather than for the whole prompt.
 
-This needs a decoder-only model whose cache is a plain DynamicCache (tested: GPT-2, Llama, Qwen2,
-BLOOM). `unsupported_reason` probes a model and says when it is not one; the scheduler then
-runs static batching.
+This needs a decoder-only model whose prefill returns a plain DynamicCache and whose attention
+goes through its layers' update (tested: GPT-2, Llama, Qwen2, BLOOM). `unsupported_reason`
+probes a model and says when it is not one; the scheduler then runs static batching.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from server.engine.generation import (
     final_output,
 )
 from server.engine.interface import SamplingParams
-from server.engine.roomy_cache import Columns, RoomyLayer, spare_columns
+from server.engine.kv_slab import KVSlab
 from server.engine.sampling import RowSampler, mask_eos, sample_rows
 from server.engine.stopping import RowState
 
@@ -71,7 +72,7 @@ class _Slot(Generic[H]):
     state: RowState
     sampler: RowSampler
     length: int  # real tokens in this row's cache: virtual + prompt + generated tokens fed
-    alive: bool = True  # False once finished: its cache rows linger until the next compaction
+    alive: bool = True  # False once finished: its slab row lingers until reused or compacted
 
 
 @dataclass
@@ -89,26 +90,19 @@ class _Chunked(Generic[H]):
 
 
 class _Group(Generic[H]):
-    """Rows sharing one KV cache, left-padded to a common width.
+    """Rows sharing one KVSlab (server.engine.kv_slab), in slab row order.
 
-    A finished row is retired, not removed at once: removing rows copies the whole cache, so
-    retired rows ride along (their output ignored) until rows join or move anyway, or a
-    quarter of the group is retired.
+    A finished row is retired, not removed at once: it rides along (its output ignored) until
+    a joining row takes its place in the slab, or a quarter of the group is retired and the
+    last rows move into the holes (a copy of the moved rows only).
     """
 
-    def __init__(self, slots: list[_Slot[H]], cache: DynamicCache | None,
-                 mask: torch.Tensor | Columns | None, next_ids: torch.Tensor | None) -> None:
-        self.slots = slots
-        self.cache = cache
-        if isinstance(mask, torch.Tensor):
-            mask = Columns(mask, int(mask.shape[1]), dim=1)
-        self._mask = mask  # [rows, width] int64, 0 on left pads; grows a column per step
-        self.next_ids = next_ids  # [rows, 1]: each row's last token, fed at the next step
+    def __init__(self) -> None:
+        self.slots: list[_Slot[H]] = []
+        self.slab = KVSlab()
+        self.cache: DynamicCache | None = None  # the model's view: the slab's layers
+        self.next_ids: torch.Tensor | None = None  # [rows, 1]: each row's token for the next step
         self.retired = 0
-
-    @classmethod
-    def empty(cls) -> _Group[H]:
-        return cls([], None, None, None)
 
     def __len__(self) -> int:
         """Live rows."""
@@ -120,104 +114,85 @@ class _Group(Generic[H]):
 
     @property
     def mask(self) -> torch.Tensor | None:
-        return None if self._mask is None else self._mask.view
+        return self.slab.mask_view()
 
     @property
     def width(self) -> int:
-        return 0 if self._mask is None else self._mask.filled
-
-    def grow(self) -> torch.Tensor:
-        """Before a step: the mask with a column of ones for the token each row is fed, and
-        every cache layer able to take that column in place."""
-        assert self._mask is not None and self.cache is not None
-        self.cache.layers = [_roomy(layer) for layer in self.cache.layers]
-        return self._mask.append(self._mask.buffer.new_ones(len(self.slots), 1))
-
-    def retire(self, indices: Sequence[int]) -> None:
-        """Mark rows finished; compact when nothing is left or a quarter is retired."""
-        for i in indices:
-            self.slots[i].alive = False
-        self.retired += len(indices)
-        if self.retired and 4 * self.retired >= len(self.slots):
-            self.drop([])
+        return self.slab.width
 
     def live_rows(self, *, but: Sequence[int] = ()) -> list[int]:
         """Indices of the live rows, less `but`."""
         gone = set(but)
         return [i for i, slot in enumerate(self.slots) if slot.alive and i not in gone]
 
-    def drop(self, indices: Sequence[int]) -> None:
-        """Forget the rows at `indices` and the retired ones; trim leading columns no
-        remaining row uses."""
-        self._become(_Group.gather([(self, self.live_rows(but=indices))]))
+    def add(self, slots: Sequence[_Slot[H]], keys: Sequence[torch.Tensor],
+            values: Sequence[torch.Tensor], mask: torch.Tensor, next_ids: torch.Tensor,
+            template: DynamicCache) -> None:
+        """Rows join (their caches right-aligned: keys[layer] [n, heads, width, head_dim],
+        mask [n, width]), into retired rows' places first, then after the others.
+        `template`: a cache of the model's kind, copied once to hold the slab's layers."""
+        holes = [i for i, slot in enumerate(self.slots) if not slot.alive][:len(slots)]
+        at = holes + list(range(len(self.slots), len(self.slots) + len(slots) - len(holes)))
+        self.slab.put(at, keys, values, mask)
+        if self.cache is None:
+            self.cache = copy.copy(template)
+            self.cache.layers = self.slab.layers
+        ids = next_ids.new_zeros(max(at[-1] + 1, len(self.slots)), 1)
+        if self.next_ids is not None:
+            ids[:len(self.slots)] = self.next_ids
+        ids[torch.tensor(at, device=ids.device)] = next_ids
+        for i, slot in zip(at, slots, strict=True):
+            if i < len(self.slots):
+                self.slots[i] = slot
+            else:
+                self.slots.append(slot)
+        self.next_ids = ids
+        self.retired -= len(holes)
+        self._trim()
 
-    def extend(self, other: _Group[H]) -> None:
-        """Append another group's live rows (dropping both groups' retired ones)."""
-        mine, theirs = self.live_rows(), other.live_rows()
-        if not theirs and len(mine) == len(self.slots):
+    def take(self, indices: Sequence[int]) -> tuple[list[_Slot[H]], list[torch.Tensor],
+                                                   list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Copies of these rows, for another group's `add` (the rows stay here)."""
+        assert self.next_ids is not None
+        width = max(self.slots[i].length for i in indices)
+        keys, values, mask = self.slab.take(indices, width)
+        at = torch.tensor(list(indices), dtype=torch.long, device=self.next_ids.device)
+        return ([self.slots[i] for i in indices], keys, values, mask,
+                self.next_ids.index_select(0, at))
+
+    def remove(self, indices: Sequence[int]) -> None:
+        """Forget the rows at `indices` and the retired ones; the last rows fill their places."""
+        gone = set(indices) | {i for i, slot in enumerate(self.slots) if not slot.alive}
+        if not gone:
             return
-        if not mine and len(theirs) == len(other.slots):
-            self._become(other)  # nothing to merge with: no copy
+        moves = self.slab.remove(sorted(gone))
+        if not self.slab.rows:
+            self.__init__()  # type: ignore[misc]  # nothing left: free the buffers
             return
-        self._become(_Group.gather([(self, mine), (other, theirs)]))
+        assert self.next_ids is not None
+        if moves:
+            src, dst = (torch.tensor(side, dtype=torch.long, device=self.next_ids.device)
+                        for side in zip(*moves, strict=True))
+            self.next_ids.index_copy_(0, dst, self.next_ids.index_select(0, src))
+            for i, j in moves:
+                self.slots[j] = self.slots[i]
+        self.slots = self.slots[:self.slab.rows]
+        self.next_ids = self.next_ids[:self.slab.rows]
+        self.retired = 0
+        self._trim()
 
-    def _become(self, other: _Group[H]) -> None:
-        self.slots, self.cache, self._mask, self.next_ids, self.retired = (
-            other.slots, other.cache, other._mask, other.next_ids, other.retired)
+    def retire(self, indices: Sequence[int]) -> None:
+        """Mark rows finished; compact when a quarter (or all) of the group is retired."""
+        for i in indices:
+            self.slots[i].alive = False
+        self.retired += len(indices)
+        if self.retired and 4 * self.retired >= len(self.slots):
+            self.remove([])
 
-    @staticmethod
-    def gather(parts: Sequence[tuple[_Group[H], Sequence[int]]]) -> _Group[H]:
-        """A new group of the given rows of each group, in order: each group's rows without
-        the leading columns that are padding for all of them, right-aligned to a common width.
-        Every tensor is written once, straight into its place (no gather-then-stack copy),
-        with room for the columns of the steps to come."""
-        parts = [(g, list(rows)) for g, rows in parts if rows]
-        if not parts:
-            return _Group.empty()
-        for g, _ in parts:
-            assert g.cache is not None and g.mask is not None and g.next_ids is not None
-        trims = [min(g.width - g.slots[i].length for i in rows) for g, rows in parts]
-        width = max(g.width - trim for (g, _), trim in zip(parts, trims, strict=True))
-        index = [torch.tensor(rows, dtype=torch.long, device=g.mask.device)
-                 for g, rows in parts]
-
-        spare = spare_columns(width)
-
-        def place(tensors: list[torch.Tensor], seq: int) -> Columns:
-            return Columns(_place_rows(tensors, index, trims, width, seq, spare), width, seq)
-
-        first = parts[0][0].cache
-        cache = copy.copy(first)  # the same kind of cache, with its own layers
-        cache.layers = []
-        for n in range(len(first.layers)):
-            layers = [g.cache.layers[n] for g, _ in parts]
-            cache.layers.append(RoomyLayer(place([lay.keys for lay in layers], seq=2),
-                                           place([lay.values for lay in layers], seq=2)))
-        mask = place([g.mask for g, _ in parts], seq=1)
-        next_ids = torch.cat([g.next_ids.index_select(0, at)
-                              for (g, _), at in zip(parts, index, strict=True)])
-        return _Group([g.slots[i] for g, rows in parts for i in rows], cache, mask, next_ids)
-
-
-def _place_rows(sources: list[torch.Tensor], index: list[torch.Tensor], trims: list[int],
-                width: int, seq: int, spare: int = 0) -> torch.Tensor:
-    """The `index` rows of each source (less its first `trims` columns on axis `seq`: dim 2 of
-    a cache layer [batch, heads, seq, head_dim], dim 1 of a mask [batch, seq]) stacked on the
-    batch axis, right-aligned in `width` columns with zeros in front, then `spare` columns
-    left unwritten (room for later steps). index_select writes each part straight into its
-    slice of the result: one copy, whatever the strides."""
-    shape = list(sources[0].shape)
-    shape[0], shape[seq] = sum(len(at) for at in index), width + spare
-    out = sources[0].new_empty(shape)
-    row = 0
-    for src, at, trim in zip(sources, index, trims, strict=True):
-        cols = src.shape[seq] - trim
-        block = out.narrow(0, row, len(at))
-        block.narrow(seq, 0, width - cols).zero_()
-        torch.index_select(src.narrow(seq, trim, cols), 0, at.to(src.device),
-                           out=block.narrow(seq, width - cols, cols))
-        row += len(at)
-    return out
+    def _trim(self) -> None:
+        """Let go of leading columns that no row (retired ones included) uses."""
+        if self.slots:
+            self.slab.trim(max(slot.length for slot in self.slots))
 
 
 class RunningBatch(Generic[H]):
@@ -238,8 +213,8 @@ class RunningBatch(Generic[H]):
         accepted = inspect.signature(model.forward).parameters
         self._takes_position_ids = "position_ids" in accepted  # BLOOM: ALiBi from the mask
         self._takes_logits_to_keep = "logits_to_keep" in accepted
-        self._running: _Group[H] = _Group.empty()
-        self._parked: _Group[H] = _Group.empty()
+        self._running: _Group[H] = _Group()
+        self._parked: _Group[H] = _Group()
         self._chunked: _Chunked[H] | None = None
 
     def __len__(self) -> int:
@@ -267,25 +242,25 @@ class RunningBatch(Generic[H]):
     def clear(self) -> None:
         """Drop every running row without output (after a model failure, or at shutdown).
         Parked rows are untouched."""
-        self._running = _Group.empty()
+        self._running = _Group()
 
     @torch.inference_mode()
     def park(self, handles: Sequence[H]) -> None:
         """Take these running rows out of the steps, keeping their cache, until resumed."""
         if indices := _indices(self._running, handles):
-            self._running, self._parked = _move(self._running, indices, self._parked)
+            _move(self._running, indices, self._parked)
 
     @torch.inference_mode()
     def resume(self, handles: Sequence[H]) -> None:
         """Put parked rows back into the steps, where they go on from their last token."""
         if indices := _indices(self._parked, handles):
-            self._parked, self._running = _move(self._parked, indices, self._running)
+            _move(self._parked, indices, self._running)
 
     @torch.inference_mode()
     def discard_parked(self, handles: Sequence[H]) -> None:
         """Forget parked rows nobody waits for any more (aborted while parked)."""
         if indices := _indices(self._parked, handles):
-            self._parked.drop(indices)
+            self._parked.remove(indices)
 
     def admit(self, entries: Sequence[tuple[H, BatchRow]]) -> list[tuple[H, RowOutput]]:
         """Prefill new rows and add them; each takes its first token now.
@@ -324,10 +299,19 @@ class RunningBatch(Generic[H]):
                        RowSampler(row.params), length)
                  for (handle, row), length in zip(rows, lengths, strict=True)]
         tokens = self._choose(out.logits[:, -1, :], slots)  # [rows]
-        group = _Group(slots, out.past_key_values, mask, tokens[:, None])
-        left = self._record(group, tokens)
-        self._running.extend(group)
-        return left
+        leaving = self._advance(slots, tokens)
+        keep = [i for i in range(len(slots)) if i not in set(leaving)]
+        if keep:  # their caches, less the columns that are padding for all of them
+            width = max(slots[i].length for i in keep)
+            at = torch.tensor(keep, dtype=torch.long, device=mask.device)
+            cache = out.past_key_values
+            self._running.add(
+                [slots[i] for i in keep],
+                [layer.keys[:, :, -width:].index_select(0, at) for layer in cache.layers],
+                [layer.values[:, :, -width:].index_select(0, at) for layer in cache.layers],
+                mask[:, -width:].index_select(0, at), tokens.index_select(0, at)[:, None],
+                template=cache)
+        return [(slots[i].handle, self._output(slots[i].state)) for i in leaving]
 
     @property
     def chunked(self) -> H | None:
@@ -384,16 +368,19 @@ class RunningBatch(Generic[H]):
         group = self._running
         if not group.slots:
             return []
-        assert group.mask is not None and group.next_ids is not None
+        assert group.cache is not None and group.next_ids is not None
         with torch.inference_mode():
-            mask = group.grow()
+            mask = group.slab.step_mask()
             # A finished row riding along until the next compaction is fed position 0: its
             # own next position may be past the model's position table.
             positions = torch.tensor([[slot.length if slot.alive else 0] for slot in group.slots],
                                      device=mask.device)  # [rows, 1]
             out = self._forward(input_ids=group.next_ids, attention_mask=mask,
                                 position_ids=positions, past_key_values=group.cache)
-            group.cache = out.past_key_values
+            if out.past_key_values is not group.cache:
+                raise ContinuousBatchingUnsupportedError(
+                    "the model replaced its KV cache object during a step")
+            group.slab.advance()
             for slot in group.slots:
                 slot.length += 1
             tokens = self._choose(out.logits[:, -1, :], group.slots)  # [rows]
@@ -424,36 +411,35 @@ class RunningBatch(Generic[H]):
 
     def _record(self, group: _Group[H], tokens: torch.Tensor) -> list[tuple[H, RowOutput]]:
         """Give each live row of `group` its token; retire the ones that finished or aborted."""
-        leaving = []
-        for i, (slot, token) in enumerate(zip(group.slots, tokens.tolist(), strict=True)):
-            if slot.alive:
-                slot.state.step(token)
-                if slot.state.done:
-                    leaving.append(i)
+        leaving = self._advance(group.slots, tokens)
         if not leaving:
             return []
         outputs = [(group.slots[i].handle, self._output(group.slots[i].state)) for i in leaving]
         group.retire(leaving)
         return outputs
 
+    @staticmethod
+    def _advance(slots: Sequence[_Slot[H]], tokens: torch.Tensor) -> list[int]:
+        """Give each live row its token; the indices of those that finished or aborted."""
+        leaving = []
+        for i, (slot, token) in enumerate(zip(slots, tokens.tolist(), strict=True)):
+            if slot.alive:
+                slot.state.step(token)
+                if slot.state.done:
+                    leaving.append(i)
+        return leaving
+
     def _output(self, state: RowState) -> RowOutput:
         return aborted_output(state) if state.aborted else final_output(state, self._tokenizer)
 
 
-def _roomy(layer: Any) -> Any:
-    """A plain DynamicLayer (straight from a prefill) as a RoomyLayer over the same tensors:
-    its first step regrows it once, every later one writes in place."""
-    if type(layer) is not DynamicLayer:
-        return layer
-    return RoomyLayer(Columns(layer.keys, int(layer.keys.shape[2]), dim=2),
-                      Columns(layer.values, int(layer.values.shape[2]), dim=2))
-
-
-def _move(source: _Group[H], indices: Sequence[int],
-          target: _Group[H]) -> tuple[_Group[H], _Group[H]]:
-    """(source less the rows at `indices`, target plus them): each row copied once."""
-    return (_Group.gather([(source, source.live_rows(but=indices))]),
-            _Group.gather([(target, target.live_rows()), (source, sorted(set(indices)))]))
+def _move(source: _Group[H], indices: Sequence[int], target: _Group[H]) -> None:
+    """Move the rows at `indices` from one group to the other (parking, resuming): only
+    those rows are copied."""
+    assert source.cache is not None
+    slots, keys, values, mask, next_ids = source.take(indices)
+    target.add(slots, keys, values, mask, next_ids, template=source.cache)
+    source.remove(indices)
 
 
 def _indices(group: _Group[H], handles: Sequence[H]) -> list[int]:

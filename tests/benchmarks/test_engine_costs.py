@@ -19,7 +19,8 @@ def test_engine_costs_reports_passes_and_both_loop_shapes() -> None:
     assert set(r["staggered"]) == {0, 30}
     for loop in (r["lockstep"], *r["staggered"].values()):
         assert loop["requests_per_s"] > 0 and loop["step_ms"] > 0 and loop["admit_ms"] > 0
-    assert r["cache_move"]["shape"] == [16, 2, 64, 16] and r["cache_move"]["ms"] > 0
+    move = r["cache_move"]
+    assert move["shape"] == [16, 2, 64, 16] and move["join_ms"] > 0 and move["park_ms"] > 0
     assert [w["width"] for w in r["step_by_width"]] == [8, 40]
     assert all(w["in_place_ms"] > 0 and w["concatenating_ms"] > 0 for w in r["step_by_width"])
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters_store import ModelSpec, parse_directory
-from server.engine import roomy_cache
+from server.engine import kv_slab
 from server.engine.decoding import RunningBatch, unsupported_reason
 from server.engine.generation import BatchRow, RowOutput, run_batch
 from server.engine.interface import FinishReason, SamplingParams
@@ -176,7 +176,7 @@ def test_mixed_batch_matches_peft_alone(arch: str, device: str, tiny_model_dirs,
         assert unsupported_reason(model, tokenizer) is None
         modes["continuous"] = run_staggered(model, tokenizer, rows)
         with monkeypatch.context() as m:
-            m.setattr(roomy_cache, "MIN_SPARE", 1)
+            m.setattr(kv_slab, "MIN_SPARE", 1)
             modes["continuous, regrowing"] = run_staggered(model, tokenizer, rows)
 
     # One PEFT model per adapter, reused across its requests (loading is the slow part).
