@@ -8,7 +8,8 @@ it needs no download:
 
     python benchmarks/fairness.py [--policy round_robin|fifo] [--batching continuous|static]
                                   [--device cpu|cuda] [--backlog 200] [--rounds 6]
-                                  [--cycles 3]
+                                  [--cycles 3] [--max-batch-size 32]
+                                  [--max-prefill-tokens 4096] [--prompt-tokens N]
 """
 
 from __future__ import annotations
@@ -36,23 +37,35 @@ from server.engine.interface import GenerationRequest, SamplingParams  # noqa: E
 POLICIES = {"round_robin": RoundRobinPolicy, "fifo": FifoPolicy}
 
 
-def _request(engine, tenant: str, new_tokens: int) -> GenerationRequest:
+PROMPT = "Tweet: I love it. Label:"
+
+
+def _request(engine, tenant: str, new_tokens: int,
+             prompt_tokens: int | None = None) -> GenerationRequest:
+    """Tokenized per request, as a server does. `prompt_tokens`: the prompt's text repeated
+    and cut to that many tokens (longer contexts make the cost of moving KV caches show)."""
+    if prompt_tokens is None:
+        ids = engine.tokenize(PROMPT)
+    else:  # ~1 token per byte with builtin:tiny's byte tokenizer
+        ids = engine.tokenize(" ".join([PROMPT] * (prompt_tokens // len(PROMPT) + 1)))
+        ids = ids[:prompt_tokens]
     return GenerationRequest(request_id=uuid.uuid4().hex, adapter_id=None, namespace=tenant,
-                             prompt_ids=tuple(engine.tokenize("Tweet: I love it. Label:")),
+                             prompt_ids=tuple(ids),
                              params=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
 
 
-async def _b_round(engine, new_tokens: int) -> list[float]:
+async def _b_round(engine, new_tokens: int, prompt_tokens: int | None) -> list[float]:
     """Five concurrent requests of tenant B; each one's latency in seconds."""
     async def one() -> float:
         started = time.perf_counter()
-        await engine.generate(_request(engine, "tenant-b", new_tokens))
+        await engine.generate(_request(engine, "tenant-b", new_tokens, prompt_tokens))
         return time.perf_counter() - started
     return list(await asyncio.gather(*(one() for _ in range(5))))
 
 
 async def measure(engine, *, backlog: int, rounds: int, new_tokens: int,
-                  a_alone_s: float = 0.0) -> tuple[list[float], float, float]:
+                  a_alone_s: float = 0.0,
+                  prompt_tokens: int | None = None) -> tuple[list[float], float, float]:
     """B's latencies over `rounds` rounds while `backlog` of A's requests stay queued; A's
     completed requests per second alone (the first `a_alone_s` seconds, before B starts) and
     alongside B. A's rate is what shows that B's latency is not bought by starving A."""
@@ -62,7 +75,7 @@ async def measure(engine, *, backlog: int, rounds: int, new_tokens: int,
     async def flood_worker() -> None:  # each worker keeps one of A's requests queued
         nonlocal done
         while not stop.is_set():
-            await engine.generate(_request(engine, "tenant-a", new_tokens))
+            await engine.generate(_request(engine, "tenant-a", new_tokens, prompt_tokens))
             done += 1
 
     workers = [asyncio.create_task(flood_worker()) for _ in range(backlog)]
@@ -76,7 +89,7 @@ async def measure(engine, *, backlog: int, rounds: int, new_tokens: int,
     before, started = done, time.perf_counter()
     latencies: list[float] = []
     for _ in range(rounds):
-        latencies += await _b_round(engine, new_tokens)
+        latencies += await _b_round(engine, new_tokens, prompt_tokens)
     beside = (done - before) / (time.perf_counter() - started) if backlog else 0.0
     stop.set()
     await asyncio.gather(*workers)
@@ -86,7 +99,7 @@ async def measure(engine, *, backlog: int, rounds: int, new_tokens: int,
 async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, rounds: int = 6,
                        cycles: int = 3, new_tokens: int = 8, max_batch_size: int = 32,
                        max_prefill_tokens: int = 4096, batching: str = "continuous",
-                       device: str = "cpu") -> dict:
+                       device: str = "cpu", prompt_tokens: int | None = None) -> dict:
     """B's latencies idle and under A's flood on one engine; the harness reports this dict.
 
     The idle and loaded phases alternate `cycles` times (`rounds` B rounds each) and the
@@ -105,12 +118,14 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
         engine.start()
         engine.wait_until_ready(300)
         try:
-            await measure(engine, backlog=0, rounds=1, new_tokens=new_tokens)  # warm-up
+            await measure(engine, backlog=0, rounds=1, new_tokens=new_tokens,  # warm-up
+                          prompt_tokens=prompt_tokens)
             for _ in range(cycles):
-                idle += (await measure(engine, backlog=0, rounds=rounds,
-                                       new_tokens=new_tokens))[0]
+                idle += (await measure(engine, backlog=0, rounds=rounds, new_tokens=new_tokens,
+                                       prompt_tokens=prompt_tokens))[0]
                 b, alone, beside = await measure(engine, backlog=backlog, rounds=rounds,
-                                                 new_tokens=new_tokens, a_alone_s=1.0)
+                                                 new_tokens=new_tokens, a_alone_s=1.0,
+                                                 prompt_tokens=prompt_tokens)
                 loaded += b
                 a_alone.append(alone)
                 a_beside.append(beside)
@@ -121,7 +136,7 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
             "b_concurrent": 5,
             "rounds": rounds, "cycles": cycles,
             "max_batch_size": max_batch_size, "max_prefill_tokens": max_prefill_tokens,
-            "new_tokens": new_tokens,
+            "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
             "b_idle_ms": {"p50": idle_ms, "max": max(idle) * 1000},
             "b_loaded_ms": {"p50": loaded_ms, "max": max(loaded) * 1000},
             "a_requests_per_s": {"alone": statistics.mean(a_alone),
@@ -138,6 +153,8 @@ async def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-prefill-tokens", type=int, default=4096)
+    parser.add_argument("--prompt-tokens", type=int, default=None,
+                        help="prompt length (default: the 25-token tweet prompt)")
     parser.add_argument("--batching", choices=("continuous", "static"), default="continuous")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
@@ -145,11 +162,12 @@ async def main() -> None:
                            cycles=args.cycles, new_tokens=args.new_tokens,
                            max_batch_size=args.max_batch_size,
                            max_prefill_tokens=args.max_prefill_tokens,
-                           batching=args.batching, device=args.device)
+                           batching=args.batching, device=args.device,
+                           prompt_tokens=args.prompt_tokens)
     print(f"policy={args.policy} batching={args.batching} backlog(A)={args.backlog} "
           f"B=5 concurrent x {args.rounds} rounds x {args.cycles} cycles, "
           f"max_batch_size={args.max_batch_size}, "
-          f"{args.new_tokens} new tokens")
+          f"{args.new_tokens} new tokens, prompt {args.prompt_tokens or 25} tokens")
     print(f"B median latency idle:         {r['b_idle_ms']['p50']:8.1f} ms")
     print(f"B median latency with A flood: {r['b_loaded_ms']['p50']:8.1f} ms")
     a = r["a_requests_per_s"]
