@@ -74,31 +74,26 @@ class KVSlab:
         return None if self.mask is None else self.mask[:self.rows, self.start:self.end]
 
     def put(self, at: Sequence[int], keys: Sequence[torch.Tensor],
-            values: Sequence[torch.Tensor], mask: torch.Tensor,
-            take: torch.Tensor | None = None) -> None:
+            values: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
         """Write rows at row indices `at` (free rows: holes, or from `rows` on). The source
         is right-aligned like the slab: keys[layer] [n, heads, width, head_dim], mask
-        [n, width], and `take` picks which of its rows (all when None), in `at`'s order."""
-        if take is not None:
-            keys = [k.index_select(0, take) for k in keys]
-            values = [v.index_select(0, take) for v in values]
-            mask = mask.index_select(0, take)
+        [n, width]. If this raises (out of memory), the rows the model sees are as before,
+        but for the holes in `at`."""
         width = int(mask.shape[1])
         if not self.keys:
             self._allocate(keys, values, mask)
         rows = max(self.rows, max(at) + 1)
         self._reserve(rows=rows, left=max(0, width - self.width), right=0)
-        if width > self.width:  # the others get zeros (mask 0) in front
-            grown = self.start - (width - self.width)
-            self._zero(slice(0, self.rows), slice(grown, self.start))
-            self.start = grown
-        self.rows = rows
-        pad = self.width - width
+        start = min(self.start, self.end - width)
+        if start < self.start:  # the others get zeros (mask 0) in front
+            self._zero(slice(0, self.rows), slice(start, self.start))
+        full = self.end - start
         index = torch.tensor(list(at), dtype=torch.long, device=self.mask.device)
         for mine, theirs in ((self.keys, keys), (self.values, values)):
             for buffer, source in zip(mine, theirs, strict=True):
-                _write_rows(buffer.narrow(2, self.start, self.width), index, source, pad, seq=2)
-        _write_rows(self.mask.narrow(1, self.start, self.width), index, mask, pad, seq=1)
+                _write_rows(buffer.narrow(2, start, full), index, source, full - width, seq=2)
+        _write_rows(self.mask.narrow(1, start, full), index, mask, full - width, seq=1)
+        self.rows, self.start = rows, start
         self._refresh()
 
     def take(self, indices: Sequence[int], width: int) -> tuple[list[torch.Tensor],
@@ -175,17 +170,20 @@ class KVSlab:
         new_rows = rows + spare(rows, least=4) if rows > row_cap else row_cap
         before = left + spare(width + left)
         after = right + spare(width + right)
-        start = before
+        start, columns = before, before + width + after
+        filled = slice(self.start, self.end)
         # Unwritten memory is never read: rows are written whole when put, a column before
         # `start` is zeroed when `start` moves over it, and a step writes its column before
-        # attending to it.
-        for buffers in (self.keys, self.values):
-            for n, old in enumerate(buffers):
-                new = old.new_empty(new_rows, old.shape[1], before + width + after, old.shape[3])
-                new[:self.rows, :, start:start + width] = old[:self.rows, :, self.start:self.end]
-                buffers[n] = new
-        mask = self.mask.new_empty(new_rows, before + width + after)
-        mask[:self.rows, start:start + width] = self.mask[:self.rows, self.start:self.end]
+        # attending to it. Everything is allocated before anything is replaced, so running
+        # out of memory here leaves the slab as it was.
+        new = [[old.new_empty(new_rows, old.shape[1], columns, old.shape[3]) for old in buffers]
+               for buffers in (self.keys, self.values)]
+        mask = self.mask.new_empty(new_rows, columns)
+        for olds, news in zip((self.keys, self.values), new, strict=True):
+            for old, buffer in zip(olds, news, strict=True):
+                buffer[:self.rows, :, start:start + width] = old[:self.rows, :, filled]
+        mask[:self.rows, start:start + width] = self.mask[:self.rows, filled]
+        self.keys, self.values = new
         self.mask, self.start, self.end = mask, start, start + width
 
     def _zero(self, rows: slice, columns: slice) -> None:

@@ -146,3 +146,18 @@ def test_joiners_take_the_places_of_finished_rows_and_match_static_batching(
     rows = first + later
     for i, r in enumerate(rows):
         assert outputs[i].token_ids == run_batch(model, tokenizer, [r])[0].token_ids, i
+
+
+def test_a_put_that_fails_leaves_the_rows_the_model_sees_as_they_were() -> None:
+    """A failed admission (here a malformed source; out of memory in practice) must not
+    corrupt the running rows: the scheduler goes on stepping them."""
+    slab = KVSlab()
+    rows = [[1.0, 2.0, 3.0], [4.0]]
+    slab.put([0, 1], *_source(rows))
+    keys, values, mask = _source([[9.0] * 8])  # wider: the others would get zeros in front
+    bad = [k[:, :1] for k in keys]  # one head where the slab has two
+    with pytest.raises(RuntimeError):
+        slab.put([2], bad, values, mask)
+    _check(slab, rows)
+    slab.put([2], keys, values, mask)  # and it still takes rows
+    _check(slab, rows + [[9.0] * 8])
