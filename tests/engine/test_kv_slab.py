@@ -161,3 +161,47 @@ def test_a_put_that_fails_leaves_the_rows_the_model_sees_as_they_were() -> None:
     _check(slab, rows)
     slab.put([2], keys, values, mask)  # and it still takes rows
     _check(slab, rows + [[9.0] * 8])
+
+
+@pytest.mark.parametrize("arch,seed", [("llama", 0), ("llama", 1), ("gpt2", 2), ("bloom", 3),
+                                       ("qwen2", 4)])
+def test_a_random_schedule_of_joins_parks_resumes_and_discards_matches_static_batching(
+        arch: str, seed: int, tiny_model_dirs, monkeypatch) -> None:
+    """What the scheduler does to a RunningBatch, in a random order, with the slab's spare room
+    cut so that it regrows often: every row that is not discarded ends with the tokens static
+    batching gives it alone."""
+    monkeypatch.setattr(kv_slab, "MIN_SPARE", 2)
+    model_dir = tiny_model_dirs[arch]
+    model, tokenizer = load_base(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(seed)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "in", "rain"]
+    rows = [BatchRow(tokenizer(" ".join(rng.choices(words, k=rng.randint(1, 9))))["input_ids"],
+                     None, SamplingParams(max_new_tokens=rng.randint(1, 14), ignore_eos=True))
+            for _ in range(14)]
+    batch: RunningBatch[int] = RunningBatch(model, tokenizer)
+    pending = list(enumerate(rows))
+    outputs: dict = {}
+    discarded: set[int] = set()
+    for _ in range(400):
+        if not (pending or len(batch) or batch.parked):
+            break
+        op = rng.random()
+        if pending and op < 0.3:
+            take = rng.randint(1, 3)
+            outputs.update(batch.admit(pending[:take]))
+            pending = pending[take:]
+        elif batch.handles and op < 0.4:
+            batch.park(rng.sample(batch.handles, rng.randint(1, len(batch.handles))))
+        elif batch.parked and op < 0.55:
+            batch.resume(rng.sample(batch.parked, rng.randint(1, len(batch.parked))))
+        elif batch.parked and op < 0.58:
+            gone = rng.choice(batch.parked)
+            batch.discard_parked([gone])
+            discarded.add(gone)
+        if not len(batch) and batch.parked and not pending:
+            batch.resume(batch.parked)
+        outputs.update(batch.step())
+    assert not pending and not len(batch) and not batch.parked
+    for i, row in enumerate(rows):
+        if i not in discarded:
+            assert outputs[i].token_ids == run_batch(model, tokenizer, [row])[0].token_ids, i
