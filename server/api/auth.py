@@ -102,8 +102,10 @@ def _label(request: Request, tenant: str) -> None:
         access.tenant = tenant
 
 
-def get_principal(request: Request) -> Principal:
-    """The caller; single-tenant mode (no --api-keys) makes everyone tenant 'default'."""
+async def get_principal(request: Request) -> Principal:
+    """The caller; single-tenant mode (no --api-keys) makes everyone tenant 'default'. Runs on
+    the event loop: a key check is a hash and a lookup, and the keys file is stat'ed at most
+    once a second (re-read only when it changed)."""
     keyring: KeyRing | None = request.app.state.keyring
     if keyring is None:
         principal = Principal(tenant=DEFAULT_TENANT)
@@ -126,7 +128,7 @@ def _admin_target(request: Request, tenant: str) -> str:
     return tenant
 
 
-def get_tenant(request: Request, principal: PrincipalDep,
+async def get_tenant(request: Request, principal: PrincipalDep,
                tenant: Annotated[str | None, _TENANT_QUERY] = None) -> str:
     """The namespace a request acts in. An admin must name it with ?tenant=."""
     if not principal.admin:
@@ -136,7 +138,7 @@ def get_tenant(request: Request, principal: PrincipalDep,
     return _admin_target(request, tenant)
 
 
-def get_list_scope(request: Request, principal: PrincipalDep,
+async def get_list_scope(request: Request, principal: PrincipalDep,
                    tenant: Annotated[str | None, _TENANT_QUERY] = None) -> str | None:
     """Like get_tenant, but an admin without ?tenant= lists every tenant (None)."""
     if not principal.admin:

@@ -2,6 +2,10 @@
 
 Whose adapters a request sees is decided in server.api.auth (API key -> tenant); TenantDep
 and ListScopeDep are re-exported here so routes take all their dependencies from one place.
+
+Dependencies are `async def`: FastAPI runs a plain `def` dependency in its thread pool, a
+thread hop (and GIL handoffs with the engine thread) per dependency per request, for work
+that takes microseconds.
 """
 
 from __future__ import annotations
@@ -17,15 +21,15 @@ from server.config import Settings
 from server.engine.interface import EngineClient
 
 
-def get_engine(request: Request) -> EngineClient:
+async def get_engine(request: Request) -> EngineClient:
     return request.app.state.engine
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> ApiMetrics:
+async def get_metrics(request: Request) -> ApiMetrics:
     return request.app.state.metrics
 
 
