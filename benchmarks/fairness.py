@@ -3,24 +3,28 @@
 Prints B's median latency with A's flood and on an idle engine, and their ratio (target: within
 2x), and tenant A's completed requests per second alone and beside B (what fairness costs A).
 The idle and loaded phases alternate --cycles times. Runs the real engine in process (the
-scheduler is what decides fairness; HTTP adds the same constant to both) on builtin:tiny, so
-it needs no download:
+scheduler is what decides fairness) on builtin:tiny, so it needs no download; `--http` runs
+the real server instead (a subprocess, two tenants in an --api-keys file) with the clients in
+this process on loopback HTTP, where the server's event loop serving A's flood competes with
+its engine thread:
 
     python benchmarks/fairness.py [--policy round_robin|fifo] [--batching continuous|static]
                                   [--device cpu|cuda] [--backlog 200] [--rounds 6]
                                   [--cycles 3] [--max-batch-size 32]
-                                  [--max-prefill-tokens 4096] [--prompt-tokens N]
+                                  [--max-prefill-tokens 4096] [--prompt-tokens N] [--http]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,18 +58,27 @@ def _request(engine, tenant: str, new_tokens: int,
                              params=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
 
 
-async def _b_round(engine, new_tokens: int, prompt_tokens: int | None) -> list[float]:
+Send = Callable[[str], Awaitable[object]]  # one request of this tenant, to its answer
+
+
+def engine_sender(engine, new_tokens: int, prompt_tokens: int | None = None) -> Send:
+    """Requests to the engine in process."""
+    def send(tenant: str) -> Awaitable[object]:
+        return engine.generate(_request(engine, tenant, new_tokens, prompt_tokens))
+    return send
+
+
+async def _b_round(send: Send) -> list[float]:
     """Five concurrent requests of tenant B; each one's latency in seconds."""
     async def one() -> float:
         started = time.perf_counter()
-        await engine.generate(_request(engine, "tenant-b", new_tokens, prompt_tokens))
+        await send("tenant-b")
         return time.perf_counter() - started
     return list(await asyncio.gather(*(one() for _ in range(5))))
 
 
-async def measure(engine, *, backlog: int, rounds: int, new_tokens: int,
-                  a_alone_s: float = 0.0,
-                  prompt_tokens: int | None = None) -> tuple[list[float], float, float]:
+async def measure(send: Send, *, backlog: int, rounds: int,
+                  a_alone_s: float = 0.0) -> tuple[list[float], float, float]:
     """B's latencies over `rounds` rounds while `backlog` of A's requests stay queued; A's
     completed requests per second alone (the first `a_alone_s` seconds, before B starts) and
     alongside B. A's rate is what shows that B's latency is not bought by starving A."""
@@ -75,7 +88,7 @@ async def measure(engine, *, backlog: int, rounds: int, new_tokens: int,
     async def flood_worker() -> None:  # each worker keeps one of A's requests queued
         nonlocal done
         while not stop.is_set():
-            await engine.generate(_request(engine, "tenant-a", new_tokens, prompt_tokens))
+            await send("tenant-a")
             done += 1
 
     workers = [asyncio.create_task(flood_worker()) for _ in range(backlog)]
@@ -89,7 +102,7 @@ async def measure(engine, *, backlog: int, rounds: int, new_tokens: int,
     before, started = done, time.perf_counter()
     latencies: list[float] = []
     for _ in range(rounds):
-        latencies += await _b_round(engine, new_tokens, prompt_tokens)
+        latencies += await _b_round(send)
     beside = (done - before) / (time.perf_counter() - started) if backlog else 0.0
     stop.set()
     await asyncio.gather(*workers)
@@ -99,40 +112,42 @@ async def measure(engine, *, backlog: int, rounds: int, new_tokens: int,
 async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, rounds: int = 6,
                        cycles: int = 3, new_tokens: int = 8, max_batch_size: int = 32,
                        max_prefill_tokens: int = 4096, batching: str = "continuous",
-                       device: str = "cpu", prompt_tokens: int | None = None) -> dict:
+                       device: str = "cpu", prompt_tokens: int | None = None,
+                       http: bool = False) -> dict:
     """B's latencies idle and under A's flood on one engine; the harness reports this dict.
 
     The idle and loaded phases alternate `cycles` times (`rounds` B rounds each) and the
     medians pool every cycle, so a slow stretch of a shared machine lands in both phases
-    rather than in one.
+    rather than in one. `http`: through the real server (a subprocess, two tenants in an
+    --api-keys file) and loopback HTTP, the clients in this process.
     """
-    idle: list[float] = []
-    loaded: list[float] = []
-    a_alone: list[float] = []
-    a_beside: list[float] = []
     with tempfile.TemporaryDirectory() as store:
-        settings = Settings(store=store, device=device, dtype="auto",  # f32 on CPU, bf16 CUDA
-                            max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
-                            max_wait_ms=5, batching=batching)
-        engine = Engine(settings, LocalAdapterStore(store), policy=POLICIES[policy]())
-        engine.start()
-        engine.wait_until_ready(300)
-        try:
-            await measure(engine, backlog=0, rounds=1, new_tokens=new_tokens,  # warm-up
-                          prompt_tokens=prompt_tokens)
-            for _ in range(cycles):
-                idle += (await measure(engine, backlog=0, rounds=rounds, new_tokens=new_tokens,
-                                       prompt_tokens=prompt_tokens))[0]
-                b, alone, beside = await measure(engine, backlog=backlog, rounds=rounds,
-                                                 new_tokens=new_tokens, a_alone_s=1.0,
-                                                 prompt_tokens=prompt_tokens)
-                loaded += b
-                a_alone.append(alone)
-                a_beside.append(beside)
-        finally:
-            await engine.aclose(30)
+        if http:
+            if (policy, batching) != ("round_robin", "continuous"):
+                raise ValueError("over HTTP the server runs its defaults: round robin, "
+                                 "continuous batching")
+            phases = await _http_phases(
+                Path(store), backlog=backlog, rounds=rounds, cycles=cycles,
+                new_tokens=new_tokens, prompt_tokens=prompt_tokens, device=device,
+                flags=["--max-batch-size", str(max_batch_size), "--max-prefill-tokens",
+                       str(max_prefill_tokens), "--max-wait-ms", "5"])
+        else:
+            settings = Settings(store=store, device=device, dtype="auto",  # f32 CPU, bf16 CUDA
+                                max_batch_size=max_batch_size,
+                                max_prefill_tokens=max_prefill_tokens, max_wait_ms=5,
+                                batching=batching)
+            engine = Engine(settings, LocalAdapterStore(store), policy=POLICIES[policy]())
+            engine.start()
+            engine.wait_until_ready(300)
+            try:
+                phases = await _phases(engine_sender(engine, new_tokens, prompt_tokens),
+                                       backlog=backlog, rounds=rounds, cycles=cycles)
+            finally:
+                await engine.aclose(30)
+    idle, loaded, a_alone, a_beside = phases
     idle_ms, loaded_ms = statistics.median(idle) * 1000, statistics.median(loaded) * 1000
-    return {"policy": policy, "batching": batching, "device": device, "backlog_a": backlog,
+    return {"policy": policy, "batching": batching, "device": device, "http": http,
+            "backlog_a": backlog,
             "b_concurrent": 5,
             "rounds": rounds, "cycles": cycles,
             "max_batch_size": max_batch_size, "max_prefill_tokens": max_prefill_tokens,
@@ -142,6 +157,89 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
             "a_requests_per_s": {"alone": statistics.mean(a_alone),
                                  "beside_b": statistics.mean(a_beside)},
             "ratio": loaded_ms / idle_ms, "target": "<= 2x"}
+
+
+async def _phases(send: Send, *, backlog: int, rounds: int,
+                  cycles: int) -> tuple[list[float], list[float], list[float], list[float]]:
+    """B's latencies idle and loaded, and A's requests/s alone and beside B, per cycle."""
+    idle: list[float] = []
+    loaded: list[float] = []
+    a_alone: list[float] = []
+    a_beside: list[float] = []
+    await measure(send, backlog=0, rounds=1)  # warm-up
+    for _ in range(cycles):
+        idle += (await measure(send, backlog=0, rounds=rounds))[0]
+        b, alone, beside = await measure(send, backlog=backlog, rounds=rounds, a_alone_s=1.0)
+        loaded += b
+        a_alone.append(alone)
+        a_beside.append(beside)
+    return idle, loaded, a_alone, a_beside
+
+
+class _HttpClient:
+    """Keep-alive HTTP/1.1 connections to the server, one request at a time each, per tenant.
+
+    Far lighter than httpx (which took more CPU than the server did here): on a small
+    machine the clients share the cores the server is measured on, so they must cost little.
+    The server answers a non-streaming generate with a Content-Length body."""
+
+    def __init__(self, port: int, keys: dict[str, str], body: dict) -> None:
+        self._port = port
+        payload = json.dumps(body).encode()
+        self._requests = {
+            tenant: (f"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+            for tenant, key in keys.items()}
+        self._idle: dict[str, list] = {tenant: [] for tenant in keys}
+
+    async def send(self, tenant: str) -> bytes:
+        idle = self._idle[tenant]
+        reader, writer = idle.pop() if idle else await asyncio.open_connection(
+            "127.0.0.1", self._port)
+        try:
+            writer.write(self._requests[tenant])
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            status = int(head[0].split(" ", 2)[1])
+            length = next(int(line.split(":", 1)[1]) for line in head
+                          if line.lower().startswith("content-length:"))
+            answer = await reader.readexactly(length)
+        except BaseException:
+            writer.close()
+            raise
+        idle.append((reader, writer))
+        if status != 200:
+            raise RuntimeError(f"{tenant}: HTTP {status}: {answer[:300]!r}")
+        return answer
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for _, writer in idle:
+                writer.close()
+
+
+async def _http_phases(store: Path, *, backlog: int, rounds: int, cycles: int,
+                       new_tokens: int, prompt_tokens: int | None, device: str,
+                       flags: list[str]) -> tuple[list[float], ...]:
+    """The phases against the real server; every answer must be a 200."""
+    from tests.e2e.server_process import ServerProcess
+
+    keys = {"tenant-a": "fairness-a-key", "tenant-b": "fairness-b-key"}
+    (store / "keys.json").write_text(json.dumps(
+        {"tenants": [{"name": name, "keys": [key]} for name, key in keys.items()]}))
+    text = PROMPT if prompt_tokens is None else " ".join(
+        [PROMPT] * (prompt_tokens // len(PROMPT) + 1))[:prompt_tokens]  # ~1 token per byte
+    server = ServerProcess(Path("builtin:tiny"), store / "adapters", store / "server.log",
+                           "--api-keys", str(store / "keys.json"), "--device", device,
+                           "--dtype", "auto", "--log-level", "warning", *flags)
+    server.start(timeout=300)
+    client = _HttpClient(server.port, keys, {"text": text, "max_new_tokens": new_tokens,
+                                             "ignore_eos": True})
+    try:
+        return await _phases(client.send, backlog=backlog, rounds=rounds, cycles=cycles)
+    finally:
+        client.close()
+        server.stop()
 
 
 async def main() -> None:
@@ -157,14 +255,18 @@ async def main() -> None:
                         help="prompt length (default: the 25-token tweet prompt)")
     parser.add_argument("--batching", choices=("continuous", "static"), default="continuous")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--http", action="store_true",
+                        help="through the real server over loopback HTTP (clients in this "
+                             "process)")
     args = parser.parse_args()
     r = await run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
                            cycles=args.cycles, new_tokens=args.new_tokens,
                            max_batch_size=args.max_batch_size,
                            max_prefill_tokens=args.max_prefill_tokens,
                            batching=args.batching, device=args.device,
-                           prompt_tokens=args.prompt_tokens)
-    print(f"policy={args.policy} batching={args.batching} backlog(A)={args.backlog} "
+                           prompt_tokens=args.prompt_tokens, http=args.http)
+    print(f"{'HTTP, ' if args.http else ''}"
+          f"policy={args.policy} batching={args.batching} backlog(A)={args.backlog} "
           f"B=5 concurrent x {args.rounds} rounds x {args.cycles} cycles, "
           f"max_batch_size={args.max_batch_size}, "
           f"{args.new_tokens} new tokens, prompt {args.prompt_tokens or 25} tokens")

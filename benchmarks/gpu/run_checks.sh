@@ -6,7 +6,8 @@
 # benchmarks/README.md ("GPU checks in one device call").
 #
 #   STEPS="env parity costs fairness gpu1b" (default; the limits add up to 590 s) or
-#   STEPS="bf16 gpu8b" (550 s); optional: fairlong (fairness with 400-token prompts, 150 s)
+#   STEPS="bf16 gpu8b" (550 s); optional: fairlong (fairness with 400-token prompts, 150 s),
+#   fairhttp (fairness through the real server over HTTP, 150 s)
 #   QUICK=1 DEVICE=cpu: shrunken runs on the CPU, to try the script itself without a GPU.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -59,6 +60,8 @@ print(\"transformers\", transformers.__version__, \"peft\", peft.__version__, \"
         costs) step costs 90 python3 -m benchmarks.engine_costs --device "$DEVICE" "${costs[@]}" ;;
         fairness) step fairness 120 python3 -m benchmarks fairness --device "$DEVICE" \
                       "${fair[@]}" --json "$OUT/fairness.json" ;;
+        fairhttp) step fairhttp 150 python3 benchmarks/fairness.py --device "$DEVICE" \
+                      "${fair[@]}" --http ;;
         fairlong) step fairlong 150 python3 benchmarks/fairness.py --device "$DEVICE" \
                       "${fair[@]}" --prompt-tokens 400 ;;
         gpu1b) step gpu1b 200 python3 -m benchmarks gpu-1b --device "$DEVICE" "${harness[@]}" \

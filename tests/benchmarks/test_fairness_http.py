@@ -1,0 +1,22 @@
+"""benchmarks/fairness.py --http: the fairness scenario through the real server (a subprocess
+with two tenants in an --api-keys file) over loopback HTTP. No speed is asserted."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.fairness import run_fairness
+
+pytestmark = pytest.mark.slow
+
+
+async def test_fairness_over_http_reports_both_phases_and_both_rates() -> None:
+    r = await run_fairness(backlog=6, rounds=1, cycles=1, http=True, prompt_tokens=40)
+    assert r["http"] is True and r["prompt_tokens"] == 40
+    assert r["b_idle_ms"]["p50"] > 0 and r["b_loaded_ms"]["p50"] > 0 and r["ratio"] > 0
+    assert r["a_requests_per_s"]["alone"] > 0 and r["a_requests_per_s"]["beside_b"] > 0
+
+
+async def test_over_http_the_server_runs_its_own_policy() -> None:
+    with pytest.raises(ValueError, match="round robin"):
+        await run_fairness(backlog=2, rounds=1, cycles=1, http=True, policy="fifo")
