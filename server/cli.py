@@ -109,7 +109,7 @@ def serve(settings: Settings) -> int:
     # period only has to cover connections that linger after their last response.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, log_level=str(settings.log_level), lifespan="on",
-                            timeout_graceful_shutdown=2)
+                            timeout_graceful_shutdown=2, timeout_keep_alive=settings.keep_alive_s)
     server = DrainingServer(config, app=app, drain_timeout_s=settings.drain_timeout_s)
     failed = threading.Event()
 

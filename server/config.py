@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight "
                                    "requests may run before they are aborted and the process "
                                    "exits.")
+    keep_alive_s: int = Field(75, ge=1, description="How long an idle keep-alive HTTP "
+                              "connection stays open. Keep it above the idle timeout of what "
+                              "sits in front (load balancer, client connection pools): if the "
+                              "server closes first, a request sent on the connection at that "
+                              "moment fails with a connection error.")
 
     @field_validator("device", "dtype", "batching", "log_level", mode="before")
     @classmethod
