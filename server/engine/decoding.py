@@ -98,6 +98,9 @@ class _Group(Generic[H]):
     """
 
     def __init__(self) -> None:
+        self._empty()
+
+    def _empty(self) -> None:
         self.slots: list[_Slot[H]] = []
         self.slab = KVSlab()
         self.cache: DynamicCache | None = None  # the model's view: the slab's layers
@@ -113,17 +116,8 @@ class _Group(Generic[H]):
         return [slot for slot in self.slots if slot.alive] if self.retired else self.slots
 
     @property
-    def mask(self) -> torch.Tensor | None:
-        return self.slab.mask_view()
-
-    @property
     def width(self) -> int:
         return self.slab.width
-
-    def live_rows(self, *, but: Sequence[int] = ()) -> list[int]:
-        """Indices of the live rows, less `but`."""
-        gone = set(but)
-        return [i for i, slot in enumerate(self.slots) if slot.alive and i not in gone]
 
     def add(self, slots: Sequence[_Slot[H]], keys: Sequence[torch.Tensor],
             values: Sequence[torch.Tensor], mask: torch.Tensor, next_ids: torch.Tensor,
@@ -167,7 +161,7 @@ class _Group(Generic[H]):
             return
         moves = self.slab.remove(sorted(gone))
         if not self.slab.rows:
-            self.__init__()  # type: ignore[misc]  # nothing left: free the buffers
+            self._empty()  # nothing left: free the buffers
             return
         assert self.next_ids is not None
         if moves:
@@ -303,14 +297,20 @@ class RunningBatch(Generic[H]):
         keep = [i for i in range(len(slots)) if i not in set(leaving)]
         if keep:  # their caches, less the columns that are padding for all of them
             width = max(slots[i].length for i in keep)
-            at = torch.tensor(keep, dtype=torch.long, device=mask.device)
             cache = out.past_key_values
+            if len(keep) == len(slots):  # every row stays: the slab copies from the views
+                def pick(t: torch.Tensor) -> torch.Tensor:
+                    return t
+            else:
+                at = torch.tensor(keep, dtype=torch.long, device=mask.device)
+
+                def pick(t: torch.Tensor) -> torch.Tensor:
+                    return t.index_select(0, at)
             self._running.add(
                 [slots[i] for i in keep],
-                [layer.keys[:, :, -width:].index_select(0, at) for layer in cache.layers],
-                [layer.values[:, :, -width:].index_select(0, at) for layer in cache.layers],
-                mask[:, -width:].index_select(0, at), tokens.index_select(0, at)[:, None],
-                template=cache)
+                [pick(layer.keys[:, :, -width:]) for layer in cache.layers],
+                [pick(layer.values[:, :, -width:]) for layer in cache.layers],
+                pick(mask[:, -width:]), pick(tokens)[:, None], template=cache)
         return [(slots[i].handle, self._output(slots[i].state)) for i in leaving]
 
     @property

@@ -158,7 +158,6 @@ class KVSlab:
         self.values = [v.new_zeros(0, v.shape[1], 0, v.shape[3]) for v in values]
         self.mask = mask.new_zeros(0, 0)
         self.layers = [SlabLayer(self, n) for n in range(len(keys))]
-        self.rows = self.start = self.end = 0
 
     def _reserve(self, *, rows: int, left: int, right: int) -> None:
         """Regrow the buffers (one copy of the filled part) unless `rows` rows, `left` more
