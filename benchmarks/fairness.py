@@ -44,15 +44,20 @@ POLICIES = {"round_robin": RoundRobinPolicy, "fifo": FifoPolicy}
 PROMPT = "Tweet: I love it. Label:"
 
 
+def _long_prompt(tokens: int) -> str:
+    """The prompt's text repeated to at least `tokens` characters (about a token each with
+    builtin:tiny's byte tokenizer)."""
+    return " ".join([PROMPT] * (tokens // len(PROMPT) + 1))
+
+
 def _request(engine, tenant: str, new_tokens: int,
              prompt_tokens: int | None = None) -> GenerationRequest:
     """Tokenized per request, as a server does. `prompt_tokens`: the prompt's text repeated
     and cut to that many tokens (longer contexts make the cost of moving KV caches show)."""
     if prompt_tokens is None:
         ids = engine.tokenize(PROMPT)
-    else:  # ~1 token per byte with builtin:tiny's byte tokenizer
-        ids = engine.tokenize(" ".join([PROMPT] * (prompt_tokens // len(PROMPT) + 1)))
-        ids = ids[:prompt_tokens]
+    else:
+        ids = engine.tokenize(_long_prompt(prompt_tokens))[:prompt_tokens]
     return GenerationRequest(request_id=uuid.uuid4().hex, adapter_id=None, namespace=tenant,
                              prompt_ids=tuple(ids),
                              params=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
@@ -227,8 +232,7 @@ async def _http_phases(store: Path, *, backlog: int, rounds: int, cycles: int,
     keys = {"tenant-a": "fairness-a-key", "tenant-b": "fairness-b-key"}
     (store / "keys.json").write_text(json.dumps(
         {"tenants": [{"name": name, "keys": [key]} for name, key in keys.items()]}))
-    text = PROMPT if prompt_tokens is None else " ".join(
-        [PROMPT] * (prompt_tokens // len(PROMPT) + 1))[:prompt_tokens]  # ~1 token per byte
+    text = PROMPT if prompt_tokens is None else _long_prompt(prompt_tokens)[:prompt_tokens]
     server = ServerProcess(Path("builtin:tiny"), store / "adapters", store / "server.log",
                            "--api-keys", str(store / "keys.json"), "--device", device,
                            "--dtype", "auto", "--log-level", "warning", *flags)

@@ -298,14 +298,12 @@ class RunningBatch(Generic[H]):
         if keep:  # their caches, less the columns that are padding for all of them
             width = max(slots[i].length for i in keep)
             cache = out.past_key_values
-            if len(keep) == len(slots):  # every row stays: the slab copies from the views
-                def pick(t: torch.Tensor) -> torch.Tensor:
-                    return t
-            else:
-                at = torch.tensor(keep, dtype=torch.long, device=mask.device)
+            # Every row stays (the usual case): the slab copies straight from the views.
+            at = (None if len(keep) == len(slots)
+                  else torch.tensor(keep, dtype=torch.long, device=mask.device))
 
-                def pick(t: torch.Tensor) -> torch.Tensor:
-                    return t.index_select(0, at)
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t if at is None else t.index_select(0, at)
             self._running.add(
                 [slots[i] for i in keep],
                 [pick(layer.keys[:, :, -width:]) for layer in cache.layers],
