@@ -12,6 +12,7 @@ its engine thread:
                                   [--device cpu|cuda] [--backlog 200] [--rounds 6]
                                   [--cycles 3] [--max-batch-size 32]
                                   [--max-prefill-tokens 4096] [--prompt-tokens N] [--http]
+                                  [--engine-process]
 """
 
 from __future__ import annotations
@@ -118,14 +119,17 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
                        cycles: int = 3, new_tokens: int = 8, max_batch_size: int = 32,
                        max_prefill_tokens: int = 4096, batching: str = "continuous",
                        device: str = "cpu", prompt_tokens: int | None = None,
-                       http: bool = False) -> dict:
+                       http: bool = False, engine_process: bool = False) -> dict:
     """B's latencies idle and under A's flood on one engine; the harness reports this dict.
 
     The idle and loaded phases alternate `cycles` times (`rounds` B rounds each) and the
     medians pool every cycle, so a slow stretch of a shared machine lands in both phases
     rather than in one. `http`: through the real server (a subprocess, two tenants in an
-    --api-keys file) and loopback HTTP, the clients in this process.
+    --api-keys file) and loopback HTTP, the clients in this process; `engine_process`: that
+    server with --engine-process.
     """
+    if engine_process and not http:
+        raise ValueError("--engine-process is a server option: use it with --http")
     with tempfile.TemporaryDirectory() as store:
         if http:
             if (policy, batching) != ("round_robin", "continuous"):
@@ -135,7 +139,8 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
                 Path(store), backlog=backlog, rounds=rounds, cycles=cycles,
                 new_tokens=new_tokens, prompt_tokens=prompt_tokens, device=device,
                 flags=["--max-batch-size", str(max_batch_size), "--max-prefill-tokens",
-                       str(max_prefill_tokens), "--max-wait-ms", "5"])
+                       str(max_prefill_tokens), "--max-wait-ms", "5",
+                       *(["--engine-process"] if engine_process else [])])
         else:
             settings = Settings(store=store, device=device, dtype="auto",  # f32 CPU, bf16 CUDA
                                 max_batch_size=max_batch_size,
@@ -152,6 +157,7 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
     idle, loaded, a_alone, a_beside = phases
     idle_ms, loaded_ms = statistics.median(idle) * 1000, statistics.median(loaded) * 1000
     return {"policy": policy, "batching": batching, "device": device, "http": http,
+            "engine_process": engine_process,
             "backlog_a": backlog,
             "b_concurrent": 5,
             "rounds": rounds, "cycles": cycles,
@@ -262,14 +268,19 @@ async def main() -> None:
     parser.add_argument("--http", action="store_true",
                         help="through the real server over loopback HTTP (clients in this "
                              "process)")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="with --http: the server runs its engine in a child process "
+                             "(--engine-process)")
     args = parser.parse_args()
     r = await run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
                            cycles=args.cycles, new_tokens=args.new_tokens,
                            max_batch_size=args.max_batch_size,
                            max_prefill_tokens=args.max_prefill_tokens,
                            batching=args.batching, device=args.device,
-                           prompt_tokens=args.prompt_tokens, http=args.http)
+                           prompt_tokens=args.prompt_tokens, http=args.http,
+                           engine_process=args.engine_process)
     print(f"{'HTTP, ' if args.http else ''}"
+          f"{'engine process, ' if args.engine_process else ''}"
           f"policy={args.policy} batching={args.batching} backlog(A)={args.backlog} "
           f"B=5 concurrent x {args.rounds} rounds x {args.cycles} cycles, "
           f"max_batch_size={args.max_batch_size}, "

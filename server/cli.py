@@ -122,6 +122,14 @@ def serve(settings: Settings) -> int:
             log.error("startup failed: %s: %s", type(e).__name__, e)
             failed.set()
             server.should_exit = True
+            return
+        # --engine-process: an engine process that dies leaves nothing to serve with; exit
+        # so the orchestrator restarts the replica rather than route to a 503-only one.
+        wait_until_exited = getattr(engine, "wait_until_exited", None)
+        if wait_until_exited is not None and wait_until_exited() and not app.state.draining:
+            log.error("the engine process died; exiting")
+            failed.set()
+            server.should_exit = True
 
     if hasattr(engine, "wait_until_ready"):
         threading.Thread(target=watch_model_load, name="load-watch", daemon=True).start()

@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapters_store import parse_archive, parse_paths
 from adapters_store.errors import (
@@ -42,6 +43,9 @@ from server.engine.scheduler import Scheduler
 from server.engine.store_refresh import StoreRefresher, count_stored
 from server.engine.stores import open_store
 from server.engine.tickets import Ticket, TokenStream
+
+if TYPE_CHECKING:
+    from server.engine.remote import RemoteEngine
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +359,13 @@ class Engine:
         }
 
 
-def build_engine(settings: Settings, *, observer: EngineObserver | None = None) -> Engine:
-    """The production wiring: the store --store names. Call start() to load the model."""
+def build_engine(settings: Settings, *,
+                 observer: EngineObserver | None = None) -> Engine | RemoteEngine:
+    """The production wiring: the store --store names, in this process or (--engine-process)
+    in a child process. Call start() to load the model."""
+    if settings.engine_process:
+        from server.engine.remote import RemoteEngine
+
+        return RemoteEngine(settings, observer=observer)
     store = open_store(settings.store, refresh_s=settings.store_refresh_s)
     return Engine(settings, store, observer=observer)

@@ -82,22 +82,50 @@ def max_context_of(config: Any, tokenizer: Any) -> int:
     return DEFAULT_MAX_CONTEXT
 
 
+def model_source(settings: Settings) -> str | Path:
+    """What from_pretrained reads for --model; a `builtin:` name is materialized first."""
+    if not settings.model.startswith(BUILTIN_PREFIX):
+        return settings.model
+    try:
+        return ensure_builtin(settings.model, Path(settings.model_cache))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
+    except OSError as e:
+        raise ModelLoadError(
+            f"--model {settings.model}: could not write it to --model-cache "
+            f"{settings.model_cache}: {e}"
+        ) from e
+
+
 def load_model(settings: Settings) -> LoadedModel:
-    """Load --model on --device in --dtype; a `builtin:` name is materialized first."""
+    """Load --model on --device in --dtype."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    source: str | Path = settings.model
-    if settings.model.startswith(BUILTIN_PREFIX):
-        try:
-            source = ensure_builtin(settings.model, Path(settings.model_cache))
-        except ValueError as e:
-            raise ModelLoadError(str(e)) from e
-        except OSError as e:
-            raise ModelLoadError(
-                f"--model {settings.model}: could not write it to --model-cache "
-                f"{settings.model_cache}: {e}"
-            ) from e
-    return load_pretrained(source, name=settings.model, device=device, dtype=dtype)
+    return load_pretrained(model_source(settings), name=settings.model, device=device,
+                           dtype=dtype)
+
+
+def _load_error(name: str, e: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"--model {name!r} could not be loaded: {type(e).__name__}: {e}. Give a local "
+        "directory written by save_pretrained, a Hugging Face id that is downloadable (or "
+        "already in the Hugging Face cache when offline), or builtin:tiny"
+    )
+
+
+def load_tokenizer(source: str | Path, *, name: str) -> Any:
+    """The model's tokenizer with a pad token: generate needs a pad id for finished rows, and
+    eos is what HF pipelines use too. Also what an HTTP process without the model (the engine
+    in its own process) tokenizes with."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise _load_error(name, e) from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _feed_lm_head_contiguous(model: Any) -> None:
@@ -119,13 +147,9 @@ def load_pretrained(source: str | Path, *, name: str, device: torch.device,
     """AutoConfig decides causal vs seq2seq; the weights are frozen for serving."""
     try:
         config = AutoConfig.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"--model {name!r} could not be loaded: {type(e).__name__}: {e}. Give a local "
-            "directory written by save_pretrained, a Hugging Face id that is downloadable (or "
-            "already in the Hugging Face cache when offline), or builtin:tiny"
-        ) from e
+        raise _load_error(name, e) from e
+    tokenizer = load_tokenizer(source, name=name)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     try:
@@ -142,9 +166,6 @@ def load_pretrained(source: str | Path, *, name: str, device: torch.device,
     model.eval()
     model.requires_grad_(False)
     _feed_lm_head_contiguous(model)
-    if tokenizer.pad_token_id is None:
-        # generate needs a pad id for finished rows; eos is what HF pipelines use too.
-        tokenizer.pad_token = tokenizer.eos_token
     hidden = int(model.get_input_embeddings().weight.shape[1])
     info = ModelInfo(
         name=name,

@@ -61,12 +61,15 @@ def upload_archive(client: httpx.Client, adapter_id: str, archive: Path) -> http
                                           "application/gzip")})
 
 
+SERVER_FLAGS = ("--max-batch-size", "32", "--max-wait-ms", "10", "--max-upload-bytes", "1000000")
+# A module overrides `server` with these params to run its tests against both engine modes.
+ENGINE_MODES = {"params": [(), ("--engine-process",)], "ids": ["in-process", "engine-process"]}
+
+
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    with ServerProcess(model_dir, root / "store", root / "server.log",
-                       "--max-batch-size", "32", "--max-wait-ms", "10",
-                       "--max-upload-bytes", "1000000") as proc:
+    with ServerProcess(model_dir, root / "store", root / "server.log", *SERVER_FLAGS) as proc:
         yield proc
 
 

@@ -8,7 +8,9 @@ import threading
 import time
 
 import httpx
+import pytest
 
+from tests.e2e.conftest import ENGINE_MODES
 from tests.e2e.server_process import ServerProcess
 
 TOKENS = 200  # a few seconds of CPU work per row: still running when SIGTERM arrives
@@ -28,9 +30,15 @@ def _plain(url: str, out: dict) -> None:
     out["status"], out["body"] = r.status_code, r.json()
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_zero(model_dir, tmp_path):
+@pytest.fixture(**ENGINE_MODES)
+def engine_flags(request) -> tuple[str, ...]:
+    """The drain runs through the engine in process, and through the pipe to its own."""
+    return request.param
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_zero(model_dir, tmp_path, engine_flags):
     proc = ServerProcess(model_dir, tmp_path / "store", tmp_path / "server.log",
-                         "--drain-timeout-s", "60")
+                         "--drain-timeout-s", "60", *engine_flags)
     proc.start()
     try:
         streamed, plain = {}, {}
@@ -91,12 +99,13 @@ def _poll_until_503(url: str) -> httpx.Response:
     raise AssertionError(f"{url} still answers {r.status_code}")
 
 
-def test_work_still_running_at_the_drain_deadline_is_aborted_and_exit_is_3(model_dir, tmp_path):
+def test_work_still_running_at_the_drain_deadline_is_aborted_and_exit_is_3(model_dir, tmp_path,
+                                                                          engine_flags):
     # Six 400-token requests run one at a time (--max-batch-size 1): together they take
     # several times the 1 s deadline however fast the machine, so some are still queued or
     # running when it passes.
     proc = ServerProcess(model_dir, tmp_path / "store", tmp_path / "server.log",
-                         "--drain-timeout-s", "1", "--max-batch-size", "1")
+                         "--drain-timeout-s", "1", "--max-batch-size", "1", *engine_flags)
     proc.start()
     try:
         statuses: list[int | str] = []

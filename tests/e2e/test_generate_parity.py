@@ -8,14 +8,24 @@ import random
 import time
 
 import httpx
+import pytest
 from transformers import AutoTokenizer
 
-from tests.e2e.conftest import tar_gz, upload, upload_archive
-from tests.e2e.server_process import metric
+from tests.e2e.conftest import ENGINE_MODES, SERVER_FLAGS, tar_gz, upload, upload_archive
+from tests.e2e.server_process import ServerProcess, metric
 from tests.factories import load_peft_reference, reference_greedy
 
 PROMPTS = ["Tweet: I love it. Label:", "hello", "The quick brown fox", "a", "2 + 2 =",
            "Once upon a time", "zzz", "Soft prompts!"]
+
+
+@pytest.fixture(scope="module", **ENGINE_MODES)
+def server(request, model_dir, tmp_path_factory):
+    """Every test here runs against the engine in process and in its own (--engine-process)."""
+    root = tmp_path_factory.mktemp("server")
+    with ServerProcess(model_dir, root / "store", root / "server.log", *SERVER_FLAGS,
+                       *request.param) as proc:
+        yield proc
 
 
 def test_concurrent_generate_across_adapters_equals_peft(server, client, adapter_dirs,

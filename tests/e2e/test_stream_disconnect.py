@@ -8,17 +8,19 @@ import time
 import httpx
 import pytest
 
+from tests.e2e.conftest import ENGINE_MODES
 from tests.e2e.server_process import ServerProcess, metric
 
 GAUGES = ("softprompt_in_flight_requests", "softprompt_queue_depth")
 
 
-@pytest.fixture(scope="module")
-def small_batch_server(model_dir, tmp_path_factory):
-    """Batches of 8, so most of the 50 streams are still queued when their clients leave."""
+@pytest.fixture(scope="module", **ENGINE_MODES)
+def small_batch_server(request, model_dir, tmp_path_factory):
+    """Batches of 8, so most of the 50 streams are still queued when their clients leave; the
+    engine in process and in its own (aborts then cross the pipe)."""
     root = tmp_path_factory.mktemp("disconnect")
     with ServerProcess(model_dir, root / "store", root / "server.log",
-                       "--max-batch-size", "8", "--max-wait-ms", "5") as proc:
+                       "--max-batch-size", "8", "--max-wait-ms", "5", *request.param) as proc:
         yield proc
 
 

@@ -1,0 +1,127 @@
+"""What crosses the pipe between the HTTP process and the engine process (--engine-process).
+
+Messages are JSON objects, sent in batches (one JSON array per write), never pickles: the
+engine process only ever decodes data it could have received from anyone. Exceptions cross
+as their class name and message and are rebuilt on the other side from a fixed table of the
+engine's and the store's error classes, so the HTTP layer maps them to the same status codes
+as in process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from typing import Any
+
+import adapters_store.errors as store_errors
+import server.engine.errors as engine_errors
+from adapters_store.records import AdapterRecord
+from server.engine.interface import (
+    AdapterUpload,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    SamplingParams,
+    TokenChunk,
+)
+from server.engine.model_loader import ModelLoadError
+
+
+def _error_classes() -> dict[str, type[Exception]]:
+    found: dict[str, type[Exception]] = {"ModelLoadError": ModelLoadError}
+    for module in (store_errors, engine_errors):
+        for name, value in vars(module).items():
+            if inspect.isclass(value) and issubclass(value, Exception):
+                found[name] = value
+    return found
+
+
+ERRORS = _error_classes()
+
+
+def dumps(messages: list[dict[str, Any]]) -> bytes:
+    """ASCII with escapes and NaN/Infinity allowed: whatever the engine accepts in process
+    (a lone surrogate in a stop string, an infinite temperature) must cross too."""
+    return json.dumps(messages, separators=(",", ":")).encode()
+
+
+def loads(data: bytes) -> list[dict[str, Any]]:
+    messages = json.loads(data)
+    if not isinstance(messages, list):
+        raise ValueError("an engine pipe message must be a JSON array")
+    return messages
+
+
+def request_to_wire(request: GenerationRequest) -> dict[str, Any]:
+    return {"request_id": request.request_id, "prompt_ids": list(request.prompt_ids),
+            "adapter_id": request.adapter_id, "namespace": request.namespace,
+            "params": {**dataclasses.asdict(request.params), "stop": list(request.params.stop)}}
+
+
+def request_from_wire(data: dict[str, Any]) -> GenerationRequest:
+    params = dict(data["params"])
+    params["stop"] = tuple(params["stop"])
+    return GenerationRequest(request_id=data["request_id"],
+                             prompt_ids=tuple(data["prompt_ids"]),
+                             adapter_id=data["adapter_id"], namespace=data["namespace"],
+                             params=SamplingParams(**params))
+
+
+def chunk_to_wire(chunk: TokenChunk) -> dict[str, Any]:
+    return {"token_ids": list(chunk.token_ids), "text": chunk.text}
+
+
+def chunk_from_wire(data: dict[str, Any]) -> TokenChunk:
+    return TokenChunk(token_ids=tuple(data["token_ids"]), text=data["text"])
+
+
+def result_to_wire(result: GenerationResult) -> dict[str, Any]:
+    return {**dataclasses.asdict(result), "token_ids": list(result.token_ids),
+            "finish_reason": str(result.finish_reason)}
+
+
+def result_from_wire(data: dict[str, Any]) -> GenerationResult:
+    return GenerationResult(**{**data, "token_ids": tuple(data["token_ids"]),
+                               "finish_reason": FinishReason(data["finish_reason"])})
+
+
+def info_to_wire(info: ModelInfo) -> dict[str, Any]:
+    return dataclasses.asdict(info)
+
+
+def info_from_wire(data: dict[str, Any]) -> ModelInfo:
+    return ModelInfo(**data)
+
+
+def upload_to_wire(upload: AdapterUpload) -> dict[str, Any]:
+    return dataclasses.asdict(upload)
+
+
+def upload_from_wire(data: dict[str, Any]) -> AdapterUpload:
+    return AdapterUpload(**data)
+
+
+def record_from_wire(data: dict[str, Any]) -> AdapterRecord:
+    return AdapterRecord.from_dict(data)
+
+
+def error_to_wire(error: BaseException) -> dict[str, Any]:
+    """The nearest class in ERRORS (an unknown failure travels as a GenerationError)."""
+    name = next((c.__name__ for c in type(error).__mro__ if ERRORS.get(c.__name__) is c),
+                "GenerationError")
+    message = str(error) if name != "GenerationError" or isinstance(
+        error, engine_errors.GenerationError) else f"{type(error).__name__}: {error}"
+    wire: dict[str, Any] = {"type": name, "message": message}
+    retry_after = getattr(error, "retry_after_s", None)
+    if isinstance(retry_after, int | float):
+        wire["retry_after_s"] = float(retry_after)
+    return wire
+
+
+def error_from_wire(data: dict[str, Any]) -> Exception:
+    cls = ERRORS.get(data.get("type", ""), engine_errors.GenerationError)
+    if cls is engine_errors.QueueFullError:
+        return cls(data["message"], retry_after_s=data.get("retry_after_s", 1.0))
+    return cls(data["message"])

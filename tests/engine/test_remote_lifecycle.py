@@ -1,0 +1,191 @@
+"""RemoteEngine (--engine-process) starting and ending: a full queue, the drain, a dead or
+unloadable engine process, signals, and the torch threads it computes with. Each test starts
+an engine process of its own (test_remote_engine.py shares one for the rest)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from server.config import Device, Settings
+from server.engine import ModelLoadError
+from server.engine.errors import EngineNotReadyError, QueueFullError
+from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
+from server.engine.remote import RemoteEngine
+from server.engine.worker import default_threads
+from tests.engine.test_engine import RecordingObserver, request
+from tests.engine.test_remote_engine import (
+    LONG,
+    TenantRecorder,
+    first_token_of,
+    remote_settings,
+    start_remote,
+)
+
+
+@pytest.fixture
+def spawn(tmp_path) -> Iterator[Callable[..., RemoteEngine]]:
+    """Start a RemoteEngine of one's own; whatever it left running is shut down after."""
+    started: list[RemoteEngine] = []
+
+    def _spawn(model_dir: Path, *, observer: RecordingObserver | None = None,
+               **settings_kw: Any) -> RemoteEngine:
+        engine = start_remote(remote_settings(model_dir, tmp_path / f"e{len(started)}",
+                                              **settings_kw), observer=observer)
+        started.append(engine)
+        return engine
+
+    yield _spawn
+    for engine in started:
+        engine.shutdown(5)
+        assert engine._process is not None and engine._process.poll() is not None
+
+
+
+async def test_a_full_queue_is_refused_with_a_retry_after(spawn, tiny_model_dirs) -> None:
+    engine = spawn(tiny_model_dirs["llama"], max_queue=1, max_batch_size=1, max_wait_ms=0)
+    engine.wait_until_ready(60)
+    outcomes = await asyncio.gather(
+        *(engine.generate(request(engine, "Hi!", None, max_new_tokens=20, ignore_eos=True))
+          for _ in range(12)), return_exceptions=True)
+    full = [o for o in outcomes if isinstance(o, Exception)]
+    served = [o for o in outcomes if isinstance(o, GenerationResult)]
+    assert full and served and len(full) + len(served) == 12, outcomes
+    assert all(type(e) is QueueFullError for e in full), full
+    assert all(e.retry_after_s >= 1.0 and "--max-queue 1" in str(e) for e in full)
+    assert all(r.completion_tokens == 20 for r in served)
+
+
+# ---- lifecycle --------------------------------------------------------------------------------
+
+
+async def test_shutdown_drains_the_request_in_flight_then_refuses(spawn, tiny_model_dirs):
+    observer = TenantRecorder()
+    engine = spawn(tiny_model_dirs["llama"], observer=observer)
+    engine.wait_until_ready(60)
+    pending = asyncio.ensure_future(engine.generate(request(
+        engine, "Hi!", None, namespace="drain", max_new_tokens=LONG, ignore_eos=True)))
+    await first_token_of(observer, "drain")
+    await engine.aclose(30)
+    assert (await pending).completion_tokens == LONG  # finished, not aborted
+    assert not engine.is_ready()
+    assert engine.wait_until_exited(0)
+    assert engine._process is not None and engine._process.returncode == 0
+    with pytest.raises(EngineNotReadyError):
+        await engine.generate(request(engine, "Hi!", None))
+    with pytest.raises(EngineNotReadyError):
+        await engine.open_stream(request(engine, "Hi!", None))
+    with pytest.raises(EngineNotReadyError):
+        await engine.list_adapters(None)
+
+
+async def test_a_dead_engine_process_fails_waiting_requests(spawn, tiny_model_dirs) -> None:
+    observer = TenantRecorder()
+    engine = spawn(tiny_model_dirs["llama"], observer=observer)
+    engine.wait_until_ready(60)
+    waiting = asyncio.ensure_future(engine.generate(request(
+        engine, "a", None, namespace="doomed", max_new_tokens=LONG, ignore_eos=True)))
+    stream = await engine.open_stream(request(engine, "b", None, namespace="doomed",
+                                              max_new_tokens=LONG, ignore_eos=True))
+    assert isinstance(await stream.__anext__(), TokenChunk)
+    await first_token_of(observer, "doomed")
+    assert engine._process is not None
+    engine._process.kill()
+    with pytest.raises(EngineNotReadyError, match="exited"):
+        await asyncio.wait_for(waiting, 10)
+    with pytest.raises(EngineNotReadyError):
+        async with asyncio.timeout(10):
+            async for _ in stream:
+                pass
+    assert engine.wait_until_exited(10)
+    assert not engine.is_ready()
+    with pytest.raises(EngineNotReadyError, match="exited"):
+        await engine.generate(request(engine, "Hi!", None))
+
+
+async def test_the_engine_process_ignores_signals_but_exits_when_its_parent_is_gone(
+        spawn, tiny_model_dirs) -> None:
+    """SIGTERM/SIGINT to the process group must not kill in-flight work before the drain; a
+    closed pipe (the HTTP process died) must not leave an orphan holding the model."""
+    engine = spawn(tiny_model_dirs["llama"])
+    engine.wait_until_ready(60)
+    process = engine._process
+    assert process is not None
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGINT)
+    result = await engine.generate(request(engine, "Hi!", None, max_new_tokens=3,
+                                           ignore_eos=True))
+    assert result.completion_tokens == 3 and process.poll() is None
+    # What the child sees when the HTTP process dies: its end of the socket pair closes.
+    sock = socket.socket(fileno=engine._conn.fileno())
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        sock.detach()
+    assert await asyncio.to_thread(process.wait, 15) == 0
+    assert engine.wait_until_exited(10)
+
+
+async def test_a_model_that_cannot_load_reports_model_load_error_from_the_child(
+        spawn, tiny_model_dirs, tmp_path) -> None:
+    """Only the tokenizer is there: this process loads it, the engine process cannot load
+    the model, so the ModelLoadError can only have come through the pipe."""
+    tokenizer_only = tmp_path / "tokenizer-only"
+    tokenizer_only.mkdir()
+    for f in tiny_model_dirs["llama"].glob("tokenizer*"):
+        shutil.copy(f, tokenizer_only)
+    engine = spawn(tokenizer_only)
+    with pytest.raises(ModelLoadError, match="model_type"):
+        engine.wait_until_ready(60)
+    assert engine.wait_until_exited(15)
+    assert not engine.is_ready()
+    with pytest.raises(EngineNotReadyError, match="failed to load"):
+        await engine.generate(GenerationRequest(request_id="x", prompt_ids=(1,),
+                                                adapter_id=None))
+
+
+# ---- torch threads ----------------------------------------------------------------------------
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def test_default_threads_on_cpu_leave_one_core_to_the_http_process() -> None:
+    assert default_threads(Settings(device=Device.CPU)) == max(1, _cores() - 1)
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (16, 15)])
+def test_default_threads_follow_the_cores_this_process_may_use(monkeypatch, cores,
+                                                               threads) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
+    assert default_threads(Settings(device=Device.CPU)) == threads
+
+
+def test_default_threads_off_the_cpu_keep_torchs_default() -> None:
+    """--device cuda: torch's own count (without CUDA the model load reports the device)."""
+    assert default_threads(Settings(device=Device.CUDA)) == torch.get_num_threads()
+
+
+def test_the_engine_process_takes_default_threads_when_none_are_set(spawn, tmp_path,
+                                                                    capfd) -> None:
+    """--torch-threads 0: the child picks default_threads() and logs it to the stderr it
+    inherits. (Its model fails to load: the choice is made before the load.)"""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    engine = spawn(empty)
+    with pytest.raises(ModelLoadError):
+        engine.wait_until_ready(60)
+    assert engine.wait_until_exited(15)
+    chosen = [line for line in capfd.readouterr().err.splitlines() if "torch thread(s)" in line]
+    assert len(chosen) == 1, chosen
+    assert f": {max(1, _cores() - 1)} torch thread(s) of {_cores()} core(s)" in chosen[0]

@@ -1,0 +1,230 @@
+"""server.engine.wire: what crosses the pipe to the engine process (--engine-process).
+
+Everything is checked after a real dumps/loads trip, so a value that is not JSON-clean fails
+here rather than in a child process.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+import pytest
+
+import adapters_store.errors as store_errors
+import server.engine.errors as engine_errors
+from adapters_store.records import AdapterRecord, PeftType, TaskType
+from server.engine import wire
+from server.engine.chat import ChatTemplateError
+from server.engine.errors import (
+    AdapterNotFoundError,
+    GenerationError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from server.engine.interface import (
+    AdapterUpload,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    SamplingParams,
+    TokenChunk,
+)
+from server.engine.model_loader import ModelLoadError
+
+
+def _trip(message: dict[str, Any]) -> dict[str, Any]:
+    """One message through the bytes the pipe carries."""
+    [back] = wire.loads(wire.dumps([message]))
+    return back
+
+
+def _error_trip(error: BaseException) -> Exception:
+    return wire.error_from_wire(_trip(wire.error_to_wire(error)))
+
+
+# ---- framing ------------------------------------------------------------------------------------
+
+
+def test_dumps_writes_one_compact_json_array() -> None:
+    data = wire.dumps([{"op": "chunk", "text": "naïve 🙂"}, {"op": "stats"}])
+    assert isinstance(data, bytes)
+    assert data == b'[{"op":"chunk","text":"na\\u00efve \\ud83d\\ude42"},{"op":"stats"}]'
+    assert wire.loads(data) == [{"op": "chunk", "text": "naïve 🙂"}, {"op": "stats"}]
+
+
+@pytest.mark.parametrize("data", [b'{"op": "submit"}', b'"submit"', b"3", b"null"])
+def test_loads_refuses_anything_but_an_array(data: bytes) -> None:
+    with pytest.raises(ValueError, match="JSON array"):
+        wire.loads(data)
+
+
+def test_loads_refuses_what_is_not_json() -> None:
+    """A pickle (or any non-JSON bytes) is never decoded as anything but an error."""
+    import pickle
+
+    with pytest.raises(ValueError):
+        wire.loads(pickle.dumps([{"op": "submit"}]))
+
+
+# ---- records ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_", [
+    GenerationRequest(request_id="r1", prompt_ids=(1, 2, 3), adapter_id=None),
+    GenerationRequest(request_id="r2", prompt_ids=(), adapter_id="pt3", namespace="tenant-b",
+                      params=SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9,
+                                            top_k=5, seed=1234, stop=("\n", "naïve 🙂"),
+                                            ignore_eos=True)),
+])
+def test_request_round_trips_exactly(request_: GenerationRequest) -> None:
+    back = wire.request_from_wire(_trip(wire.request_to_wire(request_)))
+    assert back == request_
+    assert isinstance(back.prompt_ids, tuple) and isinstance(back.params.stop, tuple)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=float("inf")),
+    SamplingParams(stop=("\ud800",)),
+], ids=["infinite-temperature", "lone-surrogate-stop"])
+def test_every_request_the_in_process_engine_serves_can_be_sent(params: SamplingParams) -> None:
+    """The in-process Engine serves both (validate_params has no upper bound on temperature;
+    a JSON body can carry Infinity and "\\ud800", which FastAPI's json.loads accepts), so the
+    pipe must carry them too."""
+    request_ = GenerationRequest(request_id="r", prompt_ids=(1,), adapter_id=None, params=params)
+    back = wire.request_from_wire(_trip(wire.request_to_wire(request_)))
+    assert back.params.stop == params.stop
+    assert back.params.temperature == params.temperature
+
+
+def test_chunk_round_trips() -> None:
+    chunk = TokenChunk(token_ids=(5, 6), text="é")
+    back = wire.chunk_from_wire(_trip(wire.chunk_to_wire(chunk)))
+    assert back == chunk and isinstance(back.token_ids, tuple)
+
+
+@pytest.mark.parametrize("reason", list(FinishReason))
+def test_result_round_trips_with_its_finish_reason_an_enum_again(reason: FinishReason) -> None:
+    result = GenerationResult(request_id="r9", adapter_id="pt3", text="hi there",
+                              token_ids=(10, 11, 12), finish_reason=reason, prompt_tokens=4,
+                              virtual_tokens=3, completion_tokens=3)
+    sent = _trip(wire.result_to_wire(result))
+    assert sent["finish_reason"] == reason.value
+    back = wire.result_from_wire(sent)
+    assert back == result
+    assert type(back.finish_reason) is FinishReason and isinstance(back.token_ids, tuple)
+
+
+def test_model_info_round_trips() -> None:
+    info = ModelInfo(name="builtin:tiny", architecture="LlamaForCausalLM", is_seq2seq=False,
+                     hidden_size=64, device="cpu", dtype="float32", max_context=512)
+    assert wire.info_from_wire(_trip(wire.info_to_wire(info))) == info
+
+
+@pytest.mark.parametrize("upload", [
+    AdapterUpload(config_path="/spool/c.json", weights_path="/spool/w",
+                  weights_name="adapter_model.safetensors"),
+    AdapterUpload(archive_path="/spool/a", archive_name="adapter.tar.gz"),
+])
+def test_upload_round_trips(upload: AdapterUpload) -> None:
+    assert wire.upload_from_wire(_trip(wire.upload_to_wire(upload))) == upload
+
+
+def test_record_round_trips_from_its_dict() -> None:
+    record = AdapterRecord(adapter_id="pt3", namespace="t1", peft_type=PeftType.P_TUNING,
+                           task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3, token_dim=64,
+                           sha256="ab" * 32, size_bytes=1024,
+                           created_at="2026-11-23T10:00:00.123456Z")
+    back = wire.record_from_wire(_trip(record.to_dict()))
+    assert back == record and type(back.peft_type) is PeftType
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def _declared_errors() -> set[type[Exception]]:
+    return {value for module in (store_errors, engine_errors) for value in vars(module).values()
+            if inspect.isclass(value) and issubclass(value, Exception)} | {ModelLoadError}
+
+
+def test_the_table_holds_every_engine_and_store_error_under_its_own_name() -> None:
+    """An error class missing here would reach the HTTP layer as a 500."""
+    assert set(wire.ERRORS.values()) == _declared_errors()
+    assert all(cls.__name__ == name for name, cls in wire.ERRORS.items())
+
+
+@pytest.mark.parametrize("cls", sorted(_declared_errors(), key=lambda c: c.__name__),
+                         ids=lambda c: c.__name__)
+def test_each_registered_error_comes_back_as_its_exact_class(cls: type[Exception]) -> None:
+    back = _error_trip(cls("what went wrong"))
+    assert type(back) is cls
+    assert str(back) == "what went wrong"
+
+
+def test_queue_full_keeps_its_retry_after() -> None:
+    back = _error_trip(QueueFullError("full", retry_after_s=7))
+    assert type(back) is QueueFullError and back.retry_after_s == 7.0
+    assert str(back) == "full"
+
+
+def test_queue_full_without_a_retry_after_gets_the_default() -> None:
+    back = wire.error_from_wire({"type": "QueueFullError", "message": "full"})
+    assert isinstance(back, QueueFullError) and back.retry_after_s == 1.0
+
+
+def test_only_errors_that_carry_a_retry_after_send_one() -> None:
+    assert "retry_after_s" not in wire.error_to_wire(AdapterNotFoundError("nope"))
+    assert wire.error_to_wire(QueueFullError("full", retry_after_s=2.5))["retry_after_s"] == 2.5
+
+
+def test_an_unregistered_subclass_travels_as_its_nearest_registered_class() -> None:
+    class TenantAdapterMissing(AdapterNotFoundError):
+        pass
+
+    back = _error_trip(TenantAdapterMissing("no pt3 here"))
+    assert type(back) is AdapterNotFoundError and str(back) == "no pt3 here"
+    assert type(_error_trip(ChatTemplateError("no template"))) is InvalidRequestError
+
+
+@pytest.mark.parametrize(("error", "message"), [
+    (RuntimeError("CUDA out of memory"), "RuntimeError: CUDA out of memory"),
+    (KeyError("x"), "KeyError: 'x'"),
+    (ValueError("bad"), "ValueError: bad"),  # not an InvalidRequestError, its subclass
+])
+def test_an_unknown_failure_travels_as_a_generation_error_naming_its_type(
+        error: Exception, message: str) -> None:
+    back = _error_trip(error)
+    assert type(back) is GenerationError
+    assert str(back) == message
+
+
+def test_a_generation_error_is_not_prefixed_with_its_own_name() -> None:
+    assert str(_error_trip(GenerationError("the batch failed"))) == "the batch failed"
+
+
+def test_a_foreign_class_that_shares_a_registered_name_is_not_taken_for_it() -> None:
+    """Matching is by class, not by name: a look-alike must not get a 404."""
+
+    class AdapterNotFoundError(Exception):
+        pass
+
+    back = _error_trip(AdapterNotFoundError("nope"))
+    assert type(back) is GenerationError and str(back) == "AdapterNotFoundError: nope"
+
+
+@pytest.mark.parametrize("data", [{"type": "SystemExit", "message": "m"},
+                                  {"type": "NoSuchError", "message": "m"},
+                                  {"message": "m"}])
+def test_a_type_name_not_in_the_table_is_rebuilt_as_a_generation_error(
+        data: dict[str, Any]) -> None:
+    """The engine process may only name the table's classes; anything else is a 500."""
+    back = wire.error_from_wire(data)
+    assert type(back) is GenerationError and str(back) == "m"
+
+
+def test_error_messages_are_json_clean() -> None:
+    encoded = wire.dumps([wire.error_to_wire(QueueFullError("naïve", retry_after_s=1))])
+    assert json.loads(encoded) == [{"type": "QueueFullError", "message": "naïve",
+                                    "retry_after_s": 1.0}]
