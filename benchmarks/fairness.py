@@ -12,7 +12,7 @@ its engine thread:
                                   [--device cpu|cuda] [--backlog 200] [--rounds 6]
                                   [--cycles 3] [--max-batch-size 32]
                                   [--max-prefill-tokens 4096] [--prompt-tokens N] [--http]
-                                  [--engine-process]
+                                  [--engine-process] [--torch-threads N]
 """
 
 from __future__ import annotations
@@ -119,14 +119,16 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
                        cycles: int = 3, new_tokens: int = 8, max_batch_size: int = 32,
                        max_prefill_tokens: int = 4096, batching: str = "continuous",
                        device: str = "cpu", prompt_tokens: int | None = None,
-                       http: bool = False, engine_process: bool = False) -> dict:
+                       http: bool = False, engine_process: bool = False,
+                       torch_threads: int = 0) -> dict:
     """B's latencies idle and under A's flood on one engine; the harness reports this dict.
 
     The idle and loaded phases alternate `cycles` times (`rounds` B rounds each) and the
     medians pool every cycle, so a slow stretch of a shared machine lands in both phases
     rather than in one. `http`: through the real server (a subprocess, two tenants in an
     --api-keys file) and loopback HTTP, the clients in this process; `engine_process`: that
-    server with --engine-process.
+    server with --engine-process. `torch_threads`: the engine's --torch-threads (0: torch's
+    default).
     """
     if engine_process and not http:
         raise ValueError("--engine-process is a server option: use it with --http")
@@ -140,11 +142,13 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
                 new_tokens=new_tokens, prompt_tokens=prompt_tokens, device=device,
                 flags=["--max-batch-size", str(max_batch_size), "--max-prefill-tokens",
                        str(max_prefill_tokens), "--max-wait-ms", "5",
+                       "--torch-threads", str(torch_threads),
                        *(["--engine-process"] if engine_process else [])])
         else:
             settings = Settings(store=store, device=device, dtype="auto",  # f32 CPU, bf16 CUDA
                                 max_batch_size=max_batch_size,
                                 max_prefill_tokens=max_prefill_tokens, max_wait_ms=5,
+                                torch_threads=torch_threads,
                                 batching=batching)
             engine = Engine(settings, LocalAdapterStore(store), policy=POLICIES[policy]())
             engine.start()
@@ -157,7 +161,7 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
     idle, loaded, a_alone, a_beside = phases
     idle_ms, loaded_ms = statistics.median(idle) * 1000, statistics.median(loaded) * 1000
     return {"policy": policy, "batching": batching, "device": device, "http": http,
-            "engine_process": engine_process,
+            "engine_process": engine_process, "torch_threads": torch_threads,
             "backlog_a": backlog,
             "b_concurrent": 5,
             "rounds": rounds, "cycles": cycles,
@@ -268,6 +272,8 @@ async def main() -> None:
     parser.add_argument("--http", action="store_true",
                         help="through the real server over loopback HTTP (clients in this "
                              "process)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="the engine's --torch-threads (default 0: torch's default)")
     parser.add_argument("--engine-process", action="store_true",
                         help="with --http: the server runs its engine in a child process "
                              "(--engine-process)")
@@ -278,9 +284,11 @@ async def main() -> None:
                            max_prefill_tokens=args.max_prefill_tokens,
                            batching=args.batching, device=args.device,
                            prompt_tokens=args.prompt_tokens, http=args.http,
-                           engine_process=args.engine_process)
+                           engine_process=args.engine_process,
+                           torch_threads=args.torch_threads)
     print(f"{'HTTP, ' if args.http else ''}"
           f"{'engine process, ' if args.engine_process else ''}"
+          f"{f'{args.torch_threads} torch thread(s), ' if args.torch_threads else ''}"
           f"policy={args.policy} batching={args.batching} backlog(A)={args.backlog} "
           f"B=5 concurrent x {args.rounds} rounds x {args.cycles} cycles, "
           f"max_batch_size={args.max_batch_size}, "

@@ -69,10 +69,8 @@ class Settings(BaseSettings):
                                  "process start and a pipe hop per request and stream chunk; "
                                  "helps when HTTP traffic is heavy and spare cores exist.")
     torch_threads: int = Field(0, ge=0, description="Threads torch computes with on the "
-                               "CPU in the process that runs the model. 0: torch's default "
-                               "(one per core), except with --engine-process on the CPU, "
-                               "where it is one fewer than the cores, leaving one to the HTTP "
-                               "process.")
+                               "CPU, in the process that runs the model. 0: torch's default "
+                               "(one per core).")
     max_queue: int = Field(1024, ge=1, description="Queued requests before 429.")
     prompt_cache_bytes: int = Field(1 << 30, ge=0, description="Byte budget of resident prompts.")
     api_keys: Path | None = Field(None, description="JSON file of tenants and API keys.")

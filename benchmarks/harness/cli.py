@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server's --max-wait-ms (default 50)")
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                    help="server's --batching (default continuous)")
+    p.add_argument("--engine-process", action="store_true",
+                   help="the http system's server runs its engine in a child process "
+                        "(--engine-process)")
     p.add_argument("--overhead-requests", type=int, default=0,
                    help="also measure the HTTP layer's overhead with N sequential 1-token "
                         "requests (default 0: skip)")
@@ -156,7 +159,8 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
             runners["engine"] = EngineRunner(settings, requests)
         if "http" in modes:
             say("starting the server ...")
-            runners["http"] = HttpRunner(settings, requests, work / "server.log")
+            runners["http"] = HttpRunner(settings, requests, work / "server.log",
+                                         engine_process=args.engine_process)
         for name in runners:
             systems.append(SystemResult(name, "server", LABELS[name]))
         if baselines:
@@ -174,6 +178,8 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
                 s.runs.append(_timed(runners[s.name], s.label, k, repeats, len(requests), w,
                                      args.no_progress))
         extra = {"batching": args.batching, **_extras(w, systems, requests)}
+        if "http" in runners:
+            extra["engine_process"] = args.engine_process
         if args.overhead_requests and "http" in runners:
             say("measuring the HTTP layer's overhead ...")
             extra["http_overhead"] = runners["http"].overhead(args.overhead_requests)

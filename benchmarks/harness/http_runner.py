@@ -26,9 +26,12 @@ _FLAGS = ("device", "dtype", "max_batch_size", "max_wait_ms", "max_queue", "prom
 
 
 class HttpRunner:
-    def __init__(self, settings: Settings, requests: list[RequestSpec], log_path: Path) -> None:
+    def __init__(self, settings: Settings, requests: list[RequestSpec], log_path: Path, *,
+                 engine_process: bool = False) -> None:
         self.requests = requests
         flags: list[str] = ["--log-level", "warning"]
+        if engine_process:
+            flags.append("--engine-process")
         for name in _FLAGS:
             value = getattr(settings, name)
             flags += ["--" + name.replace("_", "-"), str(getattr(value, "value", value))]

@@ -101,6 +101,7 @@ def load_model(settings: Settings) -> LoadedModel:
     """Load --model on --device in --dtype."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    log.info("torch computes with %d CPU thread(s) (--torch-threads)", torch.get_num_threads())
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     return load_pretrained(model_source(settings), name=settings.model, device=device,

@@ -309,7 +309,7 @@ class RemoteEngine:
         if self._process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 code = self._process.wait(5)
-        if not self._closing:
+        if not self._closing and self._load_error is None:  # a failed load said why already
             log.error("the engine process exited unexpectedly (exit code %s)", code)
         if not self._engine_ready.is_set():
             self._load_error = self._load_error or EngineNotReadyError(

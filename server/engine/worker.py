@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -25,13 +24,10 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-import torch
-
 from server.config import Settings
 from server.engine import wire
 from server.engine.engine import Engine
 from server.engine.interface import TokenChunk
-from server.engine.model_loader import ModelLoadError, resolve_device
 from server.engine.stores import open_store
 
 log = logging.getLogger(__name__)
@@ -269,28 +265,7 @@ def run_worker(conn: Connection, settings_data: dict[str, Any]) -> None:
     logging.basicConfig(level=str(settings.log_level).upper(),
                         format="%(asctime)s %(levelname)s %(name)s [engine process]: "
                                "%(message)s")
-    if settings.torch_threads == 0:
-        settings = settings.model_copy(update={"torch_threads": default_threads(settings)})
     asyncio.run(Worker(conn, settings).run())
-
-
-def default_threads(settings: Settings) -> int:
-    """--torch-threads 0 in the engine process: on the CPU, one core fewer than this process
-    may use, so the HTTP process's work does not stall torch's parallel regions (each waits
-    for its slowest thread; on 2 cores it raised the fairness benchmark's throughput by half);
-    elsewhere torch's default."""
-    try:
-        on_cpu = resolve_device(settings.device).type == "cpu"
-    except ModelLoadError:
-        on_cpu = False  # --device cuda without CUDA: load_model reports it
-    if not on_cpu:
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    threads = max(1, cores - 1)
-    log.info("engine process on the CPU: %d torch thread(s) of %d core(s) (--torch-threads)",
-             threads, cores)
-    return threads
 
 
 def main(argv: list[str]) -> None:

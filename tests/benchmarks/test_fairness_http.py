@@ -11,8 +11,9 @@ pytestmark = pytest.mark.slow
 
 
 async def test_fairness_over_http_reports_both_phases_and_both_rates() -> None:
-    r = await run_fairness(backlog=6, rounds=1, cycles=1, http=True, prompt_tokens=40)
-    assert r["http"] is True and r["prompt_tokens"] == 40
+    r = await run_fairness(backlog=6, rounds=1, cycles=1, http=True, prompt_tokens=40,
+                           torch_threads=1)
+    assert r["http"] is True and r["prompt_tokens"] == 40 and r["torch_threads"] == 1
     assert r["b_idle_ms"]["p50"] > 0 and r["b_loaded_ms"]["p50"] > 0 and r["ratio"] > 0
     assert r["a_requests_per_s"]["alone"] > 0 and r["a_requests_per_s"]["beside_b"] > 0
 
@@ -20,3 +21,8 @@ async def test_fairness_over_http_reports_both_phases_and_both_rates() -> None:
 async def test_over_http_the_server_runs_its_own_policy() -> None:
     with pytest.raises(ValueError, match="round robin"):
         await run_fairness(backlog=2, rounds=1, cycles=1, http=True, policy="fifo")
+
+
+async def test_the_engine_process_is_a_server_option() -> None:
+    with pytest.raises(ValueError, match="--http"):
+        await run_fairness(backlog=2, rounds=1, cycles=1, engine_process=True)

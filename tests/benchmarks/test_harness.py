@@ -44,6 +44,17 @@ def test_cpu_ref_runs_every_system_and_reports_ratios(tmp_path, capsys) -> None:
     assert overhead["requests"] == 3 and overhead["latency_ms_p50"] > overhead["engine_ms_p50"]
     printed = capsys.readouterr().out
     assert "OVERRIDDEN" in printed and "engine/peft-sequential" in printed
+    assert result["extra"]["engine_process"] is False
+
+
+def test_the_http_system_can_run_its_engine_in_a_child_process(tmp_path) -> None:
+    result = run(tmp_path, "cpu-ref", "--modes", "http", "--baselines", "", "--requests", "4",
+                 "--adapters", "3", "--new-tokens", "3", "--engine-process",
+                 "--overhead-requests", "3")
+    assert set(result["systems"]) == {"http"}
+    assert (result["systems"]["http"]["tokens"], result["systems"]["http"]["requests"]) == (12, 4)
+    assert result["extra"]["engine_process"] is True
+    assert result["extra"]["http_overhead"]["requests"] == 3
 
 
 @pytest.mark.parametrize("batching", ["static", "continuous"])

@@ -5,7 +5,6 @@ an engine process of its own (test_remote_engine.py shares one for the rest)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import socket
@@ -16,12 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from server.config import Device, Settings
 from server.engine import ModelLoadError
 from server.engine.errors import EngineNotReadyError, QueueFullError
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
 from server.engine.remote import RemoteEngine
-from server.engine.worker import default_threads
 from tests.engine.test_engine import RecordingObserver, request
 from tests.engine.test_remote_engine import (
     LONG,
@@ -156,36 +153,19 @@ async def test_a_model_that_cannot_load_reports_model_load_error_from_the_child(
 # ---- torch threads ----------------------------------------------------------------------------
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-def test_default_threads_on_cpu_leave_one_core_to_the_http_process() -> None:
-    assert default_threads(Settings(device=Device.CPU)) == max(1, _cores() - 1)
-
-
-@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (16, 15)])
-def test_default_threads_follow_the_cores_this_process_may_use(monkeypatch, cores,
-                                                               threads) -> None:
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
-    assert default_threads(Settings(device=Device.CPU)) == threads
-
-
-def test_default_threads_off_the_cpu_keep_torchs_default() -> None:
-    """--device cuda: torch's own count (without CUDA the model load reports the device)."""
-    assert default_threads(Settings(device=Device.CUDA)) == torch.get_num_threads()
-
-
-def test_the_engine_process_takes_default_threads_when_none_are_set(spawn, tmp_path,
-                                                                    capfd) -> None:
-    """--torch-threads 0: the child picks default_threads() and logs it to the stderr it
-    inherits. (Its model fails to load: the choice is made before the load.)"""
+@pytest.mark.parametrize(("torch_threads", "expected"), [(1, 1), (0, None)])
+def test_the_engine_process_computes_with_torch_threads(spawn, tmp_path, capfd, torch_threads,
+                                                        expected) -> None:
+    """--torch-threads reaches the child, which logs what torch uses to the stderr it
+    inherits; 0 leaves torch's own default (one per core). (The model fails to load: the
+    threads are set before the load.)"""
     empty = tmp_path / "empty"
     empty.mkdir()
-    engine = spawn(empty)
+    engine = spawn(empty, torch_threads=torch_threads)
     with pytest.raises(ModelLoadError):
         engine.wait_until_ready(60)
     assert engine.wait_until_exited(15)
-    chosen = [line for line in capfd.readouterr().err.splitlines() if "torch thread(s)" in line]
-    assert len(chosen) == 1, chosen
-    assert f": {max(1, _cores() - 1)} torch thread(s) of {_cores()} core(s)" in chosen[0]
+    chosen = [line for line in capfd.readouterr().err.splitlines() if "CPU thread(s)" in line]
+    assert len(chosen) == 1 and "[engine process]" in chosen[0], chosen
+    want = expected or torch.get_num_threads()  # torch's default, as in this process
+    assert f"torch computes with {want} CPU thread(s)" in chosen[0], chosen
