@@ -1,5 +1,5 @@
 """RemoteEngine (--engine-process) starting and ending: a full queue, the drain, a dead or
-unloadable engine process, signals, and the torch threads it computes with. Each test starts
+unloadable engine process (and the torch threads it was given), signals. Each test starts
 an engine process of its own (test_remote_engine.py shares one for the rest)."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from server.engine import ModelLoadError
 from server.engine.errors import EngineNotReadyError, QueueFullError
@@ -133,14 +132,16 @@ async def test_the_engine_process_ignores_signals_but_exits_when_its_parent_is_g
 
 
 async def test_a_model_that_cannot_load_reports_model_load_error_from_the_child(
-        spawn, tiny_model_dirs, tmp_path) -> None:
+        spawn, tiny_model_dirs, tmp_path, capfd) -> None:
     """Only the tokenizer is there: this process loads it, the engine process cannot load
-    the model, so the ModelLoadError can only have come through the pipe."""
+    the model, so the ModelLoadError can only have come through the pipe. --torch-threads
+    reached the child first: it logs the threads torch uses (to the stderr it inherits)
+    before it loads the model."""
     tokenizer_only = tmp_path / "tokenizer-only"
     tokenizer_only.mkdir()
     for f in tiny_model_dirs["llama"].glob("tokenizer*"):
         shutil.copy(f, tokenizer_only)
-    engine = spawn(tokenizer_only)
+    engine = spawn(tokenizer_only, torch_threads=1)
     with pytest.raises(ModelLoadError, match="model_type"):
         engine.wait_until_ready(60)
     assert engine.wait_until_exited(15)
@@ -148,24 +149,6 @@ async def test_a_model_that_cannot_load_reports_model_load_error_from_the_child(
     with pytest.raises(EngineNotReadyError, match="failed to load"):
         await engine.generate(GenerationRequest(request_id="x", prompt_ids=(1,),
                                                 adapter_id=None))
-
-
-# ---- torch threads ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("torch_threads", "expected"), [(1, 1), (0, None)])
-def test_the_engine_process_computes_with_torch_threads(spawn, tmp_path, capfd, torch_threads,
-                                                        expected) -> None:
-    """--torch-threads reaches the child, which logs what torch uses to the stderr it
-    inherits; 0 leaves torch's own default (one per core). (The model fails to load: the
-    threads are set before the load.)"""
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    engine = spawn(empty, torch_threads=torch_threads)
-    with pytest.raises(ModelLoadError):
-        engine.wait_until_ready(60)
-    assert engine.wait_until_exited(15)
-    chosen = [line for line in capfd.readouterr().err.splitlines() if "CPU thread(s)" in line]
-    assert len(chosen) == 1 and "[engine process]" in chosen[0], chosen
-    want = expected or torch.get_num_threads()  # torch's default, as in this process
-    assert f"torch computes with {want} CPU thread(s)" in chosen[0], chosen
+    threads = [line for line in capfd.readouterr().err.splitlines() if "CPU thread(s)" in line]
+    assert len(threads) == 1 and "[engine process]" in threads[0], threads
+    assert "torch computes with 1 CPU thread(s)" in threads[0], threads
