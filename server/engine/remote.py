@@ -44,10 +44,9 @@ from server.engine.interface import (
 from server.engine.mailbox import mailbox_for
 from server.engine.model_loader import load_tokenizer, model_source
 from server.engine.observer import CacheEvent, EngineObserver, GuardedObserver, NullObserver
+from server.engine.tickets import QueueStream
 
 log = logging.getLogger(__name__)
-
-_CLOSED = object()  # a stream's queue item: the engine cancelled the request
 
 
 @dataclass
@@ -80,50 +79,33 @@ class _Pending:
             self.future.set_result(item)
 
 
-class RemoteStream:
-    """What open_stream returns: TokenChunks, then one GenerationResult; aclose() aborts."""
+class RemoteStream(QueueStream):
+    """What open_stream returns: TokenChunks, then one GenerationResult; aclose() aborts.
+    Its queue holds the engine process's messages for the request, in order."""
 
     def __init__(self, engine: RemoteEngine, key: str, queue: asyncio.Queue) -> None:
-        self._key = key
-        self._engine = engine
-        self._queue = queue
-        self._done = False
+        super().__init__(queue, lambda: engine._abort_key(key))
 
-    def __aiter__(self) -> RemoteStream:
-        return self
-
-    async def __anext__(self) -> TokenChunk | GenerationResult:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except BaseException:  # cancelled while waiting: the consumer is gone
-            self._close()
-            raise
-        if isinstance(item, BaseException):
+    async def accepted(self) -> None:
+        """Wait for the engine to take the request; raise why it did not."""
+        item = await self._get()
+        if not (isinstance(item, dict) and item["op"] == "accepted"):
             self._done = True
+            self._unpack(item)  # raises: nothing but an error can come before "accepted"
+            raise AssertionError(f"engine pipe: {item!r} before the request was accepted")
+
+    def _unpack(self, item: object) -> tuple[TokenChunk | GenerationResult, bool]:
+        if isinstance(item, BaseException):
             raise item
+        assert isinstance(item, dict)
         op = item["op"]
         if op == "chunk":
-            return wire.chunk_from_wire(item["chunk"])
-        self._done = True
+            return wire.chunk_from_wire(item["chunk"]), False
         if op == "result":
-            return wire.result_from_wire(item["result"])
+            return wire.result_from_wire(item["result"]), True
         if op == "error":
             raise wire.error_from_wire(item["error"])
         raise asyncio.CancelledError()  # "cancelled": aborted by the engine (drain deadline)
-
-    async def aclose(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if not self._done:
-            self._done = True
-            self._engine._abort_key(self._key)
-
-    def __del__(self) -> None:  # dropped without aclose (e.g. `break` out of async for)
-        with contextlib.suppress(Exception):
-            self._close()
 
 
 class RemoteEngine:
@@ -395,18 +377,9 @@ class RemoteEngine:
         pending = _Pending(loop, queue=asyncio.Queue())
         key = self._submit(request, pending, stream=True)
         assert pending.queue is not None
-        try:
-            first = await pending.queue.get()
-        except asyncio.CancelledError:
-            self._abort_key(key)
-            raise
-        if isinstance(first, BaseException):
-            raise first
-        if first["op"] == "error":
-            raise wire.error_from_wire(first["error"])
-        if first["op"] == "cancelled":
-            raise asyncio.CancelledError()
-        return RemoteStream(self, key, pending.queue)
+        stream = RemoteStream(self, key, pending.queue)
+        await stream.accepted()  # cancelled meanwhile: the stream aborts itself
+        return stream
 
     async def abort(self, request_id: str) -> None:
         """Stop the request: its generate raises CancelledError (its stream ends with it), as

@@ -77,34 +77,40 @@ class Ticket:
 
 
 
-class TokenStream:
-    """Async iterator of TokenChunk..., then one GenerationResult; aclose() aborts."""
+class QueueStream:
+    """Async iterator over a queue a producer fills with a stream's items; aclose() (or
+    dropping it) aborts. Subclasses say what an item means (`_unpack`)."""
 
-    def __init__(self, ticket: Ticket, abort: Callable[[Ticket], None]) -> None:
-        assert ticket.queue is not None
-        self.request_id = ticket.request.request_id
-        self._ticket = ticket
-        self._queue = ticket.queue
+    def __init__(self, queue: asyncio.Queue, abort: Callable[[], None]) -> None:
+        self._queue = queue
         self._abort = abort
         self._done = False
 
-    def __aiter__(self) -> TokenStream:
+    def __aiter__(self) -> QueueStream:
         return self
 
     async def __anext__(self) -> TokenChunk | GenerationResult:
         if self._done:
             raise StopAsyncIteration
+        item = await self._get()
         try:
-            item = await self._queue.get()
+            value, last = self._unpack(item)
+        except BaseException:
+            self._done = True
+            raise
+        self._done = last
+        return value
+
+    async def _get(self) -> object:
+        try:
+            return await self._queue.get()
         except BaseException:  # cancelled while waiting: the consumer is gone
             self._close()
             raise
-        if isinstance(item, Failure):
-            self._done = True
-            raise item.error
-        if isinstance(item, GenerationResult):
-            self._done = True
-        return item
+
+    def _unpack(self, item: object) -> tuple[TokenChunk | GenerationResult, bool]:
+        """The item as a stream value and whether it is the last; raise what it says."""
+        raise NotImplementedError
 
     async def aclose(self) -> None:
         self._close()
@@ -112,8 +118,23 @@ class TokenStream:
     def _close(self) -> None:
         if not self._done:
             self._done = True
-            self._abort(self._ticket)  # no-op when it already finished
+            self._abort()  # no-op when it already finished
 
     def __del__(self) -> None:  # dropped without aclose (e.g. `break` out of async for)
         with contextlib.suppress(Exception):
             self._close()
+
+
+class TokenStream(QueueStream):
+    """A ticket's stream: TokenChunk..., then one GenerationResult; aclose() aborts."""
+
+    def __init__(self, ticket: Ticket, abort: Callable[[Ticket], None]) -> None:
+        assert ticket.queue is not None
+        super().__init__(ticket.queue, lambda: abort(ticket))
+        self.request_id = ticket.request.request_id
+
+    def _unpack(self, item: object) -> tuple[TokenChunk | GenerationResult, bool]:
+        if isinstance(item, Failure):
+            raise item.error
+        assert isinstance(item, TokenChunk | GenerationResult)
+        return item, isinstance(item, GenerationResult)
