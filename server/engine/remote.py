@@ -346,18 +346,23 @@ class RemoteEngine:
                                "weight": float(self._weight_of(request.namespace)),
                                "request": wire.request_to_wire(request)}])
         pending.request_id = request.request_id
+        self._post(key, pending, message)
+        return key
+
+    def _post(self, key: str, pending: _Pending, message: bytes) -> None:
+        """Register `pending` under `key`, then send `message`, whose answers it awaits."""
         with self._pending_lock:
-            if request.request_id in self._by_request:
-                raise InvalidRequestError(
-                    f"request id {request.request_id!r} is already in flight")
+            if pending.request_id is not None:
+                if pending.request_id in self._by_request:
+                    raise InvalidRequestError(
+                        f"request id {pending.request_id!r} is already in flight")
+                self._by_request[pending.request_id] = key
             self._pending[key] = pending
-            self._by_request[request.request_id] = key
         try:
             self._send_bytes(message)
         except OSError as e:
             self._forget(key)
             raise EngineNotReadyError(f"the engine process is gone: {e}") from e
-        return key
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         loop = asyncio.get_running_loop()
@@ -419,17 +424,10 @@ class RemoteEngine:
         loop = asyncio.get_running_loop()
         pending = _Pending(loop, future=loop.create_future())
         key = str(next(self._keys))
-        message = wire.dumps([{"op": "call", "key": key, "method": method, "args": args}])
-        with self._pending_lock:
-            self._pending[key] = pending
-        try:
-            self._send_bytes(message)
-        except OSError as e:
-            self._forget(key)
-            raise EngineNotReadyError(f"the engine process is gone: {e}") from e
+        self._post(key, pending, wire.dumps([{"op": "call", "key": key, "method": method,
+                                               "args": args}]))
         assert pending.future is not None
-        message = await pending.future
-        return message["value"]
+        return (await pending.future)["value"]
 
     async def add_adapter(self, namespace: str, adapter_id: str, upload: AdapterUpload, *,
                           overwrite: bool = False) -> AdapterRecord:

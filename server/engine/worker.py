@@ -27,7 +27,7 @@ from typing import Any
 from server.config import Settings
 from server.engine import wire
 from server.engine.engine import Engine
-from server.engine.interface import TokenChunk
+from server.engine.interface import GenerationRequest, TokenChunk
 from server.engine.stores import open_store
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class Worker:
         else:
             log.error("engine process: unknown message %r ignored", op)
 
-    async def _generate(self, key: str, request: Any, stream: bool) -> None:
+    async def _generate(self, key: str, request: GenerationRequest, stream: bool) -> None:
         try:
             if not stream:
                 result = await self.engine.generate(request)
