@@ -42,9 +42,14 @@ def test_engine_metrics_reach_the_scrape_and_signals_leave_the_engine_alone(mode
         assert metric(scrape, "softprompt_queue_wait_seconds_count", {"tenant": "default"}) == 3
         assert metric(scrape, "softprompt_time_to_first_token_seconds_count",
                       {"tenant": "default"}) == 3
-        # ...and its gauges, pushed a few times a second.
+        # ...and its gauges, pushed a few times a second (so a scrape may show the moment
+        # the last request was still running).
+        def settled(text: str) -> bool:
+            return (metric(text, "softprompt_queue_capacity") == 77
+                    and metric(text, "softprompt_in_flight_requests") == 0)
+
         deadline = time.monotonic() + 5
-        while metric(scrape, "softprompt_queue_capacity") != 77 and time.monotonic() < deadline:
+        while not settled(scrape) and time.monotonic() < deadline:
             time.sleep(0.1)
             scrape = httpx.get(server.url + "/metrics").text
         assert metric(scrape, "softprompt_queue_capacity") == 77
