@@ -5,8 +5,8 @@ child process (server.engine.worker) and this side keeps only the tokenizer, so 
 loop's Python work and the decode loop's no longer share a GIL. Requests, aborts, adapter
 calls and shutdown go down one pipe; results, stream chunks, metric events and gauges come
 back up it (server.engine.wire) to a reader thread, which hands them to each request's event
-loop through its Mailbox. Gauges (/metrics, /readyz) are as of the engine's last report, at
-most server.engine.worker.STATS_PERIOD_S old.
+loop through its Mailbox. Gauges (/metrics) are as of the engine's last report, at most
+server.engine.worker.STATS_PERIOD_S old; readiness (/readyz) at most READY_PERIOD_S.
 
 If the engine process dies, every waiting request fails with a 503 and wait_until_exited()
 returns, so the CLI can exit and let the orchestrator restart the replica.

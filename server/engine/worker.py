@@ -20,6 +20,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -32,7 +33,10 @@ from server.engine.stores import open_store
 
 log = logging.getLogger(__name__)
 
-STATS_PERIOD_S = 0.25  # how stale /metrics gauges and /readyz may be in the HTTP process
+STATS_PERIOD_S = 0.25  # how stale /metrics gauges may be in the HTTP process
+# How stale /readyz may be: readiness pings the store, which for S3 is a LIST request, so not
+# at every report (probes come every few seconds anyway).
+READY_PERIOD_S = 2.0
 
 
 class ForwardingObserver:
@@ -94,6 +98,8 @@ class Worker:
         self.outbox: list[dict[str, Any]] = []
         self.done = asyncio.Event()
         self.shutting_down = False
+        self.ready = False  # the last readiness check...
+        self.ready_at: float | None = None  # ...and when it was made (monotonic)
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -146,8 +152,11 @@ class Worker:
             await asyncio.sleep(STATS_PERIOD_S)
 
     def _snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self.ready_at is None or now - self.ready_at >= READY_PERIOD_S:
+            self.ready, self.ready_at = self.engine.is_ready(), now
         return {"op": "stats", "stats": self.engine.stats(),
-                "tenants": self.engine.tenant_stats(), "ready": self.engine.is_ready()}
+                "tenants": self.engine.tenant_stats(), "ready": self.ready}
 
     # ---- in -----------------------------------------------------------------------------------
 

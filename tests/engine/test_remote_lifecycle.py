@@ -1,6 +1,7 @@
 """RemoteEngine (--engine-process) starting and ending: a full queue, the drain, a dead or
 unloadable engine process (and the torch threads it was given), signals. Each test starts
-an engine process of its own (test_remote_engine.py shares one for the rest)."""
+an engine process of its own (test_remote_engine.py shares one for the rest); the last runs
+the engine process's Worker in this process, to count its store pings."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import asyncio
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from server.engine import ModelLoadError
 from server.engine.errors import EngineNotReadyError, QueueFullError
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
 from server.engine.remote import RemoteEngine
+from server.engine.worker import READY_PERIOD_S, Worker
 from tests.engine.test_engine import RecordingObserver, request
 from tests.engine.test_remote_engine import (
     LONG,
@@ -152,3 +156,32 @@ async def test_a_model_that_cannot_load_reports_model_load_error_from_the_child(
     threads = [line for line in capfd.readouterr().err.splitlines() if "CPU thread(s)" in line]
     assert len(threads) == 1 and "[engine process]" in threads[0], threads
     assert "torch computes with 1 CPU thread(s)" in threads[0], threads
+
+
+# ---- readiness --------------------------------------------------------------------------------
+
+
+def test_readiness_pings_the_store_once_per_ready_period(tiny_model_dirs, tmp_path) -> None:
+    """Every gauge report carries readiness, and readiness pings the store (a LIST request on
+    S3): at 4 reports a second that would be 4 requests a second per replica. The worker
+    checks once per READY_PERIOD_S and repeats the answer in between."""
+    ours, theirs = socket.socketpair()
+    worker = Worker(Connection(theirs.detach()),
+                    remote_settings(tiny_model_dirs["llama"], tmp_path))
+    store = worker.engine.store
+    pings: list[float] = []
+    ping = store.ping
+    store.ping = lambda: (pings.append(time.monotonic()), ping())[1]  # count, then ping
+    worker.engine.start()
+    try:
+        worker.engine.wait_until_ready(60)
+        reports = [worker._snapshot() for _ in range(5)]
+        assert [r["ready"] for r in reports] == [True] * 5
+        assert len(pings) == 1
+        assert worker.ready_at is not None
+        worker.ready_at -= READY_PERIOD_S  # as if the period had passed
+        assert worker._snapshot()["ready"] is True
+        assert len(pings) == 2
+    finally:
+        worker.engine.shutdown(5)
+        ours.close()
