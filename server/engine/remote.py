@@ -73,7 +73,7 @@ class _Pending:
             self.future.set_exception(item)
         elif item.get("op") == "cancelled":
             self.future.cancel()
-        elif item.get("op") in ("error", "reply") and "error" in item:
+        elif "error" in item:  # an "error", or a "reply" carrying one
             self.future.set_exception(wire.error_from_wire(item["error"]))
         else:
             self.future.set_result(item)

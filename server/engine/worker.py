@@ -86,7 +86,6 @@ class Worker:
 
     def __init__(self, conn: Connection, settings: Settings) -> None:
         self.conn = conn
-        self.settings = settings
         self.events = ForwardingObserver()
         self.engine = Engine(settings, open_store(settings.store,
                                                   refresh_s=settings.store_refresh_s),
