@@ -13,6 +13,7 @@ its engine thread:
                                   [--cycles 3] [--max-batch-size 32]
                                   [--max-prefill-tokens 4096] [--prompt-tokens N] [--http]
                                   [--engine-process] [--torch-threads N]
+                                  [--contended-tenant-rows N]
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters_store.local import LocalAdapterStore  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
-from server.engine.fairness import (
-    FifoPolicy,  # noqa: E402
-    RoundRobinPolicy,  # noqa: E402
-)
+from server.engine.fairness import FifoPolicy  # noqa: E402
 from server.engine.interface import GenerationRequest, SamplingParams  # noqa: E402
 
-POLICIES = {"round_robin": RoundRobinPolicy, "fifo": FifoPolicy}
+# round_robin: the engine's default policy, built as the server builds it (with the
+# contended cap of --contended-tenant-rows).
+POLICIES = {"round_robin": None, "fifo": FifoPolicy}
 
 
 PROMPT = "Tweet: I love it. Label:"
@@ -100,7 +100,9 @@ async def measure(send: Send, *, backlog: int, rounds: int,
     workers = [asyncio.create_task(flood_worker()) for _ in range(backlog)]
     alone = 0.0
     if backlog:
-        await asyncio.sleep(0.5)  # A's backlog builds up and its batch fills
+        # A's backlog builds up and its batch fills, and B's idle phase leaves the engine's
+        # window of tenants that count as active (1 s): "alone" means the cap is off.
+        await asyncio.sleep(1.5)
         if a_alone_s:
             before, started = done, time.perf_counter()
             await asyncio.sleep(a_alone_s)
@@ -120,7 +122,7 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
                        max_prefill_tokens: int = 4096, batching: str = "continuous",
                        device: str = "cpu", prompt_tokens: int | None = None,
                        http: bool = False, engine_process: bool = False,
-                       torch_threads: int = 0) -> dict:
+                       torch_threads: int = 0, contended_tenant_rows: int = 0) -> dict:
     """B's latencies idle and under A's flood on one engine; the harness reports this dict.
 
     The idle and loaded phases alternate `cycles` times (`rounds` B rounds each) and the
@@ -128,7 +130,7 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
     rather than in one. `http`: through the real server (a subprocess, two tenants in an
     --api-keys file) and loopback HTTP, the clients in this process; `engine_process`: that
     server with --engine-process. `torch_threads`: the engine's --torch-threads (0: torch's
-    default).
+    default); `contended_tenant_rows`: its --contended-tenant-rows (0: auto).
     """
     if engine_process and not http:
         raise ValueError("--engine-process is a server option: use it with --http")
@@ -143,14 +145,18 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
                 flags=["--max-batch-size", str(max_batch_size), "--max-prefill-tokens",
                        str(max_prefill_tokens), "--max-wait-ms", "5",
                        "--torch-threads", str(torch_threads),
+                       "--contended-tenant-rows", str(contended_tenant_rows),
                        *(["--engine-process"] if engine_process else [])])
         else:
             settings = Settings(store=store, device=device, dtype="auto",  # f32 CPU, bf16 CUDA
                                 max_batch_size=max_batch_size,
                                 max_prefill_tokens=max_prefill_tokens, max_wait_ms=5,
                                 torch_threads=torch_threads,
+                                contended_tenant_rows=contended_tenant_rows,
                                 batching=batching)
-            engine = Engine(settings, LocalAdapterStore(store), policy=POLICIES[policy]())
+            make_policy = POLICIES[policy]
+            engine = Engine(settings, LocalAdapterStore(store),
+                            policy=make_policy() if make_policy is not None else None)
             engine.start()
             engine.wait_until_ready(300)
             try:
@@ -162,6 +168,7 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
     idle_ms, loaded_ms = statistics.median(idle) * 1000, statistics.median(loaded) * 1000
     return {"policy": policy, "batching": batching, "device": device, "http": http,
             "engine_process": engine_process, "torch_threads": torch_threads,
+            "contended_tenant_rows": contended_tenant_rows,
             "backlog_a": backlog,
             "b_concurrent": 5,
             "rounds": rounds, "cycles": cycles,
@@ -274,6 +281,9 @@ async def main() -> None:
                              "process)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="the engine's --torch-threads (default 0: torch's default)")
+    parser.add_argument("--contended-tenant-rows", type=int, default=0,
+                        help="the engine's --contended-tenant-rows (default 0: auto, a quarter "
+                             "of the batch on CPU; 32 or more: no cap)")
     parser.add_argument("--engine-process", action="store_true",
                         help="with --http: the server runs its engine in a child process "
                              "(--engine-process)")
@@ -285,13 +295,15 @@ async def main() -> None:
                            batching=args.batching, device=args.device,
                            prompt_tokens=args.prompt_tokens, http=args.http,
                            engine_process=args.engine_process,
-                           torch_threads=args.torch_threads)
+                           torch_threads=args.torch_threads,
+                           contended_tenant_rows=args.contended_tenant_rows)
     print(f"{'HTTP, ' if args.http else ''}"
           f"{'engine process, ' if args.engine_process else ''}"
           f"{f'{args.torch_threads} torch thread(s), ' if args.torch_threads else ''}"
           f"policy={args.policy} batching={args.batching} backlog(A)={args.backlog} "
           f"B=5 concurrent x {args.rounds} rounds x {args.cycles} cycles, "
           f"max_batch_size={args.max_batch_size}, "
+          f"contended_tenant_rows={args.contended_tenant_rows or 'auto'}, "
           f"{args.new_tokens} new tokens, prompt {args.prompt_tokens or 25} tokens")
     print(f"B median latency idle:         {r['b_idle_ms']['p50']:8.1f} ms")
     print(f"B median latency with A flood: {r['b_loaded_ms']['p50']:8.1f} ms")

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
                                     "between two decode steps, counted padded and with soft "
                                     "prompts; a longer prompt is prefilled in chunks of half "
                                     "this, one per step.")
+    contended_tenant_rows: int = Field(0, ge=0, description="While another tenant has work "
+                                       "(or had some within the last second), the most batch "
+                                       "rows one tenant starts, times its weight; alone, a "
+                                       "tenant may fill the batch. Keeps a flood from slowing "
+                                       "other tenants' tokens where a step's cost grows with "
+                                       "its rows. 0 (auto): a quarter of --max-batch-size on "
+                                       "CPU, no cap on CUDA; --max-batch-size or more: no "
+                                       "cap.")
     engine_process: bool = Field(False, description="Run the model and the scheduler in a "
                                  "child process of their own, so the HTTP server's Python "
                                  "work (parsing, tokenizing, writing responses) does not take "

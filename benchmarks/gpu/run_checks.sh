@@ -8,7 +8,8 @@
 #   STEPS="env parity costs fairness gpu1b" (default; the limits add up to 590 s) or
 #   STEPS="bf16 gpu8b" (550 s); optional: fairlong (fairness with 400-token prompts, 150 s),
 #   fairhttp (fairness through the real server over HTTP, 150 s), fairproc (the same with
-#   --engine-process, 150 s)
+#   --engine-process, 150 s), faircap (fairness with the contended cap CUDA leaves off by
+#   default, --contended-tenant-rows 8: does a GPU need it? 120 s)
 #   QUICK=1 DEVICE=cpu: shrunken runs on the CPU, to try the script itself without a GPU.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -65,6 +66,8 @@ print(\"transformers\", transformers.__version__, \"peft\", peft.__version__, \"
                       "${fair[@]}" --http ;;
         fairproc) step fairproc 150 python3 benchmarks/fairness.py --device "$DEVICE" \
                       "${fair[@]}" --http --engine-process ;;
+        faircap) step faircap 120 python3 -m benchmarks fairness --device "$DEVICE" \
+                      "${fair[@]}" --contended-tenant-rows 8 --json "$OUT/faircap.json" ;;
         fairlong) step fairlong 150 python3 benchmarks/fairness.py --device "$DEVICE" \
                       "${fair[@]}" --prompt-tokens 400 ;;
         gpu1b) step gpu1b 200 python3 -m benchmarks gpu-1b --device "$DEVICE" "${harness[@]}" \

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="B rounds per phase and cycle")
     fair.add_argument("--cycles", type=int, default=3,
                       help="idle and loaded phases alternate this many times")
+    fair.add_argument("--contended-tenant-rows", type=int, default=0,
+                      help="the engine's --contended-tenant-rows (0: auto)")
     return p
 
 
@@ -96,7 +98,8 @@ def _fairness(args: argparse.Namespace) -> dict[str, Any]:
 
     r = asyncio.run(run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
                                  cycles=args.cycles, batching=args.batching,
-                                 device=args.device or "cpu"))
+                                 device=args.device or "cpu",
+                                 contended_tenant_rows=args.contended_tenant_rows))
     env = environment()
     print(f"\nfairness ({args.policy}, {args.batching} batching, {r['device']}): "
           f"{env['date']}, commit {env['commit']}")

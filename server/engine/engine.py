@@ -28,7 +28,7 @@ from server.engine.chat import render_chat
 from server.engine.decoding import unsupported_reason
 from server.engine.detokenizer import DECODE_KWARGS
 from server.engine.errors import EngineNotReadyError, InvalidRequestError, RequestTooLongError
-from server.engine.fairness import BatchPolicy, RoundRobinPolicy
+from server.engine.fairness import BatchPolicy, RoundRobinPolicy, contended_rows
 from server.engine.interface import (
     AdapterUpload,
     GenerationRequest,
@@ -60,7 +60,7 @@ class Engine:
         self.store = store
         self._observer = GuardedObserver(observer or NullObserver())
         self._weight_of: Callable[[str], float] = lambda _tenant: 1.0
-        self._policy = policy or RoundRobinPolicy(weight_of=lambda t: self._weight_of(t))
+        self._policy = policy  # None: the fair default, built once the device is known
         self._loaded: LoadedModel | None = None
         self._cache: PromptCache | None = None
         self._scheduler: Scheduler | None = None
@@ -85,6 +85,7 @@ class Engine:
         try:
             loaded = load_model(self.settings)
             cache = PromptCache(self.settings.prompt_cache_bytes, observer=self._observer)
+            self._policy = self._policy or self._fair_policy(loaded)
             scheduler = Scheduler(
                 loaded, store=self.store, cache=cache, observer=self._observer,
                 max_batch_size=self.settings.max_batch_size,
@@ -106,6 +107,17 @@ class Engine:
             log.error("engine failed to start: %s: %s", type(e).__name__, e, exc_info=True)
         finally:
             self._loaded_event.set()
+
+    def _fair_policy(self, loaded: LoadedModel) -> RoundRobinPolicy:
+        """Built here, not in __init__: the auto contended cap depends on the device."""
+        rows = contended_rows(self.settings.contended_tenant_rows,
+                              self.settings.max_batch_size, loaded.device)
+        if rows is None:
+            log.info("fair scheduling: max-min fair shares, no contended cap")
+        else:
+            log.info("fair scheduling: max-min fair shares; while several tenants have work, "
+                     "one starts at most %d row(s) (--contended-tenant-rows)", rows)
+        return RoundRobinPolicy(weight_of=lambda t: self._weight_of(t), contended_rows=rows)
 
     def _continuous(self, loaded: LoadedModel) -> bool:
         """--batching continuous where the model allows it; otherwise static, and say why."""

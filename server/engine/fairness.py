@@ -14,14 +14,28 @@ as soon as slots free up, so a small tenant never waits for a large tenant's row
 Shares are max-min fair (water-filling): a tenant that needs fewer slots than an equal split
 gets all it needs and the rest is divided among the others, so no slot is left idle. Tenants
 can be weighted (the keys file's "weight"): shares are then in proportion to the weights.
+
+Max-min shares decide who gets a slot, not how long a step takes. On a CPU a step's cost grows
+with its rows and with the prompts prefilled before it, so a tenant that fills every free slot
+slows every other tenant's tokens even when they got all the slots they asked for. Hence the
+optional contended cap: while another tenant has work (or had some within the last
+`active_window_s`, so that a tenant sending rounds of requests is not refilled around between
+two rounds), no tenant starts more than `contended_rows` rows (times its weight). Rows already
+running are left to finish rather than parked for it: moving a long cache costs more than the
+steps it would save. Alone, a tenant may fill the batch.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
+import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 
 class _Queued(Protocol):
@@ -99,16 +113,40 @@ class RoundRobinPolicy:
     asked at every decision, so a reloaded keys file takes effect at once.
     """
 
-    def __init__(self, weight_of: WeightOf = _equal) -> None:
+    def __init__(self, weight_of: WeightOf = _equal, *, contended_rows: int | None = None,
+                 active_window_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.weight_of = weight_of
+        self.contended_rows = contended_rows
+        self.active_window_s = active_window_s
+        self._clock = clock
+        self._last_seen: dict[str, float] = {}  # tenant -> when it last had rows or requests
+
+    def _caps(self, present: set[str]) -> dict[str, int] | None:
+        """Each tenant's row limit while others are active; None when nothing is capped."""
+        now = self._clock()
+        for ns in present:
+            self._last_seen[ns] = now
+        if self.contended_rows is None:
+            return None
+        horizon = now - self.active_window_s
+        self._last_seen = {ns: t for ns, t in self._last_seen.items() if t >= horizon}
+        if len(self._last_seen) < 2:
+            return None
+        return {ns: max(1, math.ceil(self.contended_rows * self.weight_of(ns)))
+                for ns in present}
 
     def select(self, ready: Sequence[T], slots: int, running: Sequence[T] = ()) -> list[T]:
         """Up to `slots` of `ready`: each to the tenant with the fewest rows (running + picked)
-        for its weight."""
+        for its weight, none past its contended cap."""
+        load = Counter(t.namespace for t in running)
+        caps = self._caps({t.namespace for t in ready} | set(load))
         queues: dict[str, deque[T]] = defaultdict(deque)
         for item in sorted(ready, key=lambda t: t.seq):
-            queues[item.namespace].append(item)
-        load = Counter(t.namespace for t in running)
+            queue = queues[item.namespace]
+            if caps is None or load[item.namespace] + len(queue) < caps[item.namespace]:
+                queue.append(item)
+        queues = {ns: queue for ns, queue in queues.items() if queue}
         weights = {ns: self.weight_of(ns) for ns in queues}
         heap = [((load[ns] + 1) / weights[ns], queue[0].seq, ns)
                 for ns, queue in queues.items()]
@@ -131,8 +169,11 @@ class RoundRobinPolicy:
             return []
         run = Counter(t.namespace for t in running)
         wait = Counter(t.namespace for t in waiting)
-        shares = fair_shares({ns: run[ns] + wait[ns] for ns in run | wait}, capacity,
-                             self.weight_of)
+        caps = self._caps(set(run | wait))
+        demand = {ns: run[ns] + wait[ns] for ns in run | wait}
+        if caps is not None:  # nothing is parked for rows select would not start
+            demand = {ns: min(d, max(caps[ns], run[ns])) for ns, d in demand.items()}
+        shares = fair_shares(demand, capacity, self.weight_of)
         owed = sum(min(wait[ns], max(0, shares[ns] - run[ns])) for ns in wait)
         need = owed - (capacity - len(running))
         over = {ns: run[ns] - shares[ns] for ns in run if run[ns] > shares[ns]}
@@ -148,3 +189,17 @@ class RoundRobinPolicy:
                 del over[ns]
             need -= 1
         return victims
+
+
+def contended_rows(setting: int, max_batch_size: int, device: torch.device) -> int | None:
+    """--contended-tenant-rows resolved: None for no cap.
+
+    Auto (0) caps only on CPU: there a step's cost grows with its rows and with the prompts
+    prefilled before it, so a quarter of the batch for a flooding tenant keeps the others'
+    tokens near their idle pace (a third was not enough through HTTP; benchmarks/RESULTS.md).
+    A GPU step costs about the same with 5 rows as with 32, so a cap there would only leave
+    slots idle.
+    """
+    if setting == 0:
+        return math.ceil(max_batch_size / 4) if device.type == "cpu" else None
+    return setting if setting < max_batch_size else None

@@ -107,3 +107,47 @@ async def test_a_heavier_tenant_parks_up_to_its_weighted_share_over_http(model_d
             assert [f["usage"]["completion_tokens"] for f in finals] == [300] * 4
     finally:
         server.stop()
+
+
+async def test_beside_another_tenant_a_flood_runs_a_quarter_of_the_batch_over_http(
+        model_dir, tmp_path):
+    """On a CPU the default --contended-tenant-rows caps a flooding tenant at a quarter of
+    the batch (2 of 8) while another tenant has work: a's six streams run two rows and queue
+    four, though five slots are free, and the tenant gauges show it."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"tenants": [{"name": n, "keys": [k]} for n, k in KEYS.items()]}))
+    server = ServerProcess(model_dir, tmp_path / "store", tmp_path / "server.log",
+                           "--api-keys", str(keys), "--max-batch-size", "8")
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            b_body = {"text": "Hi!", "max_new_tokens": 480, "ignore_eos": True}
+            b_task = asyncio.ensure_future(client.post("/v1/generate", json=b_body,
+                                                       headers=_auth("tenant-b")))
+
+            def gauge(scrape: str, tenant: str, state: str) -> float:
+                return metric(scrape, "softprompt_tenant_requests",
+                              {"tenant": tenant, "state": state})
+
+            async def scrape_until(predicate) -> str:
+                async with asyncio.timeout(30):
+                    while not predicate(scrape := (await client.get("/metrics")).text):
+                        await asyncio.sleep(0.01)
+                return scrape
+
+            await scrape_until(lambda s: gauge(s, "tenant-b", "running") == 1)
+            starts = [asyncio.Event() for _ in range(6)]
+            streams = [asyncio.ensure_future(_stream(client, "abc", s)) for s in starts]
+            await scrape_until(lambda s: gauge(s, "tenant-a", "running") >= 2)
+            await asyncio.sleep(0.3)  # time for more of a's rows to start, were they allowed
+            scrape = (await client.get("/metrics")).text
+            assert gauge(scrape, "tenant-a", "running") == 2, scrape
+            assert gauge(scrape, "tenant-a", "queued") == 4
+            assert not b_task.done()
+            for stream in streams:
+                stream.cancel()
+            b_task.cancel()
+            await asyncio.gather(*streams, b_task, return_exceptions=True)
+        assert "one starts at most 2 row(s)" in server.log()
+    finally:
+        server.stop()

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+import torch
 
-from server.engine.fairness import FifoPolicy, RoundRobinPolicy, fair_shares
+from server.engine.fairness import FifoPolicy, RoundRobinPolicy, contended_rows, fair_shares
 
 
 @dataclass(eq=False)
@@ -134,3 +135,83 @@ def test_weighted_preemption_parks_only_what_is_above_the_weighted_share() -> No
     policy = RoundRobinPolicy(weight_of=lambda t: 3.0 if t == "b" else 1.0)
     assert sorted(t.seq for t in policy.preempt(running, waiting, 32)) == list(range(8, 32))
     assert len(RoundRobinPolicy().preempt(running, waiting, 32)) == 16
+
+
+class Clock:
+    """A hand-moved monotonic clock for the contended window."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _capped(clock: Clock | None = None, **kw) -> RoundRobinPolicy:
+    return RoundRobinPolicy(contended_rows=8, clock=clock or Clock(), **kw)
+
+
+def test_alone_a_tenant_fills_the_batch_whatever_the_cap() -> None:
+    picked = _capped().select([Queued(i, "a") for i in range(100)], 32)
+    assert [t.seq for t in picked] == list(range(32))
+
+
+def test_beside_another_tenant_a_flood_starts_no_more_than_its_cap() -> None:
+    """a's backlog and b's five: b gets all five, a only up to the cap of 8 (counting the
+    rows it already runs), and the rest of the slots stay free."""
+    policy = _capped()
+    picked = policy.select(_backlog(), 32)
+    assert sorted(t.seq for t in picked if t.namespace == "b") == list(range(100, 105))
+    assert [t.seq for t in picked if t.namespace == "a"] == list(range(8))
+    running = [Queued(i, "a") for i in range(6)] + [Queued(100, "b")]
+    picked = policy.select([Queued(50 + i, "a") for i in range(20)], 25, running)
+    assert [t.seq for t in picked] == [50, 51]
+    assert RoundRobinPolicy().select(_backlog(), 32)[-1].namespace == "a"  # no cap: 27 of a
+
+
+def test_the_cap_holds_for_a_second_after_the_other_tenant_was_last_seen() -> None:
+    """b sends rounds with gaps between them: a must not refill the batch in each gap, or
+    b's next round finds it full again. Once b has been gone past the window, a fills it."""
+    clock = Clock()
+    policy = _capped(clock)
+    policy.select([Queued(0, "b")], 32)  # b seen
+    clock.now += 0.9
+    flood = [Queued(10 + i, "a") for i in range(100)]
+    assert len(policy.select(flood, 32)) == 8  # b's round is over, but b was seen 0.9 s ago
+    clock.now += 0.2
+    assert len(policy.select(flood, 32)) == 32
+
+
+def test_the_cap_scales_with_the_tenants_weight() -> None:
+    policy = _capped(weight_of=lambda t: 1.5 if t == "a" else 0.1)
+    picked = policy.select(_backlog(), 32)
+    assert sum(t.namespace == "a" for t in picked) == 12
+    assert sum(t.namespace == "b" for t in picked) == 1  # ceil(0.8): at least one row
+
+
+def test_rows_over_the_cap_are_not_parked_only_what_the_small_tenant_needs() -> None:
+    """a fills the batch alone; when b arrives, a gives up five rows for b's five, not the
+    24 over its cap: those finish in their own time (moving a cache costs more)."""
+    running = [Queued(i, "a") for i in range(32)]
+    waiting = [Queued(100 + i, "a") for i in range(50)] + [Queued(200 + i, "b")
+                                                            for i in range(5)]
+    parked = _capped().preempt(running, waiting, 32)
+    assert sorted(t.seq for t in parked) == list(range(27, 32))
+
+
+def test_nothing_is_parked_for_a_tenant_at_its_cap() -> None:
+    """c holds 24 rows, a its 8: a's queue would be owed 16 by max-min shares, but select
+    would not start them, so parking c's rows for it would only leave slots empty."""
+    running = [Queued(i, "a") for i in range(8)] + [Queued(50 + i, "c") for i in range(24)]
+    waiting = [Queued(100 + i, "a") for i in range(30)]
+    assert _capped().preempt(running, waiting, 32) == []
+    assert len(RoundRobinPolicy().preempt(running, waiting, 32)) == 8
+
+
+@pytest.mark.parametrize(("setting", "device", "expected"), [
+    (0, "cpu", 8), (0, "cuda", None), (5, "cpu", 5), (5, "cuda", 5), (32, "cpu", None),
+    (40, "cpu", None),
+])
+def test_contended_rows_auto_caps_on_cpu_only(setting, device, expected) -> None:
+    assert contended_rows(setting, 32, torch.device(device)) == expected
+    assert contended_rows(0, 2, torch.device("cpu")) == 1

@@ -288,6 +288,40 @@ async def test_a_full_batch_makes_room_for_another_tenant(policy, tiny_model_dir
         await eng.aclose(10)
 
 
+@pytest.mark.parametrize("rows", [0, 8])
+async def test_beside_another_tenant_a_flood_is_held_to_its_contended_cap(
+        rows, tiny_model_dirs, tmp_path) -> None:
+    """--contended-tenant-rows: auto (0) on a CPU is a quarter of the batch, 2 of 8 here.
+    While b has a row running, a's flood runs 2 rows and queues the rest, leaving slots free;
+    8 (the whole batch) turns the cap off and a takes the 7 free slots. Once b has been gone
+    for the window (a second), a fills the batch."""
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=8, max_wait_ms=1,
+                      contended_tenant_rows=rows)
+    tasks: list[asyncio.Future] = []
+    try:
+        b_task = asyncio.ensure_future(eng.generate(_long(eng, "Hi!", "b", 480)))
+        tasks.append(b_task)
+        await until(lambda: eng.tenant_stats().get("b", {}).get("running") == 1)
+        tasks += [asyncio.ensure_future(eng.generate(_long(eng, "abc", "a", 480)))
+                  for _ in range(12)]
+        capped = 2 if rows == 0 else 7
+
+        def a_rows() -> dict[str, int]:
+            return eng.tenant_stats().get("a", {})
+
+        await until(lambda: a_rows().get("running") == capped)
+        await asyncio.sleep(0.2)  # and it stays there, with slots free
+        assert a_rows() == {"running": capped, "queued": 12 - capped}
+        assert eng.tenant_stats()["b"] == {"running": 1, "queued": 0}
+        b_task.cancel()
+        await until(lambda: a_rows().get("running") == 8)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await eng.aclose(10)
+
+
 async def test_a_parked_request_can_be_aborted(tiny_model_dirs, tmp_path) -> None:
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=2, max_wait_ms=50)
     try:
