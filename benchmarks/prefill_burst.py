@@ -51,9 +51,12 @@ def _request(tenant: str, prompt: list[int], new_tokens: int) -> GenerationReque
 async def measure(*, budget: int, burst: int, prompt_tokens: int, device: str) -> dict:
     """B's token gaps (ms) before and during A's burst, and how long the burst took."""
     with tempfile.TemporaryDirectory() as store:
+        # The contended cap is off (64, the batch): on a CPU it would also hold A's burst to
+        # 16 rows while B streams; this measures what the prefill budget alone does.
         settings = Settings(store=store, device=device, dtype="auto", max_batch_size=64,
                             max_wait_ms=5, max_prefill_tokens=budget,
-                            max_input_tokens=max(8192, prompt_tokens))
+                            max_input_tokens=max(8192, prompt_tokens),
+                            contended_tenant_rows=64)
         clock = StepClock()
         engine = Engine(settings, LocalAdapterStore(store), observer=clock)
         engine.start()
