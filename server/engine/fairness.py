@@ -19,10 +19,11 @@ Max-min shares decide who gets a slot, not how long a step takes. On a CPU a ste
 with its rows and with the prompts prefilled before it, so a tenant that fills every free slot
 slows every other tenant's tokens even when they got all the slots they asked for. Hence the
 optional contended cap: while another tenant has work (or had some within the last
-`active_window_s`, so that a tenant sending rounds of requests is not refilled around between
-two rounds), no tenant starts more than `contended_rows` rows (times its weight). Rows already
-running are left to finish rather than parked for it: moving a long cache costs more than the
-steps it would save. Alone, a tenant may fill the batch.
+`active_window_s`, so that a tenant sending rounds of requests does not find the batch
+refilled between two rounds), no tenant starts more than `contended_rows` rows (times its
+weight). Rows already running are left to finish rather than parked for it: parking moves
+their caches, which on a CPU can cost more than the steps it would save. Alone, a tenant may
+fill the batch.
 """
 
 from __future__ import annotations
@@ -124,11 +125,11 @@ class RoundRobinPolicy:
 
     def _caps(self, present: set[str]) -> dict[str, int] | None:
         """Each tenant's row limit while others are active; None when nothing is capped."""
+        if self.contended_rows is None:
+            return None
         now = self._clock()
         for ns in present:
             self._last_seen[ns] = now
-        if self.contended_rows is None:
-            return None
         horizon = now - self.active_window_s
         self._last_seen = {ns: t for ns, t in self._last_seen.items() if t >= horizon}
         if len(self._last_seen) < 2:
@@ -197,8 +198,8 @@ def contended_rows(setting: int, max_batch_size: int, device: torch.device) -> i
     Auto (0) caps only on CPU: there a step's cost grows with its rows and with the prompts
     prefilled before it, so a quarter of the batch for a flooding tenant keeps the others'
     tokens near their idle pace (a third was not enough through HTTP; benchmarks/RESULTS.md).
-    A GPU step costs about the same with 5 rows as with 32, so a cap there would only leave
-    slots idle.
+    A GPU decode step should cost about the same with 5 rows as with 32 (memory-bound), so a
+    cap there would only leave slots idle; unmeasured so far (the GPU script's faircap step).
     """
     if setting == 0:
         return math.ceil(max_batch_size / 4) if device.type == "cpu" else None
