@@ -35,12 +35,18 @@ async def _stream(client: httpx.AsyncClient, text: str, started: asyncio.Event) 
     return final
 
 
-async def test_a_full_batch_makes_room_for_another_tenant_over_http(model_dir, tmp_path):
+def _serve(model_dir, tmp_path, *flags: str) -> ServerProcess:
+    """The real server with tenants a and b (weight 1 each) in its keys file, started."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"tenants": [{"name": n, "keys": [k]} for n, k in KEYS.items()]}))
     server = ServerProcess(model_dir, tmp_path / "store", tmp_path / "server.log",
-                           "--api-keys", str(keys), "--max-batch-size", "2")
+                           "--api-keys", str(keys), *flags)
     server.start()
+    return server
+
+
+async def test_a_full_batch_makes_room_for_another_tenant_over_http(model_dir, tmp_path):
+    server = _serve(model_dir, tmp_path, "--max-batch-size", "2")
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             starts = [asyncio.Event(), asyncio.Event()]
@@ -114,11 +120,7 @@ async def test_beside_another_tenant_a_flood_runs_a_quarter_of_the_batch_over_ht
     """On a CPU the default --contended-tenant-rows caps a flooding tenant at a quarter of
     the batch (2 of 8) while another tenant has work: a's six streams run two rows and queue
     four, though five slots are free, and the tenant gauges show it."""
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"tenants": [{"name": n, "keys": [k]} for n, k in KEYS.items()]}))
-    server = ServerProcess(model_dir, tmp_path / "store", tmp_path / "server.log",
-                           "--api-keys", str(keys), "--max-batch-size", "8")
-    server.start()
+    server = _serve(model_dir, tmp_path, "--max-batch-size", "8")
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             b_body = {"text": "Hi!", "max_new_tokens": 480, "ignore_eos": True}
