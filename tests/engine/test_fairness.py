@@ -191,7 +191,7 @@ def test_the_cap_scales_with_the_tenants_weight() -> None:
 
 def test_rows_over_the_cap_are_not_parked_only_what_the_small_tenant_needs() -> None:
     """a fills the batch alone; when b arrives, a gives up five rows for b's five, not the
-    24 over its cap: those finish in their own time (moving a cache costs more)."""
+    24 over its cap: those finish in their own time (parking would move their caches)."""
     running = [Queued(i, "a") for i in range(32)]
     waiting = [Queued(100 + i, "a") for i in range(50)] + [Queued(200 + i, "b")
                                                             for i in range(5)]
