@@ -322,6 +322,24 @@ async def test_beside_another_tenant_a_flood_is_held_to_its_contended_cap(
         await eng.aclose(10)
 
 
+@pytest.mark.parametrize("rows", [0, 8])
+async def test_a_static_batch_formed_beside_another_tenant_holds_the_cap(
+        rows, tiny_model_dirs, tmp_path) -> None:
+    """Static batching forms its batch through the same policy: b's request and twelve of
+    a's arrive together, and the first batch is b's row and 2 of a's (auto: a quarter of 8),
+    or 8 rows with the cap off. Every request is still answered."""
+    observer = RecordingObserver()
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=8,
+                      max_wait_ms=200, batching="static", contended_tenant_rows=rows)
+    try:
+        requests = [_long(eng, "Hi!", "b", 4)] + [_long(eng, "abc", "a", 4) for _ in range(12)]
+        results = await asyncio.gather(*(eng.generate(r) for r in requests))
+        assert [r.completion_tokens for r in results] == [4] * 13
+        assert observer.batches[0][0] == (3 if rows == 0 else 8), observer.batches
+    finally:
+        await eng.aclose(10)
+
+
 async def test_a_parked_request_can_be_aborted(tiny_model_dirs, tmp_path) -> None:
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=2, max_wait_ms=50)
     try:
