@@ -27,7 +27,8 @@ from adapters_store.errors import (
     UnsafeArchiveError,
 )
 from adapters_store.records import Limits
-from adapters_store.weights import WEIGHTS_NAMES
+from adapters_store.weights import WEIGHTS_NAMES, size_limit
+from adapters_store.zip_directory import directory_too_large, read_zip_directory
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _WANTED = (CONFIG_NAME, *WEIGHTS_NAMES)
@@ -107,7 +108,7 @@ class _Collector:
 
     def read(self, key: tuple[str, str], stream: BinaryIO, declared_size: int,
              count: bool) -> None:
-        cap = self.limits.max_file_bytes
+        cap = size_limit(key[1], self.limits)
         if declared_size > cap:
             raise FileTooLargeError(f"{key[1]} is {declared_size} bytes, above the {cap} limit")
         chunks, total = [], 0
@@ -163,8 +164,11 @@ def _read_tar(src: BinaryIO, limits: Limits, *, gzipped: bool) -> AdapterFiles:
     return collector.result()
 
 
-def _read_zip(src: BinaryIO, limits: Limits) -> AdapterFiles:
+def _read_zip(src: BinaryIO, size: int, limits: Limits) -> AdapterFiles:
     collector = _Collector(limits)
+    # From the end records first: zipfile builds its whole entry list before we could count.
+    if directory_too_large(read_zip_directory(src, size), limits.max_archive_members):
+        raise collector.too_many()
     with zipfile.ZipFile(src) as zf:
         infos = zf.infolist()
         if len(infos) > limits.max_archive_members:
@@ -212,7 +216,7 @@ def read_archive(source: bytes | str | Path, *, archive_name: str,
             )
         try:
             if lower.endswith(".zip"):
-                return _read_zip(src, limits)
+                return _read_zip(src, size, limits)
             return _read_tar(src, limits, gzipped=not lower.endswith(".tar"))
         except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError,
                 ValueError, NotImplementedError, RuntimeError) as e:

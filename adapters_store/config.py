@@ -8,6 +8,7 @@ a JSON parse.
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import dataclass
 
 from adapters_store.errors import (
@@ -23,6 +24,10 @@ from adapters_store.records import Limits, ModelSpec, PeftType, TaskType
 CONFIG_NAME = "adapter_config.json"
 _SUPPORTED_PEFT = ", ".join(t.value for t in PeftType)
 _SUPPORTED_TASKS = ", ".join(t.value for t in TaskType)
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlong = 40
+_SHORT.maxlevel = 2
 
 
 @dataclass(frozen=True)
@@ -42,13 +47,18 @@ class AdapterConfig:
         return self.num_virtual_tokens * self.num_transformer_submodules
 
 
+def shown(value: object) -> str:
+    """A config value for an error message, cut short: a value can be megabytes long."""
+    return _SHORT.repr(value)
+
+
 def _optional_int(raw: dict, key: str) -> int | None:
     value = raw.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigInvalidError(
-            f"{CONFIG_NAME}: {key} must be a positive integer, got {value!r}"
+            f"{CONFIG_NAME}: {key} must be a positive integer, got {shown(value)}"
         )
     return value
 
@@ -64,7 +74,7 @@ def _peft_type(raw: dict) -> PeftType:
         return PeftType(value)
     except ValueError:
         raise UnsupportedAdapterTypeError(
-            f"unsupported adapter type peft_type={value!r}: this server serves soft prompts "
+            f"unsupported adapter type peft_type={shown(value)}: this server serves soft prompts "
             f"only; supported peft_type: {_SUPPORTED_PEFT}"
         ) from None
 
@@ -81,7 +91,7 @@ def _task_type(raw: dict, spec: ModelSpec) -> TaskType:
         task = TaskType(value)
     except ValueError:
         raise UnsupportedAdapterTypeError(
-            f"unsupported task_type={value!r}: supported task types: {_SUPPORTED_TASKS}"
+            f"unsupported task_type={shown(value)}: supported task types: {_SUPPORTED_TASKS}"
         ) from None
     if spec.task_type is not None and task != spec.task_type:
         raise TaskTypeMismatchError(
@@ -94,8 +104,8 @@ def _task_type(raw: dict, spec: ModelSpec) -> TaskType:
 def token_dim_mismatch(found: int, spec: ModelSpec, *, where: str) -> TokenDimMismatchError:
     """The one message for a hidden-size mismatch, wherever it is detected."""
     return TokenDimMismatchError(
-        f"{where} has token_dim {found} but the served model's hidden size is {spec.token_dim}: "
-        "the adapter was trained for another model"
+        f"{where} has token_dim {shown(found)} but the served model's hidden size is "
+        f"{spec.token_dim}: the adapter was trained for another model"
     )
 
 
@@ -122,7 +132,7 @@ def parse_config(data: bytes | None, *, spec: ModelSpec, limits: Limits) -> Adap
     assert num_virtual_tokens is not None
     if num_virtual_tokens > limits.max_virtual_tokens:
         raise TooManyVirtualTokensError(
-            f"num_virtual_tokens is {num_virtual_tokens}, above this server's limit of "
+            f"num_virtual_tokens is {shown(num_virtual_tokens)}, above this server's limit of "
             f"{limits.max_virtual_tokens}: train the adapter with fewer virtual tokens"
         )
     submodules = _optional_int(raw, "num_transformer_submodules")
@@ -131,7 +141,7 @@ def parse_config(data: bytes | None, *, spec: ModelSpec, limits: Limits) -> Adap
     allowed = (1, 2) if task_type == TaskType.SEQ_2_SEQ_LM else (1,)
     if submodules not in allowed:
         raise ConfigInvalidError(
-            f"{CONFIG_NAME}: num_transformer_submodules={submodules} is not valid for "
+            f"{CONFIG_NAME}: num_transformer_submodules={shown(submodules)} is not valid for "
             f"task_type {task_type.value} (expected one of {allowed})"
         )
     token_dim = _optional_int(raw, "token_dim")

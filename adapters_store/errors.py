@@ -33,6 +33,10 @@ class WeightsFormatError(InvalidAdapterError):
     """The weights file cannot be read safely (corrupt, or a pickle that is not plain tensors)."""
 
 
+class TooManyTensorsError(WeightsFormatError):
+    """The weights file holds more tensors than limits.max_tensors; refused before parsing."""
+
+
 class ShapeMismatchError(InvalidAdapterError):
     """The tensor's shape does not match what the config declares."""
 
@@ -63,6 +67,10 @@ class TooManyVirtualTokensError(LimitExceededError):
 
 class FileTooLargeError(LimitExceededError):
     """A file, an archive, or its decompressed contents are above the configured maximum."""
+
+
+class EncoderTooLargeError(LimitExceededError):
+    """A P-tuning encoder would need more than limits.max_encoder_params elements to collapse."""
 
 
 class InvalidAdapterIdError(AdapterStoreError):

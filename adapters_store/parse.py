@@ -8,21 +8,62 @@ written anywhere; the result is a ParsedAdapter ready for an AdapterStore.
 
 ``parse_paths(config_path, weights_path, ...)`` is for uploads spooled to temporary files:
 it checks each file's size before reading it.
+
+Every failure is an InvalidAdapterError whose message starts with the file it is about. The
+checks below are meant to catch everything a user can send; should one slip past them, the
+low-level exception (RuntimeError from torch, ValueError, MemoryError, ...) is still turned
+into a 400 naming the file, with the original chained for the log, never a 500.
 """
 
 from __future__ import annotations
 
+import pickle
+import struct
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from adapters_store.archive import read_archive
-from adapters_store.config import CONFIG_NAME, parse_config
-from adapters_store.errors import ConfigMissingError, TensorMissingError
+from adapters_store.config import CONFIG_NAME, AdapterConfig, parse_config
+from adapters_store.errors import (
+    ConfigInvalidError,
+    ConfigMissingError,
+    FileTooLargeError,
+    InvalidAdapterError,
+    TensorMissingError,
+    UnsafeArchiveError,
+    WeightsFormatError,
+)
 from adapters_store.formats import EXTRACTORS
 from adapters_store.records import Limits, ModelSpec, ParsedAdapter
 from adapters_store.validate import finalize
-from adapters_store.weights import WEIGHTS_NAMES, check_size, read_weights
+from adapters_store.weights import WEIGHTS_NAMES, check_size, read_weights, size_limit
 
 _DEFAULT_LIMITS = Limits()
+# What reading or collapsing bad input can raise from below this package. Not a bare
+# Exception: a bug in this package should still surface as one.
+_LOW_LEVEL = (ArithmeticError, LookupError, MemoryError, RuntimeError, TypeError, ValueError,
+              EOFError, struct.error, zipfile.BadZipFile, pickle.UnpicklingError)
+
+
+@contextmanager
+def _about(name: str, unexpected: type[InvalidAdapterError]) -> Iterator[None]:
+    """Name the file in every failure; turn a low-level exception into `unexpected`."""
+    try:
+        yield
+    except InvalidAdapterError as e:
+        if name in str(e):
+            raise
+        raise type(e)(f"{name}: {e}") from e
+    except MemoryError as e:
+        raise FileTooLargeError(
+            f"{name}: reading it needs more memory than this server has free"
+        ) from e
+    except _LOW_LEVEL as e:
+        raise unexpected(
+            f"{name} could not be read as an adapter ({type(e).__name__}: {str(e)[:300]})"
+        ) from e
 
 
 def _missing_weights() -> TensorMissingError:
@@ -32,17 +73,22 @@ def _missing_weights() -> TensorMissingError:
     )
 
 
+def _config(config: bytes | None, spec: ModelSpec, limits: Limits) -> AdapterConfig:
+    if config is None:
+        return parse_config(None, spec=spec, limits=limits)  # the "missing" error, unprefixed
+    with _about(CONFIG_NAME, ConfigInvalidError):
+        check_size(CONFIG_NAME, len(config), limits)
+        return parse_config(config, spec=spec, limits=limits)
+
+
 def _parse(config: bytes | None, weights: bytes | None, weights_name: str | None,
            spec: ModelSpec, limits: Limits) -> ParsedAdapter:
-    if config is not None:
-        check_size(CONFIG_NAME, len(config), limits)
-    if weights is not None:
-        check_size(weights_name or "weights", len(weights), limits)
-    cfg = parse_config(config, spec=spec, limits=limits)
+    cfg = _config(config, spec, limits)
     if weights is None or weights_name is None:
         raise _missing_weights()
-    tensors = read_weights(weights, weights_name=weights_name, limits=limits)
-    table = finalize(EXTRACTORS[cfg.peft_type](tensors, cfg, spec.token_dim))
+    with _about(weights_name, WeightsFormatError):
+        tensors = read_weights(weights, weights_name=weights_name, limits=limits)
+        table = finalize(EXTRACTORS[cfg.peft_type](tensors, cfg, spec.token_dim, limits=limits))
     assert config is not None
     return ParsedAdapter(
         peft_type=cfg.peft_type,
@@ -68,7 +114,7 @@ def parse_files(*, config: bytes | None, weights: bytes | None, weights_name: st
 def _read_limited(path: Path, name: str, limits: Limits) -> bytes:
     check_size(name, path.stat().st_size, limits)
     with open(path, "rb") as f:
-        data = f.read(limits.max_file_bytes + 1)  # the file may have grown since stat
+        data = f.read(size_limit(name, limits) + 1)  # the file may have grown since stat
     check_size(name, len(data), limits)
     return data
 
@@ -87,7 +133,7 @@ def parse_paths(config_path: str | Path | None, weights_path: str | Path | None,
         return _parse(config, None, None, spec, limits)
     weights_name = weights_name or Path(weights_path).name
     # Config first: a bad config is rejected before a large weights file is read.
-    parse_config(config, spec=spec, limits=limits)
+    _config(config, spec, limits)
     weights = _read_limited(Path(weights_path), weights_name, limits)
     return _parse(config, weights, weights_name, spec, limits)
 
@@ -113,7 +159,8 @@ def parse_directory(path: str | Path, *, spec: ModelSpec,
 def parse_archive(source: bytes | str | Path, *, archive_name: str, spec: ModelSpec,
                   limits: Limits = _DEFAULT_LIMITS) -> ParsedAdapter:
     """Parse a .tar.gz/.tgz/.tar/.zip of an adapter directory (top level or one folder deep)."""
-    files = read_archive(source, archive_name=archive_name, limits=limits)
+    with _about(archive_name, UnsafeArchiveError):
+        files = read_archive(source, archive_name=archive_name, limits=limits)
     if files.config is None:
         raise ConfigMissingError(
             f"{CONFIG_NAME} is missing from the archive: put it at the archive's top level "

@@ -26,7 +26,8 @@ class TaskType(StrEnum):
 
 def validate_adapter_id(value: str, *, what: str = "adapter id") -> str:
     """Reject ids that could escape a directory or a URL path; used for namespaces too."""
-    if not isinstance(value, str) or not _ADAPTER_ID_RE.match(value):
+    # fullmatch: with match, `$` also matches before a final newline ("id\n" would pass).
+    if not isinstance(value, str) or not _ADAPTER_ID_RE.fullmatch(value):
         raise InvalidAdapterIdError(
             f"invalid {what} {value!r}: must match {ADAPTER_ID_PATTERN} "
             "(1-128 characters: letters, digits, '.', '_', '-'; starting with a letter or digit)"
@@ -50,6 +51,16 @@ class Limits:
     max_file_bytes: int = 64 * 1024 * 1024
     max_archive_members: int = 16
     max_decompressed_bytes: int = 128 * 1024 * 1024
+    # adapter_config.json is stored verbatim and counts against the tenant's storage: PEFT
+    # writes about 1 KiB.
+    max_config_bytes: int = 64 * 1024
+    # A saved adapter holds one tensor and a P-tuning encoder checkpoint about ten; the cap is
+    # checked against the file's own index before the file is parsed.
+    max_tensors: int = 64
+    # Elements of a P-tuning encoder's weights plus the activations of collapsing it, checked
+    # before anything is allocated. An MLP encoder for a 4096-wide model with
+    # encoder_hidden_size 4096 has about 50M; 128M admits it with room to spare.
+    max_encoder_params: int = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,9 @@ class AdapterRecord:
     sha256: str  # of the stored safetensors file's bytes
     size_bytes: int  # of the stored safetensors file
     created_at: str  # ISO 8601 UTC, e.g. 2026-11-23T10:00:00.123456Z
+    # Everything written for this version: the embeddings file, the uploaded config verbatim
+    # and this record; what the tenant's storage quota counts. 0: not known yet.
+    stored_bytes: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -91,6 +105,7 @@ class AdapterRecord:
             "sha256": self.sha256,
             "size_bytes": self.size_bytes,
             "created_at": self.created_at,
+            "stored_bytes": self.stored_bytes,
         }
 
     @classmethod
@@ -105,6 +120,8 @@ class AdapterRecord:
             sha256=data["sha256"],
             size_bytes=int(data["size_bytes"]),
             created_at=data["created_at"],
+            # Records written before stored_bytes existed: their embeddings file at least.
+            stored_bytes=int(data.get("stored_bytes", data["size_bytes"])),
         )
 
 

@@ -4,7 +4,9 @@ differs between backends (local.py, s3.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from datetime import UTC, datetime
 
 import torch
@@ -36,7 +38,18 @@ def encode(namespace: str, adapter_id: str, adapter: ParsedAdapter) -> tuple[byt
         task_type=adapter.task_type, num_virtual_tokens=adapter.num_virtual_tokens,
         token_dim=adapter.token_dim, sha256=hashlib.sha256(data).hexdigest(),
         size_bytes=len(data), created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
-    return data, record
+    return data, _with_stored_bytes(record, len(data) + len(adapter.config_bytes))
+
+
+def _with_stored_bytes(record: AdapterRecord, files: int) -> AdapterRecord:
+    """The record with stored_bytes = files + the record's own JSON, which holds that number
+    (two rounds settle it: the count's digits change at most once)."""
+    for _ in range(3):
+        size = files + len(json.dumps(record.to_dict()).encode())
+        if size == record.stored_bytes:
+            break
+        record = dataclasses.replace(record, stored_bytes=size)
+    return record
 
 
 def decode(record: AdapterRecord, data: bytes, *, verify: bool) -> StoredAdapter:

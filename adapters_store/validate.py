@@ -21,9 +21,9 @@ def check_float(tensor: torch.Tensor, name: str) -> None:
         )
 
 
-def check_table(tensor: torch.Tensor, config: AdapterConfig, token_dim: int, *,
-                name: str) -> torch.Tensor:
-    """Check a [total_virtual_tokens, token_dim] table; returns it as float32.
+def check_table_shape(tensor: torch.Tensor, config: AdapterConfig, token_dim: int, *,
+                      name: str) -> None:
+    """Check a [total_virtual_tokens, token_dim] table without touching its data.
 
     The caller has already checked that token_dim is the served model's hidden size.
     """
@@ -42,6 +42,12 @@ def check_table(tensor: torch.Tensor, config: AdapterConfig, token_dim: int, *,
             f"{config.num_virtual_tokens} x num_transformer_submodules="
             f"{config.num_transformer_submodules} = {config.total_virtual_tokens}"
         )
+
+
+def check_table(tensor: torch.Tensor, config: AdapterConfig, token_dim: int, *,
+                name: str) -> torch.Tensor:
+    """Check a [total_virtual_tokens, token_dim] table; returns it as float32."""
+    check_table_shape(tensor, config, token_dim, name=name)
     return tensor.to(torch.float32)
 
 

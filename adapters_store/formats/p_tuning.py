@@ -4,150 +4,80 @@ The encoder runs exactly as PEFT's PromptEncoder does in save_pretrained: the em
 over all ``num_virtual_tokens * num_transformer_submodules`` indices, then either
 MLP (Linear -> ReLU -> Linear -> ReLU -> Linear) or a bidirectional, batch-first LSTM over
 that whole sequence followed by Linear -> ReLU -> Linear on its ``2 * hidden`` output.
-Sizes come from the tensor shapes and are cross-checked with the config. Collapsing leaves the
-server one ``[rows, token_dim]`` table per tenant instead of a network to run.
+Sizes come from the tensor shapes and are cross-checked with the config, and the cost of the
+run with the limits, before anything runs (p_tuning_plan). Collapsing leaves the server one
+``[rows, token_dim]`` table per tenant instead of a network to run.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from adapters_store.config import AdapterConfig
-from adapters_store.errors import (
-    ShapeMismatchError,
-    TensorMissingError,
-    UnsupportedAdapterTypeError,
-)
+from adapters_store.errors import NonFiniteValuesError, TensorMissingError
 from adapters_store.formats.keys import EMBEDDING_KEY, describe_keys, find_encoder, find_saved
-from adapters_store.validate import check_float, check_table
+from adapters_store.formats.p_tuning_plan import EncoderKind, EncoderPlan, plan_encoder
+from adapters_store.records import Limits
+from adapters_store.validate import check_float, check_table, check_table_shape
 
-REPARAM_TYPES = ("MLP", "LSTM")
-_LSTM_KEY_RE = re.compile(r"^lstm_head\.(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 
-
-def _param(params: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 copy of one encoder parameter, after checking it exists and has `shape`."""
-    if key not in params:
-        raise TensorMissingError(
-            f"P-tuning encoder checkpoint lacks {key!r} (found: {describe_keys(params)})"
-        )
+def _float32(params: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    """A float32 copy of one encoder parameter whose shape the plan has checked."""
     tensor = params[key]
     check_float(tensor, key)
-    if tuple(tensor.shape) != shape:
-        raise ShapeMismatchError(
-            f"P-tuning encoder parameter {key!r} has shape {list(tensor.shape)}, "
-            f"expected {list(shape)} from the other encoder tensors"
+    tensor = tensor.to(torch.float32)
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteValuesError(
+            f"P-tuning encoder parameter {key!r} contains NaN or infinite values: the "
+            "checkpoint is broken (check training for divergence)"
         )
-    return tensor.to(torch.float32)
+    return tensor
 
 
-def _check_hidden(config: AdapterConfig, hidden: int) -> None:
-    declared = config.raw.get("encoder_hidden_size")
-    if isinstance(declared, int) and declared != hidden:
-        raise ShapeMismatchError(
-            f"encoder_hidden_size is {declared} in adapter_config.json but the encoder "
-            f"tensors have hidden size {hidden}"
-        )
-
-
-def _run_mlp(params: Mapping[str, torch.Tensor], x: torch.Tensor,
-             config: AdapterConfig) -> torch.Tensor:
-    dim = x.shape[1]
-    hidden = params["mlp_head.0.weight"].shape[0] if "mlp_head.0.weight" in params else 0
-    _check_hidden(config, hidden)
-    x = F.relu(F.linear(x, _param(params, "mlp_head.0.weight", (hidden, dim)),
-                        _param(params, "mlp_head.0.bias", (hidden,))))
-    x = F.relu(F.linear(x, _param(params, "mlp_head.2.weight", (hidden, hidden)),
-                        _param(params, "mlp_head.2.bias", (hidden,))))
-    return F.linear(x, _param(params, "mlp_head.4.weight", (dim, hidden)),
-                    _param(params, "mlp_head.4.bias", (dim,)))
+def _run_mlp(params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    w = {key: _float32(params, key) for key in (
+        "mlp_head.0.weight", "mlp_head.0.bias", "mlp_head.2.weight", "mlp_head.2.bias",
+        "mlp_head.4.weight", "mlp_head.4.bias")}
+    x = F.relu(F.linear(x, w["mlp_head.0.weight"], w["mlp_head.0.bias"]))
+    x = F.relu(F.linear(x, w["mlp_head.2.weight"], w["mlp_head.2.bias"]))
+    return F.linear(x, w["mlp_head.4.weight"], w["mlp_head.4.bias"])
 
 
 def _run_lstm(params: Mapping[str, torch.Tensor], x: torch.Tensor,
-              config: AdapterConfig) -> torch.Tensor:
-    dim = x.shape[1]
-    layers = set()
-    for key in params:
-        if key.startswith("lstm_head."):
-            match = _LSTM_KEY_RE.match(key)
-            if match is None:
-                raise UnsupportedAdapterTypeError(
-                    f"P-tuning LSTM parameter {key!r} is not supported (only PEFT's "
-                    "bidirectional LSTM with biases and no projection)"
-                )
-            layers.add(int(match[3]))
-    num_layers = len(layers)
-    if layers != set(range(num_layers)):
-        raise TensorMissingError(f"P-tuning LSTM layers are not contiguous: {sorted(layers)}")
-    declared = config.raw.get("encoder_num_layers")
-    if isinstance(declared, int) and declared != num_layers:
-        raise ShapeMismatchError(
-            f"encoder_num_layers is {declared} in adapter_config.json but the checkpoint "
-            f"holds {num_layers} LSTM layers"
-        )
-    hh = params.get("lstm_head.weight_hh_l0")
-    hidden = hh.shape[-1] if hh is not None and hh.dim() == 2 else 0
-    _check_hidden(config, hidden)
-    state = {}
-    for layer in range(num_layers):
-        in_dim = dim if layer == 0 else 2 * hidden
-        for suffix in ("", "_reverse"):
-            for name, shape in (("weight_ih", (4 * hidden, in_dim)),
-                                ("weight_hh", (4 * hidden, hidden)),
-                                ("bias_ih", (4 * hidden,)), ("bias_hh", (4 * hidden,))):
-                key = f"{name}_l{layer}{suffix}"
-                state[key] = _param(params, f"lstm_head.{key}", shape)
+              plan: EncoderPlan) -> torch.Tensor:
+    state = {key.removeprefix("lstm_head."): _float32(params, key)
+             for key in plan.shapes if key.startswith("lstm_head.")}
+    head = {key: _float32(params, key) for key in plan.shapes if key.startswith("mlp_head.")}
     # Built on the meta device so no random init runs (and the global RNG is left alone),
     # then the checkpoint's tensors are assigned in.
-    lstm = torch.nn.LSTM(dim, hidden, num_layers=num_layers, bidirectional=True,
-                         batch_first=True, device="meta")
+    lstm = torch.nn.LSTM(x.shape[1], plan.hidden, num_layers=plan.num_layers,
+                         bidirectional=True, batch_first=True, device="meta")
     lstm.load_state_dict(state, assign=True)
     lstm.eval()
     out = lstm(x.unsqueeze(0))[0][0]  # [rows, 2 * hidden]
-    out = F.relu(F.linear(out, _param(params, "mlp_head.0.weight", (2 * hidden, 2 * hidden)),
-                          _param(params, "mlp_head.0.bias", (2 * hidden,))))
-    return F.linear(out, _param(params, "mlp_head.2.weight", (dim, 2 * hidden)),
-                    _param(params, "mlp_head.2.bias", (dim,)))
-
-
-def _reparam_type(config: AdapterConfig, params: Mapping[str, torch.Tensor]) -> str:
-    has_lstm = any(k.startswith("lstm_head.") for k in params)
-    found = "LSTM" if has_lstm else "MLP"
-    declared = config.raw.get("encoder_reparameterization_type")
-    if declared is None:
-        return found
-    if declared not in REPARAM_TYPES:
-        raise UnsupportedAdapterTypeError(
-            f"encoder_reparameterization_type {declared!r} is not supported: "
-            f"supported: {', '.join(REPARAM_TYPES)}"
-        )
-    if declared != found:
-        raise ShapeMismatchError(
-            f"adapter_config.json says encoder_reparameterization_type={declared} but the "
-            f"checkpoint holds an {found} encoder"
-        )
-    return found
+    out = F.relu(F.linear(out, head["mlp_head.0.weight"], head["mlp_head.0.bias"]))
+    return F.linear(out, head["mlp_head.2.weight"], head["mlp_head.2.bias"])
 
 
 def collapse_encoder(params: Mapping[str, torch.Tensor], config: AdapterConfig,
-                     token_dim: int) -> torch.Tensor:
+                     token_dim: int, *, limits: Limits) -> torch.Tensor:
     """Run a raw P-tuning encoder once; returns [total_virtual_tokens, token_dim] float32."""
-    table = check_table(params[EMBEDDING_KEY], config, token_dim, name=EMBEDDING_KEY)
-    kind = _reparam_type(config, params)
+    check_table_shape(params[EMBEDDING_KEY], config, token_dim, name=EMBEDDING_KEY)
+    plan = plan_encoder(params, config, token_dim, limits=limits)
+    table = _float32(params, EMBEDDING_KEY)  # [rows, token_dim]
     with torch.inference_mode():
-        if kind == "LSTM":
-            out = _run_lstm(params, table, config)
+        if plan.kind == EncoderKind.LSTM:
+            out = _run_lstm(params, table, plan)
         else:
-            out = _run_mlp(params, table, config)
+            out = _run_mlp(params, table)
     return out.contiguous()
 
 
-def extract(tensors: Mapping[str, torch.Tensor], config: AdapterConfig,
-            token_dim: int) -> torch.Tensor:
+def extract(tensors: Mapping[str, torch.Tensor], config: AdapterConfig, token_dim: int, *,
+            limits: Limits) -> torch.Tensor:
     """The virtual-token table of a P_TUNING adapter (not yet checked for finiteness)."""
     saved = find_saved(tensors)
     if saved is not None:
@@ -164,4 +94,4 @@ def extract(tensors: Mapping[str, torch.Tensor], config: AdapterConfig,
             "the P-tuning checkpoint has an embedding table but no encoder (mlp_head.* or "
             "lstm_head.*): upload the adapter_model file written by PEFT's save_pretrained"
         )
-    return collapse_encoder(params, config, token_dim)
+    return collapse_encoder(params, config, token_dim, limits=limits)

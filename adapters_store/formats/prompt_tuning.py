@@ -13,11 +13,12 @@ import torch
 from adapters_store.config import AdapterConfig
 from adapters_store.errors import ConfigInvalidError, TensorMissingError
 from adapters_store.formats.keys import EMBEDDING_KEY, describe_keys, find_encoder, find_saved
+from adapters_store.records import Limits
 from adapters_store.validate import check_table
 
 
-def extract(tensors: Mapping[str, torch.Tensor], config: AdapterConfig,
-            token_dim: int) -> torch.Tensor:
+def extract(tensors: Mapping[str, torch.Tensor], config: AdapterConfig, token_dim: int, *,
+            limits: Limits) -> torch.Tensor:
     """The virtual-token table of a PROMPT_TUNING adapter (not yet checked for finiteness)."""
     saved = find_saved(tensors)
     if saved is not None:

@@ -216,3 +216,12 @@ def test_count_matches_list_without_reading_records(tmp_path):
     store.delete("t1", "b")
     assert store.count() == len(store.list()) == 2
     assert store.count("t1") == 1 and store.count("nobody") == 0
+
+
+def test_stored_bytes_counts_every_file_written(store, tmp_path):
+    """What the storage quota counts: embeddings, the config verbatim and the record itself."""
+    parsed = replace(make_parsed(), config_bytes=b"{" + b" " * 5000 + b"}")
+    record = store.put("acme", "padded", parsed)
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "store").rglob("*") if p.is_file())
+    assert record.stored_bytes > record.size_bytes + 5000
+    assert record.stored_bytes == on_disk
