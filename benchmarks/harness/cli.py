@@ -33,8 +33,9 @@ LABELS = {"engine": "engine (in process)", "http": "HTTP server, concurrent clie
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("workload", choices=[*WORKLOADS, *SCENARIOS, "list"],
-                   help="what to run; 'list' prints the workloads")
+    p.add_argument("workload", choices=[*WORKLOADS, *SCENARIOS, "soak", "list"],
+                   help="what to run; 'list' prints the workloads; 'soak' has options of its "
+                        "own (python -m benchmarks soak --help)")
     p.add_argument("--modes", default="engine,http",
                    help="server systems to measure: engine, http or both (default both)")
     p.add_argument("--baselines", default=None,
@@ -78,12 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["soak"]:  # the real server over time, not measured against baselines
+        from benchmarks.soak import main as soak
+
+        return soak(argv[1:])
     args = build_parser().parse_args(argv)
     if args.workload == "list":
         for w in WORKLOADS.values():
             print(f"{w.name:<15} {w.description}")
         print(f"{'fairness':<15} tenant A keeps 200 requests queued, tenant B sends 5 at a time: "
               "B's median latency against an idle server (builtin:tiny, engine in process)")
+        print(f"{'soak':<15} the real server for --minutes N under mixed multi-tenant load "
+              "with adapter churn and disconnects: 5xx, latency over time, RSS growth")
         return 0
     out = args.json or Path(__file__).resolve().parents[1] / "results" / f"{args.workload}.json"
     result = _fairness(args) if args.workload == "fairness" else _workload(args)
