@@ -88,9 +88,20 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(8192, ge=1, description="Largest tokenized prompt accepted.")
     max_virtual_tokens: int = Field(512, ge=1, description="Largest num_virtual_tokens accepted.")
     max_upload_bytes: int = Field(64 << 20, ge=1, description="Largest upload file accepted.")
+    max_encoder_params: int = Field(128 << 20, ge=1, description="Largest P-tuning encoder "
+                                    "collapsed at upload: elements of its weights plus the "
+                                    "activations of running it (413 beyond).")
     max_request_body_bytes: int = Field(8 << 20, ge=1024, description="Largest JSON body "
                                          "accepted by generate and the OpenAI routes (413 "
                                          "beyond; counted while it streams in).")
+    request_body_timeout_s: float = Field(60.0, gt=0, description="Longest a request's body "
+                                          "may take to arrive, from its first byte to its "
+                                          "last (408 beyond): a client that trickles or "
+                                          "stalls its body cannot hold a connection open.")
+    max_concurrent_uploads: int = Field(2, ge=1, description="Uploads parsed and validated "
+                                        "at once (each may hold an adapter's tensors in "
+                                        "memory); more wait up to 30 s for a turn, then get "
+                                        "429.")
     max_upload_parts: int = Field(8, ge=2, le=64,
                                   description="Most multipart parts in one adapter upload.")
     max_stop_strings: int = Field(16, ge=0, le=256,

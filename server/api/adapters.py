@@ -40,7 +40,7 @@ _UPLOAD_BODY = {
 
 
 def check_adapter_id(adapter_id: str) -> str:
-    if not _ID_RE.match(adapter_id):
+    if not _ID_RE.fullmatch(adapter_id):
         raise InvalidAdapterIdError(f"invalid adapter id {adapter_id!r}: must match "
                                     f"{ADAPTER_ID_PATTERN}")
     return adapter_id
@@ -72,14 +72,14 @@ async def _add_within_quota(engine: EngineClient, namespace: str, adapter_id: st
     records = await engine.list_adapters(namespace)
     others = [r for r in records if r.adapter_id != adapter_id]
     replacing = overwrite and len(others) < len(records)
-    stored = sum(r.size_bytes for r in others)
+    stored = sum(r.stored_bytes or r.size_bytes for r in others)
     estimate = sum(f.size for f in spooled.files.values())
     check_storage(quotas, count=len(others), stored_bytes=stored,
                   new_bytes=estimate if replacing else 0, replacing=replacing)
     record = await engine.add_adapter(namespace, adapter_id, upload, overwrite=overwrite)
     try:
         check_storage(quotas, count=len(others), stored_bytes=stored,
-                      new_bytes=record.size_bytes, replacing=True)
+                      new_bytes=record.stored_bytes or record.size_bytes, replacing=True)
     except StorageQuotaError:
         if not replacing:  # a replaced adapter's old version is gone; keep the new one
             await engine.delete_adapter(namespace, adapter_id)

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from server.api import adapters, generate, health, openai_routes
 from server.api.auth import KeyRing
 from server.api.body_limit import BodyLimit
+from server.api.body_timeout import BodyTimeout
 from server.api.drain import DrainGate
 from server.api.edge import EdgeMiddleware
 from server.api.errors import install_error_handlers
@@ -74,6 +75,7 @@ def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics 
         log.warning("no --api-keys: single-tenant mode, every request is tenant 'default' "
                     "and needs no key")
     install_error_handlers(app)
+    app.add_middleware(BodyTimeout)  # innermost: every route's body, uploads included
     app.add_middleware(BodyLimit)  # inside the drain gate: a draining replica reads nothing
     app.add_middleware(DrainGate)  # inside the edge: refusals are logged and counted
     app.add_middleware(EdgeMiddleware, metrics=metrics)

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine import InvalidRequestError as EngineInvalidRequestError
 from server.engine.errors import (
+    AdapterChangedError,
     AdapterExistsError,
     AdapterNotFoundError,
     AdapterStoreError,
@@ -106,6 +107,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     QueueFullError: ErrorKind(429, "queue_full"),
     RequestTooLongError: ErrorKind(422, "request_too_long"),
     EngineInvalidRequestError: ErrorKind(422, "validation_error"),
+    AdapterChangedError: ErrorKind(409, "adapter_changed"),
     GenerationError: ErrorKind(500, "generation_error"),
     EngineError: ErrorKind(500, "engine_error"),
 }

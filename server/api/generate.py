@@ -53,16 +53,18 @@ def _stream_doc() -> dict:
     }
 
 
-def _to_engine_request(body: GenerateRequest, *, engine: EngineClient, settings: Settings,
-                       namespace: str, quotas: Quotas) -> GenerationRequest:
+async def _to_engine_request(body: GenerateRequest, *, engine: EngineClient,
+                             settings: Settings, namespace: str,
+                             quotas: Quotas) -> GenerationRequest:
     """The edge's checks (limits that depend on settings and the tenant's quotas) and
     tokenization, done once (submission.py: the same for the OpenAI routes)."""
     params = SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                             top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                             stop=tuple(body.stop), ignore_eos=body.ignore_eos)
-    check_params(params, settings=settings, quotas=quotas)
-    prompt_ids = tokenize_text(engine, body.text, quotas=quotas,
-                               max_new_tokens=body.max_new_tokens)
+    check_params(params, settings=settings, quotas=quotas,
+                 vocab_size=engine.model_info.vocab_size)
+    prompt_ids = await tokenize_text(engine, body.text, quotas=quotas,
+                                     max_new_tokens=body.max_new_tokens)
     return to_engine_request(prompt_ids, adapter_id=body.adapter_id, namespace=namespace,
                              params=params)
 
@@ -77,7 +79,7 @@ async def generate(
     namespace: TenantDep,
 ) -> Any:
     _, quotas = quotas_for(request, namespace)
-    engine_request = _to_engine_request(body, engine=engine, settings=settings,
+    engine_request = await _to_engine_request(body, engine=engine, settings=settings,
                                         namespace=namespace, quotas=quotas)
     lease = admit(request, namespace, quotas, engine_request, stream=body.stream)
     headers = {"X-Request-Id": engine_request.request_id}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
@@ -41,7 +42,20 @@ _STATS_GAUGES = {
 }
 # Covered by the observer's counters (or aliases of a gauge above): not exported twice.
 _STATS_SKIP = frozenset({"cache_resident_bytes", "cache_hits", "cache_misses", "cache_evictions"})
-_NAME_OK = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_NAME_OK = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# Label values come from closed sets: a client chooses its method name and path, and every
+# distinct value would be a new series kept for the life of the process.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_STATUSES = frozenset(int(s) for s in HTTPStatus) | {499}  # 499: the client went away
+OTHER = "other"
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else OTHER
+
+
+def status_label(status: int) -> str:
+    return str(status) if status in _STATUSES else OTHER
 
 
 class EngineStatsCollector(Collector):
@@ -56,7 +70,7 @@ class EngineStatsCollector(Collector):
         for key, (name, doc) in _STATS_GAUGES.items():
             yield GaugeMetricFamily(PREFIX + name, doc, value=float(stats.pop(key, 0.0)))
         for key, value in sorted(stats.items()):
-            if key not in _STATS_SKIP and _NAME_OK.match(key):
+            if key not in _STATS_SKIP and _NAME_OK.fullmatch(key):
                 yield GaugeMetricFamily(f"{PREFIX}engine_{key}", f"engine.stats()[{key!r}]",
                                         value=float(value))
         tenant_stats = getattr(self._engine, "tenant_stats", None)
@@ -142,8 +156,9 @@ class ApiMetrics:
 
     def observe_request(self, *, endpoint: str, method: str, status: int, seconds: float,
                         tenant: str = "unauthenticated") -> None:
-        self.requests.labels(endpoint=endpoint, method=method, status=str(status),
-                             tenant=tenant).inc()
+        """`endpoint` is a route's path template or "unmatched", never the raw path."""
+        self.requests.labels(endpoint=endpoint, method=method_label(method),
+                             status=status_label(status), tenant=tenant).inc()
         self.request_duration.labels(endpoint=endpoint).observe(seconds)
 
     def observe_result(self, result: GenerationResult, *, tenant: str = "default") -> None:

@@ -117,9 +117,10 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     adapter_id = adapter_for(body.model, engine)
     _, quotas = quotas_for(request, namespace)
     params = _params(body, body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS)
-    check_params(params, settings=settings, quotas=quotas)
-    prompt_ids = tokenize_text(engine, text, quotas=quotas,
-                               max_new_tokens=params.max_new_tokens)
+    check_params(params, settings=settings, quotas=quotas,
+                 vocab_size=engine.model_info.vocab_size)
+    prompt_ids = await tokenize_text(engine, text, quotas=quotas,
+                                     max_new_tokens=params.max_new_tokens)
     return await _submit(request, engine, body, CompletionFormat, prompt_ids, adapter_id=adapter_id,
                          namespace=namespace, params=params, quotas=quotas, metrics=metrics)
 
@@ -167,12 +168,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     adapter_id = adapter_for(body.model, engine)
     _, quotas = quotas_for(request, namespace)
     params = _params(body, _chat_max_tokens(body, quotas.max_new_tokens))
-    check_params(params, settings=settings, quotas=quotas)
+    check_params(params, settings=settings, quotas=quotas,
+                 vocab_size=engine.model_info.vocab_size)
     messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
                 for m in body.messages]
-    prompt_ids = tokenize_within(lambda: engine.apply_chat_template(messages),
-                                 chars=sum(len(m["content"]) for m in messages),
-                                 quotas=quotas, max_new_tokens=params.max_new_tokens)
+    prompt_ids = await tokenize_within(lambda: engine.apply_chat_template(messages),
+                                       chars=sum(len(m["content"]) for m in messages),
+                                       items=len(messages), quotas=quotas,
+                                       max_new_tokens=params.max_new_tokens)
     return await _submit(request, engine, body, ChatFormat, prompt_ids, adapter_id=adapter_id,
                          namespace=namespace, params=params, quotas=quotas, metrics=metrics)
 

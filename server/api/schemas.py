@@ -13,20 +13,26 @@ from server.engine.interface import FinishReason, GenerationResult
 
 ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_STOP_CHARS = 256  # one stop string
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # seeds are 64-bit: a torch generator takes nothing larger
+# The largest integer any count or size field may hold: the engine keeps them in int32 tensors
+# (lengths, top-k widths). Tighter limits (quotas, the vocabulary) are checked in the handlers.
+MAX_INT = 2**31 - 1
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # JSON's 1e999 parses as infinity: a float field must be finite to be meaningful.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     adapter_id: str | None = Field(
         None, pattern=ADAPTER_ID_PATTERN,
         description="Adapter to prepend; null or absent means the bare base model.")
     text: str = Field(..., description="Prompt, tokenized with the tokenizer's defaults.")
-    max_new_tokens: int = Field(16, ge=1, description="At most --max-new-tokens-limit.")
-    temperature: float = Field(0.0, ge=0.0, description="0 is greedy.")
+    max_new_tokens: int = Field(16, ge=1, le=MAX_INT,
+                                description="At most --max-new-tokens-limit.")
+    temperature: float = Field(0.0, ge=0.0, description="0 is greedy; finite.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    top_k: int = Field(0, ge=0, le=MAX_INT,
+                       description="0 disables top-k; at most the vocabulary size.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="For reproducible sampling.")
     stop: list[str] = Field(default_factory=list,
                             description="Stop strings (at most --max-stop-strings).")
@@ -99,7 +105,7 @@ class AdapterResponse(BaseModel):
     def from_record(cls, record: object, *, with_tenant: bool = False) -> AdapterResponse:
         """From an adapters_store AdapterRecord (typed loosely: server.api does not import it)."""
         data = record.to_dict()  # type: ignore[attr-defined]
-        fields = {k: data[k] for k in cls.model_fields if k != "tenant"}
+        fields = {k: data[k] for k in cls.model_fields if k in data and k != "tenant"}
         return cls(**fields, tenant=data["namespace"] if with_tenant else None)
 
 

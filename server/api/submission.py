@@ -38,9 +38,22 @@ T = TypeVar("T")
 StreamItem = TokenChunk | GenerationResult
 
 
-def check_params(params: SamplingParams, *, settings: Settings, quotas: Quotas) -> None:
+# Prompts above this many characters (or chats above this many messages) are rendered and
+# tokenized on a worker thread: the event loop must keep answering health checks and other
+# tenants while a large input is processed. Smaller ones stay inline (a thread hop costs more
+# than tokenizing them).
+OFF_LOOP_CHARS = 16_384
+OFF_LOOP_MESSAGES = 64
+
+
+def check_params(params: SamplingParams, *, settings: Settings, quotas: Quotas,
+                 vocab_size: int, top_k_field: str = "top_k") -> None:
     """Limits on the sampling parameters (before any tokenizing work is spent)."""
     check_generation(quotas, max_new_tokens=params.max_new_tokens, input_tokens=None)
+    if vocab_size and params.top_k > vocab_size:
+        raise InvalidRequestError(f"{top_k_field}={params.top_k} is larger than the model's "
+                                  f"vocabulary of {vocab_size} tokens; use 0 to turn top-k "
+                                  "off")
     if len(params.stop) > settings.max_stop_strings:
         raise InvalidRequestError(f"{len(params.stop)} stop strings; at most "
                                   f"{settings.max_stop_strings}")
@@ -48,21 +61,25 @@ def check_params(params: SamplingParams, *, settings: Settings, quotas: Quotas) 
         raise InvalidRequestError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters")
 
 
-def tokenize_text(engine: EngineClient, text: str, *, quotas: Quotas,
-                  max_new_tokens: int) -> list[int]:
+async def tokenize_text(engine: EngineClient, text: str, *, quotas: Quotas,
+                        max_new_tokens: int) -> list[int]:
     """Text tokenized with the tokenizer's defaults, within the tenant's max_input_tokens."""
-    return tokenize_within(lambda: engine.tokenize(text), chars=len(text), quotas=quotas,
-                           max_new_tokens=max_new_tokens)
+    return await tokenize_within(lambda: engine.tokenize(text), chars=len(text),
+                                 quotas=quotas, max_new_tokens=max_new_tokens)
 
 
-def tokenize_within(tokenize: Callable[[], list[int]], *, chars: int, quotas: Quotas,
-                    max_new_tokens: int) -> list[int]:
-    """Run `tokenize` on a prompt of `chars` characters, within the tenant's max_input_tokens."""
+async def tokenize_within(tokenize: Callable[[], list[int]], *, chars: int, quotas: Quotas,
+                          max_new_tokens: int, items: int = 1) -> list[int]:
+    """Run `tokenize` on a prompt of `chars` characters (in `items` messages), within the
+    tenant's max_input_tokens; a large one on a worker thread, off the event loop."""
     # A cheap bound before tokenizing: no tokenizer makes fewer tokens than bytes / 64.
     if chars > 64 * quotas.max_input_tokens:
         raise InvalidRequestError(f"the prompt is longer than max_input_tokens="
                                   f"{quotas.max_input_tokens} tokens")
-    prompt_ids = tokenize()
+    if chars > OFF_LOOP_CHARS or items > OFF_LOOP_MESSAGES:
+        prompt_ids = await asyncio.to_thread(tokenize)
+    else:
+        prompt_ids = tokenize()
     check_generation(quotas, max_new_tokens=max_new_tokens, input_tokens=len(prompt_ids))
     return prompt_ids
 

@@ -36,7 +36,7 @@ class KeyFileError(ValueError):
 class QuotaOverrides(BaseModel):
     """Per-tenant quotas; a field left out takes the server-wide default (Settings)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_adapters: int | None = Field(None, ge=0)
     max_stored_bytes: int | None = Field(None, ge=0)
@@ -47,7 +47,7 @@ class QuotaOverrides(BaseModel):
 
 
 class _TenantEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     keys: list[str] = Field(min_length=1)
@@ -58,7 +58,7 @@ class _TenantEntry(BaseModel):
     @classmethod
     def _valid_name(cls, value: str) -> str:
         # The name is the store namespace: the same rule as adapter ids keeps it a safe path.
-        if not _NAME_RE.match(value):
+        if not _NAME_RE.fullmatch(value):
             raise ValueError(f"tenant name {value!r} must match {ADAPTER_ID_PATTERN}")
         return value
 
@@ -74,7 +74,7 @@ def key_hash(key: str) -> str:
     """The sha256 hex of a plaintext key, or the hex given as "sha256:<hex>"."""
     if key.startswith("sha256:"):
         digest = key.removeprefix("sha256:").lower()
-        if not _HEX64.match(digest):
+        if not _HEX64.fullmatch(digest):
             raise KeyFileError("a 'sha256:' key must be followed by 64 hex digits")
         return digest
     if not key:

@@ -48,13 +48,13 @@ from server.engine.generation import (
     RowOutput,
     aborted_before_start,
     aborted_output,
-    check_rows,
     eos_ids_of,
     final_output,
+    invalid_rows,
 )
 from server.engine.interface import SamplingParams
 from server.engine.kv_slab import KVSlab
-from server.engine.sampling import RowSampler, mask_eos, sample_rows
+from server.engine.sampling import RowSampler, mask_eos, sample_rows_isolated
 from server.engine.stopping import RowState
 
 log = logging.getLogger(__name__)
@@ -259,15 +259,17 @@ class RunningBatch(Generic[H]):
     def admit(self, entries: Sequence[tuple[H, BatchRow]]) -> list[tuple[H, RowOutput]]:
         """Prefill new rows and add them; each takes its first token now.
 
-        Returns the rows that left at once: aborted before they started (not computed), or
-        finished at their first token. Raises ValueError for an invalid row (then none is
-        admitted) and ContinuousBatchingUnsupportedError for a cache that cannot be merged;
+        Returns the rows that left at once: invalid (not computed, the output carries an
+        InvalidRowError), aborted before they started (not computed), or finished at their first
+        token. Raises ContinuousBatchingUnsupportedError for a cache that cannot be merged;
         model errors propagate. The running rows are untouched when this raises.
         """
-        check_rows([row for _, row in entries])
+        invalid = invalid_rows([row for _, row in entries])
         live: list[tuple[H, BatchRow]] = []
-        left: list[tuple[H, RowOutput]] = []
-        for handle, row in entries:
+        left: list[tuple[H, RowOutput]] = [(entries[i][0], out) for i, out in invalid.items()]
+        for i, (handle, row) in enumerate(entries):
+            if i in invalid:
+                continue
             if aborted_before_start(row):
                 left.append((handle, ABORTED))
             else:
@@ -322,7 +324,8 @@ class RunningBatch(Generic[H]):
         It joins the running rows, with its first token, after its last chunk. At most one
         row is chunked at a time. Returns the row if it left at once (aborted)."""
         assert self._chunked is None, "one chunked prefill at a time"
-        check_rows([row])
+        if invalid := invalid_rows([row]):
+            return [(handle, invalid[0])]
         if aborted_before_start(row):
             return [(handle, ABORTED)]
         with torch.inference_mode():
@@ -395,7 +398,8 @@ class RunningBatch(Generic[H]):
         return self._model(use_cache=True, return_dict=True, **kwargs)
 
     def _choose(self, logits: torch.Tensor, slots: Sequence[_Slot[H]]) -> torch.Tensor:
-        """Each row's next token [n] from its logits [n, vocab]: argmax, or its own sampler."""
+        """Each row's next token [n] from its logits [n, vocab]: argmax, or its own sampler.
+        A row whose sampling fails is failed alone; it leaves at this step."""
         scores = logits.float()  # what generate compares, whatever the model's dtype
         mask_eos(scores, [i for i, s in enumerate(slots) if s.sampler.params.ignore_eos],
                  self._eos)
@@ -403,8 +407,11 @@ class RunningBatch(Generic[H]):
         sampled = [i for i, s in enumerate(slots) if s.alive and s.sampler.generator is not None]
         if sampled:
             index = torch.tensor(sampled, dtype=torch.long, device=scores.device)
-            tokens[index] = sample_rows(scores.index_select(0, index),
-                                        [slots[i].sampler for i in sampled])
+            chosen, failed = sample_rows_isolated(scores.index_select(0, index),
+                                                  [slots[i].sampler for i in sampled])
+            tokens[index] = chosen
+            for j, error in failed.items():
+                slots[sampled[j]].state.fail(error)
         return tokens
 
     def _record(self, group: _Group[H], tokens: torch.Tensor) -> list[tuple[H, RowOutput]]:

@@ -43,6 +43,7 @@ from server.engine.scheduler import Scheduler
 from server.engine.store_refresh import StoreRefresher, count_stored
 from server.engine.stores import open_store
 from server.engine.tickets import Ticket, TokenStream
+from server.engine.upload_slots import UploadSlots
 
 if TYPE_CHECKING:
     from server.engine.remote import RemoteEngine
@@ -71,6 +72,7 @@ class Engine:
         self._refresher: StoreRefresher | None = None
         self._stored_count = 0
         self._count_lock = threading.Lock()
+        self._upload_slots = UploadSlots(settings.max_concurrent_uploads)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -289,7 +291,7 @@ class Engine:
             raise InvalidRequestError(
                 f"token ids must be in [0, {loaded.vocab_size}); got {min(ids)}..{max(ids)}")
         try:
-            validate_params(request.params)
+            validate_params(request.params, vocab_size=loaded.vocab_size)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
         total = len(ids) + virtual + request.params.max_new_tokens
@@ -311,7 +313,8 @@ class Engine:
         if existed and not overwrite:  # before parsing: 409 should not cost a parse
             raise AdapterExistsError(f"adapter {adapter_id!r} exists in namespace "
                                      f"{namespace!r}; pass overwrite to replace it")
-        parsed = await asyncio.to_thread(self._parse, upload, loaded)
+        async with self._upload_slots.turn():
+            parsed = await asyncio.to_thread(self._parse, upload, loaded)
         record = await asyncio.to_thread(self.store.put, namespace, adapter_id, parsed,
                                          overwrite=overwrite)
         cache.invalidate(namespace, adapter_id)
@@ -325,7 +328,8 @@ class Engine:
     def _parse(self, upload: AdapterUpload, loaded: LoadedModel):
         spec = ModelSpec(token_dim=loaded.info.hidden_size, task_type=loaded.task_type)
         limits = Limits(max_virtual_tokens=self.settings.max_virtual_tokens,
-                        max_file_bytes=self.settings.max_upload_bytes)
+                        max_file_bytes=self.settings.max_upload_bytes,
+                        max_encoder_params=self.settings.max_encoder_params)
         if upload.archive_path is not None:
             return parse_archive(Path(upload.archive_path),
                                  archive_name=upload.archive_name or upload.archive_path,

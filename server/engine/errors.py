@@ -40,5 +40,11 @@ class RequestTooLongError(EngineError):
     """Prompt + virtual tokens + max_new_tokens exceed what the model can attend to (HTTP 422)."""
 
 
+class AdapterChangedError(EngineError):
+    """The adapter was overwritten or deleted after this request was admitted with its earlier
+    version, before that version was loaded (HTTP 409): a request never runs with rows of a
+    version it was not validated against. Retrying serves the current version."""
+
+
 class GenerationError(EngineError):
     """The batch holding this request failed on the model; other batches are unaffected (500)."""

@@ -57,9 +57,12 @@ class RowOutput:
     # Generated text: eos/special tokens, the stop string and anything after it excluded.
     text: str
     finish_reason: FinishReason
-    # True when the row was aborted (is_aborted, or one of its callbacks raised); its output
-    # is partial and finish_reason is meaningless.
+    # True when the row was aborted (is_aborted, or one of its callbacks raised) or failed;
+    # its output is partial and finish_reason is meaningless.
     aborted: bool = False
+    # Why this row alone failed (invalid parameters, its sampling raised); its batch mates
+    # are unaffected. InvalidRowError: the row's own input was invalid.
+    error: Exception | None = None
 
 
 ABORTED = RowOutput(token_ids=(), text="", finish_reason=FinishReason.LENGTH, aborted=True)
@@ -68,18 +71,20 @@ ABORTED = RowOutput(token_ids=(), text="", finish_reason=FinishReason.LENGTH, ab
 def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutput]:
     """One model.generate call for all rows, under torch.inference_mode().
 
-    Returns one RowOutput per row, in order. Raises ValueError for invalid rows (empty prompt
-    without soft prompt, soft prompt of the wrong width, out-of-range parameters); model errors
-    propagate and fail the whole batch. Must not run concurrently on the same model: it swaps
+    Returns one RowOutput per row, in order. An invalid row (empty prompt without soft prompt,
+    out-of-range parameters) is not computed: its output carries the ValueError, and the other
+    rows run. Model errors propagate and fail the whole batch. Must not run concurrently on the
+    same model: it swaps
     model.generation_config for the duration of the call (see _neutral_generation_config).
     """
     if not rows:
         return []
-    check_rows(rows)
+    invalid = invalid_rows(rows)
 
     # Rows aborted before the batch starts are not computed at all.
-    live = [i for i, row in enumerate(rows) if not aborted_before_start(row)]
-    outputs = [ABORTED] * len(rows)
+    live = [i for i, row in enumerate(rows)
+            if i not in invalid and not aborted_before_start(row)]
+    outputs = [invalid.get(i, ABORTED) for i in range(len(rows))]
     if not live:
         return outputs
     live_rows = [rows[i] for i in live]
@@ -107,7 +112,7 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
 
         processor = PerRowLogitsProcessor(
             [r.params for r in live_rows], eos_ids=sorted(eos_ids), finished=finished,
-            device=device,
+            device=device, on_error=lambda i, error: states[i].fail(error),
         )
         config = _generation_config(model, tokenizer, eos_ids,
                                     max(r.params.max_new_tokens for r in live_rows))
@@ -140,12 +145,29 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
     return outputs
 
 
-def check_rows(rows: Sequence[BatchRow]) -> None:
-    """ValueError for a row no batch can run: no tokens at all, or out-of-range parameters."""
-    for i, row in enumerate(rows):
-        if not row.prompt_ids and (row.prompt_embeds is None or row.prompt_embeds.shape[0] == 0):
-            raise ValueError(f"row {i}: no prompt tokens and no virtual tokens")
+class InvalidRowError(ValueError):
+    """A row no batch can run, found before it is computed: its own input is at fault."""
+
+
+def row_error(row: BatchRow) -> InvalidRowError | None:
+    """Why no batch can run this row (no tokens at all, out-of-range parameters), or None."""
+    if not row.prompt_ids and (row.prompt_embeds is None or row.prompt_embeds.shape[0] == 0):
+        return InvalidRowError("no prompt tokens and no virtual tokens")
+    try:
         validate_params(row.params)
+    except ValueError as e:
+        return InvalidRowError(str(e))
+    return None
+
+
+def invalid_rows(rows: Sequence[BatchRow]) -> dict[int, RowOutput]:
+    """The failed outputs of the rows no batch can run, by index: they are left out, so one
+    request's bad input never fails the requests it would have shared a batch with."""
+    failed = {}
+    for i, row in enumerate(rows):
+        if (error := row_error(row)) is not None:
+            failed[i] = RowOutput((), "", FinishReason.LENGTH, aborted=True, error=error)
+    return failed
 
 
 def aborted_before_start(row: BatchRow) -> bool:
@@ -160,9 +182,10 @@ def aborted_before_start(row: BatchRow) -> bool:
 
 
 def aborted_output(state: RowState) -> RowOutput:
-    """An aborted row's partial output (its finish_reason is meaningless)."""
+    """An aborted or failed row's partial output (its finish_reason is meaningless)."""
     return RowOutput(tuple(state.token_ids), state.text or "",
-                     state.finish_reason or FinishReason.LENGTH, aborted=True)
+                     state.finish_reason or FinishReason.LENGTH, aborted=True,
+                     error=state.error)
 
 
 def final_output(state: RowState, tokenizer: Any) -> RowOutput:

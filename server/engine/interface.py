@@ -86,6 +86,7 @@ class ModelInfo:
     device: str
     dtype: str
     max_context: int  # max prompt + virtual + new tokens the model can attend to
+    vocab_size: int = 0  # token ids the model embeds; the bound on top_k (0: unknown)
 
 
 class EngineClient(Protocol):

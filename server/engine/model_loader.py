@@ -176,12 +176,12 @@ def load_pretrained(source: str | Path, *, name: str, device: torch.device,
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         max_context=max_context_of(config, tokenizer),
+        vocab_size=int(model.get_input_embeddings().weight.shape[0]),
     )
     log.info("loaded model %s (%s) on %s in %s: hidden %s, max context %s",
              name, info.architecture, info.device, info.dtype, hidden, info.max_context)
     return LoadedModel(
         model=model, tokenizer=tokenizer, info=info,
         task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
-        device=device, dtype=dtype,
-        vocab_size=int(model.get_input_embeddings().weight.shape[0]),
+        device=device, dtype=dtype, vocab_size=info.vocab_size,
     )

@@ -10,27 +10,41 @@ elsewhere) so generate's argmax picks exactly that token.
 
 from __future__ import annotations
 
+import logging
+import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import LogitsProcessor
 
 from server.engine.interface import SamplingParams
 
+log = logging.getLogger(__name__)
+
 _SEED_MASK = (1 << 63) - 1
 
 
-def validate_params(params: SamplingParams) -> None:
-    """Reject values no processor could honour (the API validates first; this is the backstop)."""
-    if params.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
-    if params.temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {params.temperature}")
-    if not 0 < params.top_p <= 1:
+# What the engine can represent: counts go into int64 tensors, seeds into 64-bit generators.
+_MAX_INT = 2**31 - 1
+_MAX_SEED = 2**63 - 1
+
+
+def validate_params(params: SamplingParams, *, vocab_size: int = 0) -> None:
+    """Reject values no processor could honour (the API validates first; this is the backstop
+    that keeps one request's parameters from ever reaching a batch it would fail)."""
+    if not 1 <= params.max_new_tokens <= _MAX_INT:
+        raise ValueError(f"max_new_tokens must be in [1, {_MAX_INT}], got "
+                         f"{params.max_new_tokens}")
+    if not (math.isfinite(params.temperature) and params.temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {params.temperature}")
+    if not (math.isfinite(params.top_p) and 0 < params.top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
-    if params.top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {params.top_k}")
+    top_k_max = vocab_size or _MAX_INT
+    if not 0 <= params.top_k <= top_k_max:
+        raise ValueError(f"top_k must be in [0, {top_k_max}], got {params.top_k}")
+    if params.seed is not None and not 0 <= params.seed <= _MAX_SEED:
+        raise ValueError(f"seed must be in [0, {_MAX_SEED}], got {params.seed}")
 
 
 class RowSampler:
@@ -60,10 +74,39 @@ def sample_rows(scores: torch.Tensor, samplers: Sequence[RowSampler]) -> torch.T
 
     Every sampler must be a sampled one (temperature > 0).
     """
-    device = scores.device
+    return _sample_with(scores, [s.params for s in samplers], _draw(samplers, scores.device))
+
+
+def sample_rows_isolated(scores: torch.Tensor, samplers: Sequence[RowSampler]
+                         ) -> tuple[torch.Tensor, dict[int, Exception]]:
+    """sample_rows, except that a row whose sampling raises fails alone: the others are
+    sampled again one by one, from the same uniform draws (so their seeded streams do not
+    move), and the failures come back by row index. A failed row's token is a placeholder."""
+    u = _draw(samplers, scores.device)  # [n]: drawn once, whatever happens next
     params = [s.params for s in samplers]
-    # One uniform draw per row per step from the row's own generator, whatever its path.
-    u = torch.cat([torch.rand(1, generator=s.generator) for s in samplers]).to(device)  # [n]
+    try:
+        return _sample_with(scores, params, u), {}
+    except Exception as batch_error:  # noqa: BLE001 - find the rows that cause it
+        log.warning("sampling %d rows failed (%s); sampling them one by one", len(params),
+                    type(batch_error).__name__)
+    tokens = scores.argmax(dim=-1)  # [n]
+    failed: dict[int, Exception] = {}
+    for i, p in enumerate(params):
+        try:
+            tokens[i] = _sample_with(scores[i:i + 1], [p], u[i:i + 1])[0]
+        except Exception as e:  # noqa: BLE001 - reported to this row's request only
+            failed[i] = e
+    return tokens, failed
+
+
+def _draw(samplers: Sequence[RowSampler], device: torch.device) -> torch.Tensor:
+    """One uniform draw per row per step from the row's own generator, whatever its path."""
+    return torch.cat([torch.rand(1, generator=s.generator) for s in samplers]).to(device)
+
+
+def _sample_with(scores: torch.Tensor, params: Sequence[SamplingParams],
+                 u: torch.Tensor) -> torch.Tensor:
+    device = scores.device
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32,
                                device=device)  # [n]
     top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)  # 0 = off
@@ -73,7 +116,7 @@ def sample_rows(scores: torch.Tensor, samplers: Sequence[RowSampler]) -> torch.T
                          dtype=torch.float32, device=device)  # [n]
     logits = scores / temperature[:, None]  # [n, vocab]
 
-    chosen = torch.empty(len(samplers), dtype=torch.long, device=device)  # [n]
+    chosen = torch.empty(len(params), dtype=torch.long, device=device)  # [n]
     whole = (top_k == 0) & torch.isinf(top_p)  # plain temperature sampling: no sorting
     if whole.any():
         chosen[whole] = _sample_whole_vocab(logits[whole], u[whole])
@@ -99,8 +142,10 @@ class PerRowLogitsProcessor(LogitsProcessor):
         eos_ids: Sequence[int],
         finished: list[bool],
         device: torch.device,
+        on_error: Callable[[int, Exception], None] | None = None,
     ) -> None:
         self._finished = finished
+        self._on_error = on_error  # a row whose sampling failed: (row index, error)
         self._ignore_eos_rows = [i for i, p in enumerate(params) if p.ignore_eos]
         self._eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
         self._sampled = [(i, RowSampler(p)) for i, p in enumerate(params) if p.temperature > 0]
@@ -113,7 +158,11 @@ class PerRowLogitsProcessor(LogitsProcessor):
         if active:
             rows = torch.tensor([i for i, _ in active], dtype=torch.long,
                                 device=scores.device)  # [n]
-            chosen = sample_rows(scores.index_select(0, rows), [s for _, s in active])
+            chosen, failed = sample_rows_isolated(scores.index_select(0, rows),
+                                                  [s for _, s in active])
+            for j, error in failed.items():
+                if self._on_error is not None:
+                    self._on_error(active[j][0], error)
             # A one-hot (0 on the chosen token, -inf elsewhere): generate's argmax takes it.
             scores.index_fill_(0, rows, float("-inf"))
             scores[rows, chosen] = 0.0

@@ -38,6 +38,7 @@ from adapters_store.store import AdapterStore
 from server.engine import generation
 from server.engine.decoding import RunningBatch
 from server.engine.errors import (
+    AdapterChangedError,
     EngineNotReadyError,
     GenerationError,
     InvalidRequestError,
@@ -210,17 +211,23 @@ class Scheduler:
 
     def _load(self, key: tuple[str, str, str]) -> None:
         """On a loader thread: store -> device/dtype -> cache; then release the waiters."""
-        namespace, adapter_id, _ = key
+        namespace, adapter_id, version = key
         started = time.monotonic()
         embeds: torch.Tensor | None = None
         error: BaseException | None = None
         try:
             stored = self._store.get(namespace, adapter_id)
             rows = stored.record.num_virtual_tokens  # seq2seq stores 2n rows; PEFT uses n
-            embeds = stored.embeddings[:rows].to(
+            loaded = stored.embeddings[:rows].to(
                 device=self._loaded.device, dtype=self._loaded.dtype, copy=True)
-            self._cache.insert(namespace, adapter_id, version_of(stored.record), embeds)
+            self._cache.insert(namespace, adapter_id, version_of(stored.record), loaded)
             self._observer.adapter_loaded(time.monotonic() - started)
+            if version_of(stored.record) == version:
+                embeds = loaded
+            else:  # overwritten since these requests were admitted: theirs is gone
+                error = AdapterChangedError(
+                    f"adapter {adapter_id!r} was replaced while this request waited for it "
+                    "to load; retry to use the current version")
         except AdapterStoreError as e:  # not found (deleted meanwhile), store unavailable
             error = e
         except Exception as e:  # noqa: BLE001 - a loader thread must always release waiters
@@ -385,7 +392,7 @@ class Scheduler:
                 self._batch_seconds = 0.95 * self._batch_seconds + 0.05 * run_s
                 if out.aborted:
                     aborted += 1
-                    self.abort(ticket)
+                    self._end_aborted(ticket, out)
                 else:
                     self._complete(ticket, out)
             self._observer.batch_finished(  # a joiner's prefill counts as one row-step
@@ -429,9 +436,22 @@ class Scheduler:
                                       generated_tokens=sum(generated))
         for ticket, out in zip(batch, outputs, strict=True):
             if out.aborted:
-                self.abort(ticket)
+                self._end_aborted(ticket, out)
             else:
                 self._complete(ticket, out)  # no-op for rows delivered early (on_finish)
+
+    def _end_aborted(self, ticket: Ticket, out: generation.RowOutput) -> None:
+        """An aborted row ends quietly; a row that failed alone gets its own error."""
+        if out.error is None:
+            self.abort(ticket)
+            return
+        log.warning("request %s failed alone: %s: %s", ticket.request.request_id,
+                    type(out.error).__name__, out.error)
+        if isinstance(out.error, generation.InvalidRowError):
+            self._fail(ticket, InvalidRequestError(str(out.error)))
+        else:
+            self._fail(ticket, GenerationError(f"generation failed for this request: "
+                                               f"{type(out.error).__name__}: {out.error}"))
 
     def _complete(self, ticket: Ticket, out: generation.RowOutput) -> None:
         req = ticket.request

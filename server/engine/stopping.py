@@ -33,6 +33,7 @@ class RowState:
         self.token_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
         self.aborted = False
+        self.error: Exception | None = None  # set by fail(): this row alone failed
         self._eos = frozenset() if row.params.ignore_eos else eos_ids
         self._pending: list[int] = []  # ids not yet handed out in a chunk
         # Text is tracked per token only where someone needs it before the end.
@@ -48,6 +49,12 @@ class RowState:
     def text(self) -> str | None:
         """The final text when tracked per token; None means: decode token_ids at the end."""
         return self._filter.text if self._filter is not None else None
+
+    def fail(self, error: Exception) -> None:
+        """This row cannot go on (its sampling failed); it leaves at its next step, with the
+        error, while its batch mates continue."""
+        self.error = error
+        self.aborted = True
 
     def step(self, token_id: int) -> None:
         """Take this step's token; decide whether the row is finished."""

@@ -199,3 +199,29 @@ async def test_tenant_weights_reach_the_fair_scheduler_and_follow_reloads(tenanc
         write_keys(keys)
         assert app.state.keyring.reload() is True
     assert weight_of("gamma") == 1
+
+
+@pytest.mark.parametrize("name", ["acme\n", "acme\r", "\nacme", "ac\nme"])
+def test_a_tenant_name_with_a_newline_is_refused(tmp_path, name):
+    """`$` matches before a final newline; names are the store's path components and must
+    match the id pattern whole."""
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"tenants": [{"name": name, "keys": ["k1"]}]}))
+    with pytest.raises(KeyFileError, match="tenant name"):
+        parse_key_file(path)
+
+
+def test_a_sha256_key_with_a_trailing_newline_is_refused(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"tenants": [{"name": "acme",
+                                             "keys": ["sha256:" + "a" * 64 + "\n"]}]}))
+    with pytest.raises(KeyFileError, match="64 hex digits"):
+        parse_key_file(path)
+
+
+def test_a_non_finite_rate_in_the_keys_file_is_refused(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text('{"tenants": [{"name": "acme", "keys": ["k1"], '
+                    '"quotas": {"requests_per_second": NaN}}]}')
+    with pytest.raises(KeyFileError, match="requests_per_second"):
+        parse_key_file(path)

@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_run_checks_quick_mode_logs_every_step_and_writes_the_json(tmp_path) -> None:
     env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "OUT": str(tmp_path),
-           "STEPS": "env fairness faircap fairlong fairproc nosuchstep",
-           # fairhttp is fairproc without --engine-process (test_fairness_http runs that
-           # mode); the script calls python3: make it this interpreter (the venv's)
+           "STEPS": "env fairness faircap nosuchstep",
+           # fairlong, fairhttp and fairproc are the same fairness step with other flags
+           # (tests/benchmarks/test_fairness_http runs --http); the script calls python3:
+           # make it this interpreter (the venv's)
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run_checks.sh")], env=env,
                           capture_output=True, text=True, timeout=240)
@@ -29,8 +30,6 @@ def test_run_checks_quick_mode_logs_every_step_and_writes_the_json(tmp_path) -> 
     assert "===== faircap: rc=0" in log
     assert json.loads((tmp_path / "faircap.json").read_text())["result"][
         "contended_tenant_rows"] == 8
-    assert "===== fairlong: rc=0" in log and "prompt 400 tokens" in log
-    assert "===== fairproc: rc=0" in log and "HTTP, engine process, policy=" in log
     assert "unknown step nosuchstep" in log
     result = json.loads((tmp_path / "fairness.json").read_text())["result"]
     assert result["device"] == "cpu" and result["ratio"] > 0

@@ -225,19 +225,31 @@ def test_no_rows_no_work(llama, run) -> None:
 @pytest.mark.parametrize("params", [
     SamplingParams(max_new_tokens=0),
     SamplingParams(temperature=-1.0),
+    SamplingParams(temperature=float("inf")),
     SamplingParams(top_p=0.0),
     SamplingParams(top_k=-1),
+    SamplingParams(temperature=1.0, top_k=10**22),
+    SamplingParams(temperature=1.0, seed=2**70),
 ])
-def test_invalid_parameters_are_rejected(llama, params, run) -> None:
+def test_an_invalid_row_fails_alone(llama, params, run) -> None:
+    """The bad row is not computed and carries its ValueError; its batch mate is unchanged."""
     model, tok = llama
-    with pytest.raises(ValueError):
-        run(model, tok, [BatchRow([1, 5], None, params)])
+    good = make_row(tok, "hello there", max_new_tokens=4, ignore_eos=True)
+    alone = run(model, tok, [good])[0]
+
+    bad, mate = run(model, tok, [BatchRow([1, 5], None, params), good])
+
+    assert bad.aborted and isinstance(bad.error, ValueError) and bad.token_ids == ()
+    assert mate.error is None and not mate.aborted
+    assert mate.token_ids == alone.token_ids
 
 
-def test_empty_prompt_without_soft_prompt_is_rejected(llama, run) -> None:
+def test_empty_prompt_without_soft_prompt_fails_alone(llama, run) -> None:
     model, tok = llama
-    with pytest.raises(ValueError, match="row 1"):
-        run(model, tok, [make_row(tok, "x"), BatchRow([], None, SamplingParams())])
+    good, empty = run(model, tok, [make_row(tok, "x", max_new_tokens=2),
+                                   BatchRow([], None, SamplingParams())])
+    assert good.error is None and len(good.token_ids) == 2
+    assert isinstance(empty.error, ValueError) and "no prompt tokens" in str(empty.error)
 
 
 def test_model_generation_config_is_restored(llama) -> None:

@@ -8,7 +8,12 @@ import torch
 
 from server.engine.generation import BatchRow, run_batch
 from server.engine.interface import SamplingParams
-from server.engine.sampling import PerRowLogitsProcessor
+from server.engine.sampling import (
+    PerRowLogitsProcessor,
+    RowSampler,
+    sample_rows,
+    sample_rows_isolated,
+)
 from tests.engine.conftest import make_row, run_continuous, run_one
 
 EOS = 2
@@ -161,3 +166,38 @@ def test_top_k_one_is_greedy(llama) -> None:
     ])
 
     assert greedy.token_ids == top1.token_ids
+
+
+# -- a row whose sampling fails --------------------------------------------------------------
+
+
+def test_isolated_sampling_fails_only_the_bad_row_and_keeps_the_others_draws() -> None:
+    """A top_k no tensor can hold fails the batched call; the other rows are sampled from the
+    same uniform draws they would have had without the bad row."""
+    scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    good = [SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=0.7, top_k=9,
+                                                                     seed=6)]
+    bad = SamplingParams(temperature=1.0, top_k=10**22, seed=7)
+    expected = sample_rows(scores[[0, 2]], [RowSampler(p) for p in good])
+
+    tokens, failed = sample_rows_isolated(scores, [RowSampler(good[0]), RowSampler(bad),
+                                                   RowSampler(good[1])])
+
+    assert list(failed) == [1] and isinstance(failed[1], Exception)
+    assert tokens[[0, 2]].tolist() == expected.tolist()
+
+
+def test_a_row_whose_sampling_fails_mid_batch_fails_alone(llama, run, monkeypatch) -> None:
+    """With the parameter checks out of the way (the API and the engine both check first),
+    a row whose sampling raises leaves with its error; its seeded batch mate's tokens are the
+    ones it gets alone, in both batching modes."""
+    model, tok = llama
+    mate = make_row(tok, TEXTS[0], max_new_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    alone = run(model, tok, [mate])[0]
+    monkeypatch.setattr("server.engine.generation.validate_params", lambda params: None)
+    bad = make_row(tok, TEXTS[2], max_new_tokens=6, temperature=1.0, top_k=10**22)
+
+    failed, ok = run(model, tok, [bad, mate])
+
+    assert failed.aborted and failed.error is not None
+    assert ok.error is None and ok.token_ids == alone.token_ids

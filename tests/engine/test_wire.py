@@ -90,9 +90,9 @@ def test_request_round_trips_exactly(request_: GenerationRequest) -> None:
     SamplingParams(stop=("\ud800",)),
 ], ids=["infinite-temperature", "lone-surrogate-stop"])
 def test_every_request_the_in_process_engine_serves_can_be_sent(params: SamplingParams) -> None:
-    """The in-process Engine serves both (validate_params has no upper bound on temperature;
-    a JSON body can carry Infinity and "\\ud800", which FastAPI's json.loads accepts), so the
-    pipe must carry them too."""
+    """A JSON body can carry Infinity and "\\ud800" (FastAPI's json.loads accepts both); the
+    pipe must carry them intact, so the engine process answers them as the in-process Engine
+    does (it refuses the first and serves the second)."""
     request_ = GenerationRequest(request_id="r", prompt_ids=(1,), adapter_id=None, params=params)
     back = wire.request_from_wire(_trip(wire.request_to_wire(request_)))
     assert back.params.stop == params.stop
