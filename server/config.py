@@ -25,6 +25,7 @@ class DType(StrEnum):
 class Batching(StrEnum):
     CONTINUOUS = "continuous"
     STATIC = "static"
+    CORE = "core"
 
 
 class LogLevel(StrEnum):
@@ -56,7 +57,15 @@ class Settings(BaseSettings):
                                "the running batch between decode steps and leave the step "
                                "they finish (decoder-only models; seq2seq models fall back to "
                                "static); static: a batch runs until its longest request is "
-                               "done.")
+                               "done; core: the engine core (decodes and prefill chunks of "
+                               "joining rows in one forward under --max-batch-tokens, soft "
+                               "prompts as token ids, a fixed KV slot per row), for models "
+                               "whose attention goes through transformers' attention "
+                               "interface (GPT-2, Llama, Qwen2, ...); others fall back to "
+                               "continuous.")
+    max_batch_tokens: int = Field(2048, ge=1, description="--batching core: the most tokens "
+                                  "one step computes, decodes first (one per running row), "
+                                  "then prefill chunks of joining rows.")
     max_prefill_tokens: int = Field(4096, ge=2, description="While rows are decoding "
                                     "(continuous batching), the most prompt tokens prefilled "
                                     "between two decode steps, counted padded and with soft "

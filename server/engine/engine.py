@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adapters_store import parse_archive, parse_paths
 from adapters_store.errors import (
@@ -25,6 +25,7 @@ from adapters_store.records import AdapterRecord, Limits, ModelSpec, validate_ad
 from adapters_store.store import AdapterStore
 from server.config import Batching, Settings
 from server.engine.chat import render_chat
+from server.engine.core.loop import build_core
 from server.engine.decoding import unsupported_reason
 from server.engine.detokenizer import DECODE_KWARGS
 from server.engine.errors import EngineNotReadyError, InvalidRequestError, RequestTooLongError
@@ -88,13 +89,14 @@ class Engine:
             loaded = load_model(self.settings)
             cache = PromptCache(self.settings.prompt_cache_bytes, observer=self._observer)
             self._policy = self._policy or self._fair_policy(loaded)
+            core = self._core(loaded)
             scheduler = Scheduler(
                 loaded, store=self.store, cache=cache, observer=self._observer,
                 max_batch_size=self.settings.max_batch_size,
                 max_wait_s=self.settings.max_wait_ms / 1000.0,
                 max_queue=self.settings.max_queue, policy=self._policy,
-                continuous=self._continuous(loaded),
-                max_prefill_tokens=self.settings.max_prefill_tokens)
+                continuous=core is None and self._continuous(loaded),
+                max_prefill_tokens=self.settings.max_prefill_tokens, core=core)
             self._count_stored()
             scheduler.start()
             self._refresher = StoreRefresher(self.store, cache,
@@ -121,9 +123,26 @@ class Engine:
                      "one starts at most %d row(s) (--contended-tenant-rows)", rows)
         return RoundRobinPolicy(weight_of=lambda t: self._weight_of(t), contended_rows=rows)
 
+    def _core(self, loaded: LoadedModel) -> Any:
+        """--batching core where the model allows it: (EngineCore, PromptTable), else None."""
+        if self.settings.batching is not Batching.CORE:
+            return None
+        try:
+            core = build_core(loaded, max_batch_size=self.settings.max_batch_size,
+                              max_batch_tokens=self.settings.max_batch_tokens,
+                              prompt_cache_bytes=self.settings.prompt_cache_bytes)
+        except Exception as e:  # noqa: BLE001 - another loop still serves this model
+            log.warning("batching: this model cannot run the engine core (%s: %s); "
+                        "falling back to continuous batching", type(e).__name__, e)
+            return None
+        log.info("batching: core (%d KV slots of %d positions, %d MiB; --max-batch-tokens %d)",
+                 core[0]._cache.slots, core[0]._cache.max_len, core[0]._cache.nbytes >> 20,
+                 self.settings.max_batch_tokens)
+        return core
+
     def _continuous(self, loaded: LoadedModel) -> bool:
         """--batching continuous where the model allows it; otherwise static, and say why."""
-        if self.settings.batching is not Batching.CONTINUOUS:
+        if self.settings.batching is Batching.STATIC:
             log.info("batching: static (--batching static)")
             return False
         reason = unsupported_reason(loaded.model, loaded.tokenizer)
@@ -144,6 +163,8 @@ class Engine:
         """What the engine runs (None until the model is loaded)."""
         if self._scheduler is None:
             return None
+        if self._scheduler.core is not None:
+            return Batching.CORE
         return Batching.CONTINUOUS if self._scheduler.continuous else Batching.STATIC
 
     def _count_stored(self) -> None:

@@ -36,6 +36,7 @@ import torch
 from adapters_store.errors import AdapterStoreError
 from adapters_store.store import AdapterStore
 from server.engine import generation
+from server.engine.core.loop import CoreLoop
 from server.engine.decoding import RunningBatch
 from server.engine.errors import (
     AdapterChangedError,
@@ -74,7 +75,7 @@ class Scheduler:
                  observer: EngineObserver, max_batch_size: int, max_wait_s: float,
                  max_queue: int, policy: BatchPolicy | None = None,
                  continuous: bool = False, loader_threads: int = 2,
-                 max_prefill_tokens: int | None = None) -> None:
+                 max_prefill_tokens: int | None = None, core: Any = None) -> None:
         self._loaded = loaded
         self._store = store
         self._cache = cache
@@ -84,7 +85,9 @@ class Scheduler:
         self._max_queue = max_queue
         self._policy = policy or RoundRobinPolicy()  # fair across tenants
         self.continuous = continuous
-        self._max_prefill_tokens = max_prefill_tokens  # None: no cap
+        self.core = core  # (EngineCore, PromptTable): --batching core
+        # The core's token budget bounds each step's prefill; the cap is the other loop's.
+        self._max_prefill_tokens = None if core is not None else max_prefill_tokens
         # A prompt longer than the cap is prefilled half a cap per step, beside joiners that
         # fit in the other half.
         self._chunk_tokens = max(1, max_prefill_tokens // 2) if max_prefill_tokens else 0
@@ -250,7 +253,9 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
-            if self.continuous:
+            if self.core is not None:
+                CoreLoop(self, *self.core).run()
+            elif self.continuous:
                 self._run_continuous()
             else:
                 while (plan := self._next_plan()) is not None:

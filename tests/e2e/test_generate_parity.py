@@ -19,9 +19,14 @@ PROMPTS = ["Tweet: I love it. Label:", "hello", "The quick brown fox", "a", "2 +
            "Once upon a time", "zzz", "Soft prompts!"]
 
 
-@pytest.fixture(scope="module", **ENGINE_MODES)
+# The engine in process, in its own process (--engine-process), and the engine core.
+MODES = {"params": [*ENGINE_MODES["params"], ("--batching", "core")],
+         "ids": [*ENGINE_MODES["ids"], "core"]}
+
+
+@pytest.fixture(scope="module", **MODES)
 def server(request, model_dir, tmp_path_factory):
-    """Every test here runs against the engine in process and in its own (--engine-process)."""
+    """Every test here runs against each engine mode."""
     root = tmp_path_factory.mktemp("server")
     with ServerProcess(model_dir, root / "store", root / "server.log", *SERVER_FLAGS,
                        *request.param) as proc:

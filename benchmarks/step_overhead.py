@@ -1,0 +1,141 @@
+"""How much of a decode step is host work: Python, scheduling, per-row bookkeeping.
+
+A near-free model (GPT-2 shape, one layer, hidden size 16) decodes `--rows` rows (64 by
+default) through each loop, so the model's own compute is next to nothing and what is left is
+the host's cost of a step; on a GPU that cost is what a launch-bound step cannot hide. It
+prints, per step, the median wall time of
+
+- `slab`: the current continuous-batching loop (RunningBatch over a KVSlab, per-row samplers);
+- `core`: the engine core (EngineCore: one forward over the step's tokens laid end to end,
+  KV in fixed per-row slots, sampling on the device),
+
+with greedy rows and with seeded sampled rows, and the core's step split into its forward and
+the rest.
+
+    python -m benchmarks.step_overhead [--device cpu|cuda] [--rows 64] [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import AutoModelForCausalLM, GPT2Config  # noqa: E402
+
+from server.engine.byte_tokenizer import (  # noqa: E402
+    BOS_ID,
+    BYTE_VOCAB_SIZE,
+    EOS_ID,
+    PAD_ID,
+    make_byte_tokenizer,
+)
+from server.engine.core.engine_core import EngineCore  # noqa: E402
+from server.engine.core.kv_cache import SlotKVCache, cache_shape  # noqa: E402
+from server.engine.core.prompt_table import PromptTable, install  # noqa: E402
+from server.engine.decoding import RunningBatch  # noqa: E402
+from server.engine.generation import BatchRow  # noqa: E402
+from server.engine.interface import SamplingParams  # noqa: E402
+
+PROMPT = "Tweet: I love it. Label:"
+
+
+def _model(device: str) -> torch.nn.Module:
+    config = GPT2Config(vocab_size=BYTE_VOCAB_SIZE, n_embd=16, n_layer=1, n_head=2,
+                        n_positions=1024, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                        eos_token_id=EOS_ID)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).to(device).eval()
+
+
+def _params(sampled: bool, steps: int, i: int) -> SamplingParams:
+    if sampled:
+        return SamplingParams(max_new_tokens=steps + 8, temperature=0.8, top_k=50, top_p=0.9,
+                              seed=i, ignore_eos=True)
+    return SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_slab(device: str, rows: int, steps: int, sampled: bool) -> list[float]:
+    model, tokenizer = _model(device), make_byte_tokenizer()
+    ids = tokenizer(PROMPT)["input_ids"]
+    batch: RunningBatch[int] = RunningBatch(model, tokenizer)
+    batch.admit([(i, BatchRow(ids, None, _params(sampled, steps, i))) for i in range(rows)])
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        started = time.perf_counter()
+        batch.step()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def time_core(device: str, rows: int, steps: int,
+              sampled: bool) -> tuple[list[float], list[float]]:
+    """(step times, forward times)."""
+    model, tokenizer = _model(device), make_byte_tokenizer()
+    table = PromptTable(vocab_size=BYTE_VOCAB_SIZE, hidden=16, capacity_bytes=1 << 16,
+                        dtype=torch.float32, device=device)
+    install(model, table)
+    cache = SlotKVCache(cache_shape(model.config), slots=rows, max_len=steps + 64,
+                        dtype=torch.float32, device=device)
+    core: EngineCore[int] = EngineCore(model, tokenizer, cache, max_batch_tokens=rows * 64)
+    ids = tokenizer(PROMPT)["input_ids"]
+    for i in range(rows):
+        core.add(i, BatchRow(ids, None, _params(sampled, steps, i)), ids)
+    core.step()  # every prefill in one step
+    forward_times: list[float] = []
+    inner = core._forward
+
+    def timed_forward(*args, **kwargs):
+        _sync(device)
+        started = time.perf_counter()
+        out = inner(*args, **kwargs)
+        _sync(device)
+        forward_times.append(time.perf_counter() - started)
+        return out
+
+    core._forward = timed_forward  # type: ignore[method-assign]
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        started = time.perf_counter()
+        core.step()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return times, forward_times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    print(f"host time per decode step, {args.rows} rows, near-free model (GPT-2 shape, 1 layer, "
+          f"hidden 16), device {args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median over {args.steps} steps")
+    for sampled in (False, True):
+        kind = "seeded top-k/top-p sampling" if sampled else "greedy"
+        slab = statistics.median(time_slab(args.device, args.rows, args.steps, sampled)) * 1e3
+        step, forward = time_core(args.device, args.rows, args.steps, sampled)
+        core, fwd = statistics.median(step) * 1e3, statistics.median(forward) * 1e3
+        print(f"  {kind:28s} slab {slab:7.3f} ms   core {core:7.3f} ms "
+              f"(forward {fwd:.3f} ms, the rest {core - fwd:.3f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

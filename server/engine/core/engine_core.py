@@ -1,0 +1,275 @@
+"""One step at a time over every row: decodes and prefill chunks in one forward, one budget.
+
+A row is a plain sequence of token ids (its soft prompt as reserved ids, server.engine.core.
+prompt_table, then its text), a slot of the KV cache (server.engine.core.kv_cache) and its
+sampling state. Each step:
+
+1. every running row whose prompt is computed feeds its last token (a decode);
+2. the rest of `max_batch_tokens` goes to prefill chunks: rows part-way through their prompt
+   first, then waiting rows in the order the caller gave them, each taking a free slot; a
+   prompt longer than what is left of the budget is cut and goes on next step;
+3. all of it is one forward of the model over the step's tokens laid end to end (a decode row
+   is one token, a chunk its run of tokens), with logits only where a token is drawn: each
+   decode, and the last token of a prompt that is complete;
+4. tokens are drawn on the device for all those rows at once (server.engine.core.
+   device_sampling) and copied to the host once; each row's stop conditions, detokenization
+   and streaming run there.
+
+There is no separate lane for long prompts, no copying of caches between rows: a row's keys
+and values are written once into its slot. Preempting a row frees its slot; when it runs
+again it is recomputed from its ids (prompt and the tokens it already drew), which gives the
+same state, and a seeded row draws the same tokens (its draws are indexed by token, not step).
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from server.engine.core.device_sampling import SamplingBatch, sample
+from server.engine.core.kv_cache import Prefill, SlotKVCache, StepLayout
+from server.engine.generation import (
+    ABORTED,
+    BatchRow,
+    InvalidRowError,
+    RowOutput,
+    aborted_before_start,
+    aborted_output,
+    eos_ids_of,
+    final_output,
+    row_error,
+)
+from server.engine.interface import FinishReason
+from server.engine.stopping import RowState
+
+H = TypeVar("H")  # the caller's handle for a row
+
+
+@dataclass(eq=False)
+class CoreRow(Generic[H]):
+    """One row's single record in the core."""
+
+    handle: H
+    tokens: list[int]  # prompt ids (virtual ids first), then the ids drawn so far
+    prompt_len: int
+    state: RowState
+    seed: int
+    slot: int | None = None
+    computed: int = 0  # leading tokens whose keys and values are in the slot
+
+    @property
+    def drawn(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.tokens) - 1 or self.drawn == 0
+
+
+@dataclass(frozen=True)
+class StepStats:
+    decodes: int
+    prefill_tokens: int
+    rows: int  # rows in the forward
+
+
+class EngineCore(Generic[H]):
+    """Owned by one thread. The model must be a decoder-only model whose attention goes
+    through transformers' attention interface (GPT-2, Llama, Qwen2 and most others)."""
+
+    def __init__(self, model: Any, tokenizer: Any, cache: SlotKVCache, *,
+                 max_batch_tokens: int, max_rows: int | None = None) -> None:
+        if max_batch_tokens < 1:
+            raise ValueError("max_batch_tokens must be at least 1")
+        self._model = model
+        self._tokenizer = tokenizer
+        self._cache = cache
+        self.max_batch_tokens = max_batch_tokens
+        self.max_rows = min(max_rows or cache.slots, cache.slots)
+        model.set_attn_implementation(cache.attn_implementation)
+        self._eos_ids = eos_ids_of(model, tokenizer)
+        self._device = model.get_input_embeddings().weight.device
+        self._eos = torch.tensor(sorted(self._eos_ids), dtype=torch.long, device=self._device)
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.running: list[CoreRow[H]] = []  # rows holding a slot, in admission order
+        self.waiting: list[CoreRow[H]] = []  # rows without a slot, in the order they run
+        self.last = StepStats(0, 0, 0)
+
+    def __len__(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    @property
+    def handles(self) -> list[H]:
+        return [row.handle for row in (*self.running, *self.waiting)]
+
+    def add(self, handle: H, row: BatchRow, ids: Sequence[int]) -> RowOutput | None:
+        """Queue a row whose prompt is `ids` (virtual ids then text ids); it starts when a slot
+        and the budget allow. Returns its output at once when it cannot run (invalid)."""
+        if (error := row_error(row)) is not None:
+            return RowOutput((), "", FinishReason.LENGTH, aborted=True, error=error)
+        if len(ids) + row.params.max_new_tokens > self._cache.max_len:
+            return RowOutput((), "", FinishReason.LENGTH, aborted=True, error=InvalidRowError(
+                f"{len(ids)} prompt tokens and max_new_tokens {row.params.max_new_tokens} "
+                f"exceed the {self._cache.max_len} positions a row can hold"))
+        seed = row.params.seed if row.params.seed is not None else secrets.randbits(63)
+        self.waiting.append(CoreRow(handle, list(ids), len(ids),
+                                    RowState(row, self._tokenizer, self._eos_ids), seed))
+        return None
+
+    def reorder_waiting(self, key: Callable[[H], Any]) -> None:
+        """Let the caller's policy decide which waiting rows are prefilled first."""
+        self.waiting.sort(key=lambda r: key(r.handle))
+
+    def preempt(self, handles: Sequence[H]) -> list[CoreRow[H]]:
+        """Take these rows out of the steps, freeing their slots at once; give them back with
+        `resume`, and they are recomputed from their ids (nothing is copied)."""
+        wanted = {id(h) for h in handles}
+        out = [r for r in (*self.running, *self.waiting) if id(r.handle) in wanted]
+        for row in out:
+            self._release(row)
+            row.computed = 0
+        self.running = [r for r in self.running if id(r.handle) not in wanted]
+        self.waiting = [r for r in self.waiting if id(r.handle) not in wanted]
+        return out
+
+    def resume(self, rows: Sequence[CoreRow[H]]) -> None:
+        """Preempted rows wait again, first in line."""
+        self.waiting[:0] = rows
+
+    def drop(self, handles: Sequence[H]) -> None:
+        """Forget rows without output (their forward failed, or nobody waits for them)."""
+        wanted = {id(h) for h in handles}
+        for row in self.running:
+            if id(row.handle) in wanted:
+                self._release(row)
+        self.running = [r for r in self.running if id(r.handle) not in wanted]
+        self.waiting = [r for r in self.waiting if id(r.handle) not in wanted]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[H, RowOutput]]:
+        """One forward over the planned tokens; returns the rows that left."""
+        left = self._sweep_aborted()
+        plan = self._plan()
+        if not plan:
+            self.last = StepStats(0, 0, 0)
+            return left
+        ids, positions, write, logit_at, sampled, prefills = [], [], [], [], [], []
+        decodes = [(row, 1) for row, take in plan if not row.prefilling]
+        chunks = [(row, take) for row, take in plan if row.prefilling]
+        max_len = self._cache.max_len
+        for row, take in (*decodes, *chunks):
+            start, first = len(ids), row.computed
+            ids += row.tokens[first:first + take]
+            positions += range(first, first + take)
+            write += range(row.slot * max_len + first, row.slot * max_len + first + take)
+            if row.prefilling:
+                prefills.append(Prefill(start, take, row.slot, first))
+            if first + take == len(row.tokens):
+                logit_at.append(len(ids) - 1)
+                sampled.append(row)
+        device = self._device
+        n_dec = len(decodes)
+        lengths = [row.computed + 1 for row, _ in decodes]
+        self._cache.layout = StepLayout(
+            write_index=torch.tensor(write, dtype=torch.long, device=device),
+            decodes=n_dec,
+            decode_slots=torch.tensor([row.slot for row, _ in decodes], dtype=torch.long,
+                                      device=device),
+            decode_lengths=torch.tensor(lengths, dtype=torch.long, device=device),
+            decode_width=max(lengths, default=0), prefills=tuple(prefills))
+        try:
+            logits = self._forward(ids, positions, logit_at)
+        finally:
+            self._cache.layout = None
+        for row, take in plan:
+            row.computed += take
+        self.last = StepStats(n_dec, len(ids) - n_dec, len(plan))
+        if not sampled:
+            return left
+        tokens = sample(logits, self._sampling_batch(sampled), self._eos).tolist()
+        for row, token in zip(sampled, tokens, strict=True):
+            row.tokens.append(token)
+            row.state.step(token)
+            if row.state.done:
+                left.append((row.handle, self._output(row.state)))
+        finished = {id(row) for row in sampled if row.state.done}
+        if finished:
+            for row in self.running:
+                if id(row) in finished:
+                    self._release(row)
+            self.running = [r for r in self.running if id(r) not in finished]
+        return left
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _sweep_aborted(self) -> list[tuple[H, RowOutput]]:
+        """Rows aborted while waiting or mid-prefill leave now, without computing more."""
+        left = []
+        for row in (*self.running, *self.waiting):
+            if row.drawn == 0 and aborted_before_start(row.state.row):
+                left.append((row.handle, ABORTED))
+        if left:
+            self.drop([h for h, _ in left])
+        return left
+
+    def _plan(self) -> list[tuple[CoreRow[H], int]]:
+        """(row, tokens it feeds) for this step: every decode, then prefill chunks."""
+        budget = self.max_batch_tokens
+        plan: list[tuple[CoreRow[H], int]] = []
+        for row in self.running:
+            if not row.prefilling and budget > 0:
+                plan.append((row, 1))
+                budget -= 1
+        for row in self.running:
+            if row.prefilling and budget > 0:
+                take = min(len(row.tokens) - row.computed, budget)
+                plan.append((row, take))
+                budget -= take
+        while (self.waiting and budget > 0 and len(self.running) < self.max_rows
+               and (slot := self._cache.allocate()) is not None):
+            row = self.waiting.pop(0)
+            row.slot, row.computed = slot, 0
+            self.running.append(row)
+            take = min(len(row.tokens), budget)
+            plan.append((row, take))
+            budget -= take
+        return plan
+
+    def _forward(self, ids: list[int], positions: list[int], logit_at: list[int]) -> Any:
+        device = self._device
+        kwargs: dict[str, Any] = {}
+        at = torch.tensor(logit_at or [len(ids) - 1], dtype=torch.long, device=device)
+        if self._keep_arg:
+            kwargs["logits_to_keep"] = at
+        out = self._model(input_ids=torch.tensor([ids], dtype=torch.long, device=device),
+                          position_ids=torch.tensor([positions], dtype=torch.long,
+                                                    device=device),
+                          use_cache=False, return_dict=True, **kwargs)
+        logits = out.logits[0]
+        return logits if self._keep_arg else logits.index_select(0, at)
+
+    def _sampling_batch(self, rows: Sequence[CoreRow[H]]) -> SamplingBatch:
+        device = self._device
+        params = [row.state.row.params for row in rows]
+        return SamplingBatch(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32,
+                                     device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            seeds=torch.tensor([row.seed for row in rows], dtype=torch.long, device=device),
+            counters=torch.tensor([row.drawn for row in rows], dtype=torch.long, device=device),
+            ban_eos=torch.tensor([p.ignore_eos for p in params], dtype=torch.bool,
+                                 device=device))
+
+    def _release(self, row: CoreRow[H]) -> None:
+        if row.slot is not None:
+            self._cache.free(row.slot)
+            row.slot = None
+
+    def _output(self, state: RowState) -> RowOutput:
+        return aborted_output(state) if state.aborted else final_output(state, self._tokenizer)

@@ -1,0 +1,176 @@
+"""The engine thread's loop over an EngineCore (`--batching core`).
+
+Between two steps the scheduler's policy decides, as for the continuous loop, which queued
+requests join, which running rows make room for another tenant (preempted: their slots are
+freed and they are recomputed when resumed, nothing is copied) and which preempted rows
+resume. A request of an adapter runs as token ids: its soft prompt's rows are pinned in the
+prompt table for as long as the request lives, so an overwrite or an eviction meanwhile can
+never change what it reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from server.engine.core.engine_core import CoreRow, EngineCore
+from server.engine.core.prompt_table import PromptTable, TableEntry
+from server.engine.errors import QueueFullError
+from server.engine.generation import RowOutput
+
+if TYPE_CHECKING:
+    from server.engine.scheduler import Scheduler
+    from server.engine.tickets import Ticket
+
+log = logging.getLogger(__name__)
+
+
+class CoreLoop:
+    """Owned by the engine thread."""
+
+    def __init__(self, scheduler: Scheduler, core: EngineCore[Ticket], table: PromptTable) -> None:
+        self._s = scheduler
+        self._core = core
+        self._table = table
+        self._entries: dict[int, TableEntry] = {}  # id(ticket) -> its pinned rows
+        self._parked: dict[int, CoreRow[Ticket]] = {}  # id(ticket) -> preempted row
+
+    def run(self) -> None:
+        s, core = self._s, self._core
+        while True:
+            self._forget_dead_parked()
+            parked = [row.handle for row in self._parked.values()]
+            plan = s._next_plan(core.handles, parked, None)
+            if plan is None:
+                break
+            for row in core.preempt(plan.park):
+                self._parked[id(row.handle)] = row
+            core.resume([self._parked.pop(id(t)) for t in plan.resume if id(t) in self._parked])
+            now = time.monotonic()
+            left: list[tuple[Ticket, RowOutput]] = []
+            joining = []
+            for ticket in plan.admit:
+                ticket.started_at = now
+                ids = self._ids(ticket)
+                if ids is None:
+                    continue
+                out = core.add(ticket, s._row(ticket, early=False), ids)
+                if out is None:
+                    joining.append(ticket)
+                else:
+                    left.append((ticket, out))
+            s._observe_batch_start(core.handles, plan.admit, now)
+            stepping = core.handles
+            try:
+                left += core.step()
+            except Exception as e:  # noqa: BLE001 - the rows of this forward fail, nobody else
+                core.drop(stepping)
+                for ticket in stepping:
+                    self._release(ticket)
+                s._fail_batch(stepping, e)
+            finished = time.monotonic()
+            for ticket, out in left:
+                self._release(ticket)
+                run_s = finished - (ticket.started_at or finished)
+                s._batch_seconds = 0.95 * s._batch_seconds + 0.05 * run_s
+                if out.aborted:
+                    s._end_aborted(ticket, out)
+                else:
+                    s._complete(ticket, out)
+            stats = core.last
+            s._observer.batch_finished(size=stats.rows, steps=1,
+                                       generated_tokens=stats.decodes + len(joining))
+            s.parked = len(self._parked)
+        # Stopped: stop() has failed whatever was still running or parked.
+
+    def _ids(self, ticket: Ticket) -> list[int] | None:
+        """The request as token ids, its soft prompt's rows pinned; None if it failed."""
+        req = ticket.request
+        if req.adapter_id is None or ticket.embeds is None:
+            return list(req.prompt_ids)
+        assert ticket.version is not None
+        entry = self._table.acquire(req.namespace, req.adapter_id, ticket.version)
+        if entry is None:
+            entry = self._table.insert(req.namespace, req.adapter_id, ticket.version,
+                                       ticket.embeds)
+        if entry is None:
+            self._s._fail(ticket, QueueFullError(
+                "the prompt table is full of soft prompts in use; retry shortly "
+                "(or raise --prompt-cache-bytes)", retry_after_s=1.0))
+            return None
+        self._entries[id(ticket)] = entry
+        return [*entry.ids, *req.prompt_ids]
+
+    def _release(self, ticket: Ticket) -> None:
+        entry = self._entries.pop(id(ticket), None)
+        if entry is not None:
+            self._table.release(entry)
+
+    def _forget_dead_parked(self) -> None:
+        """Preempted rows whose request ended meanwhile (aborted, failed) are dropped."""
+        from server.engine.tickets import TicketState
+
+        for key, row in list(self._parked.items()):
+            if row.handle.state is TicketState.DONE:
+                del self._parked[key]
+                self._release(row.handle)
+
+
+def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
+               prompt_cache_bytes: int, max_len: int | None = None,
+               ) -> tuple[EngineCore[Ticket], PromptTable]:
+    """The core for a loaded decoder-only model: its input embedding wrapped once with a prompt
+    table, a KV cache of one slot per batch row. Raises if the model cannot run it (the caller
+    then runs another loop; the model is restored first)."""
+    from server.engine.core.kv_cache import SlotKVCache, cache_shape
+    from server.engine.core.prompt_table import install
+
+    model = loaded.model
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError("seq2seq models run static batching")
+    embedding = model.get_input_embeddings()
+    vocab, hidden = (int(n) for n in embedding.weight.shape)
+    positions = _max_positions(model.config)
+    length = min(max_len or positions, positions)
+    table = PromptTable(vocab_size=vocab, hidden=hidden, capacity_bytes=prompt_cache_bytes,
+                        dtype=loaded.dtype, device=loaded.device)
+    cache = SlotKVCache(cache_shape(model.config), slots=max_batch_size, max_len=length,
+                        dtype=loaded.dtype, device=loaded.device)
+    original = model.config._attn_implementation
+    install(model, table)
+    try:
+        core: EngineCore[Ticket] = EngineCore(model, loaded.tokenizer, cache,
+                                              max_batch_tokens=max_batch_tokens,
+                                              max_rows=max_batch_size)
+        _probe(core, vocab)
+    except BaseException:
+        model.set_input_embeddings(embedding)
+        model.set_attn_implementation(original)
+        raise
+    return core, table
+
+
+def _max_positions(config: Any) -> int:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if (value := getattr(config, name, None)) is not None:
+            return int(value)
+    return 2048
+
+
+def _probe(core: EngineCore[Any], vocab: int) -> None:
+    """Two rows, a prefill and a decode step; raises if the model's attention does not go
+    through the core's cache (the decode would not see the prefill)."""
+    from server.engine.generation import BatchRow
+    from server.engine.interface import SamplingParams
+
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    for handle, ids in enumerate(([0], [min(1, vocab - 1), 0])):
+        core.add(handle, BatchRow(ids, None, params), ids)  # type: ignore[arg-type]
+    while len(core):
+        core.step()
+    if core._cache.calls == 0:
+        raise RuntimeError("the model's attention does not go through transformers' attention "
+                           "interface")
+    if core._cache.free_slots != core._cache.slots:
+        raise RuntimeError("the engine core's probe left slots in use")

@@ -1,0 +1,217 @@
+"""Soft prompts resident on the device as rows of one table, named by reserved token ids.
+
+A request of an adapter compiles to plain token ids: the adapter's virtual tokens are ids at or
+above the vocabulary size, each naming one row of this table, followed by the text's ids. The
+model's input embedding is wrapped once (VirtualTokenEmbedding) so that the lookup of both kinds
+runs inside the model's forward, and so inside a captured graph; every architecture embeds its
+ids through that module, so a soft prompt reaches the model exactly where PEFT puts it.
+
+The table is the prompt cache: an LRU of adapters bounded in bytes (`--prompt-cache-bytes`),
+each entry a set of rows. An id is `vocab + generation * capacity + row`, where `generation` is
+unique to one insertion: the embedding reads row `(id - vocab) % capacity`, and an id never
+names anything else, so a slot reused by another adapter (or by a new version of the same one)
+can never be matched by an old id, in this table or in any cache keyed by ids. Rows of an entry
+that requests still use are pinned: they are not evicted, and an entry invalidated while pinned
+(its adapter overwritten or deleted) leaves the index at once but keeps its rows until the last
+request holding it finishes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.observer import CacheEvent, EngineObserver, NullObserver
+
+
+@dataclass(eq=False)
+class TableEntry:
+    """One adapter version's rows. `ids` is what a request puts before its text's ids."""
+
+    key: tuple[str, str]  # (namespace, adapter_id)
+    version: str
+    rows: torch.Tensor  # [num_virtual_tokens] long, on the table's device
+    ids: tuple[int, ...]
+    nbytes: int
+    pins: int = 0
+    indexed: bool = True  # False once evicted or invalidated: freed when unpinned
+    _row_list: list[int] = field(default_factory=list, repr=False)
+
+
+@dataclass(frozen=True)
+class TableStats:
+    hits: int
+    misses: int
+    evictions: int
+    resident_adapters: int
+    resident_bytes: int
+    capacity_rows: int
+    free_rows: int
+
+
+class PromptTable:
+    """Thread-safe: the engine thread looks up and releases, loader threads insert, API calls
+    invalidate. Writes of an entry's rows happen before its ids are handed out, and only to rows
+    no handed-out id names, so a forward reading the table never sees a row change under it."""
+
+    def __init__(self, *, vocab_size: int, hidden: int, capacity_bytes: int,
+                 dtype: torch.dtype, device: torch.device | str,
+                 observer: EngineObserver | None = None) -> None:
+        row_bytes = hidden * torch.empty((), dtype=dtype).element_size()
+        self.vocab_size = vocab_size
+        self.capacity = max(1, capacity_bytes // row_bytes)  # rows
+        self.row_bytes = row_bytes
+        self.weight = torch.zeros(self.capacity, hidden, dtype=dtype, device=device)
+        self._free = list(range(self.capacity - 1, -1, -1))  # a stack: low rows first
+        self._entries: OrderedDict[tuple[str, str], TableEntry] = OrderedDict()
+        self._generation = 0
+        self._hits = self._misses = self._evictions = 0
+        self._observer = observer or NullObserver()
+        self._lock = threading.Lock()
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def acquire(self, namespace: str, adapter_id: str, version: str) -> TableEntry | None:
+        """The resident entry of exactly `version`, pinned (a hit); else None (a miss). A
+        resident entry of another version is stale and leaves the index here."""
+        key = (namespace, adapter_id)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.version != version:
+                self._unindex(entry)
+                entry = None
+            if entry is None:
+                self._misses += 1
+            else:
+                self._entries.move_to_end(key)
+                entry.pins += 1
+                self._hits += 1
+        self._observer.cache_event(CacheEvent.MISS if entry is None else CacheEvent.HIT)
+        return entry
+
+    def release(self, entry: TableEntry) -> None:
+        """A request holding `entry` is done; its rows are freed if nothing indexes them."""
+        with self._lock:
+            if entry.pins <= 0:
+                raise RuntimeError("prompt table entry released more often than acquired")
+            entry.pins -= 1
+            if entry.pins == 0 and not entry.indexed:
+                self._free_rows(entry)
+
+    # ---- loading and invalidation -------------------------------------------------------------
+
+    def insert(self, namespace: str, adapter_id: str, version: str,
+               embeds: torch.Tensor) -> TableEntry | None:
+        """Copy `embeds` ([num_virtual_tokens, hidden]) into free rows, evicting unpinned least
+        recently used entries as needed; returns the entry pinned once for the caller, or None
+        when the rows cannot be found (larger than the table, or the rest is pinned)."""
+        n = int(embeds.shape[0])
+        if embeds.dim() != 2 or embeds.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"soft prompt of shape {tuple(embeds.shape)}; expected "
+                             f"[num_virtual_tokens, {self.weight.shape[1]}]")
+        if n == 0 or n > self.capacity:
+            return None
+        evicted = 0
+        key = (namespace, adapter_id)
+        with self._lock:
+            if (old := self._entries.get(key)) is not None:
+                self._unindex(old)
+            while len(self._free) < n:
+                victim = next((e for e in self._entries.values() if e.pins == 0), None)
+                if victim is None:
+                    return None
+                self._unindex(victim)
+                self._evictions += 1
+                evicted += 1
+            rows = [self._free.pop() for _ in range(n)]
+            self._generation += 1
+            base = self.vocab_size + self._generation * self.capacity
+            entry = TableEntry(key=key, version=version, rows=torch.tensor(rows, dtype=torch.long,
+                                                                           device=self.weight.device),
+                               ids=tuple(base + r for r in rows), nbytes=n * self.row_bytes,
+                               pins=1, _row_list=rows)
+            # Written under the lock and before the ids exist anywhere else.
+            self.weight.index_copy_(0, entry.rows, embeds.to(self.weight.device, self.weight.dtype))
+            self._entries[key] = entry
+        for _ in range(evicted):
+            self._observer.cache_event(CacheEvent.EVICTION)
+        return entry
+
+    def invalidate(self, namespace: str, adapter_id: str, *, version: str | None = None) -> bool:
+        """Forget an adapter (deleted or overwritten); True if it was resident. With `version`,
+        only that version. Requests already holding it finish with its rows."""
+        with self._lock:
+            entry = self._entries.get((namespace, adapter_id))
+            if entry is None or (version is not None and entry.version != version):
+                return False
+            self._unindex(entry)
+            return True
+
+    def resident_versions(self) -> dict[tuple[str, str], str]:
+        with self._lock:
+            return {key: entry.version for key, entry in self._entries.items()}
+
+    def contains(self, namespace: str, adapter_id: str) -> bool:
+        with self._lock:
+            return (namespace, adapter_id) in self._entries
+
+    def stats(self) -> TableStats:
+        with self._lock:
+            return TableStats(hits=self._hits, misses=self._misses, evictions=self._evictions,
+                              resident_adapters=len(self._entries),
+                              resident_bytes=sum(e.nbytes for e in self._entries.values()),
+                              capacity_rows=self.capacity, free_rows=len(self._free))
+
+    # ---- internals (under the lock) ----------------------------------------------------------
+
+    def _unindex(self, entry: TableEntry) -> None:
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        entry.indexed = False
+        if entry.pins == 0:
+            self._free_rows(entry)
+
+    def _free_rows(self, entry: TableEntry) -> None:
+        self._free.extend(reversed(entry._row_list))
+        entry._row_list = []
+
+
+class VirtualTokenEmbedding(torch.nn.Module):
+    """The model's input embedding, extended: ids below the vocabulary size are word embeddings,
+    ids at or above it are rows of the prompt table. Shape-static (no data-dependent control
+    flow), so it can be captured in a graph."""
+
+    def __init__(self, base: torch.nn.Module, table: PromptTable) -> None:
+        super().__init__()
+        self.base = base
+        self.table = table
+        self.vocab_size = table.vocab_size
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The word embeddings (tied output embeddings keep pointing at the same tensor)."""
+        return self.base.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.vocab_size
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        virtual = input_ids >= self.vocab_size
+        words = self.base(torch.where(virtual, 0, input_ids))
+        rows = (input_ids - self.vocab_size).clamp(min=0) % self.table.capacity
+        soft = self.table.weight[rows].to(words.dtype)
+        return torch.where(virtual.unsqueeze(-1), soft, words)
+
+
+def install(model: torch.nn.Module, table: PromptTable) -> VirtualTokenEmbedding:
+    """Wrap `model`'s input embedding once, at load; returns the wrapper."""
+    current = model.get_input_embeddings()
+    if isinstance(current, VirtualTokenEmbedding):
+        raise RuntimeError("the model's input embedding is already wrapped")
+    wrapper = VirtualTokenEmbedding(current, table)
+    model.set_input_embeddings(wrapper)
+    return wrapper

@@ -1,0 +1,160 @@
+"""The engine core against the definition: PEFT's get_prompt rows placed before the text's
+embeddings, decoded greedily by full recomputation in float32, token for token.
+
+Rows of different adapters (and bare rows) run in one step, as reserved ids through the
+wrapped input embedding; prompts are cut into chunks by a small token budget, rows join while
+others decode, fewer slots than rows make rows wait, and some rows are preempted mid-output and
+recomputed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from server.engine.core.engine_core import EngineCore
+from server.engine.core.kv_cache import SlotKVCache, cache_shape
+from server.engine.core.prompt_table import PromptTable, install
+from server.engine.generation import BatchRow, InvalidRowError
+from server.engine.interface import FinishReason, SamplingParams
+from tests.factories import load_base, make_adapter
+
+DECODERS = ("gpt2", "llama", "qwen2")
+ADAPTERS = (("prompt_tuning", 3, 1), ("p_tuning_mlp", 9, 2), ("p_tuning_lstm", 5, 3))
+TEXTS = ("Tweet: I love it. Label:", "a", "The quick brown fox jumps over the lazy dog",
+         "Résumé: naïve café ☕")
+# (text, adapter index or None, max_new_tokens)
+REQUESTS = ((0, 0, 12), (1, 1, 9), (2, 2, 14), (3, None, 10), (2, 0, 8), (0, 1, 13),
+            (1, None, 7), (3, 2, 11), (0, 2, 6), (2, 1, 10))
+
+
+def _definition(base, prompt: torch.Tensor | None, text_ids: list[int], n: int) -> list[int]:
+    """Greedy by full recomputation: [prompt rows; text embeddings; drawn tokens' embeddings]."""
+    embed = base.get_input_embeddings()
+    ids = list(text_ids)
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            x = embed(torch.tensor(ids))
+            if prompt is not None:
+                x = torch.cat([prompt, x])
+            logits = base(inputs_embeds=x[None], use_cache=False).logits[0, -1]
+            token = int(logits.argmax())
+            out.append(token)
+            ids.append(token)
+            if token == base.generation_config.eos_token_id:
+                break
+    return out
+
+
+def _peft_prompts(model_dir: Path, root: Path) -> list[torch.Tensor]:
+    """Each adapter's rows as PEFT's get_prompt gives them (the definition's prompt)."""
+    from peft import PeftModel
+
+    prompts = []
+    for i, (kind, n, seed) in enumerate(ADAPTERS):
+        out = make_adapter(model_dir, root / f"a{i}", kind, num_virtual_tokens=n, seed=seed)
+        peft = PeftModel.from_pretrained(load_base(model_dir), str(out)).eval()
+        with torch.inference_mode():
+            prompts.append(peft.get_prompt(batch_size=1)[0].detach().clone())
+    return prompts
+
+
+def _core(model, tokenizer, *, slots: int, budget: int, table_bytes: int = 1 << 20):
+    hidden = model.get_input_embeddings().weight.shape[1]
+    table = PromptTable(vocab_size=model.get_input_embeddings().weight.shape[0], hidden=hidden,
+                        capacity_bytes=table_bytes, dtype=torch.float32, device="cpu")
+    install(model, table)
+    cache = SlotKVCache(cache_shape(model.config), slots=slots, max_len=128,
+                        dtype=torch.float32, device="cpu")
+    return table, EngineCore(model, tokenizer, cache, max_batch_tokens=budget)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_mixed_steps_match_the_definition(arch, tiny_model_dirs, tmp_path):
+    model_dir = tiny_model_dirs[arch]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = _peft_prompts(model_dir, tmp_path)
+    reference = load_base(model_dir)
+    model = load_base(model_dir)
+    table, core = _core(model, tokenizer, slots=4, budget=16)
+    entries = [table.insert("t", f"a{i}", "v1", p) for i, p in enumerate(prompts)]
+
+    outputs: dict[int, object] = {}
+    pending = list(enumerate(REQUESTS))
+    joins = [3, 0, 2, 1, 0, 0, 2]
+    preempted = False
+    prefill_steps = 0
+    for step in range(400):
+        take = joins.pop(0) if joins else len(pending)
+        for i, (text, adapter, n) in pending[:take]:
+            text_ids = tokenizer(TEXTS[text])["input_ids"]
+            virtual = () if adapter is None else entries[adapter].ids
+            row = BatchRow(text_ids, None, SamplingParams(max_new_tokens=n))
+            assert core.add(i, row, [*virtual, *text_ids]) is None
+        pending = pending[take:]
+        if step == 6 and len(core.running) >= 2:  # two rows lose their slot mid-output ...
+            parked = core.preempt([r.handle for r in core.running if r.drawn][:2])
+            preempted = len(parked) == 2
+        if step == 9:  # ... and are recomputed from their ids a few steps later
+            core.resume(parked)
+        outputs.update(core.step())
+        prefill_steps += core.last.decodes > 0 and core.last.prefill_tokens > 0
+        assert core.last.decodes + core.last.prefill_tokens <= 16
+        if not pending and not len(core):
+            break
+    assert preempted and prefill_steps > 0  # decodes and prefill chunks shared forwards
+    assert sorted(outputs) == list(range(len(REQUESTS)))
+    distinct = set()
+    for i, (text, adapter, n) in enumerate(REQUESTS):
+        text_ids = tokenizer(TEXTS[text])["input_ids"]
+        expected = _definition(reference, None if adapter is None else prompts[adapter],
+                               text_ids, n)
+        out = outputs[i]
+        assert not out.aborted, out.error
+        assert list(out.token_ids) == expected, f"{arch} request {i}"
+        eos = expected[-1] == reference.generation_config.eos_token_id
+        assert out.finish_reason is (FinishReason.EOS if eos else FinishReason.LENGTH)
+        distinct.add(tuple(expected))
+    assert len(distinct) > 3  # a degenerate model would make this vacuous
+    assert core._cache.free_slots == 4
+
+
+def test_seeded_rows_draw_the_same_whatever_shares_the_step(tiny_model_dirs):
+    model_dir = tiny_model_dirs["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_base(model_dir)
+    _, core = _core(model, tokenizer, slots=8, budget=64)
+    ids = tokenizer("Once upon a time")["input_ids"]
+
+    def params(seed: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=12, temperature=1.3, top_k=40, top_p=0.95,
+                              seed=seed, ignore_eos=True)
+
+    def run(rows: list[tuple[int, list[int], SamplingParams]]) -> dict[int, tuple[int, ...]]:
+        for handle, prompt, p in rows:
+            core.add(handle, BatchRow(prompt, None, p), prompt)
+        done = {}
+        while len(core):
+            done.update({h: out.token_ids for h, out in core.step()})
+        return done
+
+    alone = run([(0, ids, params(7))])[0]
+    others = [(h, tokenizer(t)["input_ids"], params(100 + h))
+              for h, t in enumerate(["x", "hello there", "abc def ghi", "z" * 20], start=1)]
+    crowded = run([*others[:2], (0, ids, params(7)), *others[2:]])[0]
+    assert alone == crowded
+    assert run([(0, ids, params(8))])[0] != alone  # the seed matters
+
+
+def test_a_row_that_cannot_fit_its_slot_is_refused_alone(tiny_model_dirs):
+    model_dir = tiny_model_dirs["gpt2"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    _, core = _core(load_base(model_dir), tokenizer, slots=2, budget=32)
+    out = core.add(0, BatchRow([1] * 100, None, SamplingParams(max_new_tokens=64)), [1] * 100)
+    assert out is not None and isinstance(out.error, InvalidRowError)
+    assert "128 positions" in str(out.error)
+    assert len(core) == 0
