@@ -5,8 +5,9 @@
 # $OUT/checks.log and the harness JSONs to $OUT, within the tool's 8-file limit. See
 # benchmarks/README.md ("GPU checks in one device call").
 #
-#   STEPS="env parity costs fairness gpu1b" (default; the limits add up to 590 s) or
-#   STEPS="bf16 gpu8b" (550 s); optional: fairlong (fairness with 400-token prompts, 150 s),
+#   STEPS="env parity overhead gpu1b" (default; the limits add up to 540 s) or
+#   STEPS="bf16 gpu8b" (550 s); optional: fairness (120 s), costs (the continuous loop's cost
+#   structure, 90 s), fairlong (fairness with 400-token prompts, 150 s),
 #   fairhttp (fairness through the real server over HTTP, 150 s), fairproc (the same with
 #   --engine-process, 150 s), faircap (fairness with the contended cap CUDA leaves off by
 #   default, --contended-tenant-rows 8: does a GPU need it? 120 s)
@@ -16,7 +17,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${OUT:-/tmp/gpu-checks}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-STEPS=${STEPS:-env parity costs fairness gpu1b}
+STEPS=${STEPS:-env parity overhead gpu1b}
 mkdir -p "$OUT"
 LOG=$OUT/checks.log
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=$PWD
@@ -40,11 +41,13 @@ step() {  # step NAME LIMIT_S COMMAND...
 if [[ $QUICK == 1 ]]; then
     harness=(--layers 1 --requests 4 --adapters 4 --new-tokens 4 --modes engine
              --baselines plain --no-progress)
+    overhead=(--steps 20 --rows 16)
     fair=(--rounds 2 --cycles 1 --backlog 20)
     costs=(--seconds 0.3 --repeats 3)
     bf16=(--rows 4 --new-tokens 4)
 else
     harness=(--no-progress)
+    overhead=()
     fair=(--rounds 20)
     costs=(--seconds 2)
     bf16=()
@@ -58,7 +61,9 @@ print(\"python torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.c
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"-\")
 print(\"transformers\", transformers.__version__, \"peft\", peft.__version__, \"fastapi\", fastapi.__version__, \"pydantic\", pydantic.__version__)"' ;;
         parity) step parity 120 python3 -m pytest -q -p no:cacheprovider -m gpu \
-                    tests/engine/test_generation_parity.py ;;
+                    tests/engine/test_generation_parity.py tests/engine/test_engine_core.py ;;
+        overhead) step overhead 60 python3 -m benchmarks.step_overhead --device "$DEVICE" \
+                      "${overhead[@]}" ;;
         costs) step costs 90 python3 -m benchmarks.engine_costs --device "$DEVICE" "${costs[@]}" ;;
         fairness) step fairness 120 python3 -m benchmarks fairness --device "$DEVICE" \
                       "${fair[@]}" --json "$OUT/fairness.json" ;;
@@ -70,10 +75,11 @@ print(\"transformers\", transformers.__version__, \"peft\", peft.__version__, \"
                       "${fair[@]}" --contended-tenant-rows 8 --json "$OUT/faircap.json" ;;
         fairlong) step fairlong 150 python3 benchmarks/fairness.py --device "$DEVICE" \
                       "${fair[@]}" --prompt-tokens 400 ;;
-        gpu1b) step gpu1b 200 python3 -m benchmarks gpu-1b --device "$DEVICE" "${harness[@]}" \
-                   --json "$OUT/gpu-1b.json" ;;
+        gpu1b) step gpu1b 300 python3 -m benchmarks gpu-1b --device "$DEVICE" "${harness[@]}" \
+                   --batching core --json "$OUT/gpu-1b.json" ;;
         bf16) step bf16 150 python3 -m benchmarks.bf16_agreement --device "$DEVICE" "${bf16[@]}" ;;
         gpu8b) step gpu8b 400 python3 -m benchmarks gpu-8b --device "$DEVICE" "${harness[@]}" \
+                   --batching core \
                    --json "$OUT/gpu-8b.json" ;;
         *) echo "run_checks: unknown step $s" | tee -a "$LOG" ;;
     esac

@@ -1,6 +1,7 @@
 """The baselines, run in the same process and run as the engine: plain Hugging Face generate
-(the cost floor), PEFT one request at a time with set_adapter (what users do today), and PEFT
-batched with a single adapter (the best PEFT can do, but for one tenant only).
+(the cost floor of eager generate), HF's static KV cache with torch.compile (the best a
+Hugging Face user does alone), PEFT one request at a time with set_adapter (what users do
+today), and PEFT batched with a single adapter (the best PEFT can do, but for one tenant only).
 
 All requests arrive at t=0; a request's latency is from t=0 to the end of the generate call
 that produced it, so a queue of sequential requests shows up in the percentiles.
@@ -9,7 +10,8 @@ that produced it, so a queue of sequential requests shows up in the percentiles.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ class _FirstToken(StoppingCriteria):
 
 
 def _generate(model: Any, rows: list[list[int]], new_tokens: int, device: str,
-              pad: int) -> float | None:
+              pad: int, **generate_kw: Any) -> float | None:
     """One generate over equal-length rows, exactly new_tokens each; the first token's time."""
     ids = torch.tensor(rows, device=device)
     first = _FirstToken(device)
@@ -50,7 +52,7 @@ def _generate(model: Any, rows: list[list[int]], new_tokens: int, device: str,
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=pad,
-                             stopping_criteria=StoppingCriteriaList([first]))
+                             stopping_criteria=StoppingCriteriaList([first]), **generate_kw)
     assert out.shape[1] == ids.shape[1] + new_tokens, "generation length was not forced"
     return first.at
 
@@ -71,9 +73,11 @@ class Baselines:
             model_dir, dtype=dtype_of(workload.dtype)).to(self.device).eval()
         self._peft: Any = None
         self._turn = 0
+        self._compiled: Any = None  # hf-static-compile's forward
 
     def runner(self, name: str) -> Callable[[Callable[[int], None]], Run]:
-        return {"plain": self.plain, "peft-sequential": self.peft_sequential,
+        return {"plain": self.plain, "hf-static-compile": self.hf_static_compile,
+                "peft-sequential": self.peft_sequential,
                 "peft-batched": self.peft_batched}[name]
 
     def warm_up(self, name: str) -> None:
@@ -84,6 +88,13 @@ class Baselines:
             filler = [1] * self.w.virtual_tokens
             _generate(self.base, [list(r.prompt_ids) + filler for r in chunk], 2, self.device,
                       self.pad)
+            return
+        if name == "hf-static-compile":  # compiles for the run's shapes: a whole batch
+            filler = [1] * self.w.virtual_tokens
+            with self._static_compiled():
+                _generate(self.base, [list(r.prompt_ids) + filler for r in chunk],
+                          max(r.new_tokens for r in chunk), self.device, self.pad,
+                          cache_implementation="static")
             return
         peft = self._peft_model()
         peft.set_adapter("a0")
@@ -97,6 +108,27 @@ class Baselines:
         max_batch_size in arrival order, each run to its longest request (static batching)."""
         filler = [1 + (i % (self.pad - 1)) for i in range(self.w.virtual_tokens)]
         return self._batched(self.base, lambda r: list(r.prompt_ids) + filler, tick)
+
+    # ---- HF static cache + torch.compile: the best a Hugging Face user does alone ----------
+
+    def hf_static_compile(self, tick: Callable[[int], None]) -> Run:
+        """plain's rows and batches, with transformers' static KV cache and the model's
+        forward compiled with torch.compile(mode="reduce-overhead") (CUDA graphs on CUDA)."""
+        filler = [1 + (i % (self.pad - 1)) for i in range(self.w.virtual_tokens)]
+        with self._static_compiled():
+            return self._batched(self.base, lambda r: list(r.prompt_ids) + filler, tick,
+                                 cache_implementation="static")
+
+    @contextmanager
+    def _static_compiled(self) -> Iterator[None]:
+        if self._compiled is None:
+            self._compiled = torch.compile(self.base.forward, mode="reduce-overhead")
+        original = self.base.forward
+        self.base.forward = self._compiled
+        try:
+            yield
+        finally:
+            self.base.forward = original
 
     # ---- PEFT ---------------------------------------------------------------------------------
 
@@ -168,14 +200,15 @@ class Baselines:
         return self._batched(peft, lambda r: list(r.prompt_ids), tick)
 
     def _batched(self, model: Any, row_of: Callable[[RequestSpec], list[int]],
-                 tick: Callable[[int], None]) -> Run:
+                 tick: Callable[[int], None], **generate_kw: Any) -> Run:
         latencies, ttfts = [], []
         chunks = _chunks(self.requests, self.w.max_batch_size)
         _sync(self.device)
         t0 = time.perf_counter()
         for chunk in chunks:
             first = _generate(model, [row_of(r) for r in chunk],
-                              max(r.new_tokens for r in chunk), self.device, self.pad)
+                              max(r.new_tokens for r in chunk), self.device, self.pad,
+                              **generate_kw)
             _sync(self.device)
             done = time.perf_counter() - t0
             latencies += [done] * len(chunk)

@@ -25,9 +25,11 @@ from benchmarks.harness.results import Run, SystemResult, print_table, report, w
 from benchmarks.harness.workloads import SCENARIOS, WORKLOADS, Workload
 
 MODES = ("engine", "http")
-BASELINES = ("plain", "peft-sequential", "peft-batched")
+BASELINES = ("plain", "hf-static-compile", "peft-sequential", "peft-batched")
 LABELS = {"engine": "engine (in process)", "http": "HTTP server, concurrent clients",
-          "plain": "plain HF generate, no adapters", "peft-sequential": "PEFT one at a time",
+          "plain": "plain HF generate, no adapters",
+          "hf-static-compile": "HF static cache + torch.compile, no adapters",
+          "peft-sequential": "PEFT one at a time",
           "peft-batched": "PEFT batched, single adapter"}
 
 
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--max-wait-ms", type=float, default=50.0,
                    help="server's --max-wait-ms (default 50)")
-    p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+    p.add_argument("--batching", choices=("continuous", "static", "core"),
+                   default="continuous",
                    help="server's --batching (default continuous)")
     p.add_argument("--engine-process", action="store_true",
                    help="the http system's server runs its engine in a child process "

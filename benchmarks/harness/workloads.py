@@ -75,11 +75,13 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("gpu-1b", "Llama shape, 1.1B parameters, bfloat16 on CUDA: 64 concurrent requests "
              "from 64 distinct adapters, 20 virtual tokens, 64 in, 64 out",
              LLAMA_1B, "bfloat16", "cuda", requests=64, adapters=64, virtual_tokens=20,
-             prompt_tokens=64, new_tokens=64, max_batch_size=64, peft_sample=16),
+             prompt_tokens=64, new_tokens=64, max_batch_size=64, peft_sample=16,
+             baselines=("plain", "hf-static-compile", "peft-sequential")),
     Workload("gpu-8b", "Llama-8B shape, bfloat16 on CUDA: 64 concurrent requests from 64 "
              "distinct adapters, 20 virtual tokens, 64 in, 64 out",
              LLAMA_8B, "bfloat16", "cuda", requests=64, adapters=64, virtual_tokens=20,
-             prompt_tokens=64, new_tokens=64, max_batch_size=64, peft_sample=16),
+             prompt_tokens=64, new_tokens=64, max_batch_size=64, peft_sample=16,
+             baselines=("plain", "hf-static-compile", "peft-sequential")),
     Workload("many-adapters", "10,000 stored adapters, requests spread Zipf-like (s=1.1), "
              "prompt cache sized for 1,000: hit rate, cold-load latency, throughput "
              "(GPT-2-small shape, float32 on the CPU)",

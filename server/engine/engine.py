@@ -393,6 +393,21 @@ class Engine:
             "cache_misses": float(cs.misses if cs else 0),
             "cache_evictions": float(cs.evictions if cs else 0),
             "stored_adapters": float(self._stored_count),
+            **self._core_stats(),
+        }
+
+    def _core_stats(self) -> dict[str, float]:
+        """The engine core's KV slots and decode graphs (--batching core), else nothing."""
+        core = self._scheduler.core[0] if self._scheduler and self._scheduler.core else None
+        if core is None:
+            return {}
+        graphs = core.decode_graphs
+        return {
+            "kv_slots": float(core.max_rows),
+            "kv_slots_free": float(core._cache.free_slots),
+            "kv_cache_bytes": float(core._cache.nbytes),
+            "graph_captured_buckets": float(graphs.captured if graphs else 0),
+            "graph_eager_buckets": float(len(graphs.eager_buckets) if graphs else 0),
         }
 
 

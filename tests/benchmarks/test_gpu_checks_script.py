@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_run_checks_quick_mode_logs_every_step_and_writes_the_json(tmp_path) -> None:
     env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "OUT": str(tmp_path),
-           "STEPS": "env fairness faircap nosuchstep",
+           "STEPS": "env overhead fairness faircap nosuchstep",
            # fairlong, fairhttp and fairproc are the same fairness step with other flags
            # (tests/benchmarks/test_fairness_http runs --http); the script calls python3:
            # make it this interpreter (the venv's)
@@ -28,6 +28,7 @@ def test_run_checks_quick_mode_logs_every_step_and_writes_the_json(tmp_path) -> 
     log = (tmp_path / "checks.log").read_text()
     assert "===== env: rc=0" in log and "===== fairness: rc=0" in log
     assert "===== faircap: rc=0" in log
+    assert "===== overhead: rc=0" in log and "host time per decode step" in log
     assert json.loads((tmp_path / "faircap.json").read_text())["result"][
         "contended_tenant_rows"] == 8
     assert "unknown step nosuchstep" in log

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from server.engine.core.decode_graphs import row_bucket, width_bucket
 from server.engine.core.engine_core import EngineCore
 from server.engine.core.kv_cache import SlotKVCache, cache_shape
 from server.engine.core.prompt_table import PromptTable, install
@@ -63,25 +64,39 @@ def _peft_prompts(model_dir: Path, root: Path) -> list[torch.Tensor]:
     return prompts
 
 
-def _core(model, tokenizer, *, slots: int, budget: int, table_bytes: int = 1 << 20):
+def _core(model, tokenizer, *, slots: int, budget: int, table_bytes: int = 1 << 20,
+          device: str = "cpu", **kw):
     hidden = model.get_input_embeddings().weight.shape[1]
     table = PromptTable(vocab_size=model.get_input_embeddings().weight.shape[0], hidden=hidden,
-                        capacity_bytes=table_bytes, dtype=torch.float32, device="cpu")
+                        capacity_bytes=table_bytes, dtype=torch.float32, device=device)
     install(model, table)
-    cache = SlotKVCache(cache_shape(model.config), slots=slots, max_len=128,
-                        dtype=torch.float32, device="cpu")
-    return table, EngineCore(model, tokenizer, cache, max_batch_tokens=budget)
+    padded = kw.get("pad_decodes") or kw.get("graphs") or device == "cuda"
+    cache = SlotKVCache(cache_shape(model.config), slots=slots + bool(padded), max_len=128,
+                        dtype=torch.float32, device=device)
+    return table, EngineCore(model, tokenizer, cache, max_batch_tokens=budget, **kw)
 
 
-@pytest.mark.parametrize("arch", DECODERS)
-def test_mixed_steps_match_the_definition(arch, tiny_model_dirs, tmp_path):
+# Decode steps as they run on CUDA (padded to row and width buckets, a scratch slot for the
+# padding rows), and with a capture that fails (no CUDA here): every bucket falls back to eager.
+DECODE_MODES = {"exact": {}, "padded": {"pad_decodes": True},
+                "capture-fails": {"graphs": True}, "cuda-graphs": {"device": "cuda"}}
+CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+CASES = [*((arch, "exact") for arch in DECODERS), ("llama", "padded"),
+         ("gpt2", "capture-fails"),
+         *(pytest.param(arch, "cuda-graphs", marks=CUDA) for arch in DECODERS)]
+
+
+@pytest.mark.parametrize(("arch", "decode"), CASES)
+def test_mixed_steps_match_the_definition(arch, decode, tiny_model_dirs, tmp_path, caplog):
     model_dir = tiny_model_dirs[arch]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = _peft_prompts(model_dir, tmp_path)
     reference = load_base(model_dir)
-    model = load_base(model_dir)
-    table, core = _core(model, tokenizer, slots=4, budget=16)
-    entries = [table.insert("t", f"a{i}", "v1", p) for i, p in enumerate(prompts)]
+    mode = DECODE_MODES[decode]
+    model = load_base(model_dir).to(mode.get("device", "cpu"))
+    prompts_on = [p.to(mode.get("device", "cpu")) for p in prompts]
+    table, core = _core(model, tokenizer, slots=4, budget=16, **mode)
+    entries = [table.insert("t", f"a{i}", "v1", p) for i, p in enumerate(prompts_on)]
 
     outputs: dict[int, object] = {}
     pending = list(enumerate(REQUESTS))
@@ -121,6 +136,14 @@ def test_mixed_steps_match_the_definition(arch, tiny_model_dirs, tmp_path):
         distinct.add(tuple(expected))
     assert len(distinct) > 3  # a degenerate model would make this vacuous
     assert core._cache.free_slots == 4
+    graphs = core.decode_graphs
+    if decode == "exact":
+        assert graphs is None
+    elif decode == "capture-fails":
+        assert graphs.eager_buckets and graphs.captured == 0
+        assert "CUDA graph capture failed" in caplog.text
+    elif decode == "cuda-graphs":  # decode steps were replayed from captured graphs
+        assert graphs.captured > 0 and not graphs.eager_buckets, caplog.text
 
 
 def test_seeded_rows_draw_the_same_whatever_shares_the_step(tiny_model_dirs):
@@ -158,3 +181,9 @@ def test_a_row_that_cannot_fit_its_slot_is_refused_alone(tiny_model_dirs):
     assert out is not None and isinstance(out.error, InvalidRowError)
     assert "128 positions" in str(out.error)
     assert len(core) == 0
+
+
+def test_buckets_cover_every_row_count_and_width():
+    assert [row_bucket(n, 64) for n in (1, 2, 3, 5, 16, 17, 25, 64, 70)] == [
+        1, 2, 4, 8, 16, 24, 32, 64, 64]
+    assert [width_bucket(n, 1000) for n in (1, 64, 65, 300, 999)] == [64, 64, 128, 512, 1000]

@@ -9,9 +9,12 @@ whole step is one batch of tensor ops of fixed shape, which a captured graph can
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from server.engine.interface import SamplingParams
 
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
 _MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
@@ -73,3 +76,49 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, eos: torch.Tensor) -> tor
     pick = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=scores.shape[-1] - 1)
     drawn = order.gather(-1, pick)[:, 0]
     return torch.where(hot, drawn, greedy)
+
+
+class SlotSampling:
+    """Each KV slot's sampling parameters, resident on the device: written once when a row
+    takes the slot, gathered by slot index at each step, so a step sends only the rows' slots
+    and draw counters to the device."""
+
+    def __init__(self, slots: int, device: torch.device | str) -> None:
+        self.temperature = torch.zeros(slots, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(slots, dtype=torch.long, device=device)
+        self.top_p = torch.ones(slots, dtype=torch.float32, device=device)
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
+        self.ban_eos = torch.zeros(slots, dtype=torch.bool, device=device)
+
+    def assign(self, slots: Sequence[int], params: Sequence[SamplingParams],
+               seeds: Sequence[int]) -> None:
+        """Rows taking these slots (one copy to the device per kind of parameter)."""
+        if not slots:
+            return
+        device = self.seeds.device
+        at = torch.tensor(list(slots), dtype=torch.long, device=device)
+        self.temperature[at] = torch.tensor([p.temperature for p in params],
+                                            dtype=torch.float32, device=device)
+        self.top_k[at] = torch.tensor([p.top_k for p in params], dtype=torch.long,
+                                      device=device)
+        self.top_p[at] = torch.tensor([p.top_p for p in params], dtype=torch.float32,
+                                      device=device)
+        self.seeds[at] = torch.tensor(list(seeds), dtype=torch.long, device=device)
+        self.ban_eos[at] = torch.tensor([p.ignore_eos for p in params], dtype=torch.bool,
+                                        device=device)
+
+    def batch(self, slots: torch.Tensor, counters: torch.Tensor) -> SamplingBatch:
+        """The parameters of the rows in these slots ([rows] long each)."""
+        return SamplingBatch(temperature=self.temperature[slots], top_k=self.top_k[slots],
+                             top_p=self.top_p[slots], seeds=self.seeds[slots],
+                             counters=counters, ban_eos=self.ban_eos[slots])
+
+
+def greedy(logits: torch.Tensor, ban_eos: torch.Tensor | None, eos: torch.Tensor) -> torch.Tensor:
+    """Every row's argmax [rows] (float32 comparison); `ban_eos` [rows] bool or None."""
+    scores = logits.float()
+    if ban_eos is not None and eos.numel():
+        banned = torch.zeros_like(scores, dtype=torch.bool)
+        banned[:, eos] = True
+        scores = scores.masked_fill(banned & ban_eos[:, None], float("-inf"))
+    return scores.argmax(dim=-1)

@@ -31,7 +31,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from server.engine.core.device_sampling import SamplingBatch, sample
+from server.engine.core.decode_graphs import DecodeGraphs
+from server.engine.core.device_sampling import SlotSampling, greedy, sample
 from server.engine.core.kv_cache import Prefill, SlotKVCache, StepLayout
 from server.engine.generation import (
     ABORTED,
@@ -83,7 +84,11 @@ class EngineCore(Generic[H]):
     through transformers' attention interface (GPT-2, Llama, Qwen2 and most others)."""
 
     def __init__(self, model: Any, tokenizer: Any, cache: SlotKVCache, *,
-                 max_batch_tokens: int, max_rows: int | None = None) -> None:
+                 max_batch_tokens: int, max_rows: int | None = None,
+                 graphs: bool | None = None, pad_decodes: bool | None = None) -> None:
+        """`graphs`: capture decode steps as CUDA graphs (default: on CUDA). `pad_decodes`:
+        run decode steps at bucketed shapes even without graphs (default: with graphs); it
+        takes one slot of the cache as scratch for the padding rows."""
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be at least 1")
         self._model = model
@@ -96,6 +101,16 @@ class EngineCore(Generic[H]):
         self._device = model.get_input_embeddings().weight.device
         self._eos = torch.tensor(sorted(self._eos_ids), dtype=torch.long, device=self._device)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        capture = self._device.type == "cuda" if graphs is None else graphs
+        pad = capture if pad_decodes is None else pad_decodes
+        self.decode_graphs: DecodeGraphs | None = None
+        if capture or pad:
+            scratch = cache.reserve()
+            self.max_rows = min(self.max_rows, cache.slots - 1)
+            self.decode_graphs = DecodeGraphs(self._decode_forward, cache,
+                                              max_rows=self.max_rows, scratch_slot=scratch,
+                                              capture=capture, pad=pad)
+        self._slot_params = SlotSampling(cache.slots, self._device)
         self.running: list[CoreRow[H]] = []  # rows holding a slot, in admission order
         self.waiting: list[CoreRow[H]] = []  # rows without a slot, in the order they run
         self.last = StepStats(0, 0, 0)
@@ -174,6 +189,9 @@ class EngineCore(Generic[H]):
                 sampled.append(row)
         device = self._device
         n_dec = len(decodes)
+        if not chunks and self.decode_graphs is not None:
+            logits = self.decode_graphs.run(ids, positions, [row.slot for row, _ in decodes])
+            return self._after_forward(plan, sampled, logits, n_dec, len(ids), left)
         lengths = [row.computed + 1 for row, _ in decodes]
         self._cache.layout = StepLayout(
             write_index=torch.tensor(write, dtype=torch.long, device=device),
@@ -186,12 +204,18 @@ class EngineCore(Generic[H]):
             logits = self._forward(ids, positions, logit_at)
         finally:
             self._cache.layout = None
+        return self._after_forward(plan, sampled, logits, n_dec, len(ids), left)
+
+    def _after_forward(self, plan: list[tuple[CoreRow[H], int]], sampled: list[CoreRow[H]],
+                       logits: torch.Tensor, decodes: int, tokens: int,
+                       left: list[tuple[H, RowOutput]]) -> list[tuple[H, RowOutput]]:
+        """Draw the sampled rows' tokens and hand each to its row; returns the rows that left."""
         for row, take in plan:
             row.computed += take
-        self.last = StepStats(n_dec, len(ids) - n_dec, len(plan))
+        self.last = StepStats(decodes, tokens - decodes, len(plan))
         if not sampled:
             return left
-        tokens = sample(logits, self._sampling_batch(sampled), self._eos).tolist()
+        tokens = self._draw(logits, sampled).tolist()  # the step's one copy to the host
         for row, token in zip(sampled, tokens, strict=True):
             row.tokens.append(token)
             row.state.step(token)
@@ -221,6 +245,7 @@ class EngineCore(Generic[H]):
         """(row, tokens it feeds) for this step: every decode, then prefill chunks."""
         budget = self.max_batch_tokens
         plan: list[tuple[CoreRow[H], int]] = []
+        joined: list[CoreRow[H]] = []
         for row in self.running:
             if not row.prefilling and budget > 0:
                 plan.append((row, 1))
@@ -235,9 +260,12 @@ class EngineCore(Generic[H]):
             row = self.waiting.pop(0)
             row.slot, row.computed = slot, 0
             self.running.append(row)
+            joined.append(row)
             take = min(len(row.tokens), budget)
             plan.append((row, take))
             budget -= take
+        self._slot_params.assign([r.slot for r in joined],
+                                 [r.state.row.params for r in joined], [r.seed for r in joined])
         return plan
 
     def _forward(self, ids: list[int], positions: list[int], logit_at: list[int]) -> Any:
@@ -253,18 +281,26 @@ class EngineCore(Generic[H]):
         logits = out.logits[0]
         return logits if self._keep_arg else logits.index_select(0, at)
 
-    def _sampling_batch(self, rows: Sequence[CoreRow[H]]) -> SamplingBatch:
-        device = self._device
+    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """A decode step's forward for DecodeGraphs: every token's logits [rows, vocab]."""
+        out = self._model(input_ids=ids, position_ids=positions, use_cache=False,
+                          return_dict=True)
+        return out.logits[0]
+
+    def _draw(self, logits: torch.Tensor, rows: Sequence[CoreRow[H]]) -> torch.Tensor:
+        """Each row's next token [rows] on the device. What the host knows decides the path:
+        all greedy (the usual case) is one argmax; otherwise the rows' parameters are
+        gathered from their slots."""
         params = [row.state.row.params for row in rows]
-        return SamplingBatch(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32,
-                                     device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            seeds=torch.tensor([row.seed for row in rows], dtype=torch.long, device=device),
-            counters=torch.tensor([row.drawn for row in rows], dtype=torch.long, device=device),
-            ban_eos=torch.tensor([p.ignore_eos for p in params], dtype=torch.bool,
-                                 device=device))
+        if all(p.temperature == 0 for p in params):
+            ban = None
+            if any(p.ignore_eos for p in params):
+                ban = torch.tensor([p.ignore_eos for p in params], dtype=torch.bool,
+                                   device=self._device)
+            return greedy(logits, ban, self._eos)
+        index = torch.tensor([[row.slot for row in rows], [row.drawn for row in rows]],
+                             dtype=torch.long).to(self._device, non_blocking=True)
+        return sample(logits, self._slot_params.batch(index[0], index[1]), self._eos)
 
     def _release(self, row: CoreRow[H]) -> None:
         if row.slot is not None:

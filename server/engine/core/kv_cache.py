@@ -117,6 +117,12 @@ class SlotKVCache:
     def free_slots(self) -> int:
         return len(self._free)
 
+    def reserve(self) -> int:
+        """Take a slot out of use for good (a scratch slot for padding rows to write into)."""
+        if not self._free:
+            raise ValueError("no slot left to reserve")
+        return self._free.pop(0)
+
     def allocate(self) -> int | None:
         """A free slot, or None when all are taken."""
         return self._free.pop() if self._free else None

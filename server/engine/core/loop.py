@@ -135,7 +135,8 @@ def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
     length = min(max_len or positions, positions)
     table = PromptTable(vocab_size=vocab, hidden=hidden, capacity_bytes=prompt_cache_bytes,
                         dtype=loaded.dtype, device=loaded.device)
-    cache = SlotKVCache(cache_shape(model.config), slots=max_batch_size, max_len=length,
+    # One slot more than rows: decode steps padded to a bucket (CUDA graphs) write into it.
+    cache = SlotKVCache(cache_shape(model.config), slots=max_batch_size + 1, max_len=length,
                         dtype=loaded.dtype, device=loaded.device)
     original = model.config._attn_implementation
     install(model, table)

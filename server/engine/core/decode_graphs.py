@@ -1,0 +1,147 @@
+"""Decode-only steps at fixed shapes, captured once per bucket as CUDA graphs and replayed.
+
+A decode step's work depends only on how many rows decode and how far back they attend, so
+rows are padded up to a bucket (1, 2, 4, 8, 16, 24, 32, ... rows) and attention to a width
+bucket (a power of two, at least 64 positions, at most the slot's length). The step's inputs
+live in persistent device buffers that the graph reads: token ids, positions, cache indices,
+slots and lengths. Padding rows decode token 0 at position 0 of a scratch slot no row owns,
+so they write nowhere that is read.
+
+On CUDA each (rows, width) bucket is captured the first time it is needed, after two warm-up
+runs on a side stream; replaying it launches the whole forward at once, which is what a
+launch-bound decode step needs. If a capture fails the bucket runs eagerly from then on: the
+log says so once and the `graph_eager_buckets` gauge counts it; no request fails because of
+it. Elsewhere (the CPU) the same path runs eagerly, padded only when asked (the tests pad to
+exercise the buckets).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from server.engine.core.kv_cache import SlotKVCache, StepLayout
+
+log = logging.getLogger(__name__)
+
+MIN_WIDTH = 64
+
+
+def row_bucket(n: int, most: int) -> int:
+    """The bucket of n rows: powers of two up to 16, then multiples of 8; at most `most`."""
+    bucket = 1 << max(0, (n - 1).bit_length()) if n <= 16 else -(-n // 8) * 8
+    return min(bucket, most)
+
+
+def width_bucket(n: int, most: int) -> int:
+    return min(max(MIN_WIDTH, 1 << max(0, (n - 1).bit_length())), most)
+
+
+class DecodeGraphs:
+    """Owned by the engine thread. `forward(ids [1, rows], positions [1, rows])` runs the model
+    and returns logits [rows, vocab]; the cache's layout is set around it."""
+
+    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 cache: SlotKVCache, *, max_rows: int, scratch_slot: int, capture: bool,
+                 pad: bool | None = None) -> None:
+        self._forward = forward
+        self._cache = cache
+        self.max_rows = max_rows
+        self._scratch = scratch_slot
+        self.capture = capture
+        self.pad = capture if pad is None else pad
+        device = cache.keys[0].device
+        self._device = device
+
+        def buffer() -> torch.Tensor:
+            return torch.zeros(max_rows, dtype=torch.long, device=device)
+
+        self._ids, self._positions, self._write = buffer(), buffer(), buffer()
+        self._slots, self._lengths = buffer(), buffer()
+        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self.eager_buckets: set[tuple[int, int]] = set()
+        self._pool: Any = None
+
+    @property
+    def captured(self) -> int:
+        return len(self._graphs)
+
+    def run(self, ids: Sequence[int], positions: Sequence[int],
+            slots: Sequence[int]) -> torch.Tensor:
+        """One decode step for len(ids) rows (each row's token, its position and its slot);
+        logits [rows, vocab]."""
+        n = len(ids)
+        if not 0 < n <= self.max_rows:
+            raise ValueError(f"a decode step of {n} rows; this runner takes 1 to {self.max_rows}")
+        rows = row_bucket(n, self.max_rows) if self.pad else n
+        longest = max(positions) + 1
+        width = width_bucket(longest, self._cache.max_len) if self.pad else longest
+        max_len = self._cache.max_len
+        pad = rows - n
+        host = torch.tensor(
+            [[*ids, *[0] * pad],
+             [*positions, *[0] * pad],
+             [*(s * max_len + p for s, p in zip(slots, positions, strict=True)),
+              *[self._scratch * max_len] * pad],
+             [*slots, *[self._scratch] * pad],
+             [*(p + 1 for p in positions), *[1] * pad]], dtype=torch.long)
+        staged = host.to(self._device, non_blocking=True)
+        for buffer, row in zip((self._ids, self._positions, self._write, self._slots,
+                                self._lengths), staged, strict=True):
+            buffer[:rows].copy_(row)
+        key = (rows, width)
+        if self.capture and key not in self.eager_buckets:
+            graph = self._graphs.get(key) or self._try_capture(key)
+            if graph is not None:
+                graph[0].replay()
+                return graph[1][:n]
+        return self._eager(rows, width)[:n]
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _layout(self, rows: int, width: int) -> StepLayout:
+        return StepLayout(write_index=self._write[:rows], decodes=rows,
+                          decode_slots=self._slots[:rows], decode_lengths=self._lengths[:rows],
+                          decode_width=width)
+
+    def _eager(self, rows: int, width: int) -> torch.Tensor:
+        self._cache.layout = self._layout(rows, width)
+        try:
+            return self._forward(self._ids[:rows][None], self._positions[:rows][None])
+        finally:
+            self._cache.layout = None
+
+    def _try_capture(self, key: tuple[int, int]) -> tuple[Any, torch.Tensor] | None:
+        """Capture this bucket; None (and eager from now on) if capturing fails. The warm-up
+        runs read the buffers as they are now, this step's inputs, so what they write into
+        the cache is exactly what the replay writes."""
+        rows, width = key
+        try:
+            side = torch.cuda.Stream(device=self._device)
+            side.wait_stream(torch.cuda.current_stream(self._device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._eager(rows, width)
+            torch.cuda.current_stream(self._device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            self._cache.layout = self._layout(rows, width)
+            try:
+                with torch.cuda.graph(graph, pool=self._pool):
+                    logits = self._forward(self._ids[:rows][None], self._positions[:rows][None])
+            finally:
+                self._cache.layout = None
+        except Exception as e:  # noqa: BLE001 - eager still serves this bucket
+            self.eager_buckets.add(key)
+            log.warning("CUDA graph capture failed for decode steps of %d rows over %d "
+                        "positions (%s: %s); that bucket runs eagerly", rows, width,
+                        type(e).__name__, e)
+            return None
+        self._graphs[key] = (graph, logits)
+        log.info("captured a CUDA graph for decode steps of %d rows over %d positions",
+                 rows, width)
+        return self._graphs[key]

@@ -1,0 +1,70 @@
+"""Sampling on the device: the draws follow the distribution the parameters define, and a
+row's draw depends only on its seed and its token index."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.core.device_sampling import SamplingBatch, greedy, sample, uniforms
+
+EOS = torch.tensor([2])
+
+
+def _batch(n: int, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           seeds: torch.Tensor | None = None, counters: torch.Tensor | None = None,
+           ban_eos: bool = False) -> SamplingBatch:
+    return SamplingBatch(temperature=torch.full((n,), temperature), top_k=torch.full((n,), top_k),
+                         top_p=torch.full((n,), top_p),
+                         seeds=torch.arange(n) if seeds is None else seeds,
+                         counters=(torch.zeros(n, dtype=torch.long) if counters is None
+                                   else counters),
+                         ban_eos=torch.full((n,), ban_eos))
+
+
+def test_uniforms_are_in_range_deterministic_and_spread():
+    seeds = torch.arange(10_000)
+    u = uniforms(seeds, torch.zeros_like(seeds))
+    assert torch.equal(u, uniforms(seeds, torch.zeros_like(seeds)))
+    assert float(u.min()) >= 0 and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    assert not torch.equal(u, uniforms(seeds, torch.ones_like(seeds)))  # the counter matters
+    huge = torch.tensor([2**63 - 1, -(2**63)])  # any 64-bit seed
+    assert torch.isfinite(uniforms(huge, torch.zeros(2, dtype=torch.long))).all()
+
+
+def test_draws_follow_the_tempered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20_000, 1)
+    drawn = sample(logits, _batch(20_000, temperature=0.7), torch.tensor([], dtype=torch.long))
+    freq = torch.bincount(drawn, minlength=4).float() / 20_000
+    expected = (logits[0] / 0.7).softmax(-1)
+    assert torch.allclose(freq, expected, atol=0.015), (freq, expected)
+
+
+def test_top_k_and_top_p_keep_only_the_best_tokens():
+    logits = torch.tensor([[0.0, 3.0, 2.9, 1.0, 2.8]]).repeat(4000, 1)
+    none = torch.tensor([], dtype=torch.long)
+    assert set(sample(logits, _batch(4000, top_k=2), none).tolist()) == {1, 2}
+    # p=0.5: token 1 (about 0.36) is not enough alone, 1 and 2 (about 0.69) are
+    assert set(sample(logits, _batch(4000, top_p=0.5), none).tolist()) == {1, 2}
+    assert set(sample(logits, _batch(4000, top_k=1), none).tolist()) == {1}  # greedy
+
+
+def test_temperature_zero_rows_are_greedy_and_eos_can_be_banned():
+    logits = torch.tensor([[0.0, 0.0, 5.0, 1.0]] * 3)
+    batch = _batch(3, temperature=0.0)
+    assert sample(logits, batch, EOS).tolist() == [2, 2, 2]
+    batch.ban_eos = torch.tensor([True, False, True])
+    assert sample(logits, batch, EOS).tolist() == [3, 2, 3]
+    assert greedy(logits, torch.tensor([True, False, True]), EOS).tolist() == [3, 2, 3]
+    assert greedy(logits, None, EOS).tolist() == [2, 2, 2]
+
+
+def test_a_rows_draw_does_not_depend_on_its_neighbours():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    seeds, counters = torch.tensor([5, 6, 7, 8, 9, 10]), torch.tensor([0, 3, 1, 4, 1, 9])
+    together = sample(logits, _batch(6, seeds=seeds, counters=counters), EOS)
+    for i in range(6):
+        alone = sample(logits[i:i + 1], _batch(1, seeds=seeds[i:i + 1],
+                                               counters=counters[i:i + 1]), EOS)
+        assert int(alone) == int(together[i])
