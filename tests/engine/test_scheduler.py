@@ -14,6 +14,7 @@ import pytest
 
 from adapters_store import LocalAdapterStore
 from server.engine import generation
+from server.engine.core.engine_core import EngineCore
 from server.engine.decoding import RunningBatch
 from server.engine.errors import EngineNotReadyError, GenerationError, QueueFullError
 from server.engine.fairness import FifoPolicy
@@ -45,7 +46,7 @@ def adapters(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
             for name, n, seed in (("cold", 4, 11), ("warm", 3, 12))}
 
 
-@pytest.fixture(params=["continuous", "static"])
+@pytest.fixture(params=["continuous", "static", "core"])
 async def gated(request, tiny_model_dirs, tmp_path, adapters):
     store = GatedStore(tmp_path / "store")
     observer = RecordingObserver()
@@ -139,11 +140,20 @@ async def test_shutdown_fails_what_cannot_finish_in_time(gated) -> None:
     gate.set()
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static"])
+@pytest.mark.parametrize("batching", ["continuous", "static", "core"])
 async def test_a_failing_batch_fails_only_its_requests(batching, tiny_model_dirs, tmp_path,
                                                        monkeypatch, caplog) -> None:
     poison = 7  # a token id only the poisoned request carries
-    if batching == "static":
+    if batching == "core":
+        real_step = EngineCore.step
+
+        def core_step(self):
+            if any(poison in row.tokens for row in (*self.running, *self.waiting)):
+                raise RuntimeError("simulated device failure")
+            return real_step(self)
+
+        monkeypatch.setattr(EngineCore, "step", core_step)
+    elif batching == "static":
         real = generation.run_batch
 
         def run_batch(model, tokenizer, rows):
@@ -207,7 +217,7 @@ async def test_a_failing_step_fails_the_running_rows_and_the_engine_goes_on(
         await eng.aclose(10)
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static"])
+@pytest.mark.parametrize("batching", ["continuous", "static", "core"])
 async def test_batches_are_bounded_and_fifo(batching, tiny_model_dirs, tmp_path) -> None:
     observer = RecordingObserver()
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=3,
@@ -256,15 +266,16 @@ def _long(eng, text: str, tenant: str, tokens: int):
     return request(eng, text, None, namespace=tenant, max_new_tokens=tokens, ignore_eos=True)
 
 
-@pytest.mark.parametrize("policy", ["fair", "fifo"])
-async def test_a_full_batch_makes_room_for_another_tenant(policy, tiny_model_dirs,
+@pytest.mark.parametrize(("policy", "batching"), [("fair", "continuous"), ("fifo", "continuous"),
+                                                 ("fair", "core")])
+async def test_a_full_batch_makes_room_for_another_tenant(policy, batching, tiny_model_dirs,
                                                           tmp_path) -> None:
     """Continuous batching: tenant a's long rows fill the batch. With the fair (default)
     policy tenant b's short request parks one of them and is answered while a's rows are still
-    decoding; the parked row then resumes where it stopped and every output equals its output
-    alone. FIFO makes b wait for a's rows."""
+    decoding; the parked row then resumes where it stopped (the engine core recomputes it) and
+    every output equals its output alone. FIFO makes b wait for a's rows."""
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=2, max_wait_ms=50,
-                      policy=FifoPolicy() if policy == "fifo" else None)
+                      policy=FifoPolicy() if policy == "fifo" else None, batching=batching)
     try:
         texts = ("abc", "de")
         alone = [await eng.generate(_long(eng, t, "a", 120)) for t in texts]
@@ -340,8 +351,10 @@ async def test_a_static_batch_formed_beside_another_tenant_holds_the_cap(
         await eng.aclose(10)
 
 
-async def test_a_parked_request_can_be_aborted(tiny_model_dirs, tmp_path) -> None:
-    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=2, max_wait_ms=50)
+@pytest.mark.parametrize("batching", ["continuous", "core"])
+async def test_a_parked_request_can_be_aborted(batching, tiny_model_dirs, tmp_path) -> None:
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=2, max_wait_ms=50,
+                      batching=batching)
     try:
         a_tasks = [asyncio.ensure_future(eng.generate(_long(eng, t, "a", 400)))
                    for t in ("abc", "de")]

@@ -169,35 +169,39 @@ class EngineCore(Generic[H]):
     def step(self) -> list[tuple[H, RowOutput]]:
         """One forward over the planned tokens; returns the rows that left."""
         left = self._sweep_aborted()
-        plan = self._plan()
+        decodes, chunks = self._plan()
+        plan = [*((row, 1) for row in decodes), *chunks]
         if not plan:
             self.last = StepStats(0, 0, 0)
             return left
-        ids, positions, write, logit_at, sampled, prefills = [], [], [], [], [], []
-        decodes = [(row, 1) for row, take in plan if not row.prefilling]
-        chunks = [(row, take) for row, take in plan if row.prefilling]
+        n_dec = len(decodes)
+        # Decodes: each row's last token, at its own position.
+        ids = [row.tokens[-1] for row in decodes]
+        positions = [row.computed for row in decodes]
+        slots = [row.slot for row in decodes]
+        sampled = list(decodes)
+        if not chunks and self.decode_graphs is not None:
+            logits = self.decode_graphs.run(ids, positions, slots)
+            return self._after_forward(plan, sampled, logits, n_dec, len(ids), left)
         max_len = self._cache.max_len
-        for row, take in (*decodes, *chunks):
+        write = [s * max_len + p for s, p in zip(slots, positions, strict=True)]
+        logit_at = list(range(n_dec))
+        prefills = []
+        for row, take in chunks:
             start, first = len(ids), row.computed
             ids += row.tokens[first:first + take]
             positions += range(first, first + take)
             write += range(row.slot * max_len + first, row.slot * max_len + first + take)
-            if row.prefilling:
-                prefills.append(Prefill(start, take, row.slot, first))
+            prefills.append(Prefill(start, take, row.slot, first))
             if first + take == len(row.tokens):
                 logit_at.append(len(ids) - 1)
                 sampled.append(row)
         device = self._device
-        n_dec = len(decodes)
-        if not chunks and self.decode_graphs is not None:
-            logits = self.decode_graphs.run(ids, positions, [row.slot for row, _ in decodes])
-            return self._after_forward(plan, sampled, logits, n_dec, len(ids), left)
-        lengths = [row.computed + 1 for row, _ in decodes]
+        lengths = [p + 1 for p in positions[:n_dec]]
         self._cache.layout = StepLayout(
             write_index=torch.tensor(write, dtype=torch.long, device=device),
             decodes=n_dec,
-            decode_slots=torch.tensor([row.slot for row, _ in decodes], dtype=torch.long,
-                                      device=device),
+            decode_slots=torch.tensor(slots, dtype=torch.long, device=device),
             decode_lengths=torch.tensor(lengths, dtype=torch.long, device=device),
             decode_width=max(lengths, default=0), prefills=tuple(prefills))
         try:
@@ -241,20 +245,23 @@ class EngineCore(Generic[H]):
             self.drop([h for h, _ in left])
         return left
 
-    def _plan(self) -> list[tuple[CoreRow[H], int]]:
-        """(row, tokens it feeds) for this step: every decode, then prefill chunks."""
+    def _plan(self) -> tuple[list[CoreRow[H]], list[tuple[CoreRow[H], int]]]:
+        """This step's decodes (one token each) and prefill chunks (row, tokens it feeds)."""
         budget = self.max_batch_tokens
-        plan: list[tuple[CoreRow[H], int]] = []
+        decodes: list[CoreRow[H]] = []
+        pending: list[CoreRow[H]] = []
+        for row in self.running:
+            (pending if row.prefilling else decodes).append(row)
+        del decodes[budget:]  # a budget below the rows: the rest decode next step
+        budget -= len(decodes)
+        chunks: list[tuple[CoreRow[H], int]] = []
+        for row in pending:
+            if budget <= 0:
+                break
+            take = min(len(row.tokens) - row.computed, budget)
+            chunks.append((row, take))
+            budget -= take
         joined: list[CoreRow[H]] = []
-        for row in self.running:
-            if not row.prefilling and budget > 0:
-                plan.append((row, 1))
-                budget -= 1
-        for row in self.running:
-            if row.prefilling and budget > 0:
-                take = min(len(row.tokens) - row.computed, budget)
-                plan.append((row, take))
-                budget -= take
         while (self.waiting and budget > 0 and len(self.running) < self.max_rows
                and (slot := self._cache.allocate()) is not None):
             row = self.waiting.pop(0)
@@ -262,11 +269,11 @@ class EngineCore(Generic[H]):
             self.running.append(row)
             joined.append(row)
             take = min(len(row.tokens), budget)
-            plan.append((row, take))
+            chunks.append((row, take))
             budget -= take
         self._slot_params.assign([r.slot for r in joined],
                                  [r.state.row.params for r in joined], [r.seed for r in joined])
-        return plan
+        return decodes, chunks
 
     def _forward(self, ids: list[int], positions: list[int], logit_at: list[int]) -> Any:
         device = self._device
