@@ -8,7 +8,7 @@ the real server instead (a subprocess, two tenants in an --api-keys file) with t
 this process on loopback HTTP, where the server's event loop serving A's flood competes with
 its engine thread:
 
-    python benchmarks/fairness.py [--policy round_robin|fifo] [--batching continuous|static]
+    python benchmarks/fairness.py [--policy round_robin|fifo] [--batching core|continuous|static]
                                   [--device cpu|cuda] [--backlog 200] [--rounds 6]
                                   [--cycles 3] [--max-batch-size 32]
                                   [--max-prefill-tokens 4096] [--prompt-tokens N] [--http]
@@ -119,7 +119,7 @@ async def measure(send: Send, *, backlog: int, rounds: int,
 
 async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, rounds: int = 6,
                        cycles: int = 3, new_tokens: int = 8, max_batch_size: int = 32,
-                       max_prefill_tokens: int = 4096, batching: str = "continuous",
+                       max_prefill_tokens: int = 4096, batching: str = "core",
                        device: str = "cpu", prompt_tokens: int | None = None,
                        http: bool = False, engine_process: bool = False,
                        torch_threads: int = 0, contended_tenant_rows: int = 0) -> dict:
@@ -136,9 +136,8 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
         raise ValueError("--engine-process is a server option: use it with --http")
     with tempfile.TemporaryDirectory() as store:
         if http:
-            if (policy, batching) != ("round_robin", "continuous"):
-                raise ValueError("over HTTP the server runs its defaults: round robin, "
-                                 "continuous batching")
+            if policy != "round_robin":
+                raise ValueError("over HTTP the server runs its default policy: round robin")
             phases = await _http_phases(
                 Path(store), backlog=backlog, rounds=rounds, cycles=cycles,
                 new_tokens=new_tokens, prompt_tokens=prompt_tokens, device=device,
@@ -146,6 +145,7 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
                        str(max_prefill_tokens), "--max-wait-ms", "5",
                        "--torch-threads", str(torch_threads),
                        "--contended-tenant-rows", str(contended_tenant_rows),
+                       "--batching", batching,
                        *(["--engine-process"] if engine_process else [])])
         else:
             settings = Settings(store=store, device=device, dtype="auto",  # f32 CPU, bf16 CUDA
@@ -274,7 +274,7 @@ async def main() -> None:
     parser.add_argument("--max-prefill-tokens", type=int, default=4096)
     parser.add_argument("--prompt-tokens", type=int, default=None,
                         help="prompt length (default: the 25-token tweet prompt)")
-    parser.add_argument("--batching", choices=("continuous", "static"), default="continuous")
+    parser.add_argument("--batching", choices=("core", "continuous", "static"), default="core")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--http", action="store_true",
                         help="through the real server over loopback HTTP (clients in this "

@@ -53,21 +53,22 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="Most requests in one batch.")
     max_wait_ms: float = Field(5.0, ge=0, description="Longest a request waits for batch mates "
                                "when the engine is idle.")
-    batching: Batching = Field(Batching.CONTINUOUS, description="continuous: requests join "
-                               "the running batch between decode steps and leave the step "
-                               "they finish (decoder-only models; seq2seq models fall back to "
-                               "static); static: a batch runs until its longest request is "
-                               "done; core: the engine core (decodes and prefill chunks of "
-                               "joining rows in one forward under --max-batch-tokens, soft "
-                               "prompts as token ids, a fixed KV slot per row), for models "
+    batching: Batching = Field(Batching.CORE, description="core: the engine core: each step "
+                               "is one forward over every running row's next token and "
+                               "prefill chunks of joining rows, up to --max-batch-tokens; soft "
+                               "prompts are token ids, each row has a fixed KV slot (models "
                                "whose attention goes through transformers' attention "
-                               "interface (GPT-2, Llama, Qwen2, ...); others fall back to "
-                               "continuous.")
-    max_batch_tokens: int = Field(2048, ge=1, description="--batching core: the most tokens "
-                                  "one step computes, decodes first (one per running row), "
-                                  "then prefill chunks of joining rows.")
-    max_prefill_tokens: int = Field(4096, ge=2, description="While rows are decoding "
-                                    "(continuous batching), the most prompt tokens prefilled "
+                               "interface: GPT-2, Llama, Qwen2, ...; others fall back to "
+                               "continuous); continuous: the slab loop, requests join the "
+                               "running batch between decode steps (decoder-only models; "
+                               "seq2seq models fall back to static); static: a batch runs "
+                               "until its longest request is done.")
+    max_batch_tokens: int = Field(2048, ge=1, description="The most tokens one step of the "
+                                  "engine core computes, decodes first (one per running "
+                                  "row), then prefill chunks of joining rows: bounds how long "
+                                  "joining prompts stall running streams.")
+    max_prefill_tokens: int = Field(4096, ge=2, description="--batching continuous: while "
+                                    "rows are decoding, the most prompt tokens prefilled "
                                     "between two decode steps, counted padded and with soft "
                                     "prompts; a longer prompt is prefilled in chunks of half "
                                     "this, one per step.")

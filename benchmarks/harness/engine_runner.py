@@ -65,7 +65,7 @@ class Recorder(NullObserver):
 
 
 def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
-                 max_wait_ms: float, batching: str = "continuous") -> Settings:
+                 max_wait_ms: float, batching: str = "core") -> Settings:
     """The same settings for the in-process engine and the HTTP server."""
     cache_bytes = 1 << 30
     if workload.cache_adapters is not None:

@@ -127,10 +127,13 @@ class Engine:
         """--batching core where the model allows it: (EngineCore, PromptTable), else None."""
         if self.settings.batching is not Batching.CORE:
             return None
+        if getattr(loaded.model.config, "is_encoder_decoder", False):
+            return None  # seq2seq: static batching, which _continuous logs
         try:
             core = build_core(loaded, max_batch_size=self.settings.max_batch_size,
                               max_batch_tokens=self.settings.max_batch_tokens,
-                              prompt_cache_bytes=self.settings.prompt_cache_bytes)
+                              prompt_cache_bytes=self.settings.prompt_cache_bytes,
+                              max_virtual_tokens=self.settings.max_virtual_tokens)
         except Exception as e:  # noqa: BLE001 - another loop still serves this model
             log.warning("batching: this model cannot run the engine core (%s: %s); "
                         "falling back to continuous batching", type(e).__name__, e)

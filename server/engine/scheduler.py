@@ -221,8 +221,11 @@ class Scheduler:
         try:
             stored = self._store.get(namespace, adapter_id)
             rows = stored.record.num_virtual_tokens  # seq2seq stores 2n rows; PEFT uses n
-            loaded = stored.embeddings[:rows].to(
-                device=self._loaded.device, dtype=self._loaded.dtype, copy=True)
+            # The engine core copies a soft prompt into its prompt table on the device when a
+            # request uses it, so its cache keeps the loaded rows on the host.
+            device = "cpu" if self.core is not None else self._loaded.device
+            loaded = stored.embeddings[:rows].to(device=device, dtype=self._loaded.dtype,
+                                                 copy=True)
             self._cache.insert(namespace, adapter_id, version_of(stored.record), loaded)
             self._observer.adapter_loaded(time.monotonic() - started)
             if version_of(stored.record) == version:

@@ -17,20 +17,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_run_checks_quick_mode_logs_every_step_and_writes_the_json(tmp_path) -> None:
     env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "OUT": str(tmp_path),
-           "STEPS": "env overhead fairness faircap nosuchstep",
-           # fairlong, fairhttp and fairproc are the same fairness step with other flags
-           # (tests/benchmarks/test_fairness_http runs --http); the script calls python3:
-           # make it this interpreter (the venv's)
+           "STEPS": "env overhead fairness nosuchstep",
+           # fairlong, fairhttp, fairproc and faircap are the same fairness step with other
+           # flags (tests/benchmarks/test_fairness_http runs --http); the script calls
+           # python3: make it this interpreter (the venv's)
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run_checks.sh")], env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     log = (tmp_path / "checks.log").read_text()
     assert "===== env: rc=0" in log and "===== fairness: rc=0" in log
-    assert "===== faircap: rc=0" in log
     assert "===== overhead: rc=0" in log and "host time per decode step" in log
-    assert json.loads((tmp_path / "faircap.json").read_text())["result"][
-        "contended_tenant_rows"] == 8
     assert "unknown step nosuchstep" in log
     result = json.loads((tmp_path / "fairness.json").read_text())["result"]
     assert result["device"] == "cpu" and result["ratio"] > 0

@@ -1,5 +1,6 @@
-"""Fair continuous batching through the real server: tenant a's long streams fill the batch,
-tenant b's request parks one of them instead of waiting, and a's streams still finish whole;
+"""Fair batching through the real server (the engine core, by default): tenant a's long
+streams fill the batch, tenant b's request preempts (parks) one of them instead of waiting, and
+a's streams still finish whole;
 with weights from the keys file, b parks as many as its weighted share allows."""
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ async def test_a_full_batch_makes_room_for_another_tenant_over_http(model_dir, t
             scrape = (await client.get("/metrics")).text
             assert metric(scrape, "softprompt_parked_requests") == 0
             assert metric(scrape, "softprompt_in_flight_requests") == 0
-        assert "batching: continuous" in server.log()
+        assert "batching: core" in server.log()
     finally:
         server.stop()
 

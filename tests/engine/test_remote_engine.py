@@ -136,7 +136,7 @@ async def test_build_engine_starts_a_ready_child_with_the_model(remote) -> None:
     info = remote.model_info
     assert (info.architecture, info.hidden_size, info.max_context) == ("LlamaForCausalLM", 64,
                                                                       512)
-    assert remote.batching == "continuous"
+    assert remote.batching == "core"
     await until(lambda: remote.stats().get("stored_adapters", 0) >= len(ADAPTERS))
     assert remote.stats()["queue_capacity"] == 1024
 

@@ -46,7 +46,9 @@ def adapters(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
             for name, n, seed in (("cold", 4, 11), ("warm", 3, 12))}
 
 
-@pytest.fixture(params=["continuous", "static", "core"])
+# The scheduler's own behaviour, under the default loop and static batching (the continuous
+# loop's admission and stepping are covered by the engine tests and the ones below).
+@pytest.fixture(params=["core", "static"])
 async def gated(request, tiny_model_dirs, tmp_path, adapters):
     store = GatedStore(tmp_path / "store")
     observer = RecordingObserver()
@@ -201,7 +203,8 @@ async def test_a_failing_step_fails_the_running_rows_and_the_engine_goes_on(
         return real_step(self)
 
     monkeypatch.setattr(RunningBatch, "step", step)
-    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_wait_ms=200)
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_wait_ms=200,
+                      batching="continuous")
     armed.set()  # after the startup probe, which steps a two-row batch too
     try:
         outcomes = await asyncio.gather(
@@ -381,7 +384,7 @@ async def test_a_burst_of_long_prompts_joins_a_running_batch_a_budget_at_a_time(
     running row for all four prefills at once. Each still answers as it would alone."""
     observer = RecordingObserver()
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=8,
-                      max_wait_ms=1, max_prefill_tokens=60)
+                      max_wait_ms=1, max_prefill_tokens=60, batching="continuous")
     try:
         texts = [f"a long prompt of about forty tokens, number {i}." for i in range(4)]
         assert all(30 < len(eng.tokenize(t)) <= 60 for t in texts)
@@ -435,7 +438,7 @@ async def test_a_prompt_longer_than_the_budget_joins_after_a_chunk_per_step(
     running row keeps taking steps, then joins; its output equals its output alone."""
     observer = RecordingObserver()
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=8,
-                      max_wait_ms=1, max_prefill_tokens=60)
+                      max_wait_ms=1, max_prefill_tokens=60, batching="continuous")
     try:
         text = "a long prompt that goes on and on, " * 5
         length = len(eng.tokenize(text))

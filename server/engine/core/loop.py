@@ -14,6 +14,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from server.engine.core.engine_core import CoreRow, EngineCore
 from server.engine.core.prompt_table import PromptTable, TableEntry
 from server.engine.errors import QueueFullError
@@ -118,11 +120,15 @@ class CoreLoop:
 
 
 def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
-               prompt_cache_bytes: int, max_len: int | None = None,
+               prompt_cache_bytes: int, max_virtual_tokens: int, max_len: int | None = None,
                ) -> tuple[EngineCore[Ticket], PromptTable]:
     """The core for a loaded decoder-only model: its input embedding wrapped once with a prompt
     table, a KV cache of one slot per batch row. Raises if the model cannot run it (the caller
-    then runs another loop; the model is restored first)."""
+    then runs another loop; the model is restored first).
+
+    The table holds at least what the rows in flight can pin (running and parked rows, at most
+    two batches, of up to max_virtual_tokens each), whatever --prompt-cache-bytes says: a
+    request admitted into a step always finds room for its soft prompt."""
     from server.engine.core.kv_cache import SlotKVCache, cache_shape
     from server.engine.core.prompt_table import install
 
@@ -133,7 +139,10 @@ def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
     vocab, hidden = (int(n) for n in embedding.weight.shape)
     positions = _max_positions(model.config)
     length = min(max_len or positions, positions)
-    table = PromptTable(vocab_size=vocab, hidden=hidden, capacity_bytes=prompt_cache_bytes,
+    row_bytes = hidden * torch.empty((), dtype=loaded.dtype).element_size()
+    pinned_at_most = 2 * max_batch_size * max_virtual_tokens * row_bytes
+    table = PromptTable(vocab_size=vocab, hidden=hidden,
+                        capacity_bytes=max(prompt_cache_bytes, pinned_at_most),
                         dtype=loaded.dtype, device=loaded.device)
     # One slot more than rows: decode steps padded to a bucket (CUDA graphs) write into it.
     cache = SlotKVCache(cache_shape(model.config), slots=max_batch_size + 1, max_len=length,

@@ -64,8 +64,12 @@ class PromptTable:
         self.vocab_size = vocab_size
         self.capacity = max(1, capacity_bytes // row_bytes)  # rows
         self.row_bytes = row_bytes
-        self.weight = torch.zeros(self.capacity, hidden, dtype=dtype, device=device)
-        self._free = list(range(self.capacity - 1, -1, -1))  # a stack: low rows first
+        # Never-written rows are never selected (an id names only a row written before it
+        # existed, and torch.where discards the other branch), so the table need not be
+        # zeroed: on a CPU its untouched pages then cost no memory.
+        self.weight = torch.empty(self.capacity, hidden, dtype=dtype, device=device)
+        self._free: list[int] = []  # rows given back (a stack)
+        self._fresh = 0  # rows from here on were never used
         self._entries: OrderedDict[tuple[str, str], TableEntry] = OrderedDict()
         self._generation = 0
         self._hits = self._misses = self._evictions = 0
@@ -119,14 +123,14 @@ class PromptTable:
         with self._lock:
             if (old := self._entries.get(key)) is not None:
                 self._unindex(old)
-            while len(self._free) < n:
+            while self._free_count() < n:
                 victim = next((e for e in self._entries.values() if e.pins == 0), None)
                 if victim is None:
                     return None
                 self._unindex(victim)
                 self._evictions += 1
                 evicted += 1
-            rows = [self._free.pop() for _ in range(n)]
+            rows = self._take(n)
             self._generation += 1
             base = self.vocab_size + self._generation * self.capacity
             entry = TableEntry(key=key, version=version, rows=torch.tensor(rows, dtype=torch.long,
@@ -163,9 +167,19 @@ class PromptTable:
             return TableStats(hits=self._hits, misses=self._misses, evictions=self._evictions,
                               resident_adapters=len(self._entries),
                               resident_bytes=sum(e.nbytes for e in self._entries.values()),
-                              capacity_rows=self.capacity, free_rows=len(self._free))
+                              capacity_rows=self.capacity, free_rows=self._free_count())
 
     # ---- internals (under the lock) ----------------------------------------------------------
+
+    def _free_count(self) -> int:
+        return len(self._free) + self.capacity - self._fresh
+
+    def _take(self, n: int) -> list[int]:
+        """n free rows: given-back rows first, then never-used ones."""
+        reused = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        fresh = list(range(self._fresh, self._fresh + n - len(reused)))
+        self._fresh += len(fresh)
+        return reused + fresh
 
     def _unindex(self, entry: TableEntry) -> None:
         if self._entries.get(entry.key) is entry:
