@@ -52,7 +52,8 @@ def shown(value: object) -> str:
     return _SHORT.repr(value)
 
 
-def _optional_int(raw: dict, key: str) -> int | None:
+def optional_int(raw: dict, key: str) -> int | None:
+    """raw[key] as a positive integer, or None when absent; ConfigInvalidError otherwise."""
     value = raw.get(key)
     if value is None:
         return None
@@ -128,14 +129,14 @@ def parse_config(data: bytes | None, *, spec: ModelSpec, limits: Limits) -> Adap
     task_type = _task_type(raw, spec)
     if raw.get("num_virtual_tokens") is None:
         raise ConfigInvalidError(f"{CONFIG_NAME} has no num_virtual_tokens")
-    num_virtual_tokens = _optional_int(raw, "num_virtual_tokens")
+    num_virtual_tokens = optional_int(raw, "num_virtual_tokens")
     assert num_virtual_tokens is not None
     if num_virtual_tokens > limits.max_virtual_tokens:
         raise TooManyVirtualTokensError(
             f"num_virtual_tokens is {shown(num_virtual_tokens)}, above this server's limit of "
             f"{limits.max_virtual_tokens}: train the adapter with fewer virtual tokens"
         )
-    submodules = _optional_int(raw, "num_transformer_submodules")
+    submodules = optional_int(raw, "num_transformer_submodules")
     if submodules is None:
         submodules = 2 if task_type == TaskType.SEQ_2_SEQ_LM else 1
     allowed = (1, 2) if task_type == TaskType.SEQ_2_SEQ_LM else (1,)
@@ -144,7 +145,7 @@ def parse_config(data: bytes | None, *, spec: ModelSpec, limits: Limits) -> Adap
             f"{CONFIG_NAME}: num_transformer_submodules={shown(submodules)} is not valid for "
             f"task_type {task_type.value} (expected one of {allowed})"
         )
-    token_dim = _optional_int(raw, "token_dim")
+    token_dim = optional_int(raw, "token_dim")
     if token_dim is not None and token_dim != spec.token_dim:
         raise token_dim_mismatch(token_dim, spec, where=CONFIG_NAME)
     return AdapterConfig(peft_type, task_type, num_virtual_tokens, submodules, token_dim, raw)

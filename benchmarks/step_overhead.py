@@ -21,6 +21,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,19 +67,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _timed(step: Callable[[], object], steps: int, device: str) -> list[float]:
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        started = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def time_slab(device: str, rows: int, steps: int, sampled: bool) -> list[float]:
     model, tokenizer = _model(device), make_byte_tokenizer()
     ids = tokenizer(PROMPT)["input_ids"]
     batch: RunningBatch[int] = RunningBatch(model, tokenizer)
     batch.admit([(i, BatchRow(ids, None, _params(sampled, steps, i))) for i in range(rows)])
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        started = time.perf_counter()
-        batch.step()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return times
+    return _timed(batch.step, steps, device)
 
 
 def time_core(device: str, rows: int, steps: int,
@@ -107,14 +112,7 @@ def time_core(device: str, rows: int, steps: int,
         return out
 
     core._forward = timed_forward  # type: ignore[method-assign]
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        started = time.perf_counter()
-        core.step()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return times, forward_times
+    return _timed(core.step, steps, device), forward_times
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,8 @@ from enum import StrEnum
 
 import torch
 
-from adapters_store.config import CONFIG_NAME, AdapterConfig, shown
+from adapters_store.config import AdapterConfig, optional_int, shown
 from adapters_store.errors import (
-    ConfigInvalidError,
     EncoderTooLargeError,
     ShapeMismatchError,
     TensorMissingError,
@@ -69,14 +68,7 @@ def _matrix_dim(params: Mapping[str, torch.Tensor], key: str, axis: int) -> int:
 
 
 def _declared(config: AdapterConfig, key: str) -> int | None:
-    value = config.raw.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigInvalidError(
-            f"{CONFIG_NAME}: {key} must be a positive integer, got {shown(value)}"
-        )
-    return value
+    return optional_int(config.raw, key)
 
 
 def _check_hidden(config: AdapterConfig, hidden: int) -> None:

@@ -249,10 +249,31 @@ def _extras(w: Workload, systems: list[SystemResult],
         if w.new_tokens_max is not None:
             extra["engine_wasted_row_steps_pct"] = round(e["wasted_row_steps_pct"], 1)
         extra["engine_batches"] = e["batches"]
+        if e.get("decode_step_ms"):
+            extra["engine_decode_step_ms"] = e["decode_step_ms"]
+        if w.device == "cuda":
+            extra["bandwidth_floor"] = bandwidth_floor(w)
     if w.new_tokens_max is not None and "plain" in by:
         extra["plain_wasted_row_steps_pct"] = round(by["plain"].best.extra[
             "wasted_row_steps_pct"], 1)
     return extra
+
+
+# Peak memory bandwidth (bytes/s) by GPU name, for the decode step's floor: every step reads
+# every weight once.
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12,
+                   "A10G": 0.6e12, "L4": 0.3e12}
+
+
+def bandwidth_floor(w: Workload) -> dict[str, Any]:
+    """The least time a decode step can take on this GPU: the weights' bytes over its peak
+    memory bandwidth (the KV cache read is left out, small at this workload's lengths)."""
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    per_s = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
+    element = torch.empty((), dtype=fixtures.dtype_of(w.dtype)).element_size()
+    weight_bytes = w.shape.params() * element
+    return {"gpu": name, "weight_bytes": weight_bytes, "bandwidth_bytes_per_s": per_s,
+            "floor_ms": None if per_s is None else round(1e3 * weight_bytes / per_s, 3)}
 
 
 def say(message: str) -> None:

@@ -40,6 +40,8 @@ class Recorder(NullObserver):
             self.batches_finished = 0
             self.generated = 0
             self.first_tokens: list[float] = []  # submit to first token, per request
+            self.decode_steps: list[float] = []  # seconds between a step and the decode after
+            self._last_step: float | None = None
 
     def cache_event(self, event: CacheEvent) -> None:
         with self._lock:
@@ -58,10 +60,16 @@ class Recorder(NullObserver):
             self.batch_sizes.append(size)
 
     def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
+        now = time.perf_counter()
         with self._lock:
             self.row_steps += size * steps
             self.batches_finished += 1
             self.generated += generated_tokens
+            # A one-step batch in which every row drew a token: a decode step (continuous
+            # loops); its time is from the end of the step before.
+            if steps == 1 and generated_tokens == size and self._last_step is not None:
+                self.decode_steps.append(now - self._last_step)
+            self._last_step = now
 
 
 def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
@@ -130,6 +138,7 @@ class EngineRunner:
                              "hit_rate": hits / (hits + misses) if hits + misses else None},
             "cold_loads": len(rec.loads),
             "cold_load_ms": percentiles_ms(rec.loads),
+            "decode_step_ms": percentiles_ms(rec.decode_steps),
         }
         return Run(seconds=seconds, tokens=tokens, requests=len(requests),
                    latencies_s=latencies, ttft_s=list(rec.first_tokens), extra=extra)
