@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)")
+
+
+def parse_kv_cache_memory(value: str) -> float | int | None:
+    """None for auto, a float in (0, 1] for a fraction, an int for bytes; ValueError naming
+    the flag otherwise."""
+    text = value.strip().lower()
+    if text == "auto":
+        return None
+    match = _SIZE.fullmatch(text)
+    if match is None or match.group(2) not in _UNITS:
+        raise ValueError(f"--kv-cache-memory {value!r}: give auto, a fraction such as 0.5, or "
+                         "a byte size such as 8GiB")
+    number, unit = float(match.group(1)), match.group(2)
+    if "." in match.group(1) and not unit:
+        if not 0 < number <= 1:
+            raise ValueError(f"--kv-cache-memory {value!r}: a fraction must be in (0, 1]")
+        return number
+    if number < 1:
+        raise ValueError(f"--kv-cache-memory {value!r}: a byte size must be positive")
+    return int(number * _UNITS[unit])
 
 
 class Device(StrEnum):
@@ -67,6 +92,15 @@ class Settings(BaseSettings):
                                   "engine core computes, decodes first (one per running "
                                   "row), then prefill chunks of joining rows: bounds how long "
                                   "joining prompts stall running streams.")
+    kv_cache_memory: str = Field("auto", description="The engine core's KV cache budget: a "
+                                 "fraction of the GPU memory free after the weights (0.5), or "
+                                 "a byte size (8GiB; the only form on the CPU). It holds one "
+                                 "slot of --max-model-len positions per --max-batch-size row; "
+                                 "a smaller budget runs fewer rows at once. auto: every row, "
+                                 "within nine tenths of the free GPU memory.")
+    max_model_len: int = Field(0, ge=0, description="The most tokens a request may use "
+                               "(virtual, prompt and new); 0: the model's context. With the "
+                               "engine core each KV slot holds this many positions.")
     max_prefill_tokens: int = Field(4096, ge=2, description="--batching continuous: while "
                                     "rows are decoding, the most prompt tokens prefilled "
                                     "between two decode steps, counted padded and with soft "
@@ -143,6 +177,12 @@ class Settings(BaseSettings):
     def _lowercase_choice(cls, value: object) -> object:
         """INFO, CPU and Float32 mean what their lowercase spelling means."""
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _kv_cache_memory(cls, value: str) -> str:
+        parse_kv_cache_memory(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -25,6 +25,7 @@ from adapters_store.records import AdapterRecord, Limits, ModelSpec, validate_ad
 from adapters_store.store import AdapterStore
 from server.config import Batching, Settings
 from server.engine.chat import render_chat
+from server.engine.core.kv_budget import KVBudgetError
 from server.engine.core.loop import build_core
 from server.engine.decoding import unsupported_reason
 from server.engine.detokenizer import DECODE_KWARGS
@@ -133,7 +134,10 @@ class Engine:
             core = build_core(loaded, max_batch_size=self.settings.max_batch_size,
                               max_batch_tokens=self.settings.max_batch_tokens,
                               prompt_cache_bytes=self.settings.prompt_cache_bytes,
-                              max_virtual_tokens=self.settings.max_virtual_tokens)
+                              max_virtual_tokens=self.settings.max_virtual_tokens,
+                              kv_cache_memory=self.settings.kv_cache_memory)
+        except KVBudgetError:
+            raise  # the operator's budget is wrong: say so, do not serve another way
         except Exception as e:  # noqa: BLE001 - another loop still serves this model
             log.warning("batching: this model cannot run the engine core (%s: %s); "
                         "falling back to continuous batching", type(e).__name__, e)

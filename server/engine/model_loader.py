@@ -105,7 +105,7 @@ def load_model(settings: Settings) -> LoadedModel:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     return load_pretrained(model_source(settings), name=settings.model, device=device,
-                           dtype=dtype)
+                           dtype=dtype, max_model_len=settings.max_model_len)
 
 
 def _load_error(name: str, e: Exception) -> ModelLoadError:
@@ -144,8 +144,9 @@ def _feed_lm_head_contiguous(model: Any) -> None:
 
 
 def load_pretrained(source: str | Path, *, name: str, device: torch.device,
-                    dtype: torch.dtype) -> LoadedModel:
-    """AutoConfig decides causal vs seq2seq; the weights are frozen for serving."""
+                    dtype: torch.dtype, max_model_len: int = 0) -> LoadedModel:
+    """AutoConfig decides causal vs seq2seq; the weights are frozen for serving.
+    `max_model_len` (0: none) caps the context requests may use."""
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
@@ -175,7 +176,8 @@ def load_pretrained(source: str | Path, *, name: str, device: torch.device,
         hidden_size=hidden,
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
-        max_context=max_context_of(config, tokenizer),
+        max_context=min(max_context_of(config, tokenizer),
+                        max_model_len or _UNBOUNDED),
         vocab_size=int(model.get_input_embeddings().weight.shape[0]),
     )
     log.info("loaded model %s (%s) on %s in %s: hidden %s, max context %s",

@@ -120,8 +120,8 @@ class CoreLoop:
 
 
 def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
-               prompt_cache_bytes: int, max_virtual_tokens: int, max_len: int | None = None,
-               ) -> tuple[EngineCore[Ticket], PromptTable]:
+               prompt_cache_bytes: int, max_virtual_tokens: int,
+               kv_cache_memory: str = "auto") -> tuple[EngineCore[Ticket], PromptTable]:
     """The core for a loaded decoder-only model: its input embedding wrapped once with a prompt
     table, a KV cache of one slot per batch row. Raises if the model cannot run it (the caller
     then runs another loop; the model is restored first).
@@ -129,6 +129,7 @@ def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
     The table holds at least what the rows in flight can pin (running and parked rows, at most
     two batches, of up to max_virtual_tokens each), whatever --prompt-cache-bytes says: a
     request admitted into a step always finds room for its soft prompt."""
+    from server.engine.core.kv_budget import kv_slots
     from server.engine.core.kv_cache import SlotKVCache, cache_shape
     from server.engine.core.prompt_table import install
 
@@ -137,22 +138,24 @@ def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
         raise ValueError("seq2seq models run static batching")
     embedding = model.get_input_embeddings()
     vocab, hidden = (int(n) for n in embedding.weight.shape)
-    positions = _max_positions(model.config)
-    length = min(max_len or positions, positions)
+    length = min(loaded.info.max_context, _max_positions(model.config))
     row_bytes = hidden * torch.empty((), dtype=loaded.dtype).element_size()
     pinned_at_most = 2 * max_batch_size * max_virtual_tokens * row_bytes
     table = PromptTable(vocab_size=vocab, hidden=hidden,
                         capacity_bytes=max(prompt_cache_bytes, pinned_at_most),
                         dtype=loaded.dtype, device=loaded.device)
     # One slot more than rows: decode steps padded to a bucket (CUDA graphs) write into it.
-    cache = SlotKVCache(cache_shape(model.config), slots=max_batch_size + 1, max_len=length,
-                        dtype=loaded.dtype, device=loaded.device)
+    shape = cache_shape(model.config)
+    slots = kv_slots(kv_cache_memory, slot_bytes=shape.bytes_per_token(loaded.dtype) * length,
+                     rows=max_batch_size, device=torch.device(loaded.device))
+    cache = SlotKVCache(shape, slots=slots, max_len=length, dtype=loaded.dtype,
+                        device=loaded.device)
     original = model.config._attn_implementation
     install(model, table)
     try:
         core: EngineCore[Ticket] = EngineCore(model, loaded.tokenizer, cache,
                                               max_batch_tokens=max_batch_tokens,
-                                              max_rows=max_batch_size)
+                                              max_rows=min(max_batch_size, slots - 1))
         _probe(core, vocab)
     except BaseException:
         model.set_input_embeddings(embedding)

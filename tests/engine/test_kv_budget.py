@@ -1,0 +1,61 @@
+"""--kv-cache-memory and --max-model-len: how many KV slots the engine core gets, and the
+errors an operator sees for a budget that cannot work."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from server.config import Settings, parse_kv_cache_memory
+from server.engine.core.kv_budget import KVBudgetError, kv_slots
+from server.engine.errors import RequestTooLongError
+from tests.engine.test_engine import make_engine, request
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("auto", None), ("AUTO", None), ("0.5", 0.5), ("1.0", 1.0), ("8GiB", 8 << 30),
+    ("500MB", 500_000_000), ("1073741824", 1 << 30), ("1.5 GiB", 3 << 29)])
+def test_budget_forms(text, value):
+    assert parse_kv_cache_memory(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "1.5", "0.0", "-3GiB", "8 parsecs", ""])
+def test_bad_budgets_name_the_flag_at_startup(text):
+    with pytest.raises(ValidationError, match="--kv-cache-memory"):
+        Settings(kv_cache_memory=text)
+
+
+def test_slots_on_the_cpu(caplog):
+    assert kv_slots("auto", slot_bytes=1000, rows=8, device=CPU) == 9
+    assert kv_slots("1MB", slot_bytes=1000, rows=8, device=CPU) == 9  # room to spare
+    with caplog.at_level(logging.WARNING):
+        assert kv_slots("5000", slot_bytes=1000, rows=8, device=CPU) == 5
+    assert "at most 4 rows run at once" in caplog.text
+    with pytest.raises(KVBudgetError, match="at least 2"):
+        kv_slots("1500", slot_bytes=1000, rows=8, device=CPU)
+    with pytest.raises(KVBudgetError, match="byte size on the CPU"):
+        kv_slots("0.5", slot_bytes=1000, rows=8, device=CPU)
+
+
+async def test_a_small_budget_runs_fewer_rows_and_max_model_len_bounds_requests(
+        tiny_model_dirs, tmp_path):
+    # llama tiny: 2 layers x 2 kv heads x 16 dims x 4 bytes x 2 = 512 bytes per position
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=8,
+                      max_model_len=64, kv_cache_memory=str(4 * 512 * 64))
+    try:
+        core = eng._scheduler.core[0]
+        assert (core._cache.slots, core._cache.max_len, core.max_rows) == (4, 64, 3)
+        assert eng.model_info.max_context == 64
+        assert eng.stats()["kv_slots"] == 3
+        results = [await eng.generate(request(eng, "Hi!", None, max_new_tokens=5))
+                   for _ in range(2)]
+        assert all(r.completion_tokens == 5 for r in results)
+        with pytest.raises(RequestTooLongError, match="64"):  # over the context: at submit
+            await eng.generate(request(eng, "Hi!", None, max_new_tokens=100))
+    finally:
+        await eng.aclose(10)
