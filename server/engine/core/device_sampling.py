@@ -55,11 +55,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, eos: torch.Tensor) -> tor
     Semantics as Hugging Face's warpers: temperature divides the logits, top-k keeps the k
     best, top-p keeps the smallest set of best tokens whose probability reaches p (at least
     one); the draw is inverse-CDF on the kept, renormalised distribution."""
-    scores = logits.float()
-    if eos.numel():
-        banned = torch.zeros_like(scores, dtype=torch.bool)
-        banned[:, eos] = True
-        scores = scores.masked_fill(banned & batch.ban_eos[:, None], float("-inf"))
+    scores = _without_eos(logits.float(), batch.ban_eos, eos)
     greedy = scores.argmax(dim=-1)
     hot = batch.temperature > 0
     scaled = scores / torch.where(hot, batch.temperature, 1.0)[:, None]
@@ -117,8 +113,15 @@ class SlotSampling:
 def greedy(logits: torch.Tensor, ban_eos: torch.Tensor | None, eos: torch.Tensor) -> torch.Tensor:
     """Every row's argmax [rows] (float32 comparison); `ban_eos` [rows] bool or None."""
     scores = logits.float()
-    if ban_eos is not None and eos.numel():
-        banned = torch.zeros_like(scores, dtype=torch.bool)
-        banned[:, eos] = True
-        scores = scores.masked_fill(banned & ban_eos[:, None], float("-inf"))
+    if ban_eos is not None:
+        scores = _without_eos(scores, ban_eos, eos)
     return scores.argmax(dim=-1)
+
+
+def _without_eos(scores: torch.Tensor, ban_eos: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """`scores` [rows, vocab] with the eos ids at -inf in the rows `ban_eos` [rows] marks."""
+    if not eos.numel():
+        return scores
+    banned = torch.zeros_like(scores, dtype=torch.bool)
+    banned[:, eos] = True
+    return scores.masked_fill(banned & ban_eos[:, None], float("-inf"))

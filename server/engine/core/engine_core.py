@@ -225,12 +225,11 @@ class EngineCore(Generic[H]):
             row.state.step(token)
             if row.state.done:
                 left.append((row.handle, self._output(row.state)))
-        finished = {id(row) for row in sampled if row.state.done}
+        finished = [row for row in sampled if row.state.done]  # running rows, all of them
+        for row in finished:
+            self._release(row)
         if finished:
-            for row in self.running:
-                if id(row) in finished:
-                    self._release(row)
-            self.running = [r for r in self.running if id(r) not in finished]
+            self.running = [r for r in self.running if r.slot is not None]
         return left
 
     # ---- internals -------------------------------------------------------------------------------

@@ -17,13 +17,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from server.engine.core.engine_core import CoreRow, EngineCore
-from server.engine.core.prompt_table import PromptTable, TableEntry
+from server.engine.core.kv_budget import kv_slots
+from server.engine.core.kv_cache import SlotKVCache, cache_shape
+from server.engine.core.prompt_table import PromptTable, TableEntry, install
 from server.engine.errors import QueueFullError
-from server.engine.generation import RowOutput
+from server.engine.generation import BatchRow, RowOutput
+from server.engine.interface import SamplingParams
+from server.engine.tickets import Ticket, TicketState
 
 if TYPE_CHECKING:
     from server.engine.scheduler import Scheduler
-    from server.engine.tickets import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +114,6 @@ class CoreLoop:
 
     def _forget_dead_parked(self) -> None:
         """Preempted rows whose request ended meanwhile (aborted, failed) are dropped."""
-        from server.engine.tickets import TicketState
-
         for key, row in list(self._parked.items()):
             if row.handle.state is TicketState.DONE:
                 del self._parked[key]
@@ -129,10 +130,6 @@ def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
     The table holds at least what the rows in flight can pin (running and parked rows, at most
     two batches, of up to max_virtual_tokens each), whatever --prompt-cache-bytes says: a
     request admitted into a step always finds room for its soft prompt."""
-    from server.engine.core.kv_budget import kv_slots
-    from server.engine.core.kv_cache import SlotKVCache, cache_shape
-    from server.engine.core.prompt_table import install
-
     model = loaded.model
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("seq2seq models run static batching")
@@ -174,9 +171,6 @@ def _max_positions(config: Any) -> int:
 def _probe(core: EngineCore[Any], vocab: int) -> None:
     """Two rows, a prefill and a decode step; raises if the model's attention does not go
     through the core's cache (the decode would not see the prefill)."""
-    from server.engine.generation import BatchRow
-    from server.engine.interface import SamplingParams
-
     params = SamplingParams(max_new_tokens=2, ignore_eos=True)
     for handle, ids in enumerate(([0], [min(1, vocab - 1), 0])):
         core.add(handle, BatchRow(ids, None, params), ids)  # type: ignore[arg-type]

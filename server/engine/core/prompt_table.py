@@ -154,10 +154,6 @@ class PromptTable:
             self._unindex(entry)
             return True
 
-    def resident_versions(self) -> dict[tuple[str, str], str]:
-        with self._lock:
-            return {key: entry.version for key, entry in self._entries.items()}
-
     def contains(self, namespace: str, adapter_id: str) -> bool:
         with self._lock:
             return (namespace, adapter_id) in self._entries
