@@ -8,10 +8,10 @@ the real server instead (a subprocess, two tenants in an --api-keys file) with t
 this process on loopback HTTP, where the server's event loop serving A's flood competes with
 its engine thread:
 
-    python benchmarks/fairness.py [--policy round_robin|fifo] [--batching core|continuous|static]
+    python benchmarks/fairness.py [--policy round_robin|fifo] [--batching core|static]
                                   [--device cpu|cuda] [--backlog 200] [--rounds 6]
                                   [--cycles 3] [--max-batch-size 32]
-                                  [--max-prefill-tokens 4096] [--prompt-tokens N] [--http]
+                                  [--max-batch-tokens 2048] [--prompt-tokens N] [--http]
                                   [--engine-process] [--torch-threads N]
                                   [--contended-tenant-rows N]
 """
@@ -119,7 +119,7 @@ async def measure(send: Send, *, backlog: int, rounds: int,
 
 async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, rounds: int = 6,
                        cycles: int = 3, new_tokens: int = 8, max_batch_size: int = 32,
-                       max_prefill_tokens: int = 4096, batching: str = "core",
+                       max_batch_tokens: int = 2048, batching: str = "core",
                        device: str = "cpu", prompt_tokens: int | None = None,
                        http: bool = False, engine_process: bool = False,
                        torch_threads: int = 0, contended_tenant_rows: int = 0) -> dict:
@@ -130,7 +130,7 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
     rather than in one. `http`: through the real server (a subprocess, two tenants in an
     --api-keys file) and loopback HTTP, the clients in this process; `engine_process`: that
     server with --engine-process. `torch_threads`: the engine's --torch-threads (0: torch's
-    default); `contended_tenant_rows`: its --contended-tenant-rows (0: auto).
+    default); `contended_tenant_rows`: its --contended-tenant-rows (0: no cap).
     """
     if engine_process and not http:
         raise ValueError("--engine-process is a server option: use it with --http")
@@ -141,8 +141,8 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
             phases = await _http_phases(
                 Path(store), backlog=backlog, rounds=rounds, cycles=cycles,
                 new_tokens=new_tokens, prompt_tokens=prompt_tokens, device=device,
-                flags=["--max-batch-size", str(max_batch_size), "--max-prefill-tokens",
-                       str(max_prefill_tokens), "--max-wait-ms", "5",
+                flags=["--max-batch-size", str(max_batch_size), "--max-batch-tokens",
+                       str(max_batch_tokens), "--max-wait-ms", "5",
                        "--torch-threads", str(torch_threads),
                        "--contended-tenant-rows", str(contended_tenant_rows),
                        "--batching", batching,
@@ -150,7 +150,7 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
         else:
             settings = Settings(store=store, device=device, dtype="auto",  # f32 CPU, bf16 CUDA
                                 max_batch_size=max_batch_size,
-                                max_prefill_tokens=max_prefill_tokens, max_wait_ms=5,
+                                max_batch_tokens=max_batch_tokens, max_wait_ms=5,
                                 torch_threads=torch_threads,
                                 contended_tenant_rows=contended_tenant_rows,
                                 batching=batching)
@@ -172,7 +172,7 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
             "backlog_a": backlog,
             "b_concurrent": 5,
             "rounds": rounds, "cycles": cycles,
-            "max_batch_size": max_batch_size, "max_prefill_tokens": max_prefill_tokens,
+            "max_batch_size": max_batch_size, "max_batch_tokens": max_batch_tokens,
             "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
             "b_idle_ms": {"p50": idle_ms, "max": max(idle) * 1000},
             "b_loaded_ms": {"p50": loaded_ms, "max": max(loaded) * 1000},
@@ -271,10 +271,10 @@ async def main() -> None:
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-prefill-tokens", type=int, default=4096)
+    parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--prompt-tokens", type=int, default=None,
                         help="prompt length (default: the 25-token tweet prompt)")
-    parser.add_argument("--batching", choices=("core", "continuous", "static"), default="core")
+    parser.add_argument("--batching", choices=("core", "static"), default="core")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--http", action="store_true",
                         help="through the real server over loopback HTTP (clients in this "
@@ -282,8 +282,7 @@ async def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="the engine's --torch-threads (default 0: torch's default)")
     parser.add_argument("--contended-tenant-rows", type=int, default=0,
-                        help="the engine's --contended-tenant-rows (default 0: auto, a quarter "
-                             "of the batch on CPU; 32 or more: no cap)")
+                        help="the engine's --contended-tenant-rows (default 0: no cap)")
     parser.add_argument("--engine-process", action="store_true",
                         help="with --http: the server runs its engine in a child process "
                              "(--engine-process)")
@@ -291,7 +290,7 @@ async def main() -> None:
     r = await run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
                            cycles=args.cycles, new_tokens=args.new_tokens,
                            max_batch_size=args.max_batch_size,
-                           max_prefill_tokens=args.max_prefill_tokens,
+                           max_batch_tokens=args.max_batch_tokens,
                            batching=args.batching, device=args.device,
                            prompt_tokens=args.prompt_tokens, http=args.http,
                            engine_process=args.engine_process,
@@ -303,7 +302,7 @@ async def main() -> None:
           f"policy={args.policy} batching={args.batching} backlog(A)={args.backlog} "
           f"B=5 concurrent x {args.rounds} rounds x {args.cycles} cycles, "
           f"max_batch_size={args.max_batch_size}, "
-          f"contended_tenant_rows={args.contended_tenant_rows or 'auto'}, "
+          f"contended_tenant_rows={args.contended_tenant_rows or 'off'}, "
           f"{args.new_tokens} new tokens, prompt {args.prompt_tokens or 25} tokens")
     print(f"B median latency idle:         {r['b_idle_ms']['p50']:8.1f} ms")
     print(f"B median latency with A flood: {r['b_loaded_ms']['p50']:8.1f} ms")

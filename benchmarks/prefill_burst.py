@@ -1,8 +1,7 @@
 """Prefill burst: how long running streams stall when a burst of long prompts arrives.
 
 Tenant B streams a long generation; tenant A then sends a burst of long prompts at once. Prints,
-for each budget given (the engine in process on builtin:tiny; the budget is the engine core's
---max-batch-tokens, or with --batching continuous the slab loop's --max-prefill-tokens):
+for each --max-batch-tokens budget given (the engine core in process on builtin:tiny):
 - the longest engine step while A's requests join: the time between two decode steps, which
   every running stream waits (B takes a token at every step);
 - the longest gap between B's stream chunks as the client sees them, which also holds the
@@ -10,7 +9,7 @@ for each budget given (the engine in process on builtin:tiny; the budget is the 
   bytes) and the event loop's own delays.
 
     python -m benchmarks.prefill_burst [--device cpu|cuda] [--burst 32] [--prompt-tokens 1000]
-                                       [--budgets 4096,1000000] [--batching core|continuous]
+                                       [--budgets 4096,1000000]
 """
 
 from __future__ import annotations
@@ -49,17 +48,13 @@ def _request(tenant: str, prompt: list[int], new_tokens: int) -> GenerationReque
                              params=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
 
 
-async def measure(*, budget: int, burst: int, prompt_tokens: int, device: str,
-                  batching: str = "core") -> dict:
+async def measure(*, budget: int, burst: int, prompt_tokens: int, device: str) -> dict:
     """B's token gaps (ms) before and during A's burst, and how long the burst took."""
     with tempfile.TemporaryDirectory() as store:
-        # The contended cap is off (64, the batch): on a CPU it would also hold A's burst to
-        # 16 rows while B streams; this measures what the prefill budget alone does.
+        # The contended cap stays off (its default): this measures what the budget alone does.
         settings = Settings(store=store, device=device, dtype="auto", max_batch_size=64,
-                            max_wait_ms=5, max_prefill_tokens=budget,
-                            max_batch_tokens=budget, batching=batching,
-                            max_input_tokens=max(8192, prompt_tokens),
-                            contended_tenant_rows=64)
+                            max_wait_ms=5, max_batch_tokens=budget, batching="core",
+                            max_input_tokens=max(8192, prompt_tokens))
         clock = StepClock()
         engine = Engine(settings, LocalAdapterStore(store), observer=clock)
         engine.start()
@@ -116,15 +111,13 @@ async def main() -> None:
     parser.add_argument("--burst", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--budgets", default="4096,1000000")
-    parser.add_argument("--batching", choices=("core", "continuous"), default="core")
     args = parser.parse_args()
-    flag = "--max-batch-tokens" if args.batching == "core" else "--max-prefill-tokens"
     print(f"builtin:tiny on {args.device}: B streams; A sends {args.burst} prompts of "
           f"{args.prompt_tokens} tokens at once")
     for budget in (int(b) for b in args.budgets.split(",")):
         r = await measure(budget=budget, burst=args.burst, prompt_tokens=args.prompt_tokens,
-                          device=args.device, batching=args.batching)
-        print(f"{flag} {budget:>8}: during A's burst the longest step took "
+                          device=args.device)
+        print(f"--max-batch-tokens {budget:>8}: during A's burst the longest step took "
               f"{r['step_during_max_ms']:.1f} ms; B's chunks {r['gap_before_ms']:.1f} ms apart "
               f"before, at most {r['gap_during_max_ms']:.1f} ms during; burst served in "
               f"{r['burst_s']:.2f} s")

@@ -1,16 +1,11 @@
 """How much of a decode step is host work: Python, scheduling, per-row bookkeeping.
 
 A near-free model (GPT-2 shape, one layer, hidden size 16) decodes `--rows` rows (64 by
-default) through each loop, so the model's own compute is next to nothing and what is left is
-the host's cost of a step; on a GPU that cost is what a launch-bound step cannot hide. It
-prints, per step, the median wall time of
-
-- `slab`: the current continuous-batching loop (RunningBatch over a KVSlab, per-row samplers);
-- `core`: the engine core (EngineCore: one forward over the step's tokens laid end to end,
-  KV in fixed per-row slots, sampling on the device),
-
-with greedy rows and with seeded sampled rows, and the core's step split into its forward and
-the rest.
+default) through the engine core (one forward over the step's tokens laid end to end, KV in
+fixed per-row slots, sampling on the device), so the model's own compute is next to nothing
+and what is left is the host's cost of a step; on a GPU that cost is what a launch-bound step
+cannot hide. It prints the median wall time of a step with greedy rows and with seeded sampled
+rows, split into the forward and the rest.
 
     python -m benchmarks.step_overhead [--device cpu|cuda] [--rows 64] [--steps 200]
 """
@@ -40,7 +35,6 @@ from server.engine.byte_tokenizer import (  # noqa: E402
 from server.engine.core.engine_core import EngineCore  # noqa: E402
 from server.engine.core.kv_cache import SlotKVCache, cache_shape  # noqa: E402
 from server.engine.core.prompt_table import PromptTable, install  # noqa: E402
-from server.engine.decoding import RunningBatch  # noqa: E402
 from server.engine.generation import BatchRow  # noqa: E402
 from server.engine.interface import SamplingParams  # noqa: E402
 
@@ -76,14 +70,6 @@ def _timed(step: Callable[[], object], steps: int, device: str) -> list[float]:
         _sync(device)
         times.append(time.perf_counter() - started)
     return times
-
-
-def time_slab(device: str, rows: int, steps: int, sampled: bool) -> list[float]:
-    model, tokenizer = _model(device), make_byte_tokenizer()
-    ids = tokenizer(PROMPT)["input_ids"]
-    batch: RunningBatch[int] = RunningBatch(model, tokenizer)
-    batch.admit([(i, BatchRow(ids, None, _params(sampled, steps, i))) for i in range(rows)])
-    return _timed(batch.step, steps, device)
 
 
 def time_core(device: str, rows: int, steps: int,
@@ -127,10 +113,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads; median over {args.steps} steps")
     for sampled in (False, True):
         kind = "seeded top-k/top-p sampling" if sampled else "greedy"
-        slab = statistics.median(time_slab(args.device, args.rows, args.steps, sampled)) * 1e3
         step, forward = time_core(args.device, args.rows, args.steps, sampled)
         core, fwd = statistics.median(step) * 1e3, statistics.median(forward) * 1e3
-        print(f"  {kind:28s} slab {slab:7.3f} ms   core {core:7.3f} ms "
+        print(f"  {kind:28s} step {core:7.3f} ms "
               f"(forward {fwd:.3f} ms, the rest {core - fwd:.3f} ms)")
     return 0
 

@@ -48,9 +48,8 @@ class DType(StrEnum):
 
 
 class Batching(StrEnum):
-    CONTINUOUS = "continuous"
-    STATIC = "static"
     CORE = "core"
+    STATIC = "static"
 
 
 class LogLevel(StrEnum):
@@ -83,11 +82,10 @@ class Settings(BaseSettings):
                                "prefill chunks of joining rows, up to --max-batch-tokens; soft "
                                "prompts are token ids, each row has a fixed KV slot (models "
                                "whose attention goes through transformers' attention "
-                               "interface: GPT-2, Llama, Qwen2, ...; others fall back to "
-                               "continuous); continuous: the slab loop, requests join the "
-                               "running batch between decode steps (decoder-only models; "
-                               "seq2seq models fall back to static); static: a batch runs "
-                               "until its longest request is done.")
+                               "interface: GPT-2, Llama, Qwen2, ...; seq2seq models and the "
+                               "others, such as BLOOM, run static, and the log says so); "
+                               "static: a batch runs until its longest request is done. "
+                               "continuous is accepted as another name for core.")
     max_batch_tokens: int = Field(2048, ge=1, description="The most tokens one step of the "
                                   "engine core computes, decodes first (one per running "
                                   "row), then prefill chunks of joining rows: bounds how long "
@@ -101,19 +99,13 @@ class Settings(BaseSettings):
     max_model_len: int = Field(0, ge=0, description="The most tokens a request may use "
                                "(virtual, prompt and new); 0: the model's context. With the "
                                "engine core each KV slot holds this many positions.")
-    max_prefill_tokens: int = Field(4096, ge=2, description="--batching continuous: while "
-                                    "rows are decoding, the most prompt tokens prefilled "
-                                    "between two decode steps, counted padded and with soft "
-                                    "prompts; a longer prompt is prefilled in chunks of half "
-                                    "this, one per step.")
     contended_tenant_rows: int = Field(0, ge=0, description="While another tenant has work "
                                        "(or had some within the last second), the most batch "
                                        "rows one tenant starts, times its weight; alone, a "
                                        "tenant may fill the batch. Keeps a flood from slowing "
                                        "other tenants' tokens where a step's cost grows with "
-                                       "its rows. 0 (auto): a quarter of --max-batch-size on "
-                                       "CPU, no cap on CUDA; --max-batch-size or more: no "
-                                       "cap.")
+                                       "its rows (a GPU decode step mostly does not). 0 (the "
+                                       "default) or --max-batch-size and more: no cap.")
     engine_process: bool = Field(False, description="Run the model and the scheduler in a "
                                  "child process of their own, so the HTTP server's Python "
                                  "work (parsing, tokenizing, writing responses) does not take "
@@ -177,6 +169,13 @@ class Settings(BaseSettings):
     def _lowercase_choice(cls, value: object) -> object:
         """INFO, CPU and Float32 mean what their lowercase spelling means."""
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("batching", mode="before")
+    @classmethod
+    def _former_loop(cls, value: object) -> object:
+        """continuous, the name of the loop the engine core replaced, still selects it, so
+        existing deployments keep starting."""
+        return "core" if isinstance(value, str) and value.lower() == "continuous" else value
 
     @field_validator("kv_cache_memory")
     @classmethod

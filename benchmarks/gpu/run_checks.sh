@@ -6,11 +6,11 @@
 # benchmarks/README.md ("GPU checks in one device call").
 #
 #   STEPS="env parity overhead gpu1b" (default; the limits add up to 540 s) or
-#   STEPS="bf16 gpu8b" (550 s); optional: fairness (120 s), costs (the continuous loop's cost
-#   structure, 90 s), fairlong (fairness with 400-token prompts, 150 s),
+#   STEPS="bf16 gpu8b" (550 s); optional: fairness (120 s),
+#   fairlong (fairness with 400-token prompts, 150 s),
 #   fairhttp (fairness through the real server over HTTP, 150 s), fairproc (the same with
-#   --engine-process, 150 s), faircap (fairness with the contended cap CUDA leaves off by
-#   default, --contended-tenant-rows 8: does a GPU need it? 120 s)
+#   --engine-process, 150 s), faircap (fairness with the contended cap, which is off by
+#   default, set to --contended-tenant-rows 8: does a GPU need it? 120 s)
 #   QUICK=1 DEVICE=cpu: shrunken runs on the CPU, to try the script itself without a GPU.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -43,13 +43,11 @@ if [[ $QUICK == 1 ]]; then
              --baselines plain --no-progress)
     overhead=(--steps 20 --rows 16)
     fair=(--rounds 2 --cycles 1 --backlog 20)
-    costs=(--seconds 0.3 --repeats 3)
     bf16=(--rows 4 --new-tokens 4)
 else
     harness=(--no-progress)
     overhead=()
     fair=(--rounds 20)
-    costs=(--seconds 2)
     bf16=()
 fi
 
@@ -64,7 +62,6 @@ print(\"transformers\", transformers.__version__, \"peft\", peft.__version__, \"
                     tests/engine/test_generation_parity.py tests/engine/test_engine_core.py ;;
         overhead) step overhead 60 python3 -m benchmarks.step_overhead --device "$DEVICE" \
                       "${overhead[@]}" ;;
-        costs) step costs 90 python3 -m benchmarks.engine_costs --device "$DEVICE" "${costs[@]}" ;;
         fairness) step fairness 120 python3 -m benchmarks fairness --device "$DEVICE" \
                       "${fair[@]}" --json "$OUT/fairness.json" ;;
         fairhttp) step fairhttp 150 python3 benchmarks/fairness.py --device "$DEVICE" \

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--max-wait-ms", type=float, default=50.0,
                    help="server's --max-wait-ms (default 50)")
-    p.add_argument("--batching", choices=("core", "continuous", "static"),
+    p.add_argument("--batching", choices=("core", "static"),
                    default="core",
                    help="server's --batching (default core, as the server)")
     p.add_argument("--engine-process", action="store_true",

@@ -65,7 +65,7 @@ class Recorder(NullObserver):
             self.row_steps += size * steps
             self.batches_finished += 1
             self.generated += generated_tokens
-            # A one-step batch in which every row drew a token: a decode step (continuous
+            # A one-step batch in which every row drew a token: a decode step (the engine
             # loops); its time is from the end of the step before.
             if steps == 1 and generated_tokens == size and self._last_step is not None:
                 self.decode_steps.append(now - self._last_step)

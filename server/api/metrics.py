@@ -34,8 +34,9 @@ _STATS_GAUGES = {
     "queue_capacity": ("queue_capacity", "--max-queue: queued requests before 429 (for "
                        "saturation alerts: queue_depth / queue_capacity)."),
     "in_flight": ("in_flight_requests", "Requests submitted to the engine and not finished."),
-    "parked": ("parked_requests", "Running requests parked by fair preemption (KV cache kept, "
-               "no decode steps) so another tenant could have its share of the batch."),
+    "parked": ("parked_requests", "Running requests preempted by the fair policy (KV slot "
+               "freed, recomputed when they resume) so another tenant could have its share of "
+               "the batch."),
     "cache_resident_adapters": ("resident_adapters", "Adapters resident in the prompt cache."),
     "cache_bytes": ("resident_adapter_bytes", "Bytes of prompts resident in the prompt cache."),
     "stored_adapters": ("stored_adapters", "Adapters in the store."),
@@ -77,7 +78,7 @@ class EngineStatsCollector(Collector):
         if tenant_stats is not None:
             family = GaugeMetricFamily(
                 PREFIX + "tenant_requests", "Requests in the engine by tenant and state: queued "
-                "(waiting for a batch or their adapter) or running (in the batch, parked rows "
+                "(waiting for a batch or their adapter) or running (in the batch, preempted rows "
                 "included). Only tenants with requests in flight appear.",
                 labels=["tenant", "state"])
             for tenant, by_state in sorted(tenant_stats().items()):

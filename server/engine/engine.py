@@ -27,7 +27,6 @@ from server.config import Batching, Settings
 from server.engine.chat import render_chat
 from server.engine.core.kv_budget import KVBudgetError
 from server.engine.core.loop import build_core
-from server.engine.decoding import unsupported_reason
 from server.engine.detokenizer import DECODE_KWARGS
 from server.engine.errors import EngineNotReadyError, InvalidRequestError, RequestTooLongError
 from server.engine.fairness import BatchPolicy, RoundRobinPolicy, contended_rows
@@ -89,15 +88,13 @@ class Engine:
         try:
             loaded = load_model(self.settings)
             cache = PromptCache(self.settings.prompt_cache_bytes, observer=self._observer)
-            self._policy = self._policy or self._fair_policy(loaded)
+            self._policy = self._policy or self._fair_policy()
             core = self._core(loaded)
             scheduler = Scheduler(
                 loaded, store=self.store, cache=cache, observer=self._observer,
                 max_batch_size=self.settings.max_batch_size,
                 max_wait_s=self.settings.max_wait_ms / 1000.0,
-                max_queue=self.settings.max_queue, policy=self._policy,
-                continuous=core is None and self._continuous(loaded),
-                max_prefill_tokens=self.settings.max_prefill_tokens, core=core)
+                max_queue=self.settings.max_queue, policy=self._policy, core=core)
             self._count_stored()
             scheduler.start()
             self._refresher = StoreRefresher(self.store, cache,
@@ -113,10 +110,9 @@ class Engine:
         finally:
             self._loaded_event.set()
 
-    def _fair_policy(self, loaded: LoadedModel) -> RoundRobinPolicy:
-        """Built here, not in __init__: the auto contended cap depends on the device."""
-        rows = contended_rows(self.settings.contended_tenant_rows,
-                              self.settings.max_batch_size, loaded.device)
+    def _fair_policy(self) -> RoundRobinPolicy:
+        """The default policy: max-min fair shares, weighted by the keys file."""
+        rows = contended_rows(self.settings.contended_tenant_rows, self.settings.max_batch_size)
         if rows is None:
             log.info("fair scheduling: max-min fair shares, no contended cap")
         else:
@@ -125,11 +121,14 @@ class Engine:
         return RoundRobinPolicy(weight_of=lambda t: self._weight_of(t), contended_rows=rows)
 
     def _core(self, loaded: LoadedModel) -> Any:
-        """--batching core where the model allows it: (EngineCore, PromptTable), else None."""
-        if self.settings.batching is not Batching.CORE:
+        """The engine core where the model allows it: (EngineCore, PromptTable); else None
+        (static batching), and the log says which and why."""
+        if self.settings.batching is Batching.STATIC:
+            log.info("batching: static (--batching static)")
             return None
         if getattr(loaded.model.config, "is_encoder_decoder", False):
-            return None  # seq2seq: static batching, which _continuous logs
+            log.info("batching: static (seq2seq models run static batching)")
+            return None
         try:
             core = build_core(loaded, max_batch_size=self.settings.max_batch_size,
                               max_batch_tokens=self.settings.max_batch_tokens,
@@ -138,27 +137,14 @@ class Engine:
                               kv_cache_memory=self.settings.kv_cache_memory)
         except KVBudgetError:
             raise  # the operator's budget is wrong: say so, do not serve another way
-        except Exception as e:  # noqa: BLE001 - another loop still serves this model
-            log.warning("batching: this model cannot run the engine core (%s: %s); "
-                        "falling back to continuous batching", type(e).__name__, e)
+        except Exception as e:  # noqa: BLE001 - static batching still serves this model
+            log.warning("batching: static, this model cannot run the engine core (%s: %s)",
+                        type(e).__name__, e)
             return None
         log.info("batching: core (%d KV slots of %d positions, %d MiB; --max-batch-tokens %d)",
                  core[0]._cache.slots, core[0]._cache.max_len, core[0]._cache.nbytes >> 20,
                  self.settings.max_batch_tokens)
         return core
-
-    def _continuous(self, loaded: LoadedModel) -> bool:
-        """--batching continuous where the model allows it; otherwise static, and say why."""
-        if self.settings.batching is Batching.STATIC:
-            log.info("batching: static (--batching static)")
-            return False
-        reason = unsupported_reason(loaded.model, loaded.tokenizer)
-        if reason is not None:
-            log.warning("batching: static, this model cannot run continuous batching: %s",
-                        reason)
-            return False
-        log.info("batching: continuous")
-        return True
 
     def set_tenant_weights(self, weight_of: Callable[[str], float]) -> None:
         """Where the default (fair) policy reads each tenant's scheduling weight, from any
@@ -170,9 +156,7 @@ class Engine:
         """What the engine runs (None until the model is loaded)."""
         if self._scheduler is None:
             return None
-        if self._scheduler.core is not None:
-            return Batching.CORE
-        return Batching.CONTINUOUS if self._scheduler.continuous else Batching.STATIC
+        return Batching.CORE if self._scheduler.core is not None else Batching.STATIC
 
     def _count_stored(self) -> None:
         """Best effort: a store that is down at startup must not keep the model from serving."""
@@ -404,7 +388,7 @@ class Engine:
         }
 
     def _core_stats(self) -> dict[str, float]:
-        """The engine core's KV slots and decode graphs (--batching core), else nothing."""
+        """The engine core's KV slots and decode graphs; nothing under static batching."""
         core = self._scheduler.core[0] if self._scheduler and self._scheduler.core else None
         if core is None:
             return {}

@@ -7,23 +7,21 @@ rows in the batch so far (ties: the tenant whose oldest ready request is oldest)
 own requests stay in submission order. With an empty batch that is round-robin: one request per
 tenant in turn.
 
-Continuous batching adds preemption: when a tenant below its fair share has requests waiting
-and the batch is full, tenants above their share give up their newest rows. Those rows are
-parked (their KV cache kept, no steps taken) and resume before their tenant's queued requests
-as soon as slots free up, so a small tenant never waits for a large tenant's rows to finish.
+The engine core adds preemption: when a tenant below its fair share has requests waiting and
+the batch is full, tenants above their share give up their newest rows. Those rows free their
+KV slots and resume (recomputed from their tokens) before their tenant's queued requests as soon
+as slots free up, so a small tenant never waits for a large tenant's rows to finish.
 Shares are max-min fair (water-filling): a tenant that needs fewer slots than an equal split
 gets all it needs and the rest is divided among the others, so no slot is left idle. Tenants
 can be weighted (the keys file's "weight"): shares are then in proportion to the weights.
 
-Max-min shares decide who gets a slot, not how long a step takes. On a CPU a step's cost grows
-with its rows and with the prompts prefilled before it, so a tenant that fills every free slot
-slows every other tenant's tokens even when they got all the slots they asked for. Hence the
-optional contended cap: while another tenant has work (or had some within the last
-`active_window_s`, so that a tenant sending rounds of requests does not find the batch
-refilled between two rounds), no tenant starts more than `contended_rows` rows (times its
-weight). Rows already running are left to finish rather than parked for it: parking moves
-their caches, which on a CPU can cost more than the steps it would save. Alone, a tenant may
-fill the batch.
+Max-min shares decide who gets a slot, not how long a step takes. Where a step's cost grows
+with its rows, a tenant that fills every free slot slows every other tenant's tokens even when
+they got all the slots they asked for. For that there is an optional contended cap (off by
+default): while another tenant has work (or had some within the last `active_window_s`, so
+that a tenant sending rounds of requests does not find the batch refilled between two rounds),
+no tenant starts more than `contended_rows` rows (times its weight). Rows already running are
+left to finish rather than preempted for it. Alone, a tenant may fill the batch.
 """
 
 from __future__ import annotations
@@ -33,10 +31,7 @@ import math
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol, TypeVar
-
-if TYPE_CHECKING:
-    import torch
+from typing import Protocol, TypeVar
 
 
 class _Queued(Protocol):
@@ -90,7 +85,7 @@ class BatchPolicy(Protocol):
 
     def preempt(self, running: Sequence[T], waiting: Sequence[T],
                 capacity: int) -> list[T]:
-        """Running rows to park to make room for `waiting` (continuous batching only)."""
+        """Running rows to preempt to make room for `waiting` (the engine core only)."""
         ...
 
 
@@ -192,15 +187,11 @@ class RoundRobinPolicy:
         return victims
 
 
-def contended_rows(setting: int, max_batch_size: int, device: torch.device) -> int | None:
-    """--contended-tenant-rows resolved: None for no cap.
+def contended_rows(setting: int, max_batch_size: int) -> int | None:
+    """--contended-tenant-rows resolved: None for no cap (0, the default, or the whole batch).
 
-    Auto (0) caps only on CPU: there a step's cost grows with its rows and with the prompts
-    prefilled before it, so a quarter of the batch for a flooding tenant keeps the others'
-    tokens near their idle pace (a third was not enough through HTTP; benchmarks/RESULTS.md).
-    A GPU decode step should cost about the same with 5 rows as with 32 (memory-bound), so a
-    cap there would only leave slots idle; unmeasured so far (the GPU script's faircap step).
+    Off by default on every device: a GPU decode step costs about the same with 5 rows as
+    with 32 (memory-bound), so a cap there would only leave slots idle. It is for operators
+    whose hardware makes a step's cost grow with its rows.
     """
-    if setting == 0:
-        return math.ceil(max_batch_size / 4) if device.type == "cpu" else None
-    return setting if setting < max_batch_size else None
+    return setting if 0 < setting < max_batch_size else None

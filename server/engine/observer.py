@@ -18,16 +18,16 @@ class CacheEvent(StrEnum):
 
 class EngineObserver(Protocol):
     def batch_started(self, *, size: int, distinct_adapters: int) -> None:
-        """A model batch starts: a static batch, or (continuous batching) one decode step of
-        the rows running plus those joining."""
+        """A model batch starts: a static batch, or one step of the engine core over the
+        rows running plus those joining."""
         ...
 
     def batch_finished(self, *, size: int, steps: int, generated_tokens: int) -> None:
         """A batch ran `steps` decode steps for `size` rows; rows that finished early sat
         idle for the rest (static batching), so size * steps - generated_tokens is waste.
-        Continuous batching reports each step with steps=1: size counts the rows that
-        joined (their prefill is a row-step) and every row stepped, including finished rows
-        still in the cache until the next compaction, which are its waste."""
+        The engine core reports each step with steps=1: size counts the rows in the
+        forward (decodes and prefill chunks), generated_tokens the tokens drawn, so a chunk
+        that draws nothing yet shows as a row-step without a token."""
         ...
 
     def queue_wait(self, seconds: float, *, tenant: str) -> None:

@@ -1,11 +1,11 @@
 """Per-row token choice, so rows with different sampling parameters share one model batch.
 
 Greedy rows take the argmax of their logits; sampled rows are sampled here, each from its own
-seeded generator (RowSampler), so a row's random stream never depends on its batch mates. The
-continuous decode loop (server.engine.decoding) calls sample_rows directly. Static batching runs
-`generate`, which accepts one GenerationConfig per call: it runs greedy, and
-PerRowLogitsProcessor replaces a sampled row's logits by a one-hot (0 on the chosen token, -inf
-elsewhere) so generate's argmax picks exactly that token.
+seeded generator (RowSampler), so a row's random stream never depends on its batch mates.
+This is static batching's sampling (the engine core samples on the device, server.engine.core.
+device_sampling): static batching runs `generate`, which accepts one GenerationConfig per call:
+it runs greedy, and PerRowLogitsProcessor replaces a sampled row's logits by a one-hot (0 on
+the chosen token, -inf elsewhere) so generate's argmax picks exactly that token.
 """
 
 from __future__ import annotations

@@ -5,14 +5,13 @@ adapter misses the prompt cache waits while a small loader pool reads it from th
 moves it onto the device, so a cold adapter never holds up anyone else's batch. A `BatchPolicy`
 picks which ready requests run next (fairly across tenants by default).
 
-Continuous batching (the default where the model allows it, server.engine.decoding): between
-two decode steps the policy fills the running batch's free slots up to max_batch_size, and a
-row leaves the step it finishes. Static batching (seq2seq models, or --batching static): the
-policy picks up to max_batch_size and run_batch runs them to the longest row. Either way, an
-idle engine waits at most max_wait after the oldest ready request arrived for batch mates.
-While rows decode, the joiners of one step are cut at max_prefill_tokens (padded), and a
-prompt longer than that is prefilled in chunks over several steps, so running streams wait
-for a bounded prefill between two tokens.
+The engine core (server.engine.core, the default for decoder-only models whose attention
+goes through transformers' attention interface) runs one step at a time over every running
+row: between two steps the policy decides who joins, who is preempted to make room for another
+tenant and who resumes, and the core's token budget bounds each step's prefill. Static
+batching (seq2seq models, BLOOM, or --batching static): the policy picks up to max_batch_size
+and run_batch runs them to the longest row. Either way, an idle engine waits at most max_wait
+after the oldest ready request arrived for batch mates.
 
 Results travel back through the loop's Mailbox (one call_soon_threadsafe per burst): to an
 asyncio Future (generate) or an asyncio.Queue (streams). The thread never blocks on the event
@@ -37,7 +36,6 @@ from adapters_store.errors import AdapterStoreError
 from adapters_store.store import AdapterStore
 from server.engine import generation
 from server.engine.core.loop import CoreLoop
-from server.engine.decoding import RunningBatch
 from server.engine.errors import (
     AdapterChangedError,
     EngineNotReadyError,
@@ -60,22 +58,21 @@ class _Plan:
     """What the engine thread does before its next step."""
 
     park: list[Ticket]  # running rows to take out of the steps (fair preemption)
-    resume: list[Ticket]  # parked rows to put back
+    resume: list[Ticket]  # preempted rows to put back
     admit: list[Ticket]  # queued requests to start
-    chunk: Ticket | None = None  # a queued request too long for one pass: prefill in chunks
 
 
 class Scheduler:
     """Thread-safe submit/abort; one engine thread and a small adapter-loader pool.
 
-    `continuous` must only be True for a model decoding.unsupported_reason accepts.
+    `core`: (EngineCore, PromptTable) from server.engine.core.loop.build_core, or None for
+    static batching.
     """
 
     def __init__(self, loaded: LoadedModel, *, store: AdapterStore, cache: PromptCache,
                  observer: EngineObserver, max_batch_size: int, max_wait_s: float,
                  max_queue: int, policy: BatchPolicy | None = None,
-                 continuous: bool = False, loader_threads: int = 2,
-                 max_prefill_tokens: int | None = None, core: Any = None) -> None:
+                 loader_threads: int = 2, core: Any = None) -> None:
         self._loaded = loaded
         self._store = store
         self._cache = cache
@@ -84,14 +81,8 @@ class Scheduler:
         self._max_wait_s = max_wait_s
         self._max_queue = max_queue
         self._policy = policy or RoundRobinPolicy()  # fair across tenants
-        self.continuous = continuous
-        self.core = core  # (EngineCore, PromptTable): --batching core
-        # The core's token budget bounds each step's prefill; the cap is the other loop's.
-        self._max_prefill_tokens = None if core is not None else max_prefill_tokens
-        # A prompt longer than the cap is prefilled half a cap per step, beside joiners that
-        # fit in the other half.
-        self._chunk_tokens = max(1, max_prefill_tokens // 2) if max_prefill_tokens else 0
-        self.parked = 0  # rows parked by fair preemption, for the gauge
+        self.core = core  # (EngineCore, PromptTable), or None: static batching
+        self.parked = 0  # rows preempted by the fair policy, waiting to resume, for the gauge
         self._cond = threading.Condition()
         self._ready: list[Ticket] = []
         # Tickets made ready so far, and as of the last plan: a full batch with no new arrival
@@ -258,8 +249,6 @@ class Scheduler:
         try:
             if self.core is not None:
                 CoreLoop(self, *self.core).run()
-            elif self.continuous:
-                self._run_continuous()
             else:
                 while (plan := self._next_plan()) is not None:
                     self._run_batch(plan.admit)
@@ -273,8 +262,8 @@ class Scheduler:
                                                    f"{type(e).__name__}"))
             raise
 
-    def _next_plan(self, running: Sequence[Ticket] = (), parked: Sequence[Ticket] = (),
-                   chunked: Ticket | None = None) -> _Plan | None:
+    def _next_plan(self, running: Sequence[Ticket] = (),
+                   parked: Sequence[Ticket] = ()) -> _Plan | None:
         """What to park, resume and admit before the next step; None when stopping and
         nothing is left to do.
 
@@ -284,7 +273,7 @@ class Scheduler:
         with self._cond:
             while True:
                 self._ready = [t for t in self._ready if t.state is TicketState.QUEUED]
-                busy = bool(running or parked or chunked)
+                busy = bool(running or parked)
                 if self._stopped or (self._draining and self._queued == 0 and not busy):
                     return None
                 if busy:
@@ -299,115 +288,25 @@ class Scheduler:
                 if wait <= 0:
                     break
                 self._cond.wait(wait)
-            running = [*running, chunked] if chunked is not None else list(running)
             if len(running) >= self._max_batch_size and self._arrivals == self._planned_arrivals:
                 return _Plan([], [], [])
             self._planned_arrivals = self._arrivals
             waiting = [*self._ready, *(t for t in parked if t.state is TicketState.RUNNING)]
             park: list[Ticket] = []
-            room = self._max_batch_size - len(parked)  # parked rows hold KV cache: one batch
+            room = self._max_batch_size - len(parked)  # at most one batch waits to resume
             if waiting and room > 0:
-                park = [t for t in self._policy.preempt(running, waiting, self._max_batch_size)
-                        if t is not chunked][:room]  # a row mid-prefill cannot be parked
+                park = self._policy.preempt(running, waiting, self._max_batch_size)[:room]
             parking = {id(t) for t in park}
             staying = [t for t in running if id(t) not in parking]
             chosen = self._policy.select(waiting, self._max_batch_size - len(staying), staying)
             resume = [t for t in chosen if t.state is TicketState.RUNNING]  # parked rows
             admit = [t for t in chosen if t.state is TicketState.QUEUED]
-            chunk = None
-            if staying or resume:  # rows decode this step: they wait for the joiners' prefill
-                admit, chunk = self._within_prefill_budget(admit, chunking=chunked is not None)
-            starting = admit + ([chunk] if chunk is not None else [])
-            admitted = {id(t) for t in starting}
+            admitted = {id(t) for t in admit}
             self._ready = [t for t in self._ready if id(t) not in admitted]
-            for ticket in starting:
+            for ticket in admit:
                 ticket.state = TicketState.RUNNING
-            self._queued -= len(starting)
-            return _Plan(park, resume, admit, chunk)
-
-    def _within_prefill_budget(self, admit: list[Ticket], *,
-                               chunking: bool) -> tuple[list[Ticket], Ticket | None]:
-        """Of `admit` (the policy's order): the joiners to prefill in one pass this step, and
-        at most one to start prefilling in chunks.
-
-        Joiners are prefilled together, each padded to the longest, and every running row
-        waits for that pass, so a step prefills at most max_prefill_tokens (padded). A prompt
-        longer than that is prefilled half the budget per step in a lane of its own, one at a
-        time; while it runs, other joiners share the other half. A joiner that does not fit
-        keeps its place for the next step, so none is passed over for good.
-        """
-        if self._max_prefill_tokens is None:
-            return admit, None
-        budget = self._max_prefill_tokens - (self._chunk_tokens if chunking else 0)
-        taken: list[Ticket] = []
-        longest = 0
-        for ticket in admit:
-            length = len(ticket.request.prompt_ids) + ticket.virtual_tokens
-            if length > self._max_prefill_tokens:  # only in chunks
-                if not taken and not chunking:
-                    return [], ticket
-                continue  # waits for the lane, first in line
-            width = max(longest, length)
-            if width * (len(taken) + 1) > budget:
-                break
-            taken.append(ticket)
-            longest = width
-        return taken, None
-
-    def _run_continuous(self) -> None:
-        """Admit into the running batch between steps; a row leaves the step it finishes."""
-        batch: RunningBatch[Ticket] = RunningBatch(self._loaded.model, self._loaded.tokenizer)
-        while True:
-            gone = [t for t in batch.parked if t.state is TicketState.DONE]  # aborted, failed
-            batch.discard_parked(gone)
-            plan = self._next_plan(batch.handles, batch.parked, batch.chunked)
-            if plan is None:
-                break
-            batch.park(plan.park)
-            batch.resume(plan.resume)
-            joining = plan.admit
-            starting = joining + ([plan.chunk] if plan.chunk is not None else [])
-            now = time.monotonic()
-            self._observe_batch_start(batch.handles + joining, starting, now)
-            for ticket in starting:
-                ticket.started_at = now
-            # Joiners first, so they take this step too: a slot freed by the last step is
-            # used by this one (stepping first would leave it empty for one step).
-            left: list[tuple[Ticket, generation.RowOutput]] = []
-            try:
-                left += batch.admit([(t, self._row(t, early=False)) for t in joining])
-            except Exception as e:  # noqa: BLE001 - the running rows are untouched
-                self._fail_batch(joining, e)
-            chunked = plan.chunk or batch.chunked
-            try:  # one chunk of a long prompt's prefill per step
-                if plan.chunk is not None:
-                    left += batch.admit_chunked(plan.chunk, self._row(plan.chunk, early=False),
-                                                self._chunk_tokens)
-                else:
-                    left += batch.advance_chunk()
-            except Exception as e:  # noqa: BLE001 - only the chunked row is lost
-                self._fail_batch([chunked], e)
-            stepping, computed = batch.handles, batch.rows
-            try:
-                left += batch.step()
-            except Exception as e:  # noqa: BLE001 - the cache is not trusted after this
-                batch.clear()
-                self._fail_batch(stepping, e)
-            finished = time.monotonic()
-            aborted = 0
-            for ticket, out in left:
-                run_s = finished - (ticket.started_at or finished)
-                self._batch_seconds = 0.95 * self._batch_seconds + 0.05 * run_s
-                if out.aborted:
-                    aborted += 1
-                    self._end_aborted(ticket, out)
-                else:
-                    self._complete(ticket, out)
-            self._observer.batch_finished(  # a joiner's prefill counts as one row-step
-                size=computed + len(joining), steps=1,
-                generated_tokens=len(stepping) + len(joining) - aborted)
-            self.parked = len(batch.parked)
-        # Stopped: stop() has failed whatever was still running or parked.
+            self._queued -= len(admit)
+            return _Plan(park, resume, admit)
 
     def _observe_batch_start(self, tickets: Sequence[Ticket], joining: Sequence[Ticket],
                              now: float) -> None:
@@ -473,7 +372,7 @@ class Scheduler:
 
     def _row(self, ticket: Ticket, *, early: bool) -> generation.BatchRow:
         """The ticket as a model row; `early`: answer it from inside run_batch when it finishes
-        (continuous batching returns a row the step it finishes anyway)."""
+        (the engine core returns a row the step it finishes anyway)."""
         def on_first_token() -> None:
             self._observer.first_token(time.monotonic() - ticket.submitted_at,
                                        tenant=ticket.namespace)

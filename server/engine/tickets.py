@@ -47,7 +47,7 @@ class Ticket:
         self.loop = loop
         self._mailbox = mailbox_for(loop)
         self.submitted_at = time.monotonic()
-        self.started_at: float | None = None  # when it joined a running batch (continuous)
+        self.started_at: float | None = None  # when it joined the running rows
         self.state = TicketState.QUEUED
         self.embeds: torch.Tensor | None = None  # [num_virtual_tokens, hidden] once resolved
         self.future: asyncio.Future | None = None if stream else loop.create_future()

@@ -57,7 +57,7 @@ def test_the_http_system_can_run_its_engine_in_a_child_process(tmp_path) -> None
     assert result["extra"]["http_overhead"]["requests"] == 3
 
 
-@pytest.mark.parametrize("batching", ["static", "continuous"])
+@pytest.mark.parametrize("batching", ["static", "core"])
 def test_mixed_lengths_reports_the_padding_static_batching_wastes(batching, tmp_path) -> None:
     args = ["--requests", "6", "--adapters", "3", "--new-tokens", "2", "--new-tokens-max", "9"]
     result = run(tmp_path, "mixed-lengths", *args, "--modes", "engine", "--baselines", "plain",
@@ -73,11 +73,11 @@ def test_mixed_lengths_reports_the_padding_static_batching_wastes(batching, tmp_
     if batching == "static":
         assert result["extra"]["engine_batches"] == 1
         assert result["extra"]["engine_wasted_row_steps_pct"] == expected
-    else:  # every step is a batch; only finished rows awaiting compaction are waste
-        # The rows join together and the first batch gives each two tokens (its prefill's
-        # and its first step's), so the longest row is done after max - 1 batches.
-        assert result["extra"]["engine_batches"] == max(lengths) - 1
-        assert 0 <= result["extra"]["engine_wasted_row_steps_pct"] < expected / 2
+    else:  # every step is a batch, and a row leaves the batch in the step it finishes
+        # The rows join together; each step gives every running row one token (the first
+        # step's comes from the prefill), so the longest row is done after max steps.
+        assert result["extra"]["engine_batches"] == max(lengths)
+        assert result["extra"]["engine_wasted_row_steps_pct"] == 0
 
 
 def test_many_adapters_reports_cache_behaviour_from_a_cold_start(tmp_path) -> None:
@@ -94,7 +94,7 @@ def test_many_adapters_reports_cache_behaviour_from_a_cold_start(tmp_path) -> No
     assert loads["ms"]["p50"] > 0
 
 
-@pytest.mark.parametrize(("policy", "batching"), [("round_robin", "continuous"),
+@pytest.mark.parametrize(("policy", "batching"), [("round_robin", "core"),
                                                   ("fifo", "static")])
 def test_fairness_reports_b_idle_and_under_a_flood(policy, batching, tmp_path) -> None:
     result = run(tmp_path, "fairness", "--backlog", "12", "--rounds", "2", "--cycles", "2",

@@ -1,5 +1,5 @@
 """Fair batching through the real server (the engine core, by default): tenant a's long
-streams fill the batch, tenant b's request preempts (parks) one of them instead of waiting, and
+streams fill the batch, tenant b's request preempts one of them instead of waiting, and
 a's streams still finish whole;
 with weights from the keys file, b parks as many as its weighted share allows."""
 
@@ -116,12 +116,12 @@ async def test_a_heavier_tenant_parks_up_to_its_weighted_share_over_http(model_d
         server.stop()
 
 
-async def test_beside_another_tenant_a_flood_runs_a_quarter_of_the_batch_over_http(
+async def test_beside_another_tenant_a_flood_is_held_to_the_contended_cap_over_http(
         model_dir, tmp_path):
-    """On a CPU the default --contended-tenant-rows caps a flooding tenant at a quarter of
-    the batch (2 of 8) while another tenant has work: a's six streams run two rows and queue
-    four, though five slots are free, and the tenant gauges show it."""
-    server = _serve(model_dir, tmp_path, "--max-batch-size", "8")
+    """--contended-tenant-rows 2 caps a flooding tenant at 2 rows of 8 while another tenant
+    has work: a's six streams run two rows and queue four, though five slots are free, and the
+    tenant gauges show it."""
+    server = _serve(model_dir, tmp_path, "--max-batch-size", "8", "--contended-tenant-rows", "2")
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             b_body = {"text": "Hi!", "max_new_tokens": 480, "ignore_eos": True}

@@ -1,12 +1,19 @@
 """Fixtures shared by the batch-runner tests: tiny models with their tokenizers, row helpers, and
-`run`: static batching (run_batch) or the continuous loop run to the end."""
+`run`: static batching (run_batch) or the engine core run to the end."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import pytest
+import torch
 from transformers import AutoTokenizer
 
-from server.engine.decoding import RunningBatch
+from server.engine.core.engine_core import EngineCore, StepStats
+from server.engine.core.kv_cache import SlotKVCache, cache_shape
+from server.engine.core.prompt_table import PromptTable, install
 from server.engine.generation import BatchRow, RowOutput, run_batch
 from server.engine.interface import SamplingParams
 from tests.factories import load_base
@@ -32,18 +39,66 @@ def run_one(model, tokenizer, row: BatchRow) -> RowOutput:
     return run_batch(model, tokenizer, [row])[0]
 
 
-def run_continuous(model, tokenizer, rows: list[BatchRow]) -> list[RowOutput]:
-    """Every row admitted at once into a RunningBatch, stepped until all have left."""
+def run_core(model, tokenizer, rows: list[BatchRow], *, max_batch_tokens: int = 2048,
+             slots: int | None = None, joins: Sequence[int] = (),
+             preempt: Mapping[int, Sequence[int]] | None = None,
+             resume: Mapping[int, Sequence[int]] | None = None,
+             stats: list[StepStats] | None = None) -> list[RowOutput]:
+    """Rows added to an EngineCore (soft prompts as table ids) and stepped until all have left;
+    the model is given back as it was.
+
+    By default every row is added at once. `joins`: how many rows are added before each step
+    (the rest before the step after the last); `preempt`/`resume`: at step k, the row indices
+    to preempt and to resume (rows still preempted after the last resume step resume then).
+    `stats` collects each step's StepStats."""
     if model.config.is_encoder_decoder:
         pytest.skip("seq2seq models run static batching")
-    batch: RunningBatch[int] = RunningBatch(model, tokenizer)
-    outputs = dict(batch.admit(list(enumerate(rows))))
-    while len(batch):
-        outputs.update(batch.step())
+    embedding = model.get_input_embeddings()
+    vocab, hidden = embedding.weight.shape
+    dtype, device = embedding.weight.dtype, embedding.weight.device
+    table = PromptTable(vocab_size=vocab, hidden=hidden, capacity_bytes=1 << 22, dtype=dtype,
+                        device=device)
+    attn = model.config._attn_implementation
+    install(model, table)
+    preempt, resume = preempt or {}, resume or {}
+    last_resume = max(resume, default=-1)
+    try:
+        cache = SlotKVCache(cache_shape(model.config), slots=slots or max(1, len(rows)),
+                            max_len=512, dtype=dtype, device=device)
+        core: EngineCore[int] = EngineCore(model, tokenizer, cache,
+                                           max_batch_tokens=max_batch_tokens, graphs=False)
+        outputs: dict[int, RowOutput] = {}
+        pending = list(enumerate(rows))
+        schedule = list(joins)
+        held: dict[int, Any] = {}
+        with torch.inference_mode():
+            for k in itertools.count():
+                if not (pending or len(core) or held):
+                    break
+                take = schedule.pop(0) if schedule else len(pending)
+                for i, row in pending[:take]:
+                    virtual: tuple[int, ...] = ()
+                    if row.prompt_embeds is not None:
+                        entry = table.insert("t", f"row{i}", "v", row.prompt_embeds.to(dtype))
+                        assert entry is not None
+                        virtual = tuple(entry.ids)
+                    if (out := core.add(i, row, [*virtual, *row.prompt_ids])) is not None:
+                        outputs[i] = out
+                pending = pending[take:]
+                for taken in core.preempt([i for i in preempt.get(k, ()) if i in core.handles]):
+                    held[taken.handle] = taken
+                back = list(held) if k >= last_resume else resume.get(k, ())
+                core.resume([held.pop(i) for i in back if i in held])
+                outputs.update(core.step())
+                if stats is not None:
+                    stats.append(core.last)
+    finally:
+        model.set_input_embeddings(embedding)
+        model.set_attn_implementation(attn)
     return [outputs[i] for i in range(len(rows))]
 
 
-@pytest.fixture(params=["static", "continuous"])
+@pytest.fixture(params=["static", "core"])
 def run(request):
     """The batch runner under test: same rows in, same outputs out."""
-    return run_batch if request.param == "static" else run_continuous
+    return run_batch if request.param == "static" else run_core

@@ -36,7 +36,7 @@ def two_versions(tiny_model_dirs, tmp_path_factory):
             make_adapter(model, root / "v2", "prompt_tuning", num_virtual_tokens=5, seed=32))
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static"])
+@pytest.mark.parametrize("batching", ["core", "static"])
 async def test_an_overwrite_during_the_load_fails_the_request_with_409(
         tiny_model_dirs, tmp_path, two_versions, batching) -> None:
     v1, v2 = two_versions

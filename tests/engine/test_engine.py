@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,7 @@ def llama_adapters(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
             for name, kind, n, seed in ADAPTERS}
 
 
-@pytest.fixture(params=["continuous", "static", "core"])
+@pytest.fixture(params=["static", "core"])
 async def engine(request, tiny_model_dirs, tmp_path, llama_adapters):
     observer = RecordingObserver()
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_wait_ms=200,
@@ -146,10 +147,9 @@ async def test_concurrent_mixed_requests_equal_peft_alone(engine, tiny_model_dir
 
 async def test_batch_finished_reports_steps_and_padding_of_mixed_lengths(engine) -> None:
     """Rows asking 2, 5 and 9 tokens start together and make 16 tokens. Static batching runs
-    one 9-step batch of 3 rows (11 padding row-steps); continuous batching reports every step
-    as a batch of the rows still running, the first with their prefills (6 row-steps: the
-    rows join and take a step at once), then 2, 2, 2, 1, 1, 1, 1: no padding. The engine core
-    prefills and draws the first tokens in one forward: 3, 3, 2, 2, 2, 1, 1, 1, 1."""
+    one 9-step batch of 3 rows (11 padding row-steps); the engine core reports every step as a
+    batch of the rows still running, prefilling and drawing the first tokens in one forward:
+    3, 3, 2, 2, 2, 1, 1, 1, 1, no padding."""
     observer = engine._observer
     lengths = (2, 5, 9)
     results = await asyncio.gather(*(
@@ -160,18 +160,15 @@ async def test_batch_finished_reports_steps_and_padding_of_mixed_lengths(engine)
     if engine.batching == "static":
         assert observer.batches[-1][0] == 3  # max_wait_ms=200: one batch
         assert observer.finished[-1] == (3, 9, 16)
-    elif engine.batching == "core":
-        assert [size for size, _, _ in observer.finished[-9:]] == [3, 3, 2, 2, 2, 1, 1, 1, 1]
-        assert all(steps == 1 and made == size for size, steps, made in observer.finished)
     else:
-        assert [size for size, _, _ in observer.finished[-8:]] == [6, 2, 2, 2, 1, 1, 1, 1]
+        assert [size for size, _, _ in observer.finished[-9:]] == [3, 3, 2, 2, 2, 1, 1, 1, 1]
         assert all(steps == 1 and made == size for size, steps, made in observer.finished)
 
 
 async def test_a_short_row_is_answered_before_its_batch_mates_finish(engine) -> None:
     """The short row's result (and its stream's end) go out at the step it finished, and equal
     its output alone: static batching answers it from inside a batch that runs on to the
-    longest row; continuous batching lets it join the long row's running batch and leave."""
+    longest row; the engine core lets it join the long row's steps and leave."""
     observer = engine._observer
     alone = await engine.generate(request(engine, "Hi!", "pt3", max_new_tokens=3))
     await until(lambda: len(observer.finished) == len(observer.batches))
@@ -192,15 +189,11 @@ async def test_a_short_row_is_answered_before_its_batch_mates_finish(engine) -> 
         assert observer.batches[-1][0] == 2  # they did share one batch
         # Results go out from inside the batch; the batch's own report follows it.
         assert observer.finished[-1] == (2, 400, 400 + len(short.token_ids))
-    else:  # the short row joined the running batch and left it; the long row went on alone
+    else:  # the short row joined the long row's steps and left; the long row went on alone
         steps = observer.finished[start:]
         assert sum(size for size, _, _ in steps) == 400 + len(short.token_ids)
-        # Joining: the short row's prefill and its first step beside the long row (3), or
-        # both rows' prefills and first steps when they arrived together (4).
-        # The engine core: the short row's prefill beside the long row's decode, one forward
-        # of 2 rows.
-        biggest = (2,) if engine.batching == "core" else (3, 4)
-        assert max(size for size, _, _ in steps) in biggest and steps[-1][0] == 1
+        # The short row's prefill beside the long row's decode: one forward of 2 rows.
+        assert max(size for size, _, _ in steps) == 2 and steps[-1][0] == 1
 
 
 class BrokenObserver(NullObserver):
@@ -386,3 +379,26 @@ async def test_failed_model_load_is_reported(tmp_path) -> None:
     assert not eng.is_ready()
     with pytest.raises(EngineNotReadyError, match="failed to load"):
         eng.tokenize("x")
+
+
+@pytest.mark.parametrize(("arch", "batching", "runs", "logged"), [
+    ("llama", "core", "core", "batching: core ("),
+    ("llama", "continuous", "core", "batching: core ("),  # the former loop's name
+    ("bloom", "core", "static", "cannot run the engine core"),
+    ("t5", "core", "static", "seq2seq models run static batching"),
+    ("llama", "static", "static", "--batching static"),
+])
+async def test_startup_says_which_loop_serves_the_model_and_why(
+        arch, batching, runs, logged, tiny_model_dirs, tmp_path, caplog) -> None:
+    """BLOOM's ALiBi attention does not go through transformers' attention interface and T5
+    is seq2seq: both run static batching, and the log says so; the answers are the same."""
+    with caplog.at_level(logging.INFO, logger="server.engine.engine"):
+        eng = make_engine(tiny_model_dirs[arch], tmp_path, batching=batching)
+    try:
+        assert eng.batching == runs
+        assert logged in caplog.text
+        result = await eng.generate(request(eng, "Hi!", None, max_new_tokens=4,
+                                            ignore_eos=True))
+        assert result.completion_tokens == 4
+    finally:
+        await eng.aclose(10)

@@ -1,12 +1,13 @@
 """The correctness bar: inside one mixed batch, every row's greedy tokens equal PEFT's output for
 that request run alone, token for token, in float32 — for every architecture and adapter type,
-with static batching and (decoder-only models) with continuous batching, rows joining a running
-batch at different steps and leaving as they finish.
+with static batching and (decoder-only models) with the engine core: rows joining running rows at
+different steps, prompts cut into chunks by a small token budget, rows preempted mid-output and
+recomputed, and rows leaving as they finish. BLOOM (its ALiBi attention does not go through
+transformers' attention interface) runs static batching only.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,9 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters_store import ModelSpec, parse_directory
-from server.engine import kv_slab
-from server.engine.decoding import RunningBatch, unsupported_reason
 from server.engine.generation import BatchRow, RowOutput, run_batch
 from server.engine.interface import FinishReason, SamplingParams
-from tests.engine.conftest import run_continuous
+from tests.engine.conftest import run_core
 from tests.factories import (
     ARCHS,
     is_seq2seq,
@@ -103,40 +102,23 @@ def _make_adapter(model_dir: Path, root: Path, i: int, spec: AdapterSpec, *,
     return peft_dir, parsed.embeddings[: parsed.num_virtual_tokens]
 
 
-# Continuous batching: how many of REQUESTS join before each step (the rest join at the end).
+CORE_ARCHS = ("gpt2", "llama", "qwen2")  # the models the engine core serves
+# The engine core: how many of REQUESTS join before each step (the rest join at the end) ...
 JOINS = (3, 0, 1, 4, 0, 0, 2, 1, 0, 0, 0, 3)
-PARK = {2: (1, 4), 5: (3, 7)}  # at step k, park the rows of these REQUESTS indices ...
+PREEMPT = {2: (1, 4), 5: (3, 7)}  # ... at step k, preempt the rows of these REQUESTS ...
 RESUME = {4: (1,), 6: (4,), 9: (3, 7)}  # ... and at step k resume these
 
 
-def run_staggered(model, tokenizer, rows: list[BatchRow]) -> list[RowOutput]:
-    """Rows join a RunningBatch in JOINS-sized groups between steps, some are parked for a
-    few steps and resumed (as a fair scheduler does); outputs in row order."""
-    batch: RunningBatch[int] = RunningBatch(model, tokenizer)
-    outputs: dict[int, RowOutput] = {}
-    pending = list(enumerate(rows))
-    joins = list(JOINS)
-    widths, parked, retired = [], [], []
-    for k in itertools.count():
-        if not (pending or len(batch) or batch.parked):
-            break
-        take = joins.pop(0) if joins else len(pending)
-        admitted, pending = pending[:take], pending[take:]
-        if admitted:
-            outputs.update(batch.admit(admitted))
-        batch.park([i for i in PARK.get(k, ()) if i in batch.handles])
-        batch.resume([i for i in RESUME.get(k, ()) if i in batch.parked])
-        if k > max(RESUME):
-            batch.resume(batch.parked)
-        parked.append(len(batch.parked))
-        retired.append(batch._running.retired)  # finished rows not yet compacted away
-        outputs.update(batch.step())
-        widths.append(batch.cache_length)
-    # Rows of different lengths shared the cache, and finished rows were trimmed away.
-    assert max(widths) > 0 and widths[-1] == 0
-    assert max(parked) >= 2 and parked[-1] == 0
-    assert max(retired) >= 1  # some steps ran with finished rows still in the cache
-    return [outputs[i] for i in range(len(rows))]
+def run_staggered(model, tokenizer, rows: list[BatchRow], *, slots: int) -> list[RowOutput]:
+    """The engine core as the scheduler drives it: rows join in JOINS-sized groups, a budget of
+    16 tokens per step cuts the longer prompts into chunks, some rows are preempted for a few
+    steps and recomputed when they resume, and with fewer slots than rows some wait."""
+    stats: list = []
+    outputs = run_core(model, tokenizer, rows, max_batch_tokens=16, slots=slots, joins=JOINS,
+                       preempt=PREEMPT, resume=RESUME, stats=stats)
+    assert any(s.decodes and s.prefill_tokens for s in stats)  # chunks beside decodes
+    assert any(s.prefill_tokens == 16 for s in stats)  # the budget cut a step's prefill
+    return outputs
 
 
 CUDA = pytest.param("cuda", marks=[
@@ -148,10 +130,9 @@ CUDA = pytest.param("cuda", marks=[
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_matches_peft_alone(arch: str, device: str, tiny_model_dirs,
-                                        tmp_path: Path, monkeypatch) -> None:
-    """The engine on `device`; the PEFT reference always on the CPU, float32. Continuous
-    batching runs twice: as configured, and with the KV cache's spare room cut to a few
-    columns so that layers are regrown every few steps."""
+                                        tmp_path: Path) -> None:
+    """The engine on `device`; the PEFT reference always on the CPU, float32. The engine core
+    runs twice: with a slot for every row, and with four slots (rows wait for one)."""
     model_dir = tiny_model_dirs[arch]
     seq2seq = is_seq2seq(arch)
     model = load_base(model_dir).to(device)
@@ -172,12 +153,9 @@ def test_mixed_batch_matches_peft_alone(arch: str, device: str, tiny_model_dirs,
 
     outputs = run_batch(model, tokenizer, rows)
     modes = {"static": outputs}
-    if not seq2seq:
-        assert unsupported_reason(model, tokenizer) is None
-        modes["continuous"] = run_staggered(model, tokenizer, rows)
-        with monkeypatch.context() as m:
-            m.setattr(kv_slab, "MIN_SPARE", 1)
-            modes["continuous, regrowing"] = run_staggered(model, tokenizer, rows)
+    if arch in CORE_ARCHS:
+        modes["core"] = run_staggered(model, tokenizer, rows, slots=len(rows))
+        modes["core, 4 slots"] = run_staggered(model, tokenizer, rows, slots=4)
 
     # One PEFT model per adapter, reused across its requests (loading is the slow part).
     references = {None: load_base(model_dir)}
@@ -204,8 +182,8 @@ def test_mixed_batch_matches_peft_alone(arch: str, device: str, tiny_model_dirs,
 
 
 def test_rows_at_the_context_limit_can_finish_while_others_run(tiny_model_dirs) -> None:
-    """GPT-2's position table ends at n_positions: a row that uses the whole context and then
-    rides along, finished, until the next compaction must not be fed a position past it."""
+    """GPT-2's position table ends at n_positions: a row that uses the whole context must not
+    be fed a position past it, nor disturb the rows still running."""
     model_dir = tiny_model_dirs["gpt2"]
     model, tokenizer = load_base(model_dir), AutoTokenizer.from_pretrained(model_dir)
     limit = model.config.n_positions
@@ -215,5 +193,5 @@ def test_rows_at_the_context_limit_can_finish_while_others_run(tiny_model_dirs) 
                                                   ignore_eos=True))
 
     rows = [row([5] * 10, extra=3)] + [row([7 + i] * 6) for i in range(5)]
-    outputs = run_continuous(model, tokenizer, rows)
+    outputs = run_core(model, tokenizer, rows)
     assert [len(o.token_ids) for o in outputs] == [limit - 13] + [limit - 6] * 5

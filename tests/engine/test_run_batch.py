@@ -1,4 +1,4 @@
-"""Per row, under static batching (run_batch) and the continuous loop alike: max_new_tokens, eos,
+"""Per row, under static batching (run_batch) and the engine core alike: max_new_tokens, eos,
 stop strings, streaming, abort, input checks."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from server.engine.sampling import (
     sample_rows,
     sample_rows_isolated,
 )
-from tests.engine.conftest import make_row, run_continuous, run_one
+from tests.engine.conftest import make_row, run_core, run_one
 
 EOS = 2
 TEXTS = ("Tweet: I love it. Label:", "a", "The quick brown fox", "Hi")
@@ -123,7 +123,7 @@ def test_near_zero_temperature_is_greedy() -> None:
     assert counts == Counter({1: 50})
 
 
-# -- run_batch (and the continuous loop) on a real tiny model ------------------------------------
+# -- run_batch (and the engine core) on a real tiny model -----------------------------------------
 
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model_and_tokenizer) -> None:
@@ -143,10 +143,11 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model_and_tokenizer) -
     batched = run_batch(model, tok, [mates[0], sampled[0], sampled[1], mates[1], sampled[2]])
 
     assert [o.token_ids for o in alone] == [batched[i].token_ids for i in (1, 2, 4)]
-    if not model.config.is_encoder_decoder:  # the same draws in the continuous loop
-        joined = run_continuous(model, tok, [mates[0], sampled[0], sampled[1], mates[1],
-                                             sampled[2]])
-        assert [o.token_ids for o in joined] == [o.token_ids for o in batched]
+    if not model.config.is_encoder_decoder:  # the engine core: its own draws, as isolated
+        core_alone = [run_core(model, tok, [r])[0] for r in sampled]
+        joined = run_core(model, tok, [mates[0], sampled[0], sampled[1], mates[1], sampled[2]],
+                          max_batch_tokens=8)
+        assert [o.token_ids for o in core_alone] == [joined[i].token_ids for i in (1, 2, 4)]
 
 
 def test_different_seeds_give_different_samples(llama) -> None:
@@ -187,11 +188,13 @@ def test_isolated_sampling_fails_only_the_bad_row_and_keeps_the_others_draws() -
     assert tokens[[0, 2]].tolist() == expected.tolist()
 
 
-def test_a_row_whose_sampling_fails_mid_batch_fails_alone(llama, run, monkeypatch) -> None:
+def test_a_row_whose_sampling_fails_mid_batch_fails_alone(llama, monkeypatch) -> None:
     """With the parameter checks out of the way (the API and the engine both check first),
-    a row whose sampling raises leaves with its error; its seeded batch mate's tokens are the
-    ones it gets alone, in both batching modes."""
+    a row whose sampling raises under static batching leaves with its error; its seeded batch
+    mate's tokens are the ones it gets alone. (The engine core samples every row in one device
+    call: there the checks at submit and at EngineCore.add are what keeps a row out.)"""
     model, tok = llama
+    run = run_batch
     mate = make_row(tok, TEXTS[0], max_new_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
     alone = run(model, tok, [mate])[0]
     monkeypatch.setattr("server.engine.generation.validate_params", lambda params: None)

@@ -5,7 +5,6 @@ failure isolation, FIFO policy. Ordering is asserted, never wall-clock timing.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
 from pathlib import Path
@@ -14,8 +13,7 @@ import pytest
 
 from adapters_store import LocalAdapterStore
 from server.engine import generation
-from server.engine.core.engine_core import EngineCore
-from server.engine.decoding import RunningBatch
+from server.engine.core.engine_core import EngineCore, StepStats
 from server.engine.errors import EngineNotReadyError, GenerationError, QueueFullError
 from server.engine.fairness import FifoPolicy
 from server.engine.interface import GenerationRequest, SamplingParams, TokenChunk
@@ -46,8 +44,7 @@ def adapters(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
             for name, n, seed in (("cold", 4, 11), ("warm", 3, 12))}
 
 
-# The scheduler's own behaviour, under the default loop and static batching (the continuous
-# loop's admission and stepping are covered by the engine tests and the ones below).
+# The scheduler's own behaviour, under the engine core (the default) and static batching.
 @pytest.fixture(params=["core", "static"])
 async def gated(request, tiny_model_dirs, tmp_path, adapters):
     store = GatedStore(tmp_path / "store")
@@ -142,7 +139,7 @@ async def test_shutdown_fails_what_cannot_finish_in_time(gated) -> None:
     gate.set()
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static", "core"])
+@pytest.mark.parametrize("batching", ["static", "core"])
 async def test_a_failing_batch_fails_only_its_requests(batching, tiny_model_dirs, tmp_path,
                                                        monkeypatch, caplog) -> None:
     poison = 7  # a token id only the poisoned request carries
@@ -155,7 +152,7 @@ async def test_a_failing_batch_fails_only_its_requests(batching, tiny_model_dirs
             return real_step(self)
 
         monkeypatch.setattr(EngineCore, "step", core_step)
-    elif batching == "static":
+    else:
         real = generation.run_batch
 
         def run_batch(model, tokenizer, rows):
@@ -164,15 +161,6 @@ async def test_a_failing_batch_fails_only_its_requests(batching, tiny_model_dirs
             return real(model, tokenizer, rows)
 
         monkeypatch.setattr(generation, "run_batch", run_batch)
-    else:
-        real_admit = RunningBatch.admit
-
-        def admit(self, entries):
-            if any(poison in row.prompt_ids for _, row in entries):
-                raise RuntimeError("simulated device failure")
-            return real_admit(self, entries)
-
-        monkeypatch.setattr(RunningBatch, "admit", admit)
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=1, batching=batching)
     try:
         bad = GenerationRequest(request_id="bad", prompt_ids=(1, poison), adapter_id=None)
@@ -191,20 +179,20 @@ async def test_a_failing_batch_fails_only_its_requests(batching, tiny_model_dirs
 
 async def test_a_failing_step_fails_the_running_rows_and_the_engine_goes_on(
         tiny_model_dirs, tmp_path, monkeypatch) -> None:
-    """Continuous batching: a model error mid-decode fails the rows that were running (their
-    cache is not trusted) and only them; the next requests start from a clean batch."""
-    real_step = RunningBatch.step
+    """The engine core: a model error mid-decode fails the rows of that step (their slots are
+    not trusted) and only them; the next requests start in clean slots."""
+    real_step = EngineCore.step
     armed, failed = threading.Event(), threading.Event()
 
     def step(self):
-        if armed.is_set() and len(self) == 2 and not failed.is_set():
+        decoding = sum(r.drawn > 0 for r in self.running)
+        if armed.is_set() and decoding == 2 and not failed.is_set():
             failed.set()
             raise RuntimeError("simulated device failure")
         return real_step(self)
 
-    monkeypatch.setattr(RunningBatch, "step", step)
-    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_wait_ms=200,
-                      batching="continuous")
+    monkeypatch.setattr(EngineCore, "step", step)
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_wait_ms=200)
     armed.set()  # after the startup probe, which steps a two-row batch too
     try:
         outcomes = await asyncio.gather(
@@ -220,7 +208,7 @@ async def test_a_failing_step_fails_the_running_rows_and_the_engine_goes_on(
         await eng.aclose(10)
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static", "core"])
+@pytest.mark.parametrize("batching", ["static", "core"])
 async def test_batches_are_bounded_and_fifo(batching, tiny_model_dirs, tmp_path) -> None:
     observer = RecordingObserver()
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=3,
@@ -237,7 +225,7 @@ async def test_batches_are_bounded_and_fifo(batching, tiny_model_dirs, tmp_path)
         await until(lambda: len(observer.finished) == len(observer.batches))
         assert all(size <= 3 for size, _ in observer.batches)
         assert sum(tokens for _, _, tokens in observer.finished) == sum(made)
-        if batching == "static":  # continuous batching reports every step as a batch
+        if batching == "static":  # the engine core reports every step as a batch
             assert sum(size for size, _ in observer.batches) == 7
         assert order[:3] == sorted(order[:3]) and set(order[:3]) == {0, 1, 2}
         assert observer.queue_waits == 7 and observer.first_tokens == 7
@@ -269,16 +257,15 @@ def _long(eng, text: str, tenant: str, tokens: int):
     return request(eng, text, None, namespace=tenant, max_new_tokens=tokens, ignore_eos=True)
 
 
-@pytest.mark.parametrize(("policy", "batching"), [("fair", "continuous"), ("fifo", "continuous"),
-                                                 ("fair", "core")])
-async def test_a_full_batch_makes_room_for_another_tenant(policy, batching, tiny_model_dirs,
+@pytest.mark.parametrize("policy", ["fair", "fifo"])
+async def test_a_full_batch_makes_room_for_another_tenant(policy, tiny_model_dirs,
                                                           tmp_path) -> None:
-    """Continuous batching: tenant a's long rows fill the batch. With the fair (default)
-    policy tenant b's short request parks one of them and is answered while a's rows are still
-    decoding; the parked row then resumes where it stopped (the engine core recomputes it) and
-    every output equals its output alone. FIFO makes b wait for a's rows."""
+    """Tenant a's long rows fill the batch. With the fair (default) policy tenant b's short
+    request preempts one of them and is answered while a's rows are still decoding; the
+    preempted row then resumes where it stopped (recomputed from its tokens) and every output
+    equals its output alone. FIFO makes b wait for a's rows."""
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=2, max_wait_ms=50,
-                      policy=FifoPolicy() if policy == "fifo" else None, batching=batching)
+                      policy=FifoPolicy() if policy == "fifo" else None)
     try:
         texts = ("abc", "de")
         alone = [await eng.generate(_long(eng, t, "a", 120)) for t in texts]
@@ -302,13 +289,12 @@ async def test_a_full_batch_makes_room_for_another_tenant(policy, batching, tiny
         await eng.aclose(10)
 
 
-@pytest.mark.parametrize("rows", [0, 8])
+@pytest.mark.parametrize("rows", [2, 0])
 async def test_beside_another_tenant_a_flood_is_held_to_its_contended_cap(
         rows, tiny_model_dirs, tmp_path) -> None:
-    """--contended-tenant-rows: auto (0) on a CPU is a quarter of the batch, 2 of 8 here.
-    While b has a row running, a's flood runs 2 rows and queues the rest, leaving slots free;
-    8 (the whole batch) turns the cap off and a takes the 7 free slots. Once b has been gone
-    for the window (a second), a fills the batch."""
+    """--contended-tenant-rows 2: while b has a row running, a's flood runs 2 rows and queues
+    the rest, leaving slots free; 0 (the default) turns the cap off and a takes the 7 free
+    slots. Once b has been gone for the window (a second), a fills the batch."""
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=8, max_wait_ms=1,
                       contended_tenant_rows=rows)
     tasks: list[asyncio.Future] = []
@@ -318,7 +304,7 @@ async def test_beside_another_tenant_a_flood_is_held_to_its_contended_cap(
         await until(lambda: eng.tenant_stats().get("b", {}).get("running") == 1)
         tasks += [asyncio.ensure_future(eng.generate(_long(eng, "abc", "a", 480)))
                   for _ in range(12)]
-        capped = 2 if rows == 0 else 7
+        capped = 2 if rows == 2 else 7
 
         def a_rows() -> dict[str, int]:
             return eng.tenant_stats().get("a", {})
@@ -336,12 +322,12 @@ async def test_beside_another_tenant_a_flood_is_held_to_its_contended_cap(
         await eng.aclose(10)
 
 
-@pytest.mark.parametrize("rows", [0, 8])
+@pytest.mark.parametrize("rows", [2, 8])
 async def test_a_static_batch_formed_beside_another_tenant_holds_the_cap(
         rows, tiny_model_dirs, tmp_path) -> None:
     """Static batching forms its batch through the same policy: b's request and twelve of
-    a's arrive together, and the first batch is b's row and 2 of a's (auto: a quarter of 8),
-    or 8 rows with the cap off. Every request is still answered."""
+    a's arrive together, and the first batch is b's row and 2 of a's (--contended-tenant-rows
+    2), or 8 rows with the cap off (8, the whole batch). Every request is still answered."""
     observer = RecordingObserver()
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=8,
                       max_wait_ms=200, batching="static", contended_tenant_rows=rows)
@@ -349,22 +335,20 @@ async def test_a_static_batch_formed_beside_another_tenant_holds_the_cap(
         requests = [_long(eng, "Hi!", "b", 4)] + [_long(eng, "abc", "a", 4) for _ in range(12)]
         results = await asyncio.gather(*(eng.generate(r) for r in requests))
         assert [r.completion_tokens for r in results] == [4] * 13
-        assert observer.batches[0][0] == (3 if rows == 0 else 8), observer.batches
+        assert observer.batches[0][0] == (3 if rows == 2 else 8), observer.batches
     finally:
         await eng.aclose(10)
 
 
-@pytest.mark.parametrize("batching", ["continuous", "core"])
-async def test_a_parked_request_can_be_aborted(batching, tiny_model_dirs, tmp_path) -> None:
-    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=2, max_wait_ms=50,
-                      batching=batching)
+async def test_a_preempted_request_can_be_aborted(tiny_model_dirs, tmp_path) -> None:
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=2, max_wait_ms=50)
     try:
         a_tasks = [asyncio.ensure_future(eng.generate(_long(eng, t, "a", 400)))
                    for t in ("abc", "de")]
         await until(lambda: eng.stats()["in_flight"] == 2 and eng.stats()["queue_depth"] == 0)
         b_task = asyncio.ensure_future(eng.generate(_long(eng, "Hi!", "b", 300)))
         await until(lambda: eng.stats()["parked"] == 1)
-        parked = a_tasks[1]  # the newest of a's rows is the one parked
+        parked = a_tasks[1]  # the newest of a's rows is the one preempted
         parked.cancel()
         await until(lambda: eng.stats()["parked"] == 0)
         assert eng.stats()["in_flight"] == 2 and not b_task.done()
@@ -377,31 +361,47 @@ async def test_a_parked_request_can_be_aborted(batching, tiny_model_dirs, tmp_pa
         await eng.aclose(10)
 
 
-async def test_a_burst_of_long_prompts_joins_a_running_batch_a_budget_at_a_time(
-        tiny_model_dirs, tmp_path) -> None:
-    """--max-prefill-tokens: while a row decodes, each step prefills at most that many
-    (padded) prompt tokens, so four long prompts join one per step instead of stalling the
-    running row for all four prefills at once. Each still answers as it would alone."""
-    observer = RecordingObserver()
-    eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=8,
-                      max_wait_ms=1, max_prefill_tokens=60, batching="continuous")
+def _record_steps(monkeypatch) -> list[StepStats]:
+    """Every step the engine core takes from now on, as its StepStats."""
+    steps: list[StepStats] = []
+    real_step = EngineCore.step
+
+    def step(self):
+        out = real_step(self)
+        steps.append(self.last)
+        return out
+
+    monkeypatch.setattr(EngineCore, "step", step)
+    return steps
+
+
+async def test_long_prompts_join_a_running_row_a_token_budget_at_a_time(
+        tiny_model_dirs, tmp_path, monkeypatch) -> None:
+    """--max-batch-tokens: each step computes at most that many tokens, the running row's
+    decode first, so a burst of long prompts (one longer than the whole budget) is prefilled
+    in chunks over several steps while the running row takes a token at every one of them.
+    Each still answers as it would alone."""
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=8, max_wait_ms=1,
+                      max_batch_tokens=24)
     try:
-        texts = [f"a long prompt of about forty tokens, number {i}." for i in range(4)]
-        assert all(30 < len(eng.tokenize(t)) <= 60 for t in texts)
+        texts = [f"a long prompt of about forty tokens, number {i}." for i in range(3)]
+        texts.append("a long prompt that goes on and on, " * 5)
+        lengths = [len(eng.tokenize(t)) for t in texts]
+        assert min(lengths) > 24 and max(lengths) > 150
         alone = [await eng.generate(request(eng, t, None, max_new_tokens=3)) for t in texts]
         running = asyncio.ensure_future(eng.generate(
-            request(eng, "Hi!", None, max_new_tokens=300, ignore_eos=True)))
-        await until(lambda: eng.stats()["in_flight"] == 1 and eng.stats()["queue_depth"] == 0
-                    and len(observer.batches) > 0 and observer.batches[-1][0] == 1)
-        start = len(observer.batches) - 1  # a step of the running row alone (size 1)
+            request(eng, "Hi!", None, max_new_tokens=400, ignore_eos=True)))
+        await until(lambda: eng.stats()["in_flight"] == 1 and eng.stats()["queue_depth"] == 0)
+        steps = _record_steps(monkeypatch)
         burst = await asyncio.gather(*(eng.generate(request(eng, t, None, max_new_tokens=3))
                                        for t in texts))
         assert [r.token_ids for r in burst] == [r.token_ids for r in alone]
-        sizes = [size for size, _ in observer.batches[start:]]
-        # batch_started counts the running rows plus the joiners: one more row at a time.
-        assert max(b - a for a, b in itertools.pairwise(sizes)) == 1
         assert not running.done()
-        assert (await running).completion_tokens == 300
+        prefilling = [s for s in steps if s.prefill_tokens]
+        assert all(s.decodes + s.prefill_tokens <= 24 for s in steps)
+        assert all(s.decodes >= 1 for s in prefilling)  # the running row never waits a step
+        assert len(prefilling) >= -(-sum(lengths) // 23)  # ceil(prompts / room per step)
+        assert (await running).completion_tokens == 400
     finally:
         await eng.aclose(10)
 
@@ -430,31 +430,3 @@ async def test_requests_in_flight_are_counted_per_tenant_and_state(gated) -> Non
     gate.set()
     await asyncio.gather(cold, running)
     assert eng.tenant_stats() == {}
-
-
-async def test_a_prompt_longer_than_the_budget_joins_after_a_chunk_per_step(
-        tiny_model_dirs, tmp_path) -> None:
-    """A prompt over --max-prefill-tokens is prefilled half the budget per step while the
-    running row keeps taking steps, then joins; its output equals its output alone."""
-    observer = RecordingObserver()
-    eng = make_engine(tiny_model_dirs["llama"], tmp_path, observer=observer, max_batch_size=8,
-                      max_wait_ms=1, max_prefill_tokens=60, batching="continuous")
-    try:
-        text = "a long prompt that goes on and on, " * 5
-        length = len(eng.tokenize(text))
-        assert length > 150
-        alone = await eng.generate(request(eng, text, None, max_new_tokens=4))
-        running = asyncio.ensure_future(eng.generate(
-            request(eng, "Hi!", None, max_new_tokens=300, ignore_eos=True)))
-        await until(lambda: eng.stats()["in_flight"] == 1 and eng.stats()["queue_depth"] == 0
-                    and len(observer.batches) > 0 and observer.batches[-1][0] == 1)
-        start = len(observer.batches)
-        long = await eng.generate(request(eng, text, None, max_new_tokens=4))
-        assert long.token_ids == alone.token_ids
-        sizes = [size for size, _ in observer.batches[start:]]
-        joined = sizes.index(2)  # the first step the long row took beside the running one
-        assert joined >= -(-length // 30) - 1  # ceil(length / chunk of 30) steps to prefill
-        assert not running.done()
-        assert (await running).completion_tokens == 300
-    finally:
-        await eng.aclose(10)

@@ -1,11 +1,10 @@
 """The engine thread's loop over an EngineCore (`--batching core`).
 
-Between two steps the scheduler's policy decides, as for the continuous loop, which queued
-requests join, which running rows make room for another tenant (preempted: their slots are
-freed and they are recomputed when resumed, nothing is copied) and which preempted rows
-resume. A request of an adapter runs as token ids: its soft prompt's rows are pinned in the
-prompt table for as long as the request lives, so an overwrite or an eviction meanwhile can
-never change what it reads.
+Between two steps the scheduler's policy decides which queued requests join, which running
+rows make room for another tenant (preempted: their slots are freed and they are recomputed
+when resumed, nothing is copied) and which preempted rows resume. A request of an adapter
+runs as token ids: its soft prompt's rows are pinned in the prompt table for as long as the
+request lives, so an overwrite or an eviction meanwhile can never change what it reads.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ class CoreLoop:
         while True:
             self._forget_dead_parked()
             parked = [row.handle for row in self._parked.values()]
-            plan = s._next_plan(core.handles, parked, None)
+            plan = s._next_plan(core.handles, parked)
             if plan is None:
                 break
             for row in core.preempt(plan.park):
