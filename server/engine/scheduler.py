@@ -1,9 +1,10 @@
 """The engine thread: owns the model, forms batches, runs them, hands results back to asyncio.
 
 Requests whose adapter is resident (or that use the bare model) are *ready*; a request whose
-adapter misses the prompt cache waits while a small loader pool reads it from the store and
-moves it onto the device, so a cold adapter never holds up anyone else's batch. A `BatchPolicy`
-picks which ready requests run next (fairly across tenants by default).
+adapter misses the prompt cache waits for its load (server.engine.adapter_loader), so a cold
+adapter never holds up anyone else's batch. A `BatchPolicy` picks which ready requests run
+next (fairly across tenants by default). The step loops are server.engine.core.loop and
+server.engine.static_loop; this module plans what they run and delivers what they return.
 
 The engine core (server.engine.core, the default for decoder-only models whose attention
 goes through transformers' attention interface) runs one step at a time over every running
@@ -26,18 +27,14 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from adapters_store.errors import AdapterStoreError
 from adapters_store.store import AdapterStore
 from server.engine import generation
+from server.engine.adapter_loader import AdapterLoader
 from server.engine.core.loop import CoreLoop
 from server.engine.errors import (
-    AdapterChangedError,
     EngineNotReadyError,
     GenerationError,
     InvalidRequestError,
@@ -47,7 +44,8 @@ from server.engine.fairness import BatchPolicy, RoundRobinPolicy
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver
-from server.engine.prompt_cache import PromptCache, version_of
+from server.engine.prompt_cache import PromptCache
+from server.engine.static_loop import StaticLoop
 from server.engine.tickets import Failure, Ticket, TicketState
 
 log = logging.getLogger(__name__)
@@ -74,8 +72,6 @@ class Scheduler:
                  max_queue: int, policy: BatchPolicy | None = None,
                  loader_threads: int = 2, core: Any = None) -> None:
         self._loaded = loaded
-        self._store = store
-        self._cache = cache
         self._observer = observer
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
@@ -88,7 +84,6 @@ class Scheduler:
         # Tickets made ready so far, and as of the last plan: a full batch with no new arrival
         # has nothing to decide, and the policy is not run over a long queue every step.
         self._arrivals = self._planned_arrivals = 0
-        self._loading: dict[tuple[str, str, str], list[Ticket]] = {}
         self._live: dict[str, Ticket] = {}  # request_id -> ticket, until DONE
         self._queued = 0  # tickets in state QUEUED
         self._seq = 0
@@ -97,7 +92,13 @@ class Scheduler:
         # Running mean of how long max_batch_size requests take to clear, for Retry-After:
         # a static batch's duration, or one request's time in the running batch.
         self._batch_seconds = 1.0
-        self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="adapter-loader")
+        # The engine core copies a soft prompt into its prompt table on the device when a
+        # request uses it, so its cache keeps the loaded rows on the host.
+        self._adapters = AdapterLoader(
+            store=store, cache=cache, observer=observer,
+            device="cpu" if core is not None else loaded.device, dtype=loaded.dtype,
+            lock=self._cond, make_ready=self._make_ready, fail=self._fail,
+            threads=loader_threads)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     # ---- asyncio side ----------------------------------------------------------------------
@@ -149,7 +150,7 @@ class Scheduler:
             if request.adapter_id is None:
                 self._make_ready(ticket)
             else:
-                self._resolve(ticket)
+                self._adapters.resolve(ticket)
             self._cond.notify_all()
         return ticket
 
@@ -178,70 +179,14 @@ class Scheduler:
             self._fail(ticket, EngineNotReadyError("the engine shut down before this request "
                                                    "finished"))
         self._thread.join(5.0)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._adapters.shutdown()
 
     # ---- adapters ----------------------------------------------------------------------------
-
-    def _resolve(self, ticket: Ticket) -> None:
-        """Under the lock: ready now if resident, else wait for (or start) its load."""
-        req = ticket.request
-        assert req.adapter_id is not None and ticket.version is not None
-        embeds = self._cache.lookup(req.namespace, req.adapter_id, ticket.version)
-        if embeds is not None:
-            ticket.embeds = embeds
-            self._make_ready(ticket)
-            return
-        key = (req.namespace, req.adapter_id, ticket.version)
-        waiting = self._loading.get(key)
-        if waiting is None:
-            self._loading[key] = waiting = []
-            self._pool.submit(self._load, key)
-        waiting.append(ticket)
 
     def _make_ready(self, ticket: Ticket) -> None:
         """Under the lock."""
         self._ready.append(ticket)
         self._arrivals += 1
-
-    def _load(self, key: tuple[str, str, str]) -> None:
-        """On a loader thread: store -> device/dtype -> cache; then release the waiters."""
-        namespace, adapter_id, version = key
-        started = time.monotonic()
-        embeds: torch.Tensor | None = None
-        error: BaseException | None = None
-        try:
-            stored = self._store.get(namespace, adapter_id)
-            rows = stored.record.num_virtual_tokens  # seq2seq stores 2n rows; PEFT uses n
-            # The engine core copies a soft prompt into its prompt table on the device when a
-            # request uses it, so its cache keeps the loaded rows on the host.
-            device = "cpu" if self.core is not None else self._loaded.device
-            loaded = stored.embeddings[:rows].to(device=device, dtype=self._loaded.dtype,
-                                                 copy=True)
-            self._cache.insert(namespace, adapter_id, version_of(stored.record), loaded)
-            self._observer.adapter_loaded(time.monotonic() - started)
-            if version_of(stored.record) == version:
-                embeds = loaded
-            else:  # overwritten since these requests were admitted: theirs is gone
-                error = AdapterChangedError(
-                    f"adapter {adapter_id!r} was replaced while this request waited for it "
-                    "to load; retry to use the current version")
-        except AdapterStoreError as e:  # not found (deleted meanwhile), store unavailable
-            error = e
-        except Exception as e:  # noqa: BLE001 - a loader thread must always release waiters
-            log.exception("loading adapter %s/%s failed: %s", namespace, adapter_id,
-                          type(e).__name__)
-            error = GenerationError(f"adapter {adapter_id!r} could not be loaded: "
-                                    f"{type(e).__name__}: {e}")
-        with self._cond:
-            waiting = self._loading.pop(key, [])
-            for ticket in waiting:
-                if ticket.state is TicketState.QUEUED and embeds is not None:
-                    ticket.embeds = embeds
-                    self._make_ready(ticket)
-            self._cond.notify_all()
-        if error is not None:
-            for ticket in waiting:
-                self._fail(ticket, _copy(error))
 
     # ---- the engine thread --------------------------------------------------------------------
 
@@ -250,8 +195,7 @@ class Scheduler:
             if self.core is not None:
                 CoreLoop(self, *self.core).run()
             else:
-                while (plan := self._next_plan()) is not None:
-                    self._run_batch(plan.admit)
+                StaticLoop(self).run()
         except BaseException as e:  # the thread must not die silently: fail everyone
             log.critical("engine thread crashed: %s: %s", type(e).__name__, e, exc_info=True)
             with self._cond:
@@ -325,28 +269,6 @@ class Scheduler:
                 f"generation failed for the batch holding this request: "
                 f"{type(error).__name__}: {error}"))
 
-    def _run_batch(self, batch: list[Ticket]) -> None:
-        """Static batching: one run_batch call, every row to the longest one."""
-        started = time.monotonic()
-        self._observe_batch_start(batch, batch, started)
-        rows = [self._row(t, early=True) for t in batch]
-        try:
-            outputs = generation.run_batch(self._loaded.model, self._loaded.tokenizer, rows)
-        except Exception as e:  # noqa: BLE001 - isolate the failure to this batch
-            self._fail_batch(batch, e)
-            return
-        finally:
-            elapsed = time.monotonic() - started
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
-        generated = [len(out.token_ids) for out in outputs if not out.aborted]
-        self._observer.batch_finished(size=len(batch), steps=max(generated, default=0),
-                                      generated_tokens=sum(generated))
-        for ticket, out in zip(batch, outputs, strict=True):
-            if out.aborted:
-                self._end_aborted(ticket, out)
-            else:
-                self._complete(ticket, out)  # no-op for rows delivered early (on_finish)
-
     def _end_aborted(self, ticket: Ticket, out: generation.RowOutput) -> None:
         """An aborted row ends quietly; a row that failed alone gets its own error."""
         if out.error is None:
@@ -413,10 +335,3 @@ class Scheduler:
         batches = math.ceil(self._queued / self._max_batch_size)
         return min(60.0, max(1.0, batches * self._batch_seconds))
 
-
-def _copy(error: BaseException) -> BaseException:
-    """One exception instance per waiter: each is raised in its own task with its traceback."""
-    try:
-        return type(error)(*error.args)
-    except Exception:  # noqa: BLE001 - a constructor with other arguments: share the original
-        return error

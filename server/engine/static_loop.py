@@ -1,0 +1,51 @@
+"""The engine thread's loop for static batching (`--batching static`, seq2seq models, and
+decoder-only models the engine core cannot run).
+
+The policy picks up to max_batch_size ready requests and one run_batch call runs them all to
+the longest row; a row that finishes early is answered from inside that call.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from server.engine import generation
+from server.engine.tickets import Ticket
+
+if TYPE_CHECKING:
+    from server.engine.scheduler import Scheduler
+
+
+class StaticLoop:
+    """Owned by the engine thread."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._s = scheduler
+
+    def run(self) -> None:
+        while (plan := self._s._next_plan()) is not None:
+            self._run_batch(plan.admit)
+
+    def _run_batch(self, batch: list[Ticket]) -> None:
+        s = self._s
+        started = time.monotonic()
+        s._observe_batch_start(batch, batch, started)
+        rows = [s._row(t, early=True) for t in batch]
+        loaded = s._loaded
+        try:
+            outputs = generation.run_batch(loaded.model, loaded.tokenizer, rows)
+        except Exception as e:  # noqa: BLE001 - isolate the failure to this batch
+            s._fail_batch(batch, e)
+            return
+        finally:
+            elapsed = time.monotonic() - started
+            s._batch_seconds = 0.8 * s._batch_seconds + 0.2 * elapsed
+        generated = [len(out.token_ids) for out in outputs if not out.aborted]
+        s._observer.batch_finished(size=len(batch), steps=max(generated, default=0),
+                                   generated_tokens=sum(generated))
+        for ticket, out in zip(batch, outputs, strict=True):
+            if out.aborted:
+                s._end_aborted(ticket, out)
+            else:
+                s._complete(ticket, out)  # no-op for rows delivered early (on_finish)
