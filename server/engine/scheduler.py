@@ -71,8 +71,8 @@ class Scheduler:
                  observer: EngineObserver, max_batch_size: int, max_wait_s: float,
                  max_queue: int, policy: BatchPolicy | None = None,
                  loader_threads: int = 2, core: Any = None) -> None:
-        self._loaded = loaded
-        self._observer = observer
+        self.loaded = loaded
+        self.observer = observer
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._max_queue = max_queue
@@ -97,7 +97,7 @@ class Scheduler:
         self._adapters = AdapterLoader(
             store=store, cache=cache, observer=observer,
             device="cpu" if core is not None else loaded.device, dtype=loaded.dtype,
-            lock=self._cond, make_ready=self._make_ready, fail=self._fail,
+            lock=self._cond, make_ready=self._make_ready, fail=self.fail,
             threads=loader_threads)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -176,7 +176,7 @@ class Scheduler:
             left = list(self._live.values())
             self._cond.notify_all()
         for ticket in left:
-            self._fail(ticket, EngineNotReadyError("the engine shut down before this request "
+            self.fail(ticket, EngineNotReadyError("the engine shut down before this request "
                                                    "finished"))
         self._thread.join(5.0)
         self._adapters.shutdown()
@@ -188,7 +188,7 @@ class Scheduler:
         self._ready.append(ticket)
         self._arrivals += 1
 
-    # ---- the engine thread --------------------------------------------------------------------
+    # ---- the engine thread; the step loops (core.loop, static_loop) call what is public -------
 
     def _run(self) -> None:
         try:
@@ -202,11 +202,11 @@ class Scheduler:
                 self._draining = True
                 left = list(self._live.values())
             for ticket in left:
-                self._fail(ticket, GenerationError(f"the engine thread crashed: "
+                self.fail(ticket, GenerationError(f"the engine thread crashed: "
                                                    f"{type(e).__name__}"))
             raise
 
-    def _next_plan(self, running: Sequence[Ticket] = (),
+    def next_plan(self, running: Sequence[Ticket] = (),
                    parked: Sequence[Ticket] = ()) -> _Plan | None:
         """What to park, resume and admit before the next step; None when stopping and
         nothing is left to do.
@@ -252,24 +252,24 @@ class Scheduler:
             self._queued -= len(admit)
             return _Plan(park, resume, admit)
 
-    def _observe_batch_start(self, tickets: Sequence[Ticket], joining: Sequence[Ticket],
+    def observe_batch_start(self, tickets: Sequence[Ticket], joining: Sequence[Ticket],
                              now: float) -> None:
         adapters = {(t.namespace, t.request.adapter_id) for t in tickets
                     if t.request.adapter_id is not None}
-        self._observer.batch_started(size=len(tickets), distinct_adapters=len(adapters))
+        self.observer.batch_started(size=len(tickets), distinct_adapters=len(adapters))
         for ticket in joining:
-            self._observer.queue_wait(now - ticket.submitted_at, tenant=ticket.namespace)
+            self.observer.queue_wait(now - ticket.submitted_at, tenant=ticket.namespace)
 
-    def _fail_batch(self, tickets: Sequence[Ticket], error: Exception) -> None:
+    def fail_batch(self, tickets: Sequence[Ticket], error: Exception) -> None:
         """A model failure fails the rows that shared the failing call, and only them."""
         log.error("batch of %s requests failed: %s: %s", len(tickets), type(error).__name__,
                   error, exc_info=error)
         for ticket in tickets:
-            self._fail(ticket, GenerationError(
+            self.fail(ticket, GenerationError(
                 f"generation failed for the batch holding this request: "
                 f"{type(error).__name__}: {error}"))
 
-    def _end_aborted(self, ticket: Ticket, out: generation.RowOutput) -> None:
+    def end_aborted(self, ticket: Ticket, out: generation.RowOutput) -> None:
         """An aborted row ends quietly; a row that failed alone gets its own error."""
         if out.error is None:
             self.abort(ticket)
@@ -277,12 +277,12 @@ class Scheduler:
         log.warning("request %s failed alone: %s: %s", ticket.request.request_id,
                     type(out.error).__name__, out.error)
         if isinstance(out.error, generation.InvalidRowError):
-            self._fail(ticket, InvalidRequestError(str(out.error)))
+            self.fail(ticket, InvalidRequestError(str(out.error)))
         else:
-            self._fail(ticket, GenerationError(f"generation failed for this request: "
+            self.fail(ticket, GenerationError(f"generation failed for this request: "
                                                f"{type(out.error).__name__}: {out.error}"))
 
-    def _complete(self, ticket: Ticket, out: generation.RowOutput) -> None:
+    def complete(self, ticket: Ticket, out: generation.RowOutput) -> None:
         req = ticket.request
         result = GenerationResult(
             request_id=req.request_id, adapter_id=req.adapter_id, text=out.text,
@@ -292,11 +292,11 @@ class Scheduler:
         if self._finish(ticket):
             ticket.deliver(result)
 
-    def _row(self, ticket: Ticket, *, early: bool) -> generation.BatchRow:
+    def row(self, ticket: Ticket, *, early: bool) -> generation.BatchRow:
         """The ticket as a model row; `early`: answer it from inside run_batch when it finishes
         (the engine core returns a row the step it finishes anyway)."""
         def on_first_token() -> None:
-            self._observer.first_token(time.monotonic() - ticket.submitted_at,
+            self.observer.first_token(time.monotonic() - ticket.submitted_at,
                                        tenant=ticket.namespace)
 
         on_chunk: Any = None
@@ -309,7 +309,7 @@ class Scheduler:
             prompt_ids=ticket.request.prompt_ids, prompt_embeds=ticket.embeds,
             params=ticket.request.params, on_chunk=on_chunk, is_aborted=ticket.is_aborted,
             on_first_token=on_first_token,
-            on_finish=(lambda out: self._complete(ticket, out)) if early else None)
+            on_finish=(lambda out: self.complete(ticket, out)) if early else None)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
 
@@ -326,9 +326,14 @@ class Scheduler:
             self._cond.notify_all()
             return True
 
-    def _fail(self, ticket: Ticket, error: BaseException) -> None:
+    def fail(self, ticket: Ticket, error: BaseException) -> None:
         if self._finish(ticket):
             ticket.deliver(Failure(error))
+
+    def note_batch_time(self, seconds: float, *, weight: float) -> None:
+        """A loop's measure of how long max_batch_size requests take to clear (a static
+        batch's duration, or one request's time in the core's steps), for Retry-After."""
+        self._batch_seconds = (1 - weight) * self._batch_seconds + weight * seconds
 
     def _retry_after(self) -> float:
         """Roughly how long until the queue has room: batches ahead times a batch's duration."""

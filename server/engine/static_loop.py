@@ -24,28 +24,28 @@ class StaticLoop:
         self._s = scheduler
 
     def run(self) -> None:
-        while (plan := self._s._next_plan()) is not None:
+        while (plan := self._s.next_plan()) is not None:
             self._run_batch(plan.admit)
 
     def _run_batch(self, batch: list[Ticket]) -> None:
         s = self._s
         started = time.monotonic()
-        s._observe_batch_start(batch, batch, started)
-        rows = [s._row(t, early=True) for t in batch]
-        loaded = s._loaded
+        s.observe_batch_start(batch, batch, started)
+        rows = [s.row(t, early=True) for t in batch]
+        loaded = s.loaded
         try:
             outputs = generation.run_batch(loaded.model, loaded.tokenizer, rows)
         except Exception as e:  # noqa: BLE001 - isolate the failure to this batch
-            s._fail_batch(batch, e)
+            s.fail_batch(batch, e)
             return
         finally:
             elapsed = time.monotonic() - started
-            s._batch_seconds = 0.8 * s._batch_seconds + 0.2 * elapsed
+            s.note_batch_time(elapsed, weight=0.2)
         generated = [len(out.token_ids) for out in outputs if not out.aborted]
-        s._observer.batch_finished(size=len(batch), steps=max(generated, default=0),
+        s.observer.batch_finished(size=len(batch), steps=max(generated, default=0),
                                    generated_tokens=sum(generated))
         for ticket, out in zip(batch, outputs, strict=True):
             if out.aborted:
-                s._end_aborted(ticket, out)
+                s.end_aborted(ticket, out)
             else:
-                s._complete(ticket, out)  # no-op for rows delivered early (on_finish)
+                s.complete(ticket, out)  # no-op for rows delivered early (on_finish)

@@ -45,7 +45,7 @@ class CoreLoop:
         while True:
             self._forget_dead_parked()
             parked = [row.handle for row in self._parked.values()]
-            plan = s._next_plan(core.handles, parked)
+            plan = s.next_plan(core.handles, parked)
             if plan is None:
                 break
             for row in core.preempt(plan.park):
@@ -59,12 +59,12 @@ class CoreLoop:
                 ids = self._ids(ticket)
                 if ids is None:
                     continue
-                out = core.add(ticket, s._row(ticket, early=False), ids)
+                out = core.add(ticket, s.row(ticket, early=False), ids)
                 if out is None:
                     joining.append(ticket)
                 else:
                     left.append((ticket, out))
-            s._observe_batch_start(core.handles, plan.admit, now)
+            s.observe_batch_start(core.handles, plan.admit, now)
             stepping = core.handles
             try:
                 left += core.step()
@@ -72,18 +72,18 @@ class CoreLoop:
                 core.drop(stepping)
                 for ticket in stepping:
                     self._release(ticket)
-                s._fail_batch(stepping, e)
+                s.fail_batch(stepping, e)
             finished = time.monotonic()
             for ticket, out in left:
                 self._release(ticket)
                 run_s = finished - (ticket.started_at or finished)
-                s._batch_seconds = 0.95 * s._batch_seconds + 0.05 * run_s
+                s.note_batch_time(run_s, weight=0.05)
                 if out.aborted:
-                    s._end_aborted(ticket, out)
+                    s.end_aborted(ticket, out)
                 else:
-                    s._complete(ticket, out)
+                    s.complete(ticket, out)
             stats = core.last
-            s._observer.batch_finished(size=stats.rows, steps=1,
+            s.observer.batch_finished(size=stats.rows, steps=1,
                                        generated_tokens=stats.decodes + len(joining))
             s.parked = len(self._parked)
         # Stopped: stop() has failed whatever was still running or parked.
@@ -99,7 +99,7 @@ class CoreLoop:
             entry = self._table.insert(req.namespace, req.adapter_id, ticket.version,
                                        ticket.embeds)
         if entry is None:
-            self._s._fail(ticket, QueueFullError(
+            self._s.fail(ticket, QueueFullError(
                 "the prompt table is full of soft prompts in use; retry shortly "
                 "(or raise --prompt-cache-bytes)", retry_after_s=1.0))
             return None
