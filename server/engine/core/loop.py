@@ -84,7 +84,7 @@ class CoreLoop:
                     s.complete(ticket, out)
             stats = core.last
             s.observer.batch_finished(size=stats.rows, steps=1,
-                                       generated_tokens=stats.decodes + len(joining))
+                                      generated_tokens=stats.decodes + len(joining))
             s.parked = len(self._parked)
         # Stopped: stop() has failed whatever was still running or parked.
 
