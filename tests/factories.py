@@ -207,3 +207,33 @@ def load_prompt_embeddings(adapter_dir: Path, *, seq2seq: bool = False) -> torch
     emb = load_file(str(adapter_dir / "adapter_model.safetensors"))["prompt_embeddings"]
     n = json.loads((adapter_dir / "adapter_config.json").read_text())["num_virtual_tokens"]
     return emb[:n] if seq2seq else emb
+
+
+def peft_prompt(model_dir: Path, adapter_dir: Path) -> torch.Tensor:
+    """The adapter's rows as PEFT's get_prompt gives them: the definition's soft prompt."""
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(load_base(model_dir), str(adapter_dir)).eval()
+    with torch.inference_mode():
+        return peft.get_prompt(batch_size=1)[0].detach().clone()
+
+
+def greedy_by_recomputation(base, prompt: torch.Tensor | None, text_ids: list[int], n: int, *,
+                            stop_at_eos: bool = True) -> list[int]:
+    """The definition of a request's output for a decoder-only model: greedy by full
+    recomputation over [prompt rows; text embeddings; drawn tokens' embeddings]."""
+    embed = base.get_input_embeddings()
+    ids = list(text_ids)
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            x = embed(torch.tensor(ids))
+            if prompt is not None:
+                x = torch.cat([prompt, x])
+            logits = base(inputs_embeds=x[None], use_cache=False).logits[0, -1]
+            token = int(logits.argmax())
+            out.append(token)
+            ids.append(token)
+            if stop_at_eos and token == base.generation_config.eos_token_id:
+                break
+    return out

@@ -86,7 +86,7 @@ def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
                     max_queue=max(1024, 2 * workload.requests),
                     prompt_cache_bytes=cache_bytes,
                     tenant_max_concurrent_requests=max(256, 2 * workload.requests),
-                    max_virtual_tokens=max(512, workload.virtual_tokens))
+                    max_virtual_tokens=workload.virtual_tokens)
 
 
 class EngineRunner:

@@ -1,4 +1,4 @@
-"""Cold adapters: a small thread pool reads them from the store into the prompt cache.
+"""Cold adapters: a small thread pool reads them from the store into the prompt table.
 
 A request whose adapter is resident is ready at once. One that misses waits while a loader
 thread reads the adapter and converts it, so a cold adapter never holds up anyone else's
@@ -19,7 +19,7 @@ from adapters_store.errors import AdapterStoreError
 from adapters_store.store import AdapterStore
 from server.engine.errors import AdapterChangedError, GenerationError
 from server.engine.observer import EngineObserver
-from server.engine.prompt_cache import PromptCache, version_of
+from server.engine.prompt_table import PromptTable, TableEntry, version_of
 from server.engine.tickets import Ticket, TicketState
 
 log = logging.getLogger(__name__)
@@ -28,22 +28,19 @@ LoadKey = tuple[str, str, str]  # (namespace, adapter_id, version)
 
 
 class AdapterLoader:
-    """Resolves a ticket's soft prompt: from the cache, or through one load per version.
+    """Resolves a ticket's soft prompt: resident in the table, or through one load per version.
 
     `lock` is the scheduler's condition: `resolve` runs under it, and a finished load takes
     it to make its waiters ready (`make_ready`, called under the lock) and notifies it.
     `fail` answers a waiter whose load failed (called without the lock).
     """
 
-    def __init__(self, *, store: AdapterStore, cache: PromptCache, observer: EngineObserver,
-                 device: str | torch.device, dtype: torch.dtype, lock: threading.Condition,
-                 make_ready: Callable[[Ticket], None],
+    def __init__(self, *, store: AdapterStore, table: PromptTable, observer: EngineObserver,
+                 lock: threading.Condition, make_ready: Callable[[Ticket], None],
                  fail: Callable[[Ticket, BaseException], None], threads: int = 2) -> None:
         self._store = store
-        self._cache = cache
+        self._table = table
         self._observer = observer
-        self._device = device
-        self._dtype = dtype
         self._lock = lock
         self._make_ready = make_ready
         self._fail = fail
@@ -54,9 +51,9 @@ class AdapterLoader:
         """Under the lock: ready now if resident, else wait for (or start) its load."""
         req = ticket.request
         assert req.adapter_id is not None and ticket.version is not None
-        embeds = self._cache.lookup(req.namespace, req.adapter_id, ticket.version)
-        if embeds is not None:
-            ticket.embeds = embeds
+        entry = self._table.lookup(req.namespace, req.adapter_id, ticket.version)
+        if entry is not None:
+            ticket.entry, ticket.embeds = entry, None
             self._make_ready(ticket)
             return
         key = (req.namespace, req.adapter_id, ticket.version)
@@ -70,20 +67,25 @@ class AdapterLoader:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _load(self, key: LoadKey) -> None:
-        """On a loader thread: store -> device/dtype -> cache; then release the waiters."""
+        """On a loader thread: store -> the table's rows; then release the waiters.
+
+        If the table cannot take the rows now (the rest is pinned by running requests), the
+        waiters keep the loaded tensor on the host and the step loop inserts it when one of
+        them starts."""
         namespace, adapter_id, version = key
         started = time.monotonic()
+        entry: TableEntry | None = None
         embeds: torch.Tensor | None = None
         error: BaseException | None = None
         try:
             stored = self._store.get(namespace, adapter_id)
             rows = stored.record.num_virtual_tokens  # seq2seq stores 2n rows; PEFT uses n
-            loaded = stored.embeddings[:rows].to(device=self._device, dtype=self._dtype,
-                                                 copy=True)
-            self._cache.insert(namespace, adapter_id, version_of(stored.record), loaded)
+            loaded = stored.embeddings[:rows]
+            entry = self._table.insert(namespace, adapter_id, version_of(stored.record),
+                                       loaded, pinned=False)
             self._observer.adapter_loaded(time.monotonic() - started)
             if version_of(stored.record) == version:
-                embeds = loaded
+                embeds = loaded if entry is None else None
             else:  # overwritten since these requests were admitted: theirs is gone
                 error = AdapterChangedError(
                     f"adapter {adapter_id!r} was replaced while this request waited for it "
@@ -98,8 +100,8 @@ class AdapterLoader:
         with self._lock:
             waiting = self._loading.pop(key, [])
             for ticket in waiting:
-                if ticket.state is TicketState.QUEUED and embeds is not None:
-                    ticket.embeds = embeds
+                if ticket.state is TicketState.QUEUED and error is None:
+                    ticket.entry, ticket.embeds = entry, embeds
                     self._make_ready(ticket)
             self._lock.notify_all()
         if error is not None:

@@ -1,8 +1,9 @@
-"""Engine: the EngineClient the HTTP layer talks to — model, prompt cache, scheduler, adapters.
+"""Engine: the EngineClient the HTTP layer talks to — model, prompt table, scheduler, adapters.
 
 `start()` returns at once and loads the model on a background thread, so the HTTP server can
-answer /healthz (and 503 on /readyz) while a large model loads. Requests are validated here,
-once, before they are queued, so a bad request never fails a batch it would have shared.
+answer /healthz (and 503 on /readyz) while a large model loads; what runs it is wired in
+server.engine.runtime. Requests are validated here, once, before they are queued, so a bad
+request never fails a batch it would have shared.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from adapters_store import parse_archive, parse_paths
 from adapters_store.errors import (
@@ -25,8 +26,6 @@ from adapters_store.records import AdapterRecord, Limits, ModelSpec, validate_ad
 from adapters_store.store import AdapterStore
 from server.config import Batching, Settings
 from server.engine.chat import render_chat
-from server.engine.core.kv_budget import KVBudgetError
-from server.engine.core.loop import build_core
 from server.engine.detokenizer import DECODE_KWARGS
 from server.engine.errors import EngineNotReadyError, InvalidRequestError, RequestTooLongError
 from server.engine.fairness import BatchPolicy, RoundRobinPolicy, contended_rows
@@ -38,7 +37,8 @@ from server.engine.interface import (
 )
 from server.engine.model_loader import LoadedModel, load_model
 from server.engine.observer import EngineObserver, GuardedObserver, NullObserver
-from server.engine.prompt_cache import PromptCache, version_of
+from server.engine.prompt_table import version_of
+from server.engine.runtime import Runtime, build_runtime, runtime_stats
 from server.engine.sampling import validate_params
 from server.engine.scheduler import Scheduler
 from server.engine.store_refresh import StoreRefresher, count_stored
@@ -64,7 +64,7 @@ class Engine:
         self._weight_of: Callable[[str], float] = lambda _tenant: 1.0
         self._policy = policy  # None: the fair default, built once the device is known
         self._loaded: LoadedModel | None = None
-        self._cache: PromptCache | None = None
+        self._runtime: Runtime | None = None
         self._scheduler: Scheduler | None = None
         self._load_error: BaseException | None = None
         self._loaded_event = threading.Event()
@@ -87,21 +87,17 @@ class Engine:
     def _load(self) -> None:
         try:
             loaded = load_model(self.settings)
-            cache = PromptCache(self.settings.prompt_cache_bytes, observer=self._observer)
             self._policy = self._policy or self._fair_policy()
-            core = self._core(loaded)
-            scheduler = Scheduler(
-                loaded, store=self.store, cache=cache, observer=self._observer,
-                max_batch_size=self.settings.max_batch_size,
-                max_wait_s=self.settings.max_wait_ms / 1000.0,
-                max_queue=self.settings.max_queue, policy=self._policy, core=core)
+            runtime = build_runtime(self.settings, loaded, self.store, observer=self._observer,
+                                    policy=self._policy)
+            scheduler = runtime.scheduler
             self._count_stored()
             scheduler.start()
-            self._refresher = StoreRefresher(self.store, cache,
+            self._refresher = StoreRefresher(self.store, runtime.table,
                                              period_s=self.settings.store_refresh_s,
                                              on_count=self._set_count)
             self._refresher.start()
-            self._loaded, self._cache, self._scheduler = loaded, cache, scheduler
+            self._loaded, self._runtime, self._scheduler = loaded, runtime, scheduler
             if self._closing:  # shutdown() was called while the model was loading
                 scheduler.stop(0)
         except BaseException as e:  # noqa: BLE001 - reported through wait_until_ready/is_ready
@@ -120,32 +116,6 @@ class Engine:
                      "one starts at most %d row(s) (--contended-tenant-rows)", rows)
         return RoundRobinPolicy(weight_of=lambda t: self._weight_of(t), contended_rows=rows)
 
-    def _core(self, loaded: LoadedModel) -> Any:
-        """The engine core where the model allows it: (EngineCore, PromptTable); else None
-        (static batching), and the log says which and why."""
-        if self.settings.batching is Batching.STATIC:
-            log.info("batching: static (--batching static)")
-            return None
-        if getattr(loaded.model.config, "is_encoder_decoder", False):
-            log.info("batching: static (seq2seq models run static batching)")
-            return None
-        try:
-            core = build_core(loaded, max_batch_size=self.settings.max_batch_size,
-                              max_batch_tokens=self.settings.max_batch_tokens,
-                              prompt_cache_bytes=self.settings.prompt_cache_bytes,
-                              max_virtual_tokens=self.settings.max_virtual_tokens,
-                              kv_cache_memory=self.settings.kv_cache_memory)
-        except KVBudgetError:
-            raise  # the operator's budget is wrong: say so, do not serve another way
-        except Exception as e:  # noqa: BLE001 - static batching still serves this model
-            log.warning("batching: static, this model cannot run the engine core (%s: %s)",
-                        type(e).__name__, e)
-            return None
-        log.info("batching: core (%d KV slots of %d positions, %d MiB; --max-batch-tokens %d)",
-                 core[0]._cache.slots, core[0]._cache.max_len, core[0]._cache.nbytes >> 20,
-                 self.settings.max_batch_tokens)
-        return core
-
     def set_tenant_weights(self, weight_of: Callable[[str], float]) -> None:
         """Where the default (fair) policy reads each tenant's scheduling weight, from any
         thread; the app points it at the current --api-keys table."""
@@ -154,9 +124,7 @@ class Engine:
     @property
     def batching(self) -> Batching | None:
         """What the engine runs (None until the model is loaded)."""
-        if self._scheduler is None:
-            return None
-        return Batching.CORE if self._scheduler.core is not None else Batching.STATIC
+        return None if self._runtime is None else self._runtime.batching
 
     def _count_stored(self) -> None:
         """Best effort: a store that is down at startup must not keep the model from serving."""
@@ -214,12 +182,12 @@ class Engine:
                                       else f"the model failed to load: {self._load_error}")
         return self._loaded
 
-    def _require(self) -> tuple[LoadedModel, PromptCache, Scheduler]:
+    def _require(self) -> Runtime:
         """For new work: refused while loading and once shutdown has begun."""
-        loaded = self._model()
-        if self._closing or self._cache is None or self._scheduler is None:
+        self._model()
+        if self._closing or self._runtime is None:
             raise EngineNotReadyError("the engine is shutting down")
-        return loaded, self._cache, self._scheduler
+        return self._runtime
 
     @property
     def model_info(self) -> ModelInfo:
@@ -274,11 +242,17 @@ class Engine:
 
     def _enqueue(self, request: GenerationRequest, record: AdapterRecord | None, *,
                  stream: bool) -> Ticket:
-        loaded, _, scheduler = self._require()
+        runtime = self._require()
+        loaded, scheduler = runtime.loaded, runtime.scheduler
         version, virtual = None, 0
         if record is not None:
             self._check_compatible(record, loaded)
             version, virtual = version_of(record), record.num_virtual_tokens
+            if virtual > runtime.table.capacity:  # stored under a larger --max-virtual-tokens
+                raise InvalidRequestError(
+                    f"adapter {record.adapter_id!r} has {virtual} virtual tokens; this server "
+                    f"holds at most {runtime.table.capacity} (--prompt-cache-bytes, "
+                    "--max-virtual-tokens)")
         self._validate(request, loaded, virtual)
         return scheduler.submit(request, version=version, virtual_tokens=virtual, stream=stream)
 
@@ -318,7 +292,8 @@ class Engine:
     async def add_adapter(self, namespace: str, adapter_id: str, upload: AdapterUpload, *,
                           overwrite: bool = False) -> AdapterRecord:
         """Parse and validate off the event loop, store atomically; servable at once."""
-        loaded, cache, _ = self._require()
+        runtime = self._require()
+        loaded = runtime.loaded
         validate_adapter_id(namespace, what="namespace")
         validate_adapter_id(adapter_id)
         existed = await asyncio.to_thread(self.store.exists, namespace, adapter_id)
@@ -329,7 +304,7 @@ class Engine:
             parsed = await asyncio.to_thread(self._parse, upload, loaded)
         record = await asyncio.to_thread(self.store.put, namespace, adapter_id, parsed,
                                          overwrite=overwrite)
-        cache.invalidate(namespace, adapter_id)
+        runtime.table.invalidate(namespace, adapter_id)
         if not existed:
             with self._count_lock:
                 self._stored_count += 1
@@ -357,8 +332,8 @@ class Engine:
 
     async def delete_adapter(self, namespace: str, adapter_id: str) -> None:
         await asyncio.to_thread(self.store.delete, namespace, adapter_id)
-        if self._cache is not None:
-            self._cache.invalidate(namespace, adapter_id)
+        if self._runtime is not None:
+            self._runtime.table.invalidate(namespace, adapter_id)
         with self._count_lock:
             self._stored_count = max(0, self._stored_count - 1)
 
@@ -369,36 +344,11 @@ class Engine:
         return scheduler.tenant_counts() if scheduler is not None else {}
 
     def stats(self) -> dict[str, float]:
-        scheduler, cache = self._scheduler, self._cache
-        cs = cache.stats() if cache is not None else None
         return {
-            "queue_depth": float(scheduler.queue_depth if scheduler else 0),
             "queue_capacity": float(self.settings.max_queue),
-            "in_flight": float(scheduler.in_flight if scheduler else 0),
-            "parked": float(scheduler.parked if scheduler else 0),
-            "cache_resident_adapters": float(cs.resident_adapters if cs else 0),
-            "cache_resident_bytes": float(cs.resident_bytes if cs else 0),
-            "cache_bytes": float(cs.resident_bytes if cs else 0),  # alias named in interface.py
             "cache_capacity_bytes": float(self.settings.prompt_cache_bytes),
-            "cache_hits": float(cs.hits if cs else 0),
-            "cache_misses": float(cs.misses if cs else 0),
-            "cache_evictions": float(cs.evictions if cs else 0),
             "stored_adapters": float(self._stored_count),
-            **self._core_stats(),
-        }
-
-    def _core_stats(self) -> dict[str, float]:
-        """The engine core's KV slots and decode graphs; nothing under static batching."""
-        core = self._scheduler.core[0] if self._scheduler and self._scheduler.core else None
-        if core is None:
-            return {}
-        graphs = core.decode_graphs
-        return {
-            "kv_slots": float(core.max_rows),
-            "kv_slots_free": float(core._cache.free_slots),
-            "kv_cache_bytes": float(core._cache.nbytes),
-            "graph_captured_buckets": float(graphs.captured if graphs else 0),
-            "graph_eager_buckets": float(len(graphs.eager_buckets) if graphs else 0),
+            **runtime_stats(self._runtime),
         }
 
 

@@ -44,7 +44,7 @@ from server.engine.fairness import BatchPolicy, RoundRobinPolicy
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver
-from server.engine.prompt_cache import PromptCache
+from server.engine.prompt_table import PromptTable
 from server.engine.static_loop import StaticLoop
 from server.engine.tickets import Failure, Ticket, TicketState
 
@@ -63,11 +63,12 @@ class _Plan:
 class Scheduler:
     """Thread-safe submit/abort; one engine thread and a small adapter-loader pool.
 
-    `core`: (EngineCore, PromptTable) from server.engine.core.loop.build_core, or None for
-    static batching.
+    `table`: the prompt table installed in the model (server.engine.prompt_table.table_for).
+    `core`: the EngineCore from server.engine.core.loop.build_core, or None for static
+    batching.
     """
 
-    def __init__(self, loaded: LoadedModel, *, store: AdapterStore, cache: PromptCache,
+    def __init__(self, loaded: LoadedModel, *, store: AdapterStore, table: PromptTable,
                  observer: EngineObserver, max_batch_size: int, max_wait_s: float,
                  max_queue: int, policy: BatchPolicy | None = None,
                  loader_threads: int = 2, core: Any = None) -> None:
@@ -77,7 +78,8 @@ class Scheduler:
         self._max_wait_s = max_wait_s
         self._max_queue = max_queue
         self._policy = policy or RoundRobinPolicy()  # fair across tenants
-        self.core = core  # (EngineCore, PromptTable), or None: static batching
+        self.table = table
+        self.core = core  # EngineCore, or None: static batching
         self.parked = 0  # rows preempted by the fair policy, waiting to resume, for the gauge
         self._cond = threading.Condition()
         self._ready: list[Ticket] = []
@@ -92,13 +94,9 @@ class Scheduler:
         # Running mean of how long max_batch_size requests take to clear, for Retry-After:
         # a static batch's duration, or one request's time in the running batch.
         self._batch_seconds = 1.0
-        # The engine core copies a soft prompt into its prompt table on the device when a
-        # request uses it, so its cache keeps the loaded rows on the host.
         self._adapters = AdapterLoader(
-            store=store, cache=cache, observer=observer,
-            device="cpu" if core is not None else loaded.device, dtype=loaded.dtype,
-            lock=self._cond, make_ready=self._make_ready, fail=self.fail,
-            threads=loader_threads)
+            store=store, table=table, observer=observer, lock=self._cond,
+            make_ready=self._make_ready, fail=self.fail, threads=loader_threads)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     # ---- asyncio side ----------------------------------------------------------------------
@@ -188,14 +186,31 @@ class Scheduler:
         self._ready.append(ticket)
         self._arrivals += 1
 
+    def requeue(self, ticket: Ticket, *, reload: bool) -> None:
+        """An admitted request that cannot start yet goes back to the queue, keeping its
+        place. `reload`: its soft prompt left the prompt table while it waited (evicted), so it
+        waits for its adapter's load again; else it is ready again at once (its rows wait on
+        the host for room in the table, which running requests hold)."""
+        with self._cond:
+            if ticket.state is not TicketState.RUNNING:
+                return
+            ticket.state = TicketState.QUEUED
+            self._queued += 1
+            if reload:
+                ticket.entry = None
+                self._adapters.resolve(ticket)
+            else:
+                self._make_ready(ticket)
+            self._cond.notify_all()
+
     # ---- the engine thread; the step loops (core.loop, static_loop) call what is public -------
 
     def _run(self) -> None:
         try:
             if self.core is not None:
-                CoreLoop(self, *self.core).run()
+                CoreLoop(self, self.core, self.table).run()
             else:
-                StaticLoop(self).run()
+                StaticLoop(self, self.table).run()
         except BaseException as e:  # the thread must not die silently: fail everyone
             log.critical("engine thread crashed: %s: %s", type(e).__name__, e, exc_info=True)
             with self._cond:
@@ -292,9 +307,10 @@ class Scheduler:
         if self._finish(ticket):
             ticket.deliver(result)
 
-    def row(self, ticket: Ticket, *, early: bool) -> generation.BatchRow:
-        """The ticket as a model row; `early`: answer it from inside run_batch when it finishes
-        (the engine core returns a row the step it finishes anyway)."""
+    def row(self, ticket: Ticket, ids: Sequence[int], *, early: bool) -> generation.BatchRow:
+        """The ticket as a model row reading `ids` (virtual ids, then the text's); `early`:
+        answer it from inside run_batch when it finishes (the engine core returns a row the
+        step it finishes anyway)."""
         def on_first_token() -> None:
             self.observer.first_token(time.monotonic() - ticket.submitted_at,
                                        tenant=ticket.namespace)
@@ -306,7 +322,7 @@ class Scheduler:
                     ticket.deliver(chunk)
 
         return generation.BatchRow(
-            prompt_ids=ticket.request.prompt_ids, prompt_embeds=ticket.embeds,
+            prompt_ids=ids, prompt_embeds=None,
             params=ticket.request.params, on_chunk=on_chunk, is_aborted=ticket.is_aborted,
             on_first_token=on_first_token,
             on_finish=(lambda out: self.complete(ticket, out)) if early else None)

@@ -11,6 +11,8 @@ import time
 from typing import TYPE_CHECKING
 
 from server.engine import generation
+from server.engine.prompt_pins import PromptPins
+from server.engine.prompt_table import PromptTable
 from server.engine.tickets import Ticket
 
 if TYPE_CHECKING:
@@ -20,18 +22,28 @@ if TYPE_CHECKING:
 class StaticLoop:
     """Owned by the engine thread."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, table: PromptTable) -> None:
         self._s = scheduler
+        self._pins = PromptPins(scheduler, table)
 
     def run(self) -> None:
         while (plan := self._s.next_plan()) is not None:
-            self._run_batch(plan.admit)
+            batch = [(t, ids) for t in plan.admit if (ids := self._pins.ids(t)) is not None]
+            try:
+                if batch:
+                    self._run_batch(batch)
+            finally:
+                for ticket, _ in batch:
+                    self._pins.release(ticket)
 
-    def _run_batch(self, batch: list[Ticket]) -> None:
+    def _run_batch(self, admitted: list[tuple[Ticket, list[int]]]) -> None:
         s = self._s
+        batch = [ticket for ticket, _ in admitted]
         started = time.monotonic()
+        for ticket in batch:
+            ticket.started_at = started
         s.observe_batch_start(batch, batch, started)
-        rows = [s.row(t, early=True) for t in batch]
+        rows = [s.row(ticket, ids, early=True) for ticket, ids in admitted]
         loaded = s.loaded
         try:
             outputs = generation.run_batch(loaded.model, loaded.tokenizer, rows)

@@ -2,7 +2,7 @@
 prompt of an adapter another replica deleted or overwrote.
 
 Correctness does not wait for this thread: every request checks its adapter's record (at most
-`store_refresh_s` old) and the prompt cache serves only the version that record names. This
+`store_refresh_s` old) and the prompt table serves only the version that record names. This
 thread frees the device memory of adapters that changed elsewhere, off the hot path, and keeps
 the count that /metrics reports within one period of the truth.
 """
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from adapters_store.errors import AdapterNotFoundError, AdapterStoreError
 from adapters_store.records import AdapterRecord
 from adapters_store.store import AdapterStore
-from server.engine.prompt_cache import PromptCache, version_of
+from server.engine.prompt_table import PromptTable, version_of
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,10 @@ def count_stored(store: AdapterStore) -> int:
 
 
 class StoreRefresher:
-    def __init__(self, store: AdapterStore, cache: PromptCache, *, period_s: float,
+    def __init__(self, store: AdapterStore, table: PromptTable, *, period_s: float,
                  on_count: Callable[[int], None]) -> None:
         self._store = store
-        self._cache = cache
+        self._cache = table
         self._period_s = period_s
         self._on_count = on_count
         self._stop = threading.Event()

@@ -20,6 +20,7 @@ import torch
 
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
 from server.engine.mailbox import mailbox_for
+from server.engine.prompt_table import TableEntry
 
 
 class TicketState(StrEnum):
@@ -49,7 +50,10 @@ class Ticket:
         self.submitted_at = time.monotonic()
         self.started_at: float | None = None  # when it joined the running rows
         self.state = TicketState.QUEUED
-        self.embeds: torch.Tensor | None = None  # [num_virtual_tokens, hidden] once resolved
+        # Once its adapter is resolved: the prompt table's entry (unpinned while queued), or,
+        # when the table had no room at load time, the rows on the host ([n, hidden]).
+        self.entry: TableEntry | None = None
+        self.embeds: torch.Tensor | None = None
         self.future: asyncio.Future | None = None if stream else loop.create_future()
         self.queue: asyncio.Queue | None = asyncio.Queue() if stream else None
 

@@ -85,7 +85,9 @@ def test_many_adapters_reports_cache_behaviour_from_a_cold_start(tmp_path) -> No
                  "--cache-adapters", "4", "--new-tokens", "2", "--modes", "engine",
                  "--baselines", "")
     cache = result["extra"]["engine_prompt_cache_first_run"]
-    assert cache["hits"] + cache["misses"] == 24
+    # Each request looks its adapter up once, and again if its rows were evicted before it
+    # started (a 4-adapter table runs at most 4 adapters at once).
+    assert cache["hits"] + cache["misses"] >= 24
     distinct = result["extra"]["distinct_adapters_requested"]
     assert 1 < distinct <= 24
     loads = result["extra"]["engine_cold_loads_first_run"]

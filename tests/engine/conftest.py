@@ -13,9 +13,9 @@ from transformers import AutoTokenizer
 
 from server.engine.core.engine_core import EngineCore, StepStats
 from server.engine.core.kv_cache import SlotKVCache, cache_shape
-from server.engine.core.prompt_table import PromptTable, install
 from server.engine.generation import BatchRow, RowOutput, run_batch
 from server.engine.interface import SamplingParams
+from server.engine.prompt_table import PromptTable, install
 from tests.factories import load_base
 
 

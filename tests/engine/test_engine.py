@@ -26,7 +26,14 @@ from server.engine.interface import (
     TokenChunk,
 )
 from server.engine.observer import CacheEvent, NullObserver
-from tests.factories import load_peft_reference, make_adapter, reference_greedy
+from tests.factories import (
+    greedy_by_recomputation,
+    load_base,
+    load_peft_reference,
+    make_adapter,
+    peft_prompt,
+    reference_greedy,
+)
 
 _ids = itertools.count()
 
@@ -260,11 +267,11 @@ async def test_stream_yields_chunks_then_one_result_matching_generate(engine) ->
 async def test_new_upload_is_served_on_the_next_request_and_overwrite_replaces(
         engine, tiny_model_dirs, llama_adapters) -> None:
     first = await engine.generate(request(engine, "Hi!", "pt3"))
-    assert engine._cache.contains("t1", "pt3")
+    assert engine._runtime.table.contains("t1", "pt3")
     with pytest.raises(AdapterExistsError):
         await engine.add_adapter("t1", "pt3", upload_of(llama_adapters["pt5"]))
     await engine.add_adapter("t1", "pt3", upload_of(llama_adapters["pt5"]), overwrite=True)
-    assert not engine._cache.contains("t1", "pt3")  # invalidated at once
+    assert not engine._runtime.table.contains("t1", "pt3")  # invalidated at once
     second = await engine.generate(request(engine, "Hi!", "pt3"))
     ref = load_peft_reference(tiny_model_dirs["llama"], llama_adapters["pt5"])
     assert list(second.token_ids) == reference_greedy(ref, engine.tokenize("Hi!"), 8)
@@ -280,11 +287,12 @@ async def test_overwrite_by_another_process_is_not_served_stale(engine, llama_ad
     other.put("t1", "pt3", parsed, overwrite=True)
     result = await engine.generate(request(engine, "Hi!", "pt3"))
     assert result.virtual_tokens == 5
-    assert tuple(engine._cache.lookup("t1", "pt3", _version(other, "pt3")).shape) == (5, 64)
+    entry = engine._runtime.table.lookup("t1", "pt3", _version(other, "pt3"))
+    assert entry is not None and len(entry.ids) == 5
 
 
 def _version(store: LocalAdapterStore, adapter_id: str) -> str:
-    from server.engine.prompt_cache import version_of
+    from server.engine.prompt_table import version_of
     return version_of(store.get_record("t1", adapter_id))
 
 
@@ -292,7 +300,7 @@ async def test_delete_evicts_and_later_requests_get_not_found(engine) -> None:
     await engine.generate(request(engine, "Hi!", "mlp6"))
     before = engine.stats()
     await engine.delete_adapter("t1", "mlp6")
-    assert not engine._cache.contains("t1", "mlp6")
+    assert not engine._runtime.table.contains("t1", "mlp6")
     with pytest.raises(AdapterNotFoundError):
         await engine.generate(request(engine, "Hi!", "mlp6"))
     with pytest.raises(AdapterNotFoundError):
@@ -313,7 +321,8 @@ async def test_adapters_are_per_namespace(engine) -> None:
 async def test_cache_counts_hits_misses_and_evicts_within_budget(tiny_model_dirs, tmp_path,
                                                                  llama_adapters) -> None:
     # 64 hidden * 4 bytes = 256 bytes per virtual token: room for pt3 (768 B) and pt5 (1280 B)
-    eng = make_engine(tiny_model_dirs["llama"], tmp_path, prompt_cache_bytes=2100)
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, prompt_cache_bytes=2100,
+                      max_virtual_tokens=6)
     try:
         for name in ("pt3", "pt5", "mlp6"):
             await eng.add_adapter("t1", name, upload_of(llama_adapters[name]))
@@ -325,6 +334,81 @@ async def test_cache_counts_hits_misses_and_evicts_within_budget(tiny_model_dirs
         assert s["stored_adapters"] == 3
     finally:
         await eng.aclose(10)
+
+
+@pytest.mark.parametrize("batching", ["core", "static"])
+async def test_a_request_whose_rows_were_evicted_while_it_waited_is_loaded_again(
+        tiny_model_dirs, tmp_path, llama_adapters, batching) -> None:
+    # One row at a time, a 12-row table: pt5 runs (5 rows pinned) while pt3 loads (3 rows)
+    # and then mlp6 loads (6 rows), which evicts pt3's unpinned rows before pt3 starts.
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, prompt_cache_bytes=12 * 256,
+                      max_batch_size=1, max_virtual_tokens=6, max_wait_ms=0, batching=batching)
+    table = eng._runtime.table
+    try:
+        for name in ("pt3", "pt5", "mlp6"):
+            await eng.add_adapter("t1", name, upload_of(llama_adapters[name]))
+        long = asyncio.create_task(eng.generate(request(eng, "a", "pt5", max_new_tokens=120,
+                                                        ignore_eos=True)))
+        await until(lambda: eng.stats()["in_flight"] == 1 and table.contains("t1", "pt5"))
+        short = asyncio.create_task(eng.generate(request(eng, "Hi!", "pt3")))
+        await until(lambda: table.contains("t1", "pt3"))
+        other = asyncio.create_task(eng.generate(request(eng, "Hi!", "mlp6")))
+        await until(lambda: table.contains("t1", "mlp6"))
+        assert not table.contains("t1", "pt3") and not long.done()
+        results = await asyncio.gather(long, short, other)
+        base = load_base(tiny_model_dirs["llama"])
+        for result, name, text, n in zip(results, ("pt5", "pt3", "mlp6"), ("a", "Hi!", "Hi!"),
+                                         (120, 8, 8), strict=True):
+            prompt = peft_prompt(tiny_model_dirs["llama"], llama_adapters[name])
+            expected = greedy_by_recomputation(base, prompt, eng.tokenize(text), n,
+                                               stop_at_eos=name != "pt5")
+            assert list(result.token_ids) == expected, name
+        assert eng.stats()["cache_misses"] == 4  # pt5, pt3, mlp6, and pt3 once more
+    finally:
+        await eng.aclose(10)
+
+
+@pytest.mark.parametrize("batching", ["core", "static"])
+async def test_a_request_waits_while_running_requests_hold_the_whole_table(
+        tiny_model_dirs, tmp_path, llama_adapters, batching) -> None:
+    # A 6-row table (--max-virtual-tokens): pt5's running request pins 5 rows, so pt3 (3 rows)
+    # waits for it instead of failing, and then runs.
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path, prompt_cache_bytes=0,
+                      max_batch_size=2, max_virtual_tokens=6, max_wait_ms=0, batching=batching)
+    try:
+        for name in ("pt3", "pt5"):
+            await eng.add_adapter("t1", name, upload_of(llama_adapters[name]))
+        long = asyncio.create_task(eng.generate(request(eng, "a", "pt5", max_new_tokens=80,
+                                                        ignore_eos=True)))
+        await until(lambda: eng.stats()["in_flight"] == 1
+                    and eng._runtime.table.contains("t1", "pt5"))
+        short = await eng.generate(request(eng, "Hi!", "pt3"))
+        assert long.done()  # pt3 started only once pt5's rows were free
+        base = load_base(tiny_model_dirs["llama"])
+        prompt = peft_prompt(tiny_model_dirs["llama"], llama_adapters["pt3"])
+        assert list(short.token_ids) == greedy_by_recomputation(base, prompt,
+                                                                eng.tokenize("Hi!"), 8)
+        assert len((await long).token_ids) == 80
+    finally:
+        await eng.aclose(10)
+
+
+async def test_an_adapter_larger_than_the_table_is_refused(tiny_model_dirs, tmp_path,
+                                                         llama_adapters) -> None:
+    eng = make_engine(tiny_model_dirs["llama"], tmp_path)
+    try:
+        await eng.add_adapter("t1", "mlp6", upload_of(llama_adapters["mlp6"]))
+    finally:
+        await eng.aclose(10)
+    # The same store, served with a smaller limit: the stored adapter no longer fits.
+    small = make_engine(tiny_model_dirs["llama"], tmp_path, prompt_cache_bytes=0,
+                        max_virtual_tokens=4)
+    try:
+        with pytest.raises(InvalidRequestError, match="6 virtual tokens.*--prompt-cache-bytes"):
+            await small.generate(request(small, "Hi!", "mlp6"))
+        assert (await small.generate(request(small, "Hi!", None))).token_ids
+    finally:
+        await small.aclose(10)
 
 
 async def test_validation_happens_at_submit(engine) -> None:
@@ -392,7 +476,7 @@ async def test_startup_says_which_loop_serves_the_model_and_why(
         arch, batching, runs, logged, tiny_model_dirs, tmp_path, caplog) -> None:
     """BLOOM's ALiBi attention does not go through transformers' attention interface and T5
     is seq2seq: both run static batching, and the log says so; the answers are the same."""
-    with caplog.at_level(logging.INFO, logger="server.engine.engine"):
+    with caplog.at_level(logging.INFO, logger="server.engine.runtime"):
         eng = make_engine(tiny_model_dirs[arch], tmp_path, batching=batching)
     try:
         assert eng.batching == runs

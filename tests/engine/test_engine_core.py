@@ -18,10 +18,10 @@ from transformers import AutoTokenizer
 from server.engine.core.decode_graphs import row_bucket, width_bucket
 from server.engine.core.engine_core import EngineCore
 from server.engine.core.kv_cache import SlotKVCache, cache_shape
-from server.engine.core.prompt_table import PromptTable, install
 from server.engine.generation import BatchRow, InvalidRowError
 from server.engine.interface import FinishReason, SamplingParams
-from tests.factories import load_base, make_adapter
+from server.engine.prompt_table import PromptTable, install
+from tests.factories import greedy_by_recomputation, load_base, make_adapter, peft_prompt
 
 DECODERS = ("gpt2", "llama", "qwen2")
 ADAPTERS = (("prompt_tuning", 3, 1), ("p_tuning_mlp", 9, 2), ("p_tuning_lstm", 5, 3))
@@ -32,36 +32,12 @@ REQUESTS = ((0, 0, 12), (1, 1, 9), (2, 2, 14), (3, None, 10), (2, 0, 8), (0, 1, 
             (1, None, 7), (3, 2, 11), (0, 2, 6), (2, 1, 10))
 
 
-def _definition(base, prompt: torch.Tensor | None, text_ids: list[int], n: int) -> list[int]:
-    """Greedy by full recomputation: [prompt rows; text embeddings; drawn tokens' embeddings]."""
-    embed = base.get_input_embeddings()
-    ids = list(text_ids)
-    out: list[int] = []
-    with torch.inference_mode():
-        for _ in range(n):
-            x = embed(torch.tensor(ids))
-            if prompt is not None:
-                x = torch.cat([prompt, x])
-            logits = base(inputs_embeds=x[None], use_cache=False).logits[0, -1]
-            token = int(logits.argmax())
-            out.append(token)
-            ids.append(token)
-            if token == base.generation_config.eos_token_id:
-                break
-    return out
-
-
 def _peft_prompts(model_dir: Path, root: Path) -> list[torch.Tensor]:
     """Each adapter's rows as PEFT's get_prompt gives them (the definition's prompt)."""
-    from peft import PeftModel
 
-    prompts = []
-    for i, (kind, n, seed) in enumerate(ADAPTERS):
-        out = make_adapter(model_dir, root / f"a{i}", kind, num_virtual_tokens=n, seed=seed)
-        peft = PeftModel.from_pretrained(load_base(model_dir), str(out)).eval()
-        with torch.inference_mode():
-            prompts.append(peft.get_prompt(batch_size=1)[0].detach().clone())
-    return prompts
+    return [peft_prompt(model_dir, make_adapter(model_dir, root / f"a{i}", kind,
+                                                num_virtual_tokens=n, seed=seed))
+            for i, (kind, n, seed) in enumerate(ADAPTERS)]
 
 
 def _core(model, tokenizer, *, slots: int, budget: int, table_bytes: int = 1 << 20,
@@ -126,7 +102,7 @@ def test_mixed_steps_match_the_definition(arch, decode, tiny_model_dirs, tmp_pat
     distinct = set()
     for i, (text, adapter, n) in enumerate(REQUESTS):
         text_ids = tokenizer(TEXTS[text])["input_ids"]
-        expected = _definition(reference, None if adapter is None else prompts[adapter],
+        expected = greedy_by_recomputation(reference, None if adapter is None else prompts[adapter],
                                text_ids, n)
         out = outputs[i]
         assert not out.aborted, out.error
@@ -135,7 +111,7 @@ def test_mixed_steps_match_the_definition(arch, decode, tiny_model_dirs, tmp_pat
         assert out.finish_reason is (FinishReason.EOS if eos else FinishReason.LENGTH)
         distinct.add(tuple(expected))
     assert len(distinct) > 3  # a degenerate model would make this vacuous
-    assert core._cache.free_slots == 4
+    assert core.kv.free_slots == 4
     graphs = core.decode_graphs
     if decode == "exact":
         assert graphs is None

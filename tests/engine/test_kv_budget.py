@@ -48,8 +48,8 @@ async def test_a_small_budget_runs_fewer_rows_and_max_model_len_bounds_requests(
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=8,
                       max_model_len=64, kv_cache_memory=str(4 * 512 * 64))
     try:
-        core = eng._scheduler.core[0]
-        assert (core._cache.slots, core._cache.max_len, core.max_rows) == (4, 64, 3)
+        core = eng._scheduler.core
+        assert (core.kv.slots, core.kv.max_len, core.max_rows) == (4, 64, 3)
         assert eng.model_info.max_context == 64
         assert eng.stats()["kv_slots"] == 3
         results = [await eng.generate(request(eng, "Hi!", None, max_new_tokens=5))

@@ -119,6 +119,11 @@ class EngineCore(Generic[H]):
         return len(self.running) + len(self.waiting)
 
     @property
+    def kv(self) -> SlotKVCache:
+        """The KV cache the rows run in (its slots, positions per slot, bytes), for gauges."""
+        return self._cache
+
+    @property
     def handles(self) -> list[H]:
         return [row.handle for row in (*self.running, *self.waiting)]
 

@@ -4,7 +4,7 @@ Between two steps the scheduler's policy decides which queued requests join, whi
 rows make room for another tenant (preempted: their slots are freed and they are recomputed
 when resumed, nothing is copied) and which preempted rows resume. A request of an adapter
 runs as token ids: its soft prompt's rows are pinned in the prompt table for as long as the
-request lives, so an overwrite or an eviction meanwhile can never change what it reads.
+request lives (server.engine.prompt_pins).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 from server.engine.core.engine_core import CoreRow, EngineCore
 from server.engine.core.kv_budget import kv_slots
 from server.engine.core.kv_cache import SlotKVCache, cache_shape
-from server.engine.core.prompt_table import PromptTable, TableEntry, install
-from server.engine.errors import QueueFullError
 from server.engine.generation import BatchRow, RowOutput
 from server.engine.interface import SamplingParams
+from server.engine.prompt_pins import PromptPins
+from server.engine.prompt_table import PromptTable
 from server.engine.tickets import Ticket, TicketState
 
 if TYPE_CHECKING:
@@ -36,8 +36,7 @@ class CoreLoop:
     def __init__(self, scheduler: Scheduler, core: EngineCore[Ticket], table: PromptTable) -> None:
         self._s = scheduler
         self._core = core
-        self._table = table
-        self._entries: dict[int, TableEntry] = {}  # id(ticket) -> its pinned rows
+        self._pins = PromptPins(scheduler, table)
         self._parked: dict[int, CoreRow[Ticket]] = {}  # id(ticket) -> preempted row
 
     def run(self) -> None:
@@ -53,29 +52,30 @@ class CoreLoop:
             core.resume([self._parked.pop(id(t)) for t in plan.resume if id(t) in self._parked])
             now = time.monotonic()
             left: list[tuple[Ticket, RowOutput]] = []
-            joining = []
+            joining, started = [], []
             for ticket in plan.admit:
-                ticket.started_at = now
-                ids = self._ids(ticket)
+                ids = self._pins.ids(ticket)
                 if ids is None:
                     continue
-                out = core.add(ticket, s.row(ticket, early=False), ids)
+                ticket.started_at = now
+                started.append(ticket)
+                out = core.add(ticket, s.row(ticket, ids, early=False), ids)
                 if out is None:
                     joining.append(ticket)
                 else:
                     left.append((ticket, out))
-            s.observe_batch_start(core.handles, plan.admit, now)
+            s.observe_batch_start(core.handles, started, now)
             stepping = core.handles
             try:
                 left += core.step()
             except Exception as e:  # noqa: BLE001 - the rows of this forward fail, nobody else
                 core.drop(stepping)
                 for ticket in stepping:
-                    self._release(ticket)
+                    self._pins.release(ticket)
                 s.fail_batch(stepping, e)
             finished = time.monotonic()
             for ticket, out in left:
-                self._release(ticket)
+                self._pins.release(ticket)
                 run_s = finished - (ticket.started_at or finished)
                 s.note_batch_time(run_s, weight=0.05)
                 if out.aborted:
@@ -88,58 +88,24 @@ class CoreLoop:
             s.parked = len(self._parked)
         # Stopped: stop() has failed whatever was still running or parked.
 
-    def _ids(self, ticket: Ticket) -> list[int] | None:
-        """The request as token ids, its soft prompt's rows pinned; None if it failed."""
-        req = ticket.request
-        if req.adapter_id is None or ticket.embeds is None:
-            return list(req.prompt_ids)
-        assert ticket.version is not None
-        entry = self._table.acquire(req.namespace, req.adapter_id, ticket.version)
-        if entry is None:
-            entry = self._table.insert(req.namespace, req.adapter_id, ticket.version,
-                                       ticket.embeds)
-        if entry is None:
-            self._s.fail(ticket, QueueFullError(
-                "the prompt table is full of soft prompts in use; retry shortly "
-                "(or raise --prompt-cache-bytes)", retry_after_s=1.0))
-            return None
-        self._entries[id(ticket)] = entry
-        return [*entry.ids, *req.prompt_ids]
-
-    def _release(self, ticket: Ticket) -> None:
-        entry = self._entries.pop(id(ticket), None)
-        if entry is not None:
-            self._table.release(entry)
-
     def _forget_dead_parked(self) -> None:
         """Preempted rows whose request ended meanwhile (aborted, failed) are dropped."""
         for key, row in list(self._parked.items()):
             if row.handle.state is TicketState.DONE:
                 del self._parked[key]
-                self._release(row.handle)
+                self._pins.release(row.handle)
 
 
 def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
-               prompt_cache_bytes: int, max_virtual_tokens: int,
-               kv_cache_memory: str = "auto") -> tuple[EngineCore[Ticket], PromptTable]:
-    """The core for a loaded decoder-only model: its input embedding wrapped once with a prompt
-    table, a KV cache of one slot per batch row. Raises if the model cannot run it (the caller
-    then runs another loop; the model is restored first).
-
-    The table holds at least what the rows in flight can pin (running and parked rows, at most
-    two batches, of up to max_virtual_tokens each), whatever --prompt-cache-bytes says: a
-    request admitted into a step always finds room for its soft prompt."""
+               kv_cache_memory: str = "auto") -> EngineCore[Ticket]:
+    """The core for a loaded decoder-only model whose input embedding already reads the prompt
+    table: a KV cache of one slot per batch row. Raises if the model cannot run it (the caller
+    then runs another loop; the model's attention is restored first)."""
     model = loaded.model
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("seq2seq models run static batching")
-    embedding = model.get_input_embeddings()
-    vocab, hidden = (int(n) for n in embedding.weight.shape)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
     length = min(loaded.info.max_context, _max_positions(model.config))
-    row_bytes = hidden * torch.empty((), dtype=loaded.dtype).element_size()
-    pinned_at_most = 2 * max_batch_size * max_virtual_tokens * row_bytes
-    table = PromptTable(vocab_size=vocab, hidden=hidden,
-                        capacity_bytes=max(prompt_cache_bytes, pinned_at_most),
-                        dtype=loaded.dtype, device=loaded.device)
     # One slot more than rows: decode steps padded to a bucket (CUDA graphs) write into it.
     shape = cache_shape(model.config)
     slots = kv_slots(kv_cache_memory, slot_bytes=shape.bytes_per_token(loaded.dtype) * length,
@@ -147,17 +113,15 @@ def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
     cache = SlotKVCache(shape, slots=slots, max_len=length, dtype=loaded.dtype,
                         device=loaded.device)
     original = model.config._attn_implementation
-    install(model, table)
     try:
         core: EngineCore[Ticket] = EngineCore(model, loaded.tokenizer, cache,
                                               max_batch_tokens=max_batch_tokens,
                                               max_rows=min(max_batch_size, slots - 1))
         _probe(core, vocab)
     except BaseException:
-        model.set_input_embeddings(embedding)
         model.set_attn_implementation(original)
         raise
-    return core, table
+    return core
 
 
 def _max_positions(config: Any) -> int:
@@ -175,8 +139,8 @@ def _probe(core: EngineCore[Any], vocab: int) -> None:
         core.add(handle, BatchRow(ids, None, params), ids)  # type: ignore[arg-type]
     while len(core):
         core.step()
-    if core._cache.calls == 0:
+    if core.kv.calls == 0:
         raise RuntimeError("the model's attention does not go through transformers' attention "
                            "interface")
-    if core._cache.free_slots != core._cache.slots:
+    if core.kv.free_slots != core.kv.slots:
         raise RuntimeError("the engine core's probe left slots in use")

@@ -2,18 +2,23 @@
 
 A request of an adapter compiles to plain token ids: the adapter's virtual tokens are ids at or
 above the vocabulary size, each naming one row of this table, followed by the text's ids. The
-model's input embedding is wrapped once (VirtualTokenEmbedding) so that the lookup of both kinds
-runs inside the model's forward, and so inside a captured graph; every architecture embeds its
-ids through that module, so a soft prompt reaches the model exactly where PEFT puts it.
+model's input embedding is wrapped once, at load (VirtualTokenEmbedding), so that the lookup of
+both kinds runs inside the model's forward, and so inside a captured graph; every architecture
+embeds its ids through that module (a seq2seq model's encoder too), so a soft prompt reaches
+the model exactly where PEFT puts it. Both step loops run this way.
 
 The table is the prompt cache: an LRU of adapters bounded in bytes (`--prompt-cache-bytes`),
-each entry a set of rows. An id is `vocab + generation * capacity + row`, where `generation` is
-unique to one insertion: the embedding reads row `(id - vocab) % capacity`, and an id never
-names anything else, so a slot reused by another adapter (or by a new version of the same one)
-can never be matched by an old id, in this table or in any cache keyed by ids. Rows of an entry
-that requests still use are pinned: they are not evicted, and an entry invalidated while pinned
-(its adapter overwritten or deleted) leaves the index at once but keeps its rows until the last
-request holding it finishes.
+each entry a set of rows, filled by the adapter loader threads straight from the store. An id
+is `vocab + generation * capacity + row`, where `generation` is unique to one insertion: the
+embedding reads row `(id - vocab) % capacity`, and an id never names anything else, so a slot
+reused by another adapter (or by a new version of the same one) can never be matched by an old
+id, in this table or in any cache keyed by ids. Rows of an entry that running requests use are
+pinned: they are not evicted, and an entry invalidated (its adapter overwritten or deleted)
+leaves the index at once but keeps its rows until the last request holding it ends, and after
+that until the room is needed.
+A queued request holds its entry unpinned; if the rows were evicted before it starts, it waits
+for its adapter's load again, and if the rest of the table is pinned by running requests, it
+waits for them to finish.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters_store.records import AdapterRecord
 from server.engine.observer import CacheEvent, EngineObserver, NullObserver
+
+
+def version_of(record: AdapterRecord) -> str:
+    """What changes whenever the stored adapter does (an overwrite rewrites both)."""
+    return f"{record.sha256}@{record.created_at}"
 
 
 @dataclass(eq=False)
@@ -39,6 +50,11 @@ class TableEntry:
     pins: int = 0
     indexed: bool = True  # False once evicted or invalidated: freed when unpinned
     _row_list: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def freed(self) -> bool:
+        """Its rows went back to the table (they may hold another adapter now)."""
+        return not self._row_list
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,10 @@ class PromptTable:
         # zeroed: on a CPU its untouched pages then cost no memory.
         self.weight = torch.empty(self.capacity, hidden, dtype=dtype, device=device)
         self._free: list[int] = []  # rows given back (a stack)
+        # Entries out of the index (invalidated, or replaced) that nothing pins, oldest first:
+        # their rows are taken back only when room is needed, so a queued request admitted with
+        # that version can still pin them until then.
+        self._retired: OrderedDict[int, TableEntry] = OrderedDict()
         self._fresh = 0  # rows from here on were never used
         self._entries: OrderedDict[tuple[str, str], TableEntry] = OrderedDict()
         self._generation = 0
@@ -78,9 +98,9 @@ class PromptTable:
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def acquire(self, namespace: str, adapter_id: str, version: str) -> TableEntry | None:
-        """The resident entry of exactly `version`, pinned (a hit); else None (a miss). A
-        resident entry of another version is stale and leaves the index here."""
+    def lookup(self, namespace: str, adapter_id: str, version: str) -> TableEntry | None:
+        """The resident entry of exactly `version` (a hit, most recently used now), unpinned;
+        else None (a miss). A resident entry of another version is stale and leaves here."""
         key = (namespace, adapter_id)
         with self._lock:
             entry = self._entries.get(key)
@@ -91,27 +111,40 @@ class PromptTable:
                 self._misses += 1
             else:
                 self._entries.move_to_end(key)
-                entry.pins += 1
                 self._hits += 1
         self._observer.cache_event(CacheEvent.MISS if entry is None else CacheEvent.HIT)
         return entry
 
+    def pin(self, entry: TableEntry) -> bool:
+        """Hold `entry`'s rows for a request about to run; False if they were taken back
+        meanwhile (for room). An invalidated entry whose rows are still there can be pinned:
+        the request runs the version it was admitted with."""
+        with self._lock:
+            if entry.freed:
+                return False
+            self._retired.pop(id(entry), None)
+            entry.pins += 1
+            if entry.indexed:
+                self._entries.move_to_end(entry.key)
+            return True
+
     def release(self, entry: TableEntry) -> None:
-        """A request holding `entry` is done; its rows are freed if nothing indexes them."""
+        """A request holding `entry` is done; rows nothing indexes become reclaimable."""
         with self._lock:
             if entry.pins <= 0:
-                raise RuntimeError("prompt table entry released more often than acquired")
+                raise RuntimeError("prompt table entry released more often than pinned")
             entry.pins -= 1
             if entry.pins == 0 and not entry.indexed:
-                self._free_rows(entry)
+                self._retired[id(entry)] = entry
 
     # ---- loading and invalidation -------------------------------------------------------------
 
-    def insert(self, namespace: str, adapter_id: str, version: str,
-               embeds: torch.Tensor) -> TableEntry | None:
+    def insert(self, namespace: str, adapter_id: str, version: str, embeds: torch.Tensor, *,
+               pinned: bool = True) -> TableEntry | None:
         """Copy `embeds` ([num_virtual_tokens, hidden]) into free rows, evicting unpinned least
-        recently used entries as needed; returns the entry pinned once for the caller, or None
-        when the rows cannot be found (larger than the table, or the rest is pinned)."""
+        recently used entries as needed; returns the entry (pinned once for the caller unless
+        `pinned` is False), or None when the rows cannot be found (larger than the table, or
+        the rest is pinned). Replaces a resident entry of the same adapter."""
         n = int(embeds.shape[0])
         if embeds.dim() != 2 or embeds.shape[1] != self.weight.shape[1]:
             raise ValueError(f"soft prompt of shape {tuple(embeds.shape)}; expected "
@@ -124,10 +157,13 @@ class PromptTable:
             if (old := self._entries.get(key)) is not None:
                 self._unindex(old)
             while self._free_count() < n:
+                if self._retired:
+                    self._free_rows(self._retired.popitem(last=False)[1])
+                    continue
                 victim = next((e for e in self._entries.values() if e.pins == 0), None)
                 if victim is None:
                     return None
-                self._unindex(victim)
+                self._unindex(victim, reclaim=True)
                 self._evictions += 1
                 evicted += 1
             rows = self._take(n)
@@ -136,7 +172,7 @@ class PromptTable:
             entry = TableEntry(key=key, version=version, rows=torch.tensor(rows, dtype=torch.long,
                                                                            device=self.weight.device),
                                ids=tuple(base + r for r in rows), nbytes=n * self.row_bytes,
-                               pins=1, _row_list=rows)
+                               pins=int(pinned), _row_list=rows)
             # Written under the lock and before the ids exist anywhere else.
             self.weight.index_copy_(0, entry.rows, embeds.to(self.weight.device, self.weight.dtype))
             self._entries[key] = entry
@@ -154,6 +190,15 @@ class PromptTable:
             self._unindex(entry)
             return True
 
+    def resident_versions(self) -> dict[tuple[str, str], str]:
+        """(namespace, adapter_id) -> version of every resident entry, for revalidation."""
+        with self._lock:
+            return {key: entry.version for key, entry in self._entries.items()}
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.capacity * self.row_bytes
+
     def contains(self, namespace: str, adapter_id: str) -> bool:
         with self._lock:
             return (namespace, adapter_id) in self._entries
@@ -163,11 +208,14 @@ class PromptTable:
             return TableStats(hits=self._hits, misses=self._misses, evictions=self._evictions,
                               resident_adapters=len(self._entries),
                               resident_bytes=sum(e.nbytes for e in self._entries.values()),
-                              capacity_rows=self.capacity, free_rows=self._free_count())
+                              capacity_rows=self.capacity,
+                              free_rows=self._free_count() + sum(
+                                  len(e._row_list) for e in self._retired.values()))
 
     # ---- internals (under the lock) ----------------------------------------------------------
 
     def _free_count(self) -> int:
+        """Rows that hold nothing (retired entries' rows not counted)."""
         return len(self._free) + self.capacity - self._fresh
 
     def _take(self, n: int) -> list[int]:
@@ -177,12 +225,17 @@ class PromptTable:
         self._fresh += len(fresh)
         return reused + fresh
 
-    def _unindex(self, entry: TableEntry) -> None:
+    def _unindex(self, entry: TableEntry, *, reclaim: bool = False) -> None:
+        """Out of the index; unpinned rows are freed now (`reclaim`: evicted for room) or
+        retired (invalidated: taken back when room is needed)."""
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
         entry.indexed = False
         if entry.pins == 0:
-            self._free_rows(entry)
+            if reclaim:
+                self._free_rows(entry)
+            else:
+                self._retired[id(entry)] = entry
 
     def _free_rows(self, entry: TableEntry) -> None:
         self._free.extend(reversed(entry._row_list))
@@ -215,6 +268,22 @@ class VirtualTokenEmbedding(torch.nn.Module):
         rows = (input_ids - self.vocab_size).clamp(min=0) % self.table.capacity
         soft = self.table.weight[rows].to(words.dtype)
         return torch.where(virtual.unsqueeze(-1), soft, words)
+
+
+def table_for(model: torch.nn.Module, *, budget_bytes: int, min_rows: int,
+              dtype: torch.dtype, device: torch.device | str,
+              observer: EngineObserver | None = None) -> PromptTable:
+    """The prompt table of a loaded model, installed as its input embedding.
+
+    It holds `budget_bytes` (`--prompt-cache-bytes`), but never fewer than `min_rows` rows
+    (`--max-virtual-tokens`), so that any adapter the server accepts can run."""
+    vocab, hidden = (int(n) for n in model.get_input_embeddings().weight.shape)
+    row_bytes = hidden * torch.empty((), dtype=dtype).element_size()
+    table = PromptTable(vocab_size=vocab, hidden=hidden,
+                        capacity_bytes=max(budget_bytes, min_rows * row_bytes),
+                        dtype=dtype, device=device, observer=observer)
+    install(model, table)
+    return table
 
 
 def install(model: torch.nn.Module, table: PromptTable) -> VirtualTokenEmbedding:

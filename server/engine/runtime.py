@@ -1,0 +1,107 @@
+"""What the engine runs once its model is loaded: the prompt table, the step loop's core and
+the scheduler, chosen and wired here; and the gauges they report.
+
+The engine core runs decoder-only models whose attention goes through transformers' attention
+interface; seq2seq models, BLOOM (ALiBi) and `--batching static` run static batching. The log
+says which loop runs and why. Both loops read soft prompts from the same prompt table.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from adapters_store.store import AdapterStore
+from server.config import Batching, Settings
+from server.engine.core.engine_core import EngineCore
+from server.engine.core.kv_budget import KVBudgetError
+from server.engine.core.loop import build_core
+from server.engine.fairness import BatchPolicy
+from server.engine.model_loader import LoadedModel
+from server.engine.observer import EngineObserver
+from server.engine.prompt_table import PromptTable, table_for
+from server.engine.scheduler import Scheduler
+from server.engine.tickets import Ticket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    loaded: LoadedModel
+    table: PromptTable
+    scheduler: Scheduler
+
+    @property
+    def batching(self) -> Batching:
+        return Batching.CORE if self.scheduler.core is not None else Batching.STATIC
+
+
+def build_runtime(settings: Settings, loaded: LoadedModel, store: AdapterStore, *,
+                  observer: EngineObserver, policy: BatchPolicy) -> Runtime:
+    """The table (installed in the model), the core where the model allows it, and a
+    scheduler over them; the scheduler's thread is not started yet."""
+    table = table_for(loaded.model, budget_bytes=settings.prompt_cache_bytes,
+                      min_rows=settings.max_virtual_tokens, dtype=loaded.dtype,
+                      device=loaded.device, observer=observer)
+    scheduler = Scheduler(
+        loaded, store=store, table=table, observer=observer,
+        max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000.0,
+        max_queue=settings.max_queue, policy=policy, core=_core(settings, loaded))
+    return Runtime(loaded, table, scheduler)
+
+
+def _core(settings: Settings, loaded: LoadedModel) -> EngineCore[Ticket] | None:
+    """The engine core where the model allows it, else None (static batching)."""
+    if settings.batching is Batching.STATIC:
+        log.info("batching: static (--batching static)")
+        return None
+    if getattr(loaded.model.config, "is_encoder_decoder", False):
+        log.info("batching: static (seq2seq models run static batching)")
+        return None
+    try:
+        core = build_core(loaded, max_batch_size=settings.max_batch_size,
+                          max_batch_tokens=settings.max_batch_tokens,
+                          kv_cache_memory=settings.kv_cache_memory)
+    except KVBudgetError:
+        raise  # the operator's budget is wrong: say so, do not serve another way
+    except Exception as e:  # noqa: BLE001 - static batching still serves this model
+        log.warning("batching: static, this model cannot run the engine core (%s: %s)",
+                    type(e).__name__, e)
+        return None
+    log.info("batching: core (%d KV slots of %d positions, %d MiB; --max-batch-tokens %d)",
+             core.kv.slots, core.kv.max_len, core.kv.nbytes >> 20, settings.max_batch_tokens)
+    return core
+
+
+def runtime_stats(runtime: Runtime | None) -> dict[str, float]:
+    """The scheduler's, the prompt table's and the core's gauges; zeros before the load."""
+    if runtime is None:
+        return {"queue_depth": 0.0, "in_flight": 0.0, "parked": 0.0,
+                "cache_resident_adapters": 0.0, "cache_resident_bytes": 0.0,
+                "cache_bytes": 0.0, "cache_hits": 0.0, "cache_misses": 0.0,
+                "cache_evictions": 0.0}
+    scheduler, ts = runtime.scheduler, runtime.table.stats()
+    stats = {
+        "queue_depth": float(scheduler.queue_depth),
+        "in_flight": float(scheduler.in_flight),
+        "parked": float(scheduler.parked),
+        "cache_resident_adapters": float(ts.resident_adapters),
+        "cache_resident_bytes": float(ts.resident_bytes),
+        "cache_bytes": float(ts.resident_bytes),  # alias named in interface.py
+        "cache_capacity_bytes": float(runtime.table.capacity_bytes),
+        "cache_hits": float(ts.hits),
+        "cache_misses": float(ts.misses),
+        "cache_evictions": float(ts.evictions),
+    }
+    core = scheduler.core
+    if core is not None:
+        graphs = core.decode_graphs
+        stats |= {
+            "kv_slots": float(core.max_rows),
+            "kv_slots_free": float(core.kv.free_slots),
+            "kv_cache_bytes": float(core.kv.nbytes),
+            "graph_captured_buckets": float(graphs.captured if graphs else 0),
+            "graph_eager_buckets": float(len(graphs.eager_buckets) if graphs else 0),
+        }
+    return stats
