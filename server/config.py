@@ -94,8 +94,14 @@ class Settings(BaseSettings):
                                  "fraction of the GPU memory free after the weights (0.5), or "
                                  "a byte size (8GiB; the only form on the CPU). It holds one "
                                  "slot of --max-model-len positions per --max-batch-size row; "
-                                 "a smaller budget runs fewer rows at once. auto: every row, "
-                                 "within nine tenths of the free GPU memory.")
+                                 "a smaller budget runs fewer rows at once; what the slots "
+                                 "leave holds the prefix cache. auto: every row and the whole "
+                                 "prefix cache, within nine tenths of the free GPU memory.")
+    prefix_cache: bool = Field(True, description="Keep each adapter version's soft-prompt "
+                               "keys and values once, in what the KV slots leave of "
+                               "--kv-cache-memory, so a request of that adapter prefills only "
+                               "its text (engine core only). Up to --max-batch-size adapters "
+                               "of --max-virtual-tokens, evicted least recently used.")
     max_model_len: int = Field(0, ge=0, description="The most tokens a request may use "
                                "(virtual, prompt and new); 0: the model's context. With the "
                                "engine core each KV slot holds this many positions.")

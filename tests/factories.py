@@ -227,7 +227,7 @@ def greedy_by_recomputation(base, prompt: torch.Tensor | None, text_ids: list[in
     out: list[int] = []
     with torch.inference_mode():
         for _ in range(n):
-            x = embed(torch.tensor(ids))
+            x = embed(torch.tensor(ids, dtype=torch.long))
             if prompt is not None:
                 x = torch.cat([prompt, x])
             logits = base(inputs_embeds=x[None], use_cache=False).logits[0, -1]

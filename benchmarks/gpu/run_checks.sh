@@ -10,7 +10,8 @@
 #   fairlong (fairness with 400-token prompts, 150 s),
 #   fairhttp (fairness through the real server over HTTP, 150 s), fairproc (the same with
 #   --engine-process, 150 s), faircap (fairness with the contended cap, which is off by
-#   default, set to --contended-tenant-rows 8: does a GPU need it? 120 s)
+#   default, set to --contended-tenant-rows 8: does a GPU need it? 120 s),
+#   longprompts (256-token soft prompts through HTTP, prefix cache on and off, 240 s)
 #   QUICK=1 DEVICE=cpu: shrunken runs on the CPU, to try the script itself without a GPU.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -44,12 +45,15 @@ if [[ $QUICK == 1 ]]; then
     overhead=(--steps 20 --rows 16)
     fair=(--rounds 2 --cycles 1 --backlog 20)
     bf16=(--rows 4 --new-tokens 4)
+    long=(--layers 1 --virtual-tokens 16 --adapters 2 --requests 8 --samples 2 --new-tokens 2)
 else
     harness=(--no-progress)
     overhead=()
     fair=(--rounds 20)
     bf16=()
+    long=()
 fi
+if [[ $DEVICE == cuda ]]; then DTYPE=bfloat16; else DTYPE=float32; fi
 
 for s in $STEPS; do
     case $s in
@@ -74,6 +78,8 @@ print(\"transformers\", transformers.__version__, \"peft\", peft.__version__, \"
                       "${fair[@]}" --prompt-tokens 400 ;;
         gpu1b) step gpu1b 300 python3 -m benchmarks gpu-1b --device "$DEVICE" "${harness[@]}" \
                    --batching core --json "$OUT/gpu-1b.json" ;;
+        longprompts) step longprompts 240 python3 benchmarks/long_prompts.py --device "$DEVICE" \
+                         --dtype "$DTYPE" "${long[@]}" --json "$OUT/long-prompts.json" ;;
         bf16) step bf16 150 python3 -m benchmarks.bf16_agreement --device "$DEVICE" "${bf16[@]}" ;;
         gpu8b) step gpu8b 400 python3 -m benchmarks gpu-8b --device "$DEVICE" "${harness[@]}" \
                    --batching core \

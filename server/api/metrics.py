@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from http import HTTPStatus
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.engine.interface import EngineClient, GenerationResult
@@ -40,6 +40,17 @@ _STATS_GAUGES = {
     "cache_resident_adapters": ("resident_adapters", "Adapters resident in the prompt cache."),
     "cache_bytes": ("resident_adapter_bytes", "Bytes of prompts resident in the prompt cache."),
     "stored_adapters": ("stored_adapters", "Adapters in the store."),
+}
+# engine.stats() key -> (counter name without prefix and _total, help): the engine counts,
+# the collector reports the running totals.
+_STATS_COUNTERS = {
+    "prefix_hits": ("prefix_cache_hits", "Rows that joined with their soft prompt's keys and "
+                    "values from the prefix cache."),
+    "prefix_misses": ("prefix_cache_misses", "Rows of an adapter that joined without them "
+                      "(computed, and then kept)."),
+    "prefix_evictions": ("prefix_cache_evictions", "Prefix cache entries evicted for room."),
+    "prefix_tokens_saved": ("prefix_cache_tokens_saved", "Prefill tokens not computed "
+                            "because the prefix cache held them."),
 }
 # Covered by the observer's counters (or aliases of a gauge above): not exported twice.
 _STATS_SKIP = frozenset({"cache_resident_bytes", "cache_hits", "cache_misses", "cache_evictions"})
@@ -70,6 +81,8 @@ class EngineStatsCollector(Collector):
         stats = dict(self._engine.stats())
         for key, (name, doc) in _STATS_GAUGES.items():
             yield GaugeMetricFamily(PREFIX + name, doc, value=float(stats.pop(key, 0.0)))
+        for key, (name, doc) in _STATS_COUNTERS.items():
+            yield CounterMetricFamily(PREFIX + name, doc, value=float(stats.pop(key, 0.0)))
         for key, value in sorted(stats.items()):
             if key not in _STATS_SKIP and _NAME_OK.fullmatch(key):
                 yield GaugeMetricFamily(f"{PREFIX}engine_{key}", f"engine.stats()[{key!r}]",

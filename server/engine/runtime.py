@@ -44,14 +44,21 @@ def build_runtime(settings: Settings, loaded: LoadedModel, store: AdapterStore, 
     table = table_for(loaded.model, budget_bytes=settings.prompt_cache_bytes,
                       min_rows=settings.max_virtual_tokens, dtype=loaded.dtype,
                       device=loaded.device, observer=observer)
+    # The prefix cache never needs more than a prefix per row of a full batch, each of a
+    # distinct adapter at the largest size, nor more than the prompt table's rows.
+    prefix_tokens = 0
+    if settings.prefix_cache:
+        prefix_tokens = min(table.capacity, settings.max_batch_size * settings.max_virtual_tokens)
+    core = _core(settings, loaded, prefix_tokens)
     scheduler = Scheduler(
         loaded, store=store, table=table, observer=observer,
         max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000.0,
-        max_queue=settings.max_queue, policy=policy, core=_core(settings, loaded))
+        max_queue=settings.max_queue, policy=policy, core=core)
     return Runtime(loaded, table, scheduler)
 
 
-def _core(settings: Settings, loaded: LoadedModel) -> EngineCore[Ticket] | None:
+def _core(settings: Settings, loaded: LoadedModel,
+          prefix_tokens: int) -> EngineCore[Ticket] | None:
     """The engine core where the model allows it, else None (static batching)."""
     if settings.batching is Batching.STATIC:
         log.info("batching: static (--batching static)")
@@ -62,7 +69,8 @@ def _core(settings: Settings, loaded: LoadedModel) -> EngineCore[Ticket] | None:
     try:
         core = build_core(loaded, max_batch_size=settings.max_batch_size,
                           max_batch_tokens=settings.max_batch_tokens,
-                          kv_cache_memory=settings.kv_cache_memory)
+                          kv_cache_memory=settings.kv_cache_memory,
+                          prefix_tokens=prefix_tokens)
     except KVBudgetError:
         raise  # the operator's budget is wrong: say so, do not serve another way
     except Exception as e:  # noqa: BLE001 - static batching still serves this model
@@ -71,6 +79,11 @@ def _core(settings: Settings, loaded: LoadedModel) -> EngineCore[Ticket] | None:
         return None
     log.info("batching: core (%d KV slots of %d positions, %d MiB; --max-batch-tokens %d)",
              core.kv.slots, core.kv.max_len, core.kv.nbytes >> 20, settings.max_batch_tokens)
+    if core.prefixes is not None:
+        log.info("prefix cache: %d tokens of soft prompts' keys and values, %d MiB",
+                 core.prefixes.capacity, core.prefixes.nbytes >> 20)
+    elif not settings.prefix_cache:
+        log.info("prefix cache: off (--no-prefix-cache)")
     return core
 
 
@@ -104,4 +117,15 @@ def runtime_stats(runtime: Runtime | None) -> dict[str, float]:
             "graph_captured_buckets": float(graphs.captured if graphs else 0),
             "graph_eager_buckets": float(len(graphs.eager_buckets) if graphs else 0),
         }
+        if core.prefixes is not None:
+            ps = core.prefixes.stats()
+            stats |= {
+                "prefix_hits": float(ps.hits),
+                "prefix_misses": float(ps.misses),
+                "prefix_evictions": float(ps.evictions),
+                "prefix_tokens_saved": float(ps.tokens_saved),
+                "prefix_entries": float(ps.entries),
+                "prefix_capacity_tokens": float(ps.capacity_tokens),
+                "prefix_used_tokens": float(ps.used_tokens),
+            }
     return stats

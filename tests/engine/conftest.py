@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from server.engine.core.engine_core import EngineCore, StepStats
 from server.engine.core.kv_cache import SlotKVCache, cache_shape
+from server.engine.core.prefix_cache import PrefixCache
 from server.engine.generation import BatchRow, RowOutput, run_batch
 from server.engine.interface import SamplingParams
 from server.engine.prompt_table import PromptTable, install
@@ -39,6 +40,30 @@ def run_one(model, tokenizer, row: BatchRow) -> RowOutput:
     return run_batch(model, tokenizer, [row])[0]
 
 
+def make_core(model, tokenizer, *, slots: int, max_batch_tokens: int, max_len: int = 128,
+              table_bytes: int = 1 << 22, prefix_tokens: int = 0,
+              **kw: Any) -> tuple[PromptTable, EngineCore]:
+    """An EngineCore over `model` with its input embedding wrapped by a new prompt table, in
+    the model's dtype and on its device: `slots` KV slots of `max_len` (one more when decode
+    steps are padded, for the scratch slot), a prefix cache of `prefix_tokens` (0: none).
+    The caller gives the model back (model.set_input_embeddings(table's base))."""
+    embedding = model.get_input_embeddings()
+    vocab, hidden = embedding.weight.shape
+    dtype, device = embedding.weight.dtype, embedding.weight.device
+    table = PromptTable(vocab_size=vocab, hidden=hidden, capacity_bytes=table_bytes, dtype=dtype,
+                        device=device)
+    install(model, table)
+    shape = cache_shape(model.config)
+    padded = kw.get("pad_decodes") or kw.get("graphs") or device.type == "cuda"
+    cache = SlotKVCache(shape, slots=slots + bool(padded), max_len=max_len, dtype=dtype,
+                        device=device)
+    prefixes = None
+    if prefix_tokens:
+        prefixes = PrefixCache(shape, tokens=prefix_tokens, dtype=dtype, device=device)
+    return table, EngineCore(model, tokenizer, cache, max_batch_tokens=max_batch_tokens,
+                             prefixes=prefixes, **kw)
+
+
 def run_core(model, tokenizer, rows: list[BatchRow], *, max_batch_tokens: int = 2048,
              slots: int | None = None, joins: Sequence[int] = (),
              preempt: Mapping[int, Sequence[int]] | None = None,
@@ -54,19 +79,13 @@ def run_core(model, tokenizer, rows: list[BatchRow], *, max_batch_tokens: int = 
     if model.config.is_encoder_decoder:
         pytest.skip("seq2seq models run static batching")
     embedding = model.get_input_embeddings()
-    vocab, hidden = embedding.weight.shape
-    dtype, device = embedding.weight.dtype, embedding.weight.device
-    table = PromptTable(vocab_size=vocab, hidden=hidden, capacity_bytes=1 << 22, dtype=dtype,
-                        device=device)
+    dtype = embedding.weight.dtype
     attn = model.config._attn_implementation
-    install(model, table)
     preempt, resume = preempt or {}, resume or {}
     last_resume = max(resume, default=-1)
     try:
-        cache = SlotKVCache(cache_shape(model.config), slots=slots or max(1, len(rows)),
-                            max_len=512, dtype=dtype, device=device)
-        core: EngineCore[int] = EngineCore(model, tokenizer, cache,
-                                           max_batch_tokens=max_batch_tokens, graphs=False)
+        table, core = make_core(model, tokenizer, slots=slots or max(1, len(rows)),
+                                max_batch_tokens=max_batch_tokens, max_len=512, graphs=False)
         outputs: dict[int, RowOutput] = {}
         pending = list(enumerate(rows))
         schedule = list(joins)

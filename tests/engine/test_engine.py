@@ -411,6 +411,32 @@ async def test_an_adapter_larger_than_the_table_is_refused(tiny_model_dirs, tmp_
         await small.aclose(10)
 
 
+async def test_an_adapters_later_requests_reuse_its_prefix_and_the_flag_turns_it_off(
+        tiny_model_dirs, tmp_path, llama_adapters, caplog) -> None:
+    base = load_base(tiny_model_dirs["llama"])
+    prompt = peft_prompt(tiny_model_dirs["llama"], llama_adapters["mlp6"])
+    for enabled in (True, False):
+        with caplog.at_level(logging.INFO, logger="server.engine.runtime"):
+            eng = make_engine(tiny_model_dirs["llama"], tmp_path / str(enabled),
+                              prefix_cache=enabled)
+        try:
+            await eng.add_adapter("t1", "mlp6", upload_of(llama_adapters["mlp6"]))
+            for text in ("Hi!", "The quick brown fox", "a"):
+                result = await eng.generate(request(eng, text, "mlp6"))
+                assert list(result.token_ids) == greedy_by_recomputation(
+                    base, prompt, eng.tokenize(text), 8)
+            s = eng.stats()
+            if enabled:
+                assert (s["prefix_misses"], s["prefix_hits"]) == (1, 2)
+                assert s["prefix_tokens_saved"] == 2 * 6 and s["prefix_used_tokens"] == 6
+                assert "prefix cache: " in caplog.text
+            else:
+                assert "prefix_hits" not in s
+                assert "prefix cache: off (--no-prefix-cache)" in caplog.text
+        finally:
+            await eng.aclose(10)
+
+
 async def test_validation_happens_at_submit(engine) -> None:
     with pytest.raises(RequestTooLongError, match="512"):
         await engine.generate(request(engine, "Hi!", "pt3", max_new_tokens=600))

@@ -16,11 +16,9 @@ import torch
 from transformers import AutoTokenizer
 
 from server.engine.core.decode_graphs import row_bucket, width_bucket
-from server.engine.core.engine_core import EngineCore
-from server.engine.core.kv_cache import SlotKVCache, cache_shape
 from server.engine.generation import BatchRow, InvalidRowError
 from server.engine.interface import FinishReason, SamplingParams
-from server.engine.prompt_table import PromptTable, install
+from tests.engine.conftest import make_core
 from tests.factories import greedy_by_recomputation, load_base, make_adapter, peft_prompt
 
 DECODERS = ("gpt2", "llama", "qwen2")
@@ -34,7 +32,6 @@ REQUESTS = ((0, 0, 12), (1, 1, 9), (2, 2, 14), (3, None, 10), (2, 0, 8), (0, 1, 
 
 def _peft_prompts(model_dir: Path, root: Path) -> list[torch.Tensor]:
     """Each adapter's rows as PEFT's get_prompt gives them (the definition's prompt)."""
-
     return [peft_prompt(model_dir, make_adapter(model_dir, root / f"a{i}", kind,
                                                 num_virtual_tokens=n, seed=seed))
             for i, (kind, n, seed) in enumerate(ADAPTERS)]
@@ -42,22 +39,20 @@ def _peft_prompts(model_dir: Path, root: Path) -> list[torch.Tensor]:
 
 def _core(model, tokenizer, *, slots: int, budget: int, table_bytes: int = 1 << 20,
           device: str = "cpu", **kw):
-    hidden = model.get_input_embeddings().weight.shape[1]
-    table = PromptTable(vocab_size=model.get_input_embeddings().weight.shape[0], hidden=hidden,
-                        capacity_bytes=table_bytes, dtype=torch.float32, device=device)
-    install(model, table)
-    padded = kw.get("pad_decodes") or kw.get("graphs") or device == "cuda"
-    cache = SlotKVCache(cache_shape(model.config), slots=slots + bool(padded), max_len=128,
-                        dtype=torch.float32, device=device)
-    return table, EngineCore(model, tokenizer, cache, max_batch_tokens=budget, **kw)
+    return make_core(model, tokenizer, slots=slots, max_batch_tokens=budget,
+                     table_bytes=table_bytes, **kw)
 
 
 # Decode steps as they run on CUDA (padded to row and width buckets, a scratch slot for the
 # padding rows), and with a capture that fails (no CUDA here): every bucket falls back to eager.
 DECODE_MODES = {"exact": {}, "padded": {"pad_decodes": True},
-                "capture-fails": {"graphs": True}, "cuda-graphs": {"device": "cuda"}}
+                "capture-fails": {"graphs": True}, "cuda-graphs": {"device": "cuda"},
+                # Soft prompts shared through a prefix cache too small for all three
+                # adapters (3 + 9 + 5 tokens): rows hit, miss, and evict each other's.
+                "prefix": {"prefix_tokens": 14}}
 CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CASES = [*((arch, "exact") for arch in DECODERS), ("llama", "padded"),
+         *((arch, "prefix") for arch in DECODERS),
          ("gpt2", "capture-fails"),
          *(pytest.param(arch, "cuda-graphs", marks=CUDA) for arch in DECODERS)]
 
@@ -112,14 +107,67 @@ def test_mixed_steps_match_the_definition(arch, decode, tiny_model_dirs, tmp_pat
         distinct.add(tuple(expected))
     assert len(distinct) > 3  # a degenerate model would make this vacuous
     assert core.kv.free_slots == 4
+    if decode == "prefix":
+        stats = core.prefixes.stats()
+        assert stats.hits > 0 and stats.misses > 0 and stats.evictions > 0, stats
+        assert stats.tokens_saved > 0 and stats.used_tokens <= 14
+    else:
+        assert core.prefixes is None
     graphs = core.decode_graphs
-    if decode == "exact":
+    if decode in ("exact", "prefix"):
         assert graphs is None
     elif decode == "capture-fails":
         assert graphs.eager_buckets and graphs.captured == 0
         assert "CUDA graph capture failed" in caplog.text
     elif decode == "cuda-graphs":  # decode steps were replayed from captured graphs
         assert graphs.captured > 0 and not graphs.eager_buckets, caplog.text
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_shared_prefixes_serve_only_their_adapter_version(arch, tiny_model_dirs, tmp_path):
+    """A row that joins after its adapter's prefix was computed prefills only its text; rows
+    that join together all compute it; an overwritten adapter (new rows, new ids) never gets
+    the old keys and values; a prompt of virtual tokens only still computes its last token."""
+    model_dir = tiny_model_dirs[arch]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = _peft_prompts(model_dir, tmp_path)
+    reference = load_base(model_dir)
+    table, core = _core(load_base(model_dir), tokenizer, slots=4, budget=64, prefix_tokens=64)
+    first = table.insert("t", "a", "v1", prompts[1])  # 9 virtual tokens
+
+    def run(*rows: tuple[tuple[int, ...], str]) -> list[list[int]]:
+        handles = []
+        for virtual, text in rows:
+            ids = tokenizer(text)["input_ids"] if text else []
+            handles.append(len(handles))
+            prompt = [*virtual, *ids]  # as the engine's loops build rows
+            assert core.add(handles[-1], BatchRow(prompt, None, SamplingParams(max_new_tokens=6)),
+                            prompt) is None
+        done: dict[int, list[int]] = {}
+        while len(core):
+            done.update({h: list(out.token_ids) for h, out in core.step()})
+        return [done[h] for h in handles]
+
+    def expected(prompt: torch.Tensor, text: str) -> list[int]:
+        ids = tokenizer(text)["input_ids"] if text else []
+        return greedy_by_recomputation(reference, prompt, ids, 6)
+
+    together = run((first.ids, TEXTS[0]), (first.ids, TEXTS[2]))  # both compute the prefix
+    assert together == [expected(prompts[1], TEXTS[0]), expected(prompts[1], TEXTS[2])]
+    stats = core.prefixes.stats()
+    assert (stats.hits, stats.misses, stats.entries, stats.used_tokens) == (0, 2, 1, 9)
+
+    assert run((first.ids, TEXTS[1])) == [expected(prompts[1], TEXTS[1])]  # from the cache
+    assert run((first.ids, "")) == [expected(prompts[1], "")]  # 8 shared, the 9th computed
+    stats = core.prefixes.stats()
+    assert (stats.hits, stats.tokens_saved) == (2, 9 + 8)
+
+    table.invalidate("t", "a")  # overwritten: the new version has other rows and ids
+    table.release(first)
+    second = table.insert("t", "a", "v2", prompts[2])
+    assert not set(second.ids) & set(first.ids)
+    assert run((second.ids, TEXTS[1])) == [expected(prompts[2], TEXTS[1])]
+    assert core.prefixes.stats().misses == 3
 
 
 def test_seeded_rows_draw_the_same_whatever_shares_the_step(tiny_model_dirs):

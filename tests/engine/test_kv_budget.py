@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from server.config import Settings, parse_kv_cache_memory
-from server.engine.core.kv_budget import KVBudgetError, kv_slots
+from server.engine.core.kv_budget import KVBudgetError, kv_plan
 from server.engine.errors import RequestTooLongError
 from tests.engine.test_engine import make_engine, request
 
@@ -30,16 +30,29 @@ def test_bad_budgets_name_the_flag_at_startup(text):
         Settings(kv_cache_memory=text)
 
 
+def _plan(value: str, prefix_tokens: int = 0):
+    return kv_plan(value, slot_bytes=1000, token_bytes=10, rows=8,
+                   prefix_tokens=prefix_tokens, device=CPU)
+
+
 def test_slots_on_the_cpu(caplog):
-    assert kv_slots("auto", slot_bytes=1000, rows=8, device=CPU) == 9
-    assert kv_slots("1MB", slot_bytes=1000, rows=8, device=CPU) == 9  # room to spare
+    assert _plan("auto").slots == 9
+    assert _plan("1MB").slots == 9  # room to spare
     with caplog.at_level(logging.WARNING):
-        assert kv_slots("5000", slot_bytes=1000, rows=8, device=CPU) == 5
+        assert _plan("5000").slots == 5
     assert "at most 4 rows run at once" in caplog.text
     with pytest.raises(KVBudgetError, match="at least 2"):
-        kv_slots("1500", slot_bytes=1000, rows=8, device=CPU)
+        _plan("1500")
     with pytest.raises(KVBudgetError, match="byte size on the CPU"):
-        kv_slots("0.5", slot_bytes=1000, rows=8, device=CPU)
+        _plan("0.5")
+
+
+def test_the_prefix_cache_gets_what_the_slots_leave():
+    assert _plan("auto", 500).prefix_tokens == 500  # the CPU's auto: all of it
+    assert _plan("9000", 500).prefix_tokens == 0  # the slots take every byte
+    assert _plan("10000", 500).prefix_tokens == 100
+    assert _plan("1MB", 500).prefix_tokens == 500  # never more than it can use
+    assert _plan("5000", 500).prefix_tokens == 0  # fewer slots than rows: nothing is left
 
 
 async def test_a_small_budget_runs_fewer_rows_and_max_model_len_bounds_requests(

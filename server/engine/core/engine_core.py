@@ -19,6 +19,10 @@ There is no separate lane for long prompts, no copying of caches between rows: a
 and values are written once into its slot. Preempting a row frees its slot; when it runs
 again it is recomputed from its ids (prompt and the tokens it already drew), which gives the
 same state, and a seeded row draws the same tokens (its draws are indexed by token, not step).
+
+With a prefix cache (server.engine.core.prefix_cache), a row whose prompt begins with virtual
+ids that another row already computed gets their keys and values copied into its slot when it
+joins, and prefills only the rest; the first row to compute them leaves a copy there.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 from server.engine.core.decode_graphs import DecodeGraphs
 from server.engine.core.device_sampling import SlotSampling, greedy, sample
 from server.engine.core.kv_cache import Prefill, SlotKVCache, StepLayout
+from server.engine.core.prefix_cache import PrefixCache
 from server.engine.generation import (
     ABORTED,
     BatchRow,
@@ -62,6 +67,8 @@ class CoreRow(Generic[H]):
     seed: int
     slot: int | None = None
     computed: int = 0  # leading tokens whose keys and values are in the slot
+    virtual: int = 0  # leading virtual ids (the soft prompt), what the prefix cache shares
+    share: bool = False  # store its virtual ids' keys and values once they are computed
 
     @property
     def drawn(self) -> int:
@@ -85,10 +92,13 @@ class EngineCore(Generic[H]):
 
     def __init__(self, model: Any, tokenizer: Any, cache: SlotKVCache, *,
                  max_batch_tokens: int, max_rows: int | None = None,
-                 graphs: bool | None = None, pad_decodes: bool | None = None) -> None:
+                 graphs: bool | None = None, pad_decodes: bool | None = None,
+                 prefixes: PrefixCache | None = None) -> None:
         """`graphs`: capture decode steps as CUDA graphs (default: on CUDA). `pad_decodes`:
         run decode steps at bucketed shapes even without graphs (default: with graphs); it
-        takes one slot of the cache as scratch for the padding rows."""
+        takes one slot of the cache as scratch for the padding rows. `prefixes`: share soft
+        prompts' keys and values between rows (the model's input embedding must read the
+        prompt table, so that virtual ids are told apart from words)."""
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be at least 1")
         self._model = model
@@ -98,7 +108,11 @@ class EngineCore(Generic[H]):
         self.max_rows = min(max_rows or cache.slots, cache.slots)
         model.set_attn_implementation(cache.attn_implementation)
         self._eos_ids = eos_ids_of(model, tokenizer)
-        self._device = model.get_input_embeddings().weight.device
+        embedding = model.get_input_embeddings()
+        self._device = embedding.weight.device
+        self._vocab: int | None = getattr(embedding, "vocab_size", None)
+        self.prefixes = prefixes if self._vocab is not None else None
+        self._to_store: list[tuple[tuple[int, ...], int]] = []  # (virtual ids, slot)
         self._eos = torch.tensor(sorted(self._eos_ids), dtype=torch.long, device=self._device)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         capture = self._device.type == "cuda" if graphs is None else graphs
@@ -137,8 +151,14 @@ class EngineCore(Generic[H]):
                 f"{len(ids)} prompt tokens and max_new_tokens {row.params.max_new_tokens} "
                 f"exceed the {self._cache.max_len} positions a row can hold"))
         seed = row.params.seed if row.params.seed is not None else secrets.randbits(63)
+        virtual = 0
+        if self.prefixes is not None:
+            vocab = self._vocab
+            while virtual < len(ids) and ids[virtual] >= vocab:
+                virtual += 1
         self.waiting.append(CoreRow(handle, list(ids), len(ids),
-                                    RowState(row, self._tokenizer, self._eos_ids), seed))
+                                    RowState(row, self._tokenizer, self._eos_ids), seed,
+                                    virtual=virtual))
         return None
 
     def reorder_waiting(self, key: Callable[[H], Any]) -> None:
@@ -173,6 +193,7 @@ class EngineCore(Generic[H]):
     @torch.inference_mode()
     def step(self) -> list[tuple[H, RowOutput]]:
         """One forward over the planned tokens; returns the rows that left."""
+        self._store_prefixes()
         left = self._sweep_aborted()
         decodes, chunks = self._plan()
         plan = [*((row, 1) for row in decodes), *chunks]
@@ -221,6 +242,10 @@ class EngineCore(Generic[H]):
         """Draw the sampled rows' tokens and hand each to its row; returns the rows that left."""
         for row, take in plan:
             row.computed += take
+            if row.share and row.computed >= row.virtual:
+                row.share = False
+                assert row.slot is not None
+                self._to_store.append((tuple(row.tokens[:row.virtual]), row.slot))
         self.last = StepStats(decodes, tokens - decodes, len(plan))
         if not sampled:
             return left
@@ -269,15 +294,37 @@ class EngineCore(Generic[H]):
         while (self.waiting and budget > 0 and len(self.running) < self.max_rows
                and (slot := self._cache.allocate()) is not None):
             row = self.waiting.pop(0)
-            row.slot, row.computed = slot, 0
+            row.slot, row.computed = slot, self._shared_prefix(row, slot)
             self.running.append(row)
             joined.append(row)
-            take = min(len(row.tokens), budget)
+            take = min(len(row.tokens) - row.computed, budget)
             chunks.append((row, take))
             budget -= take
         self._slot_params.assign([r.slot for r in joined],
                                  [r.state.row.params for r in joined], [r.seed for r in joined])
         return decodes, chunks
+
+    def _store_prefixes(self) -> None:
+        """Copy the prefixes the last step completed into the prefix cache. Done here, before
+        anything is planned, rather than in the step that computed them, so the copy is not
+        on that step's way to its tokens; until this step's forward nothing writes into a slot,
+        so even the slot of a row that has finished still holds them."""
+        if self._to_store and self.prefixes is not None:
+            for key, slot in self._to_store:
+                self.prefixes.store(key, self._cache, slot)
+        self._to_store.clear()
+
+    def _shared_prefix(self, row: CoreRow[H], slot: int) -> int:
+        """Positions of a joining row whose keys and values the prefix cache gave its slot.
+        At least its last prompt token is computed, for the logits that draw its next."""
+        row.share = False
+        count = min(row.virtual, len(row.tokens) - 1)
+        if self.prefixes is None or count <= 0:
+            return 0
+        if self.prefixes.fill(tuple(row.tokens[:row.virtual]), self._cache, slot, count):
+            return count
+        row.share = True
+        return 0
 
     def _forward(self, ids: list[int], positions: list[int], logit_at: list[int]) -> Any:
         device = self._device

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from server.engine.core.engine_core import CoreRow, EngineCore
-from server.engine.core.kv_budget import kv_slots
+from server.engine.core.kv_budget import kv_plan
 from server.engine.core.kv_cache import SlotKVCache, cache_shape
+from server.engine.core.prefix_cache import PrefixCache
 from server.engine.generation import BatchRow, RowOutput
 from server.engine.interface import SamplingParams
 from server.engine.prompt_pins import PromptPins
@@ -97,10 +98,11 @@ class CoreLoop:
 
 
 def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
-               kv_cache_memory: str = "auto") -> EngineCore[Ticket]:
+               kv_cache_memory: str = "auto", prefix_tokens: int = 0) -> EngineCore[Ticket]:
     """The core for a loaded decoder-only model whose input embedding already reads the prompt
-    table: a KV cache of one slot per batch row. Raises if the model cannot run it (the caller
-    then runs another loop; the model's attention is restored first)."""
+    table: a KV cache of one slot per batch row, and a prefix cache of up to `prefix_tokens`
+    in what the slots leave of the budget (0: none). Raises if the model cannot run it (the
+    caller then runs another loop; the model's attention is restored first)."""
     model = loaded.model
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("seq2seq models run static batching")
@@ -108,15 +110,25 @@ def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
     length = min(loaded.info.max_context, _max_positions(model.config))
     # One slot more than rows: decode steps padded to a bucket (CUDA graphs) write into it.
     shape = cache_shape(model.config)
-    slots = kv_slots(kv_cache_memory, slot_bytes=shape.bytes_per_token(loaded.dtype) * length,
-                     rows=max_batch_size, device=torch.device(loaded.device))
-    cache = SlotKVCache(shape, slots=slots, max_len=length, dtype=loaded.dtype,
+    token_bytes = shape.bytes_per_token(loaded.dtype)
+    plan = kv_plan(kv_cache_memory, slot_bytes=token_bytes * length, token_bytes=token_bytes,
+                   rows=max_batch_size, prefix_tokens=prefix_tokens,
+                   device=torch.device(loaded.device))
+    cache = SlotKVCache(shape, slots=plan.slots, max_len=length, dtype=loaded.dtype,
                         device=loaded.device)
+    prefixes = None
+    if plan.prefix_tokens > 0:
+        prefixes = PrefixCache(shape, tokens=plan.prefix_tokens, dtype=loaded.dtype,
+                               device=loaded.device)
+    elif prefix_tokens > 0:
+        log.warning("prefix cache: off, --kv-cache-memory %s leaves no room beside the KV "
+                    "slots", kv_cache_memory)
     original = model.config._attn_implementation
     try:
         core: EngineCore[Ticket] = EngineCore(model, loaded.tokenizer, cache,
                                               max_batch_tokens=max_batch_tokens,
-                                              max_rows=min(max_batch_size, slots - 1))
+                                              max_rows=min(max_batch_size, plan.slots - 1),
+                                              prefixes=prefixes)
         _probe(core, vocab)
     except BaseException:
         model.set_attn_implementation(original)

@@ -1,0 +1,173 @@
+"""long-prompts: soft prompts of 256 virtual tokens and texts of 3 to 16 tokens, through HTTP.
+
+Every request of an adapter begins with the same virtual tokens, so the server keeps their keys
+and values once per adapter version (the prefix cache) and prefills only the text. This prints,
+for the real server (a subprocess on loopback) with the prefix cache on and with
+--no-prefix-cache:
+
+- warm TTFT: requests one at a time (streamed), each adapter's prefix already computed, against
+  the bare model with the same texts (target on the CPU: within 1.3x);
+- cold TTFT: each adapter's first request after the server starts (its load from the store and
+  its whole prefill);
+- throughput: 256 requests at once spread over 8 adapters, 16 new tokens each.
+
+    python benchmarks/long_prompts.py [--device cpu|cuda] [--dtype float32|bfloat16]
+                                      [--virtual-tokens 256] [--adapters 8] [--requests 256]
+                                      [--samples 24] [--new-tokens 16] [--json PATH]
+
+GPT-2-small shape (random weights built from config, nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness.fixtures import build_model, populate_store  # noqa: E402
+from benchmarks.harness.workloads import GPT2_SMALL, Workload  # noqa: E402
+from tests.e2e.server_process import ServerProcess  # noqa: E402
+
+WORKLOAD = Workload(
+    "long-prompts", "GPT-2-small shape: adapters of 256 virtual tokens, texts of 3 to 16 tokens",
+    GPT2_SMALL, "float32", "cpu", requests=256, adapters=8, virtual_tokens=256,
+    prompt_tokens=16, new_tokens=16, baselines=())
+
+
+def texts(count: int, seed: int, vocab: int) -> list[str]:
+    """`count` texts of 3 to 16 token ids each, written so the benchmark tokenizer gives
+    exactly those ids."""
+    rng = random.Random(seed)
+    return [" ".join(f"<t{rng.randrange(vocab - 1)}>" for _ in range(rng.randint(3, 16)))
+            for _ in range(count)]
+
+
+async def ttft(client: httpx.AsyncClient, adapter: str | None, text: str,
+               new_tokens: int = 1) -> float:
+    """Seconds from sending the request to its first streamed event."""
+    body = {"adapter_id": adapter, "text": text, "max_new_tokens": new_tokens,
+            "ignore_eos": True, "stream": True}
+    start = time.perf_counter()
+    first = None
+    async with client.stream("POST", "/v1/generate", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and first is None:
+                first = time.perf_counter() - start
+    assert first is not None
+    return first
+
+
+async def throughput(client: httpx.AsyncClient, adapters: int, prompts: list[str],
+                     new_tokens: int) -> dict:
+    async def one(i: int) -> int:
+        body = {"adapter_id": f"a{i % adapters}", "text": prompts[i], "max_new_tokens": new_tokens,
+                "ignore_eos": True}
+        r = await client.post("/v1/generate", json=body)
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    start = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
+    wall = time.perf_counter() - start
+    return {"requests": len(prompts), "tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1)}
+
+
+def prefix_counters(client: httpx.Client) -> dict[str, float]:
+    out = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("softprompt_prefix_cache_") and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name.removeprefix("softprompt_")] = float(value)
+    return out
+
+
+async def measure(url: str, args: argparse.Namespace, vocab: int) -> dict:
+    limits = httpx.Limits(max_connections=args.requests + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await ttft(client, None, "<t1> <t2> <t3>")  # allocations
+        cold = [await ttft(client, f"a{i}", text)
+                for i, text in enumerate(texts(args.adapters, 1, vocab))]
+        samples = texts(args.samples, 2, vocab)
+        warm = [await ttft(client, f"a{i % args.adapters}", text)
+                for i, text in enumerate(samples)]
+        bare = [await ttft(client, None, text) for text in samples]
+        run = await throughput(client, args.adapters, texts(args.requests, 3, vocab),
+                               args.new_tokens)
+    with httpx.Client(base_url=url) as sync:
+        counters = prefix_counters(sync)
+    med = statistics.median
+    return {"ttft_ms": {"cold_p50": round(1000 * med(cold), 2),
+                        "warm_p50": round(1000 * med(warm), 2),
+                        "bare_p50": round(1000 * med(bare), 2),
+                        "warm_over_bare": round(med(warm) / med(bare), 3)},
+            "throughput": run, "prefix_metrics": counters}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--virtual-tokens", type=int, default=256)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=24, help="warm and bare TTFT samples")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    shape = GPT2_SMALL if args.layers is None else replace(GPT2_SMALL, layers=args.layers)
+    workload = WORKLOAD.with_overrides(shape=shape, dtype=args.dtype, device=args.device,
+                                       adapters=args.adapters,
+                                       virtual_tokens=args.virtual_tokens)
+    results: dict = {"workload": workload.to_json(), "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = build_model(shape, root / "model", dtype=args.dtype, device=args.device)
+        for mode, flags in (("prefix-cache", []), ("no-prefix-cache", ["--no-prefix-cache"])):
+            store = root / f"store-{mode}"
+            populate_store(workload, store)
+            server = ServerProcess(model, store, root / f"{mode}.log",
+                                   "--max-virtual-tokens", str(args.virtual_tokens),
+                                   "--max-wait-ms", "0", "--max-queue", str(4 * args.requests),
+                                   "--tenant-max-concurrent-requests", str(4 * args.requests),
+                                   "--log-level", "warning", *flags)
+            server.args[server.args.index("--device") + 1] = args.device
+            server.args[server.args.index("--dtype") + 1] = args.dtype
+            server.start(timeout=600)
+            try:
+                results["runs"][mode] = asyncio.run(measure(server.url, args, shape.vocab))
+            finally:
+                server.stop()
+            print(mode, json.dumps(results["runs"][mode]), flush=True)
+    on, off = results["runs"]["prefix-cache"], results["runs"]["no-prefix-cache"]
+    print(f"\nlong-prompts ({args.virtual_tokens} virtual tokens, {args.device}, {args.dtype})")
+    print(f"{'':>18} {'warm TTFT':>10} {'bare TTFT':>10} {'warm/bare':>10} {'cold TTFT':>10} "
+          f"{'tok/s':>8}")
+    for mode, run in (("prefix cache", on), ("no prefix cache", off)):
+        t = run["ttft_ms"]
+        print(f"{mode:>18} {t['warm_p50']:>8.1f}ms {t['bare_p50']:>8.1f}ms "
+              f"{t['warm_over_bare']:>9.2f}x {t['cold_p50']:>8.1f}ms "
+              f"{run['throughput']['tokens_per_s']:>8.1f}")
+    speedup = on["throughput"]["tokens_per_s"] / off["throughput"]["tokens_per_s"]
+    print(f"throughput with the prefix cache / without: {speedup:.2f}x")
+    results["throughput_ratio"] = round(speedup, 3)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
