@@ -13,6 +13,7 @@ from adapters_store.errors import (
     FileTooLargeError,
     InvalidAdapterError,
     InvalidAdapterIdError,
+    InvalidTemplateError,
     LimitExceededError,
     NonFiniteValuesError,
     ShapeMismatchError,
@@ -41,9 +42,11 @@ from adapters_store.records import (
     validate_adapter_id,
 )
 from adapters_store.store import AdapterStore
+from adapters_store.template import Anchor, Soft, Text, parse_template
 
 __all__ = [
     "ADAPTER_ID_PATTERN",
+    "Anchor",
     "AdapterExistsError",
     "AdapterNotFoundError",
     "AdapterRecord",
@@ -55,6 +58,7 @@ __all__ = [
     "FileTooLargeError",
     "InvalidAdapterError",
     "InvalidAdapterIdError",
+    "InvalidTemplateError",
     "LimitExceededError",
     "LocalAdapterStore",
     "Limits",
@@ -75,9 +79,12 @@ __all__ = [
     "UnsafeArchiveError",
     "UnsupportedAdapterTypeError",
     "WeightsFormatError",
+    "Soft",
+    "Text",
     "parse_archive",
     "parse_directory",
     "parse_files",
+    "parse_template",
     "parse_paths",
     "validate_adapter_id",
 ]

@@ -53,6 +53,10 @@ class TaskTypeMismatchError(InvalidAdapterError):
     """A causal-LM adapter on a seq2seq model, or the other way round."""
 
 
+class InvalidTemplateError(InvalidAdapterError):
+    """A P-tuning template that does not parse, or does not use the adapter's rows exactly once."""
+
+
 class UnsafeArchiveError(InvalidAdapterError):
     """An archive member has an absolute or `..` path, is a link, or the archive is malformed."""
 

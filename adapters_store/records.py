@@ -75,6 +75,7 @@ class ParsedAdapter:
     config: dict  # the original adapter_config.json, parsed
     config_bytes: bytes  # the original adapter_config.json, verbatim
     embeddings: torch.Tensor = field(repr=False)  # [num_virtual_tokens * submodules, token_dim] f32
+    template: str | None = None  # where the rows go around the text (adapters_store.template)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class AdapterRecord:
     # Everything written for this version: the embeddings file, the uploaded config verbatim
     # and this record; what the tenant's storage quota counts. 0: not known yet.
     stored_bytes: int = 0
+    template: str | None = None  # P-tuning template (adapters_store.template); None: prefix
 
     def to_dict(self) -> dict:
         return {
@@ -106,6 +108,7 @@ class AdapterRecord:
             "size_bytes": self.size_bytes,
             "created_at": self.created_at,
             "stored_bytes": self.stored_bytes,
+            "template": self.template,
         }
 
     @classmethod
@@ -122,6 +125,7 @@ class AdapterRecord:
             created_at=data["created_at"],
             # Records written before stored_bytes existed: their embeddings file at least.
             stored_bytes=int(data.get("stored_bytes", data["size_bytes"])),
+            template=data.get("template"),
         )
 
 

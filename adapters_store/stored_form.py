@@ -15,6 +15,7 @@ from safetensors.torch import save as save_safetensors
 
 from adapters_store.errors import InvalidAdapterError, StoredAdapterCorruptError
 from adapters_store.records import AdapterRecord, ParsedAdapter, StoredAdapter
+from adapters_store.template import parse_template
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -27,6 +28,8 @@ def encode(namespace: str, adapter_id: str, adapter: ParsedAdapter) -> tuple[byt
     table = adapter.embeddings  # [num_virtual_tokens * submodules, token_dim]
     expected = (adapter.num_virtual_tokens * adapter.num_transformer_submodules,
                 adapter.token_dim)
+    if adapter.template is not None:
+        parse_template(adapter.template, adapter.num_virtual_tokens)
     if table.dtype != torch.float32 or tuple(table.shape) != expected:
         raise InvalidAdapterError(
             f"embeddings must be float32 of shape {list(expected)}, got {table.dtype} "
@@ -37,7 +40,8 @@ def encode(namespace: str, adapter_id: str, adapter: ParsedAdapter) -> tuple[byt
         adapter_id=adapter_id, namespace=namespace, peft_type=adapter.peft_type,
         task_type=adapter.task_type, num_virtual_tokens=adapter.num_virtual_tokens,
         token_dim=adapter.token_dim, sha256=hashlib.sha256(data).hexdigest(),
-        size_bytes=len(data), created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+        size_bytes=len(data), created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        template=adapter.template)
     return data, _with_stored_bytes(record, len(data) + len(adapter.config_bytes))
 
 

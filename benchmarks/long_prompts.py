@@ -14,7 +14,10 @@ for the real server (a subprocess on loopback) with the prefix cache on and with
     python benchmarks/long_prompts.py [--device cpu|cuda] [--dtype float32|bfloat16]
                                       [--virtual-tokens 256] [--adapters 8] [--requests 256]
                                       [--samples 24] [--new-tokens 16] [--json PATH]
+                                      [--template TEMPLATE] [--modes prefix-cache,...]
 
+`--template` uploads the adapters with a P-tuning template instead of as prefixes (the same
+rows, spliced around the text with anchors), to compare what templated adapters cost.
 GPT-2-small shape (random weights built from config, nothing is downloaded).
 """
 
@@ -35,7 +38,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness.fixtures import build_model, populate_store  # noqa: E402
+from adapters_store import LocalAdapterStore, ModelSpec, TaskType, parse_files  # noqa: E402
+from benchmarks.harness.fixtures import (  # noqa: E402
+    NAMESPACE,
+    adapter_config,
+    adapter_embeddings,
+    build_model,
+)
 from benchmarks.harness.workloads import GPT2_SMALL, Workload  # noqa: E402
 from tests.e2e.server_process import ServerProcess  # noqa: E402
 
@@ -43,6 +52,23 @@ WORKLOAD = Workload(
     "long-prompts", "GPT-2-small shape: adapters of 256 virtual tokens, texts of 3 to 16 tokens",
     GPT2_SMALL, "float32", "cpu", requests=256, adapters=8, virtual_tokens=256,
     prompt_tokens=16, new_tokens=16, baselines=())
+
+
+MODES = {"prefix-cache": [], "no-prefix-cache": ["--no-prefix-cache"]}
+
+
+def populate(workload: Workload, store_dir: Path, template: str | None) -> None:
+    """The adapters, parsed and stored as an upload does (with the template, if any)."""
+    from safetensors.torch import save
+
+    store = LocalAdapterStore(store_dir)
+    spec = ModelSpec(token_dim=workload.shape.hidden, task_type=TaskType.CAUSAL_LM)
+    config = json.dumps(adapter_config(workload)).encode()
+    for i in range(workload.adapters):
+        parsed = parse_files(config=config,
+                             weights=save({"prompt_embeddings": adapter_embeddings(workload, i)}),
+                             weights_name="adapter_model.safetensors", spec=spec)
+        store.put(NAMESPACE, f"a{i}", replace(parsed, template=template), overwrite=True)
 
 
 def texts(count: int, seed: int, vocab: int) -> list[str]:
@@ -127,19 +153,27 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=24, help="warm and bare TTFT samples")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
+    parser.add_argument("--template", default=None,
+                        help="upload the adapters with this P-tuning template")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated: prefix-cache, no-prefix-cache")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown --modes {sorted(unknown)}; choose from {list(MODES)}")
     shape = GPT2_SMALL if args.layers is None else replace(GPT2_SMALL, layers=args.layers)
     workload = WORKLOAD.with_overrides(shape=shape, dtype=args.dtype, device=args.device,
                                        adapters=args.adapters,
                                        virtual_tokens=args.virtual_tokens)
-    results: dict = {"workload": workload.to_json(), "runs": {}}
+    results: dict = {"workload": workload.to_json(), "template": args.template, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = build_model(shape, root / "model", dtype=args.dtype, device=args.device)
-        for mode, flags in (("prefix-cache", []), ("no-prefix-cache", ["--no-prefix-cache"])):
+        for mode in modes:
+            flags = MODES[mode]
             store = root / f"store-{mode}"
-            populate_store(workload, store)
+            populate(workload, store, args.template)
             server = ServerProcess(model, store, root / f"{mode}.log",
                                    "--max-virtual-tokens", str(args.virtual_tokens),
                                    "--max-wait-ms", "0", "--max-queue", str(4 * args.requests),
@@ -153,18 +187,22 @@ def main() -> None:
             finally:
                 server.stop()
             print(mode, json.dumps(results["runs"][mode]), flush=True)
-    on, off = results["runs"]["prefix-cache"], results["runs"]["no-prefix-cache"]
-    print(f"\nlong-prompts ({args.virtual_tokens} virtual tokens, {args.device}, {args.dtype})")
+    runs = results["runs"]
+    shape_of = "prefix" if args.template is None else f"template {args.template!r}"
+    print(f"\nlong-prompts ({args.virtual_tokens} virtual tokens as {shape_of}, {args.device}, "
+          f"{args.dtype})")
     print(f"{'':>18} {'warm TTFT':>10} {'bare TTFT':>10} {'warm/bare':>10} {'cold TTFT':>10} "
           f"{'tok/s':>8}")
-    for mode, run in (("prefix cache", on), ("no prefix cache", off)):
+    for mode, run in runs.items():
         t = run["ttft_ms"]
         print(f"{mode:>18} {t['warm_p50']:>8.1f}ms {t['bare_p50']:>8.1f}ms "
               f"{t['warm_over_bare']:>9.2f}x {t['cold_p50']:>8.1f}ms "
               f"{run['throughput']['tokens_per_s']:>8.1f}")
-    speedup = on["throughput"]["tokens_per_s"] / off["throughput"]["tokens_per_s"]
-    print(f"throughput with the prefix cache / without: {speedup:.2f}x")
-    results["throughput_ratio"] = round(speedup, 3)
+    if len(runs) == 2:
+        on, off = runs["prefix-cache"], runs["no-prefix-cache"]
+        speedup = on["throughput"]["tokens_per_s"] / off["throughput"]["tokens_per_s"]
+        print(f"throughput with the prefix cache / without: {speedup:.2f}x")
+        results["throughput_ratio"] = round(speedup, 3)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -220,20 +220,48 @@ def peft_prompt(model_dir: Path, adapter_dir: Path) -> torch.Tensor:
 
 def greedy_by_recomputation(base, prompt: torch.Tensor | None, text_ids: list[int], n: int, *,
                             stop_at_eos: bool = True) -> list[int]:
-    """The definition of a request's output for a decoder-only model: greedy by full
-    recomputation over [prompt rows; text embeddings; drawn tokens' embeddings]."""
+    """The definition of a request's output: greedy by full recomputation over [prompt rows;
+    text embeddings] (then the drawn tokens' embeddings)."""
+    with torch.inference_mode():
+        x = base.get_input_embeddings()(torch.tensor(text_ids, dtype=torch.long))
+        if prompt is not None:
+            x = torch.cat([prompt, x])
+    return greedy_from_embeddings(base, x, n, stop_at_eos=stop_at_eos)
+
+
+def spliced_embeddings(base, pieces: list[torch.Tensor | list[int]]) -> torch.Tensor:
+    """A template's input: soft rows (tensors) and token ids (lists) embedded, in order."""
     embed = base.get_input_embeddings()
-    ids = list(text_ids)
+    with torch.inference_mode():
+        return torch.cat([p if isinstance(p, torch.Tensor)
+                          else embed(torch.tensor(p, dtype=torch.long)) for p in pieces])
+
+
+def greedy_from_embeddings(base, embeds: torch.Tensor, n: int, *,
+                           stop_at_eos: bool = True) -> list[int]:
+    """Greedy by full recomputation in float32 from input embeddings [length, hidden]. A
+    decoder-only model reads them and then each drawn token's embedding; a seq2seq model's
+    encoder reads them and its decoder recomputes from the decoder start token."""
+    eos = base.generation_config.eos_token_id
     out: list[int] = []
     with torch.inference_mode():
+        if base.config.is_encoder_decoder:
+            encoded = base.get_encoder()(inputs_embeds=embeds[None])
+            decoder = [base.config.decoder_start_token_id]
+        x = embeds
         for _ in range(n):
-            x = embed(torch.tensor(ids, dtype=torch.long))
-            if prompt is not None:
-                x = torch.cat([prompt, x])
-            logits = base(inputs_embeds=x[None], use_cache=False).logits[0, -1]
+            if base.config.is_encoder_decoder:
+                logits = base(encoder_outputs=encoded, use_cache=False,
+                              decoder_input_ids=torch.tensor([decoder])).logits[0, -1]
+            else:
+                logits = base(inputs_embeds=x[None], use_cache=False).logits[0, -1]
             token = int(logits.argmax())
             out.append(token)
-            ids.append(token)
-            if stop_at_eos and token == base.generation_config.eos_token_id:
+            if base.config.is_encoder_decoder:
+                decoder.append(token)
+            else:
+                token_embed = base.get_input_embeddings()(torch.tensor([token]))
+                x = torch.cat([x, token_embed])
+            if stop_at_eos and token == eos:
                 break
     return out

@@ -45,7 +45,8 @@ if [[ $QUICK == 1 ]]; then
     overhead=(--steps 20 --rows 16)
     fair=(--rounds 2 --cycles 1 --backlog 20)
     bf16=(--rows 4 --new-tokens 4)
-    long=(--layers 1 --virtual-tokens 16 --adapters 2 --requests 8 --samples 2 --new-tokens 2)
+    long=(--layers 1 --virtual-tokens 16 --adapters 2 --requests 8 --samples 2 --new-tokens 2
+          --modes prefix-cache)
 else
     harness=(--no-progress)
     overhead=()

@@ -34,6 +34,11 @@ _UPLOAD_BODY = {
             "archive": {"type": "string", "format": "binary",
                         "description": "instead of config + weights: one .tar.gz/.tgz/.zip "
                                        "of a PEFT output directory"},
+            "template": {"type": "string",
+                         "description": "optional P-tuning template placing the rows around "
+                                        "the text: {soft:N}, {soft}, {text} (once), {{ and }} "
+                                        "for braces, anything else anchor text; default "
+                                        "{soft}{text}"},
         },
     }}},
 }
@@ -48,11 +53,13 @@ def check_adapter_id(adapter_id: str) -> str:
 
 def _to_upload(spooled: SpooledUpload) -> AdapterUpload:
     files = spooled.files
+    template = spooled.fields.get("template")
     if "archive" in files:
         if "config" in files or "weights" in files:
             raise InvalidUploadError("send either 'archive' or 'config' + 'weights', not both")
         archive = files["archive"]
-        return AdapterUpload(archive_path=archive.path, archive_name=archive.filename or None)
+        return AdapterUpload(archive_path=archive.path, archive_name=archive.filename or None,
+                             template=template)
     missing = [name for name in ("config", "weights") if name not in files]
     if missing:
         raise InvalidUploadError(
@@ -60,7 +67,7 @@ def _to_upload(spooled: SpooledUpload) -> AdapterUpload:
             "and 'weights' (adapter_model.safetensors or .bin), or one 'archive'")
     weights = files["weights"]
     return AdapterUpload(config_path=files["config"].path, weights_path=weights.path,
-                         weights_name=weights.filename or None)
+                         weights_name=weights.filename or None, template=template)
 
 
 async def _add_within_quota(engine: EngineClient, namespace: str, adapter_id: str,
@@ -109,12 +116,12 @@ async def upload_adapter(
         async with manager.upload_lock(namespace):
             record = await _add_within_quota(engine, namespace, adapter_id, upload, spooled,
                                              quotas=quotas, overwrite=overwrite)
-    return JSONResponse(AdapterResponse.from_record(record).model_dump(exclude_none=True),
+    return JSONResponse(AdapterResponse.from_record(record).model_dump(),
                         status_code=201)
 
 
 @router.get("/v1/adapters", response_model=AdapterListResponse, summary="List adapters",
-            response_model_exclude_none=True, responses=error_responses(401, 422, 503))
+            responses=error_responses(401, 422, 503))
 async def list_adapters(engine: EngineDep, scope: ListScopeDep) -> AdapterListResponse:
     """A tenant's own adapters; an admin without ?tenant= gets every tenant's, each with
     its `tenant`."""
@@ -125,7 +132,7 @@ async def list_adapters(engine: EngineDep, scope: ListScopeDep) -> AdapterListRe
 
 
 @router.get("/v1/adapters/{adapter_id}", response_model=AdapterResponse,
-            summary="Get an adapter's record", response_model_exclude_none=True,
+            summary="Get an adapter's record",
             responses=error_responses(401, 404, 422, 503))
 async def get_adapter(adapter_id: str, request: Request,
                       engine: EngineDep,

@@ -30,6 +30,7 @@ from server.engine.errors import (
     GenerationError,
     InvalidAdapterError,
     InvalidAdapterIdError,
+    InvalidTemplateError,
     LimitExceededError,
     QueueFullError,
     RequestTooLongError,
@@ -96,6 +97,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     StorageQuotaError: ErrorKind(413, "quota_exceeded"),
     RequestQuotaError: ErrorKind(422, "validation_error"),  # same type as the global limits
     InvalidAdapterError: ErrorKind(400, "invalid_adapter"),
+    InvalidTemplateError: ErrorKind(400, "invalid_template"),
     UnsupportedAdapterTypeError: ErrorKind(400, "unsupported_adapter_type"),
     LimitExceededError: ErrorKind(413, "payload_too_large"),
     InvalidAdapterIdError: ErrorKind(422, "invalid_adapter_id"),

@@ -7,7 +7,14 @@ max_stop_strings, max_input_tokens) are checked in the handlers, which know the 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 from server.engine.interface import FinishReason, GenerationResult
 
@@ -99,7 +106,17 @@ class AdapterResponse(BaseModel):
     sha256: str
     size_bytes: int
     created_at: str
+    template: str | None = Field(None, description="The P-tuning template placing the rows "
+                                 "around the text; null: the rows before the text.")
     tenant: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_tenant(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """`template` is always there (null when absent); `tenant` only in an admin's list."""
+        data = handler(self)
+        if data.get("tenant") is None:
+            data.pop("tenant", None)
+        return data
 
     @classmethod
     def from_record(cls, record: object, *, with_tenant: bool = False) -> AdapterResponse:

@@ -23,9 +23,9 @@ from starlette.requests import Request
 
 from server.api.errors import InvalidUploadError, UploadTooLargeError
 
-MAX_FIELD_BYTES = 4096  # a text field (adapter_id) is short
+MAX_FIELD_BYTES = 4096  # a text field (adapter_id, template) is short
 FILE_NAMES = frozenset({"config", "weights", "archive"})
-TEXT_NAMES = frozenset({"adapter_id"})
+TEXT_NAMES = frozenset({"adapter_id", "template"})
 
 
 @dataclass(frozen=True)

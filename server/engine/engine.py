@@ -9,13 +9,14 @@ request never fails a batch it would have shared.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapters_store import parse_archive, parse_paths
+from adapters_store import parse_archive, parse_paths, parse_template
 from adapters_store.errors import (
     AdapterExistsError,
     AdapterStoreError,
@@ -37,6 +38,7 @@ from server.engine.interface import (
 )
 from server.engine.model_loader import LoadedModel, load_model
 from server.engine.observer import EngineObserver, GuardedObserver, NullObserver
+from server.engine.prompt_layout import Layouts, anchor_tokens
 from server.engine.prompt_table import version_of
 from server.engine.runtime import Runtime, build_runtime, runtime_stats
 from server.engine.sampling import validate_params
@@ -74,6 +76,7 @@ class Engine:
         self._stored_count = 0
         self._count_lock = threading.Lock()
         self._upload_slots = UploadSlots(settings.max_concurrent_uploads)
+        self._layouts: Layouts | None = None  # templated adapters' layouts, once loaded
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -97,6 +100,7 @@ class Engine:
                                              period_s=self.settings.store_refresh_s,
                                              on_count=self._set_count)
             self._refresher.start()
+            self._layouts = Layouts(loaded.tokenizer)
             self._loaded, self._runtime, self._scheduler = loaded, runtime, scheduler
             if self._closing:  # shutdown() was called while the model was loading
                 scheduler.stop(0)
@@ -244,7 +248,7 @@ class Engine:
                  stream: bool) -> Ticket:
         runtime = self._require()
         loaded, scheduler = runtime.loaded, runtime.scheduler
-        version, virtual = None, 0
+        version, virtual, layout = None, 0, None
         if record is not None:
             self._check_compatible(record, loaded)
             version, virtual = version_of(record), record.num_virtual_tokens
@@ -253,8 +257,12 @@ class Engine:
                     f"adapter {record.adapter_id!r} has {virtual} virtual tokens; this server "
                     f"holds at most {runtime.table.capacity} (--prompt-cache-bytes, "
                     "--max-virtual-tokens)")
-        self._validate(request, loaded, virtual)
-        return scheduler.submit(request, version=version, virtual_tokens=virtual, stream=stream)
+            if record.template is not None:
+                assert self._layouts is not None
+                layout = self._layouts.get(record.template, virtual)
+        self._validate(request, loaded, virtual, 0 if layout is None else anchor_tokens(layout))
+        return scheduler.submit(request, version=version, virtual_tokens=virtual, stream=stream,
+                                layout=layout)
 
     @staticmethod
     def _check_compatible(record: AdapterRecord, loaded: LoadedModel) -> None:
@@ -269,7 +277,8 @@ class Engine:
                 f"model needs {loaded.task_type}")
 
     @staticmethod
-    def _validate(request: GenerationRequest, loaded: LoadedModel, virtual: int) -> None:
+    def _validate(request: GenerationRequest, loaded: LoadedModel, virtual: int,
+                  anchors: int) -> None:
         ids = request.prompt_ids
         if not ids and virtual == 0:
             raise InvalidRequestError("the prompt is empty and there is no adapter")
@@ -280,10 +289,11 @@ class Engine:
             validate_params(request.params, vocab_size=loaded.vocab_size)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
-        total = len(ids) + virtual + request.params.max_new_tokens
+        total = len(ids) + anchors + virtual + request.params.max_new_tokens
         if total > loaded.info.max_context:
+            anchored = f" + template anchors {anchors}" if anchors else ""
             raise RequestTooLongError(
-                f"prompt {len(ids)} + virtual {virtual} + max_new_tokens "
+                f"prompt {len(ids)}{anchored} + virtual {virtual} + max_new_tokens "
                 f"{request.params.max_new_tokens} = {total} tokens exceeds the model's context "
                 f"of {loaded.info.max_context}")
 
@@ -318,11 +328,16 @@ class Engine:
                         max_file_bytes=self.settings.max_upload_bytes,
                         max_encoder_params=self.settings.max_encoder_params)
         if upload.archive_path is not None:
-            return parse_archive(Path(upload.archive_path),
-                                 archive_name=upload.archive_name or upload.archive_path,
-                                 spec=spec, limits=limits)
-        return parse_paths(upload.config_path, upload.weights_path,
-                           weights_name=upload.weights_name, spec=spec, limits=limits)
+            parsed = parse_archive(Path(upload.archive_path),
+                                   archive_name=upload.archive_name or upload.archive_path,
+                                   spec=spec, limits=limits)
+        else:
+            parsed = parse_paths(upload.config_path, upload.weights_path,
+                                 weights_name=upload.weights_name, spec=spec, limits=limits)
+        if upload.template is None:
+            return parsed
+        parse_template(upload.template, parsed.num_virtual_tokens)  # 400 before storing
+        return dataclasses.replace(parsed, template=upload.template)
 
     async def get_adapter(self, namespace: str, adapter_id: str) -> AdapterRecord:
         return await asyncio.to_thread(self.store.get_record, namespace, adapter_id)

@@ -7,6 +7,7 @@ from adapters_store.errors import (  # noqa: F401  (re-exported for server.api)
     FileTooLargeError,
     InvalidAdapterError,
     InvalidAdapterIdError,
+    InvalidTemplateError,
     LimitExceededError,
     StoreUnavailableError,
     UnsupportedAdapterTypeError,

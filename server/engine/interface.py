@@ -75,6 +75,9 @@ class AdapterUpload:
     weights_name: str | None = None
     archive_path: str | None = None
     archive_name: str | None = None
+    # A P-tuning template placing the rows around the text (adapters_store.template); None:
+    # the rows before the text.
+    template: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,17 @@
 """A running request's soft prompt, as token ids, pinned in the prompt table while it runs.
 
 Both step loops turn a ticket into the ids the model reads here: its adapter's virtual ids
-(rows of the prompt table) followed by its text's ids. The rows stay pinned from the request's
-start to its end, so an overwrite or an eviction meanwhile never changes what it reads.
+(rows of the prompt table) followed by its text's ids, or, for a templated adapter, rows,
+anchors and text in template order (server.engine.prompt_layout). The rows stay pinned from
+the request's start to its end, so an overwrite or an eviction meanwhile never changes what it
+reads.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from server.engine.prompt_layout import assemble
 from server.engine.prompt_table import PromptTable, TableEntry
 from server.engine.tickets import Ticket
 
@@ -44,6 +47,8 @@ class PromptPins:
                 return None
             ticket.entry, ticket.embeds = entry, None
         self._held[id(ticket)] = entry
+        if ticket.layout is not None:
+            return assemble(ticket.layout, entry.ids, req.prompt_ids)
         return [*entry.ids, *req.prompt_ids]
 
     def release(self, ticket: Ticket) -> None:

@@ -44,6 +44,7 @@ from server.engine.fairness import BatchPolicy, RoundRobinPolicy
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver
+from server.engine.prompt_layout import Layout
 from server.engine.prompt_table import PromptTable
 from server.engine.static_loop import StaticLoop
 from server.engine.tickets import Failure, Ticket, TicketState
@@ -127,7 +128,7 @@ class Scheduler:
         return counts
 
     def submit(self, request: GenerationRequest, *, version: str | None, virtual_tokens: int,
-               stream: bool) -> Ticket:
+               stream: bool, layout: Layout | None = None) -> Ticket:
         """Queue a validated request; must be called on the event loop that will consume it."""
         loop = asyncio.get_running_loop()
         with self._cond:
@@ -142,7 +143,8 @@ class Scheduler:
                     f"request id {request.request_id!r} is already in flight; ids must be unique")
             self._seq += 1
             ticket = Ticket(request, seq=self._seq, version=version,
-                            virtual_tokens=virtual_tokens, loop=loop, stream=stream)
+                            virtual_tokens=virtual_tokens, loop=loop, stream=stream,
+                            layout=layout)
             self._live[request.request_id] = ticket
             self._queued += 1
             if request.adapter_id is None:
@@ -302,7 +304,8 @@ class Scheduler:
         result = GenerationResult(
             request_id=req.request_id, adapter_id=req.adapter_id, text=out.text,
             token_ids=out.token_ids, finish_reason=out.finish_reason,
-            prompt_tokens=len(req.prompt_ids), virtual_tokens=ticket.virtual_tokens,
+            prompt_tokens=len(req.prompt_ids) + ticket.anchor_tokens,
+            virtual_tokens=ticket.virtual_tokens,
             completion_tokens=len(out.token_ids))
         if self._finish(ticket):
             ticket.deliver(result)

@@ -20,6 +20,7 @@ import torch
 
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
 from server.engine.mailbox import mailbox_for
+from server.engine.prompt_layout import Layout, anchor_tokens
 from server.engine.prompt_table import TableEntry
 
 
@@ -40,11 +41,14 @@ class Ticket:
     """One submitted request's life in the engine; state changes under the scheduler's lock."""
 
     def __init__(self, request: GenerationRequest, *, seq: int, version: str | None,
-                 virtual_tokens: int, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
+                 virtual_tokens: int, loop: asyncio.AbstractEventLoop, stream: bool,
+                 layout: Layout | None = None) -> None:
         self.request = request
         self.seq = seq  # submission order, what FIFO means
         self.version = version  # of the adapter record seen at submit; None: bare model
         self.virtual_tokens = virtual_tokens
+        self.layout = layout  # a templated adapter's; None: the rows before the text
+        self.anchor_tokens = 0 if layout is None else anchor_tokens(layout)
         self.loop = loop
         self._mailbox = mailbox_for(loop)
         self.submitted_at = time.monotonic()

@@ -135,6 +135,6 @@ async def test_openapi_documents_every_endpoint_and_error(client):
             assert ref.endswith("/ErrorResponse")
     upload = spec["paths"]["/v1/adapters"]["post"]["requestBody"]["content"]
     assert set(upload["multipart/form-data"]["schema"]["properties"]) == {
-        "adapter_id", "config", "weights", "archive"}
+        "adapter_id", "config", "weights", "archive", "template"}
     assert "text/event-stream" in spec["paths"]["/v1/generate"]["post"]["responses"]["200"][
         "content"]

@@ -17,23 +17,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_run_checks_quick_mode_logs_every_step_and_writes_the_json(tmp_path) -> None:
     env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "OUT": str(tmp_path),
-           "STEPS": "env overhead fairness longprompts nosuchstep",
-           # fairlong, fairhttp, fairproc and faircap are the same fairness step with other
-           # flags (tests/benchmarks/test_fairness_http runs --http); the script calls
-           # python3: make it this interpreter (the venv's)
+           "STEPS": "env overhead longprompts nosuchstep",
+           # The fairness steps run `python -m benchmarks fairness` or benchmarks/fairness.py
+           # with other flags, which tests/benchmarks/test_harness and test_fairness_http
+           # run. The script calls python3: make it this interpreter (the venv's).
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run_checks.sh")], env=env,
                           capture_output=True, text=True, timeout=360)
     assert proc.returncode == 0, proc.stderr
     log = (tmp_path / "checks.log").read_text()
-    assert "===== env: rc=0" in log and "===== fairness: rc=0" in log
+    assert "===== env: rc=0" in log
     assert "===== overhead: rc=0" in log and "host time per decode step" in log
     assert "unknown step nosuchstep" in log
-    result = json.loads((tmp_path / "fairness.json").read_text())["result"]
-    assert result["device"] == "cpu" and result["ratio"] > 0
-    # long-prompts: warm requests of an adapter reuse its prefix; with the cache off, never.
-    assert "===== longprompts: rc=0" in log and "throughput with the prefix cache" in log
+    # long-prompts (quick: the prefix cache on only): warm requests reuse their prefix.
+    assert "===== longprompts: rc=0" in log and "warm/bare" in log
     runs = json.loads((tmp_path / "long-prompts.json").read_text())["runs"]
-    on, off = runs["prefix-cache"]["prefix_metrics"], runs["no-prefix-cache"]["prefix_metrics"]
+    on = runs["prefix-cache"]["prefix_metrics"]
     assert on["prefix_cache_hits_total"] >= 2 and on["prefix_cache_tokens_saved_total"] > 0
-    assert off["prefix_cache_hits_total"] == 0 and off["prefix_cache_misses_total"] == 0

@@ -13,7 +13,7 @@ from tests.e2e.server_process import ServerProcess
 from tests.factories import make_adapter
 
 RECORD_KEYS = {"adapter_id", "peft_type", "task_type", "num_virtual_tokens", "token_dim",
-               "sha256", "size_bytes", "created_at"}
+               "sha256", "size_bytes", "created_at", "template"}
 
 
 def assert_envelope(r: httpx.Response, status: int) -> dict:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
+from adapters_store import Soft, Text
 from server.engine.prompt_pins import PromptPins
 from server.engine.prompt_table import PromptTable
 
@@ -32,9 +33,10 @@ def _setup(rows: int) -> tuple[PromptTable, Decisions, PromptPins]:
     return table, decisions, PromptPins(decisions, table)  # type: ignore[arg-type]
 
 
-def _ticket(adapter: str | None, *, entry=None, embeds=None) -> SimpleNamespace:
+def _ticket(adapter: str | None, *, entry=None, embeds=None, layout=None) -> SimpleNamespace:
     request = SimpleNamespace(adapter_id=adapter, namespace="t", prompt_ids=(7, 8))
-    return SimpleNamespace(request=request, version="v1", entry=entry, embeds=embeds)
+    return SimpleNamespace(request=request, version="v1", entry=entry, embeds=embeds,
+                           layout=layout)
 
 
 def test_a_resident_entry_is_pinned_until_release():
@@ -74,3 +76,12 @@ def test_a_table_full_of_rows_in_use_sends_the_request_back_to_wait():
     assert ticket.embeds is not None  # kept for when there is room
     table.release(busy)
     assert pins.ids(ticket) is not None and ticket.entry.pins == 1
+
+
+def test_a_templated_request_is_rows_anchors_and_text_in_template_order():
+    table, _, pins = _setup(8)
+    entry = table.insert("t", "a", "v1", torch.ones(4, HIDDEN), pinned=False)
+    layout = (Soft(0, 1), (50, 51), Text(), Soft(1, 3), (52,))
+    ticket = _ticket("a", entry=entry, layout=layout)
+    v = entry.ids
+    assert pins.ids(ticket) == [v[0], 50, 51, 7, 8, v[1], v[2], v[3], 52]

@@ -1,0 +1,65 @@
+"""A templated adapter's request as token ids: rows, anchors and text in template order.
+
+An adapter uploaded with a P-tuning template (adapters_store.template) places its rows around
+the request's text with literal anchor text between them. The template is parsed and its
+anchors are tokenized once per template (each alone, without special tokens); a request's ids
+are then assembled when it starts, from its pinned rows' virtual ids and its text's ids (the
+text tokenized as for any request, or the chat template's rendered output).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from adapters_store.template import Anchor, Soft, Text, parse_template
+
+Piece = Soft | Text | tuple[int, ...]  # an anchor is its token ids
+Layout = tuple[Piece, ...]
+
+
+class Layouts:
+    """Parsed templates with their anchors tokenized, least recently used kept (per engine,
+    used from one thread)."""
+
+    def __init__(self, tokenizer: Any, *, size: int = 1024) -> None:
+        self._tokenizer = tokenizer
+        self._size = size
+        self._cache: OrderedDict[tuple[str, int], Layout] = OrderedDict()
+
+    def get(self, template: str, rows: int) -> Layout:
+        key = (template, rows)
+        layout = self._cache.get(key)
+        if layout is None:
+            layout = tuple(self._piece(s) for s in parse_template(template, rows))
+            self._cache[key] = layout
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return layout
+
+    def _piece(self, segment: Soft | Text | Anchor) -> Piece:
+        if isinstance(segment, Anchor):
+            ids = self._tokenizer(segment.text, add_special_tokens=False)["input_ids"]
+            return tuple(int(i) for i in ids)
+        return segment
+
+
+def anchor_tokens(layout: Layout) -> int:
+    return sum(len(p) for p in layout if isinstance(p, tuple))
+
+
+def assemble(layout: Layout, virtual_ids: Sequence[int], text_ids: Sequence[int]) -> list[int]:
+    """The request's ids: each soft piece its rows' virtual ids, each anchor its ids, the text
+    its ids, in template order."""
+    out: list[int] = []
+    for piece in layout:
+        if isinstance(piece, Soft):
+            out += virtual_ids[piece.start:piece.start + piece.count]
+        elif isinstance(piece, Text):
+            out += text_ids
+        else:
+            out += piece
+    return out
