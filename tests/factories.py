@@ -265,3 +265,21 @@ def greedy_from_embeddings(base, embeds: torch.Tensor, n: int, *,
             if stop_at_eos and token == eos:
                 break
     return out
+
+
+def templated_reference(model_dir: Path, adapter_dir: Path, rows: int, text_ids: list[int],
+                        n: int) -> list[int]:
+    """The definition for "{soft:2} Review: {text} {soft} Sentiment:": the adapter's rows and
+    the anchors' and text's token embeddings spliced in that order, greedy by recomputation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = load_base(model_dir)
+    prompt = peft_prompt(model_dir, adapter_dir)[:rows]  # seq2seq: the first n of 2n
+
+    def anchor(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    embeds = spliced_embeddings(base, [prompt[:2], anchor(" Review: "), text_ids, anchor(" "),
+                                       prompt[2:], anchor(" Sentiment:")])
+    return greedy_from_embeddings(base, embeds, n)

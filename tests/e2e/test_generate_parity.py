@@ -19,12 +19,8 @@ PROMPTS = ["Tweet: I love it. Label:", "hello", "The quick brown fox", "a", "2 +
            "Once upon a time", "zzz", "Soft prompts!"]
 
 
-# The engine in process, in its own process (--engine-process), and the engine core.
-MODES = {"params": [*ENGINE_MODES["params"], ("--batching", "core")],
-         "ids": [*ENGINE_MODES["ids"], "core"]}
-
-
-@pytest.fixture(scope="module", **MODES)
+# The engine (its core, the default) in process and in its own process (--engine-process).
+@pytest.fixture(scope="module", **ENGINE_MODES)
 def server(request, model_dir, tmp_path_factory):
     """Every test here runs against each engine mode."""
     root = tmp_path_factory.mktemp("server")

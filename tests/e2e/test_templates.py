@@ -1,9 +1,11 @@
 """P-tuning templates through the real server: rows anywhere around the text, with anchors.
 
-Each architecture runs in its own server: Llama on the engine core, BLOOM and T5 on static
-batching (T5's template is on the encoder side). Outputs are checked token for token against
-the definition: the adapter's rows (PEFT's get_prompt) and the token embeddings of the anchors
-and the text, spliced in template order, decoded greedily by full recomputation in float32.
+The upload field, the record, the errors, /v1/generate and chat, on the Llama-shaped model
+(the engine core). Outputs are checked token for token against the definition: the adapter's
+rows (PEFT's get_prompt) and the token embeddings of the anchors and the text, spliced in
+template order, decoded greedily by full recomputation in float32. BLOOM and T5 (static
+batching; T5's template is its encoder's input) are checked the same way on the engine in
+process (tests/engine/test_engine.py).
 """
 
 from __future__ import annotations
@@ -20,22 +22,16 @@ from server.engine.chat import render_chat
 from server.engine.detokenizer import DECODE_KWARGS
 from tests.e2e.conftest import SERVER_FLAGS, tar_gz
 from tests.e2e.server_process import ServerProcess
-from tests.factories import (
-    greedy_from_embeddings,
-    load_base,
-    make_adapter,
-    peft_prompt,
-    spliced_embeddings,
-)
+from tests.factories import load_base, make_adapter, templated_reference
 
 ROWS = 5
 TEMPLATE = "{soft:2} Review: {text} {soft} Sentiment:"
 TEXTS = ("I love it.", "terrible, never again", "ok")
 
 
-@pytest.fixture(scope="module", params=["llama", "bloom", "t5"])
-def arch(request) -> str:
-    return request.param
+@pytest.fixture(scope="module")
+def arch() -> str:
+    return "llama"
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +69,7 @@ def _upload(client: httpx.Client, adapter_id: str, adapter_dir: Path, template: 
 
 
 def _expected(model_dir: Path, adapter_dir: Path, text_ids: list[int], n: int) -> list[int]:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = load_base(model_dir)
-    rows = peft_prompt(model_dir, adapter_dir)[:ROWS]  # seq2seq: the first n of 2n
-
-    def anchor(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    embeds = spliced_embeddings(base, [rows[:2], anchor(" Review: "), text_ids, anchor(" "),
-                                       rows[2:], anchor(" Sentiment:")])
-    return greedy_from_embeddings(base, embeds, n)
+    return templated_reference(model_dir, adapter_dir, ROWS, text_ids, n)
 
 
 def _anchor_tokens(model_dir: Path) -> int:

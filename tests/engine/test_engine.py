@@ -33,6 +33,7 @@ from tests.factories import (
     make_adapter,
     peft_prompt,
     reference_greedy,
+    templated_reference,
 )
 
 _ids = itertools.count()
@@ -435,6 +436,31 @@ async def test_an_adapters_later_requests_reuse_its_prefix_and_the_flag_turns_it
                 assert "prefix cache: off (--no-prefix-cache)" in caplog.text
         finally:
             await eng.aclose(10)
+
+
+@pytest.mark.parametrize("arch", ["bloom", "t5"])
+async def test_templated_adapters_on_static_batching(arch, tiny_model_dirs, tmp_path) -> None:
+    """BLOOM (decoder-only) and T5 (the template is the encoder's input) run static batching;
+    the spliced ids go through the same wrapped embedding."""
+    model_dir = tiny_model_dirs[arch]
+    adapter = make_adapter(model_dir, tmp_path / "adapter", "p_tuning_mlp", num_virtual_tokens=5,
+                           seed=7)
+    eng = make_engine(model_dir, tmp_path)
+    try:
+        assert eng.batching == "static"
+        upload = upload_of(adapter)
+        record = await eng.add_adapter("t1", "tpl", AdapterUpload(
+            config_path=upload.config_path, weights_path=upload.weights_path,
+            weights_name=upload.weights_name,
+            template="{soft:2} Review: {text} {soft} Sentiment:"))
+        assert record.template is not None
+        for text in ("I love it.", "ok"):
+            result = await eng.generate(request(eng, text, "tpl"))
+            ids = eng.tokenize(text)
+            assert list(result.token_ids) == templated_reference(model_dir, adapter, 5, ids, 8)
+            assert result.virtual_tokens == 5 and result.prompt_tokens > len(ids)
+    finally:
+        await eng.aclose(10)
 
 
 async def test_validation_happens_at_submit(engine) -> None:
