@@ -31,6 +31,7 @@ import torch
 
 from adapters_store.records import AdapterRecord
 from server.engine.observer import CacheEvent, EngineObserver, NullObserver
+from server.engine.row_allocator import RowAllocator
 
 
 def version_of(record: AdapterRecord) -> str:
@@ -84,12 +85,11 @@ class PromptTable:
         # existed, and torch.where discards the other branch), so the table need not be
         # zeroed: on a CPU its untouched pages then cost no memory.
         self.weight = torch.empty(self.capacity, hidden, dtype=dtype, device=device)
-        self._free: list[int] = []  # rows given back (a stack)
+        self._rows = RowAllocator(self.capacity)
         # Entries out of the index (invalidated, or replaced) that nothing pins, oldest first:
         # their rows are taken back only when room is needed, so a queued request admitted with
         # that version can still pin them until then.
         self._retired: OrderedDict[int, TableEntry] = OrderedDict()
-        self._fresh = 0  # rows from here on were never used
         self._entries: OrderedDict[tuple[str, str], TableEntry] = OrderedDict()
         self._generation = 0
         self._hits = self._misses = self._evictions = 0
@@ -166,7 +166,7 @@ class PromptTable:
                 self._unindex(victim, reclaim=True)
                 self._evictions += 1
                 evicted += 1
-            rows = self._take(n)
+            rows = self._rows.take(n)
             self._generation += 1
             base = self.vocab_size + self._generation * self.capacity
             entry = TableEntry(key=key, version=version, rows=torch.tensor(rows, dtype=torch.long,
@@ -216,14 +216,7 @@ class PromptTable:
 
     def _free_count(self) -> int:
         """Rows that hold nothing (retired entries' rows not counted)."""
-        return len(self._free) + self.capacity - self._fresh
-
-    def _take(self, n: int) -> list[int]:
-        """n free rows: given-back rows first, then never-used ones."""
-        reused = [self._free.pop() for _ in range(min(n, len(self._free)))]
-        fresh = list(range(self._fresh, self._fresh + n - len(reused)))
-        self._fresh += len(fresh)
-        return reused + fresh
+        return self._rows.free
 
     def _unindex(self, entry: TableEntry, *, reclaim: bool = False) -> None:
         """Out of the index; unpinned rows are freed now (`reclaim`: evicted for room) or
@@ -238,7 +231,7 @@ class PromptTable:
                 self._retired[id(entry)] = entry
 
     def _free_rows(self, entry: TableEntry) -> None:
-        self._free.extend(reversed(entry._row_list))
+        self._rows.give_back(entry._row_list)
         entry._row_list = []
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.core.kv_cache import CacheShape, SlotKVCache
+from server.engine.row_allocator import RowAllocator
 
 
 @dataclass(eq=False)
@@ -62,8 +63,7 @@ class PrefixCache:
                                  device=device) for _ in range(shape.layers)]
         self.values = [torch.empty_like(k) for k in self.keys]
         self._device = torch.device(device)
-        self._free: list[int] = []
-        self._fresh = 0
+        self._rows = RowAllocator(tokens)
         self._entries: OrderedDict[tuple[int, ...], PrefixEntry] = OrderedDict()
         self._used = 0
         self.hits = self.misses = self.evictions = self.tokens_saved = 0
@@ -97,11 +97,11 @@ class PrefixCache:
         n = len(key)
         if key in self._entries or n > self.capacity:
             return False
-        while self._free_count() < n:
+        while self._rows.free < n:
             _, victim = self._entries.popitem(last=False)
             self._give_back(victim)
             self.evictions += 1
-        rows = self._take(n)
+        rows = self._rows.take(n)
         entry = PrefixEntry(key, torch.tensor(rows, dtype=torch.long, device=self._device), rows)
         source = self._slot_index(cache, slot, n)
         for layer in range(len(self.keys)):
@@ -121,15 +121,6 @@ class PrefixCache:
         start = slot * cache.max_len
         return torch.arange(start, start + count, dtype=torch.long, device=self._device)
 
-    def _free_count(self) -> int:
-        return len(self._free) + self.capacity - self._fresh
-
-    def _take(self, n: int) -> list[int]:
-        reused = [self._free.pop() for _ in range(min(n, len(self._free)))]
-        fresh = list(range(self._fresh, self._fresh + n - len(reused)))
-        self._fresh += len(fresh)
-        return reused + fresh
-
     def _give_back(self, entry: PrefixEntry) -> None:
-        self._free.extend(reversed(entry.row_list))
+        self._rows.give_back(entry.row_list)
         self._used -= len(entry.row_list)
