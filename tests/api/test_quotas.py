@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
+from server.api import quotas as quotas_module
 from server.api.app import create_app
 from server.api.errors import TooManyRequestsError
 from server.api.quotas import QuotaManager
@@ -112,7 +114,9 @@ async def test_concurrency_limit_counts_held_leases_and_frees_them(qclient, quot
     assert (await qclient.post("/v1/generate", headers=_h("tight"), json=body)).status_code == 200
 
 
-def test_token_bucket_refills_at_the_rate():
+def test_token_bucket_refills_at_the_rate(monkeypatch):
+    clock = [100.0]  # the bucket's clock, moved by hand: a slow machine must not refill it
+    monkeypatch.setattr(quotas_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     manager = QuotaManager(Settings(tenant_requests_per_second=1000.0,
                                     tenant_max_concurrent_requests=2000))
     quotas = manager.limits("t", None)
@@ -122,6 +126,10 @@ def test_token_bucket_refills_at_the_rate():
         lease.release()  # idempotent
     assert manager.active("t") == 0
     with pytest.raises(TooManyRequestsError) as exc:
-        for _ in range(50):
-            manager.admit("t", quotas).release()
-    assert 0 < exc.value.retry_after_s <= 0.01
+        manager.admit("t", quotas)
+    assert exc.value.retry_after_s == pytest.approx(0.001)
+    clock[0] += 0.0055  # 5.5 ms at 1000/s: five more
+    for _ in range(5):
+        manager.admit("t", quotas).release()
+    with pytest.raises(TooManyRequestsError):
+        manager.admit("t", quotas)
