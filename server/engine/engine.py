@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapters_store import parse_archive, parse_paths, parse_template
+from adapters_store import parse_archive, parse_paths
 from adapters_store.errors import (
     AdapterExistsError,
     AdapterStoreError,
@@ -38,7 +38,7 @@ from server.engine.interface import (
 )
 from server.engine.model_loader import LoadedModel, load_model
 from server.engine.observer import EngineObserver, GuardedObserver, NullObserver
-from server.engine.prompt_layout import Layouts, anchor_tokens
+from server.engine.prompt_layout import anchor_tokens
 from server.engine.prompt_table import version_of
 from server.engine.runtime import Runtime, build_runtime, runtime_stats
 from server.engine.sampling import validate_params
@@ -65,9 +65,7 @@ class Engine:
         self._observer = GuardedObserver(observer or NullObserver())
         self._weight_of: Callable[[str], float] = lambda _tenant: 1.0
         self._policy = policy  # None: the fair default, built once the device is known
-        self._loaded: LoadedModel | None = None
-        self._runtime: Runtime | None = None
-        self._scheduler: Scheduler | None = None
+        self._runtime: Runtime | None = None  # once the model is loaded
         self._load_error: BaseException | None = None
         self._loaded_event = threading.Event()
         self._loader: threading.Thread | None = None
@@ -76,7 +74,6 @@ class Engine:
         self._stored_count = 0
         self._count_lock = threading.Lock()
         self._upload_slots = UploadSlots(settings.max_concurrent_uploads)
-        self._layouts: Layouts | None = None  # templated adapters' layouts, once loaded
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -100,8 +97,7 @@ class Engine:
                                              period_s=self.settings.store_refresh_s,
                                              on_count=self._set_count)
             self._refresher.start()
-            self._layouts = Layouts(loaded.tokenizer)
-            self._loaded, self._runtime, self._scheduler = loaded, runtime, scheduler
+            self._runtime = runtime
             if self._closing:  # shutdown() was called while the model was loading
                 scheduler.stop(0)
         except BaseException as e:  # noqa: BLE001 - reported through wait_until_ready/is_ready
@@ -179,12 +175,16 @@ class Engine:
 
     # ---- model ---------------------------------------------------------------------------------
 
+    @property
+    def _scheduler(self) -> Scheduler | None:
+        return None if self._runtime is None else self._runtime.scheduler
+
     def _model(self) -> LoadedModel:
         """The loaded model; still usable (tokenize, info) while draining."""
-        if self._loaded is None:
+        if self._runtime is None:
             raise EngineNotReadyError("the model is still loading" if self._load_error is None
                                       else f"the model failed to load: {self._load_error}")
-        return self._loaded
+        return self._runtime.loaded
 
     def _require(self) -> Runtime:
         """For new work: refused while loading and once shutdown has begun."""
@@ -258,8 +258,7 @@ class Engine:
                     f"holds at most {runtime.table.capacity} (--prompt-cache-bytes, "
                     "--max-virtual-tokens)")
             if record.template is not None:
-                assert self._layouts is not None
-                layout = self._layouts.get(record.template, virtual)
+                layout = runtime.layouts.get(record.template, virtual)
         self._validate(request, loaded, virtual, 0 if layout is None else anchor_tokens(layout))
         return scheduler.submit(request, version=version, virtual_tokens=virtual, stream=stream,
                                 layout=layout)
@@ -334,9 +333,7 @@ class Engine:
         else:
             parsed = parse_paths(upload.config_path, upload.weights_path,
                                  weights_name=upload.weights_name, spec=spec, limits=limits)
-        if upload.template is None:
-            return parsed
-        parse_template(upload.template, parsed.num_virtual_tokens)  # 400 before storing
+        # The store checks the template against the rows before it writes anything.
         return dataclasses.replace(parsed, template=upload.template)
 
     async def get_adapter(self, namespace: str, adapter_id: str) -> AdapterRecord:

@@ -19,6 +19,7 @@ from server.engine.core.loop import build_core
 from server.engine.fairness import BatchPolicy
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver
+from server.engine.prompt_layout import Layouts
 from server.engine.prompt_table import PromptTable, table_for
 from server.engine.scheduler import Scheduler
 from server.engine.tickets import Ticket
@@ -31,6 +32,7 @@ class Runtime:
     loaded: LoadedModel
     table: PromptTable
     scheduler: Scheduler
+    layouts: Layouts  # templated adapters' layouts, parsed once per template
 
     @property
     def batching(self) -> Batching:
@@ -54,7 +56,7 @@ def build_runtime(settings: Settings, loaded: LoadedModel, store: AdapterStore, 
         loaded, store=store, table=table, observer=observer,
         max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000.0,
         max_queue=settings.max_queue, policy=policy, core=core)
-    return Runtime(loaded, table, scheduler)
+    return Runtime(loaded, table, scheduler, Layouts(loaded.tokenizer))
 
 
 def _core(settings: Settings, loaded: LoadedModel,
