@@ -288,6 +288,9 @@ class Engine:
             validate_params(request.params, vocab_size=loaded.vocab_size)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
+        if request.params.prompt_logprobs is not None and loaded.info.is_seq2seq:
+            raise InvalidRequestError("prompt logprobs need a decoder-only model: this "
+                                      "model's prompt is its encoder's input")
         total = len(ids) + anchors + virtual + request.params.max_new_tokens
         if total > loaded.info.max_context:
             anchored = f" + template anchors {anchors}" if anchors else ""

@@ -22,8 +22,9 @@ from transformers import (
 
 from server.engine.batch import RowInput, build_batch_inputs
 from server.engine.detokenizer import DECODE_KWARGS
-from server.engine.interface import FinishReason, SamplingParams, TokenChunk
+from server.engine.interface import FinishReason, SamplingParams, TokenChunk, TokenLogprob
 from server.engine.sampling import PerRowLogitsProcessor, validate_params
+from server.engine.static_extras import PenaltiesAndLogprobs, prompt_logprobs
 from server.engine.stopping import RowState, RowStoppingCriteria
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class BatchRow:
     # aborted) with its final output: a short row's caller need not wait for the batch's
     # longest row. run_batch still returns the same output for it at the end.
     on_finish: Callable[[RowOutput], None] | None = None
+    # Where the request's text lies in prompt_ids [start, end), for its prompt logprobs.
+    text_span: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class RowOutput:
     # Why this row alone failed (invalid parameters, its sampling raised); its batch mates
     # are unaffected. InvalidRowError: the row's own input was invalid.
     error: Exception | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # per generated id, when asked
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # per text token, when asked
 
 
 ABORTED = RowOutput(token_ids=(), text="", finish_reason=FinishReason.LENGTH, aborted=True)
@@ -110,6 +115,18 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
             except Exception:  # the row is finished either way; never fail the batch
                 logger.exception("on_finish failed")
 
+        seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        for i, (row, state) in enumerate(zip(live_rows, states, strict=True)):
+            if row.params.prompt_logprobs is not None:
+                if seq2seq:
+                    state.fail(InvalidRowError("prompt logprobs need a decoder-only model: a "
+                                               "seq2seq model's prompt is its encoder's input"))
+                    finished[i] = True
+                else:
+                    state.prompt_logprobs = prompt_logprobs(model, row)
+        extras = PenaltiesAndLogprobs(
+            [r.params for r in live_rows], [r.prompt_ids for r in live_rows], finished=finished,
+            vocab=int(model.get_input_embeddings().weight.shape[0]), device=device)
         processor = PerRowLogitsProcessor(
             [r.params for r in live_rows], eos_ids=sorted(eos_ids), finished=finished,
             device=device, on_error=lambda i, error: states[i].fail(error),
@@ -121,9 +138,11 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
                 inputs_embeds=batch.inputs_embeds,
                 attention_mask=batch.attention_mask,
                 generation_config=config,
-                logits_processor=LogitsProcessorList([processor]),
-                stopping_criteria=StoppingCriteriaList(
-                    [RowStoppingCriteria(states, finished, on_done=on_done)]),
+                logits_processor=LogitsProcessorList(
+                    [extras, processor] if extras.needed else [processor]),
+                stopping_criteria=StoppingCriteriaList([RowStoppingCriteria(
+                    states, finished, on_done=on_done,
+                    logprobs=extras.logprobs if extras.needed else None)]),
             )
 
     untracked = [s for s in states if s.text is None and not s.aborted and id(s) not in early]
@@ -141,7 +160,7 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
             outputs[i] = early[id(state)]
             continue
         text = state.text if state.text is not None else decoded[id(state)]
-        outputs[i] = RowOutput(tuple(state.token_ids), text, state.finish_reason)
+        outputs[i] = finished_output(state, text)
     return outputs
 
 
@@ -194,7 +213,15 @@ def final_output(state: RowState, tokenizer: Any) -> RowOutput:
     text = state.text
     if text is None:
         text = tokenizer.decode(_text_ids(state), **DECODE_KWARGS)
-    return RowOutput(tuple(state.token_ids), text, state.finish_reason)
+    return finished_output(state, text)
+
+
+def finished_output(state: RowState, text: str) -> RowOutput:
+    assert state.finish_reason is not None
+    return RowOutput(tuple(state.token_ids), text, state.finish_reason,
+                     logprobs=None if state.logprobs is None else tuple(state.logprobs),
+                     prompt_logprobs=(None if state.prompt_logprobs is None
+                                      else tuple(state.prompt_logprobs)))
 
 
 def _text_ids(state: RowState) -> list[int]:

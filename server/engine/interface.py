@@ -29,6 +29,17 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Penalties, per row: OpenAI's presence and frequency penalties subtract from the logits
+    # of tokens the row has generated (once, and once per occurrence); the repetition penalty
+    # (as in transformers and vLLM) divides positive logits and multiplies negative ones of
+    # every token in the prompt or generated. 0, 0 and 1 are off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # Log-probabilities of each generated token and of the `logprobs` most likely at that
+    # step (None: none); `prompt_logprobs`: the same for each token of the prompt's text.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -43,11 +54,23 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax of the raw logits, in float32,
+    before penalties, temperature, top-k and top-p), and the `top` most likely tokens at the
+    same position with theirs, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenChunk:
     """Streamed piece of output: new token ids and the text they complete."""
 
     token_ids: tuple[int, ...]
     text: str
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when asked
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,9 @@ class GenerationResult:
     prompt_tokens: int
     virtual_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated id, when asked
+    # One per token of the prompt's text, when asked; None for a token nothing precedes.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -63,3 +63,13 @@ def assemble(layout: Layout, virtual_ids: Sequence[int], text_ids: Sequence[int]
         else:
             out += piece
     return out
+
+
+def text_start(layout: Layout) -> int:
+    """Where the text begins in an assembled request's ids."""
+    start = 0
+    for piece in layout:
+        if isinstance(piece, Text):
+            return start
+        start += piece.count if isinstance(piece, Soft) else len(piece)
+    raise ValueError("a layout holds its text exactly once")

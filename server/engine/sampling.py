@@ -28,6 +28,9 @@ _SEED_MASK = (1 << 63) - 1
 # What the engine can represent: counts go into int64 tensors, seeds into 64-bit generators.
 _MAX_INT = 2**31 - 1
 _MAX_SEED = 2**63 - 1
+MAX_PENALTY = 2.0  # presence and frequency, as OpenAI
+MAX_REPETITION_PENALTY = 10.0
+MAX_LOGPROBS = 20  # most likely tokens reported per position, as OpenAI
 
 
 def validate_params(params: SamplingParams, *, vocab_size: int = 0) -> None:
@@ -45,6 +48,18 @@ def validate_params(params: SamplingParams, *, vocab_size: int = 0) -> None:
         raise ValueError(f"top_k must be in [0, {top_k_max}], got {params.top_k}")
     if params.seed is not None and not 0 <= params.seed <= _MAX_SEED:
         raise ValueError(f"seed must be in [0, {_MAX_SEED}], got {params.seed}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(params, name)
+        if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+            raise ValueError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value}")
+    if not (math.isfinite(params.repetition_penalty)
+            and 0 < params.repetition_penalty <= MAX_REPETITION_PENALTY):
+        raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got "
+                         f"{params.repetition_penalty}")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and not 0 <= value <= MAX_LOGPROBS:
+            raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
 
 
 class RowSampler:

@@ -44,7 +44,7 @@ from server.engine.fairness import BatchPolicy, RoundRobinPolicy
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver
-from server.engine.prompt_layout import Layout
+from server.engine.prompt_layout import Layout, text_start
 from server.engine.prompt_table import PromptTable
 from server.engine.static_loop import StaticLoop
 from server.engine.tickets import Failure, Ticket, TicketState
@@ -306,7 +306,8 @@ class Scheduler:
             token_ids=out.token_ids, finish_reason=out.finish_reason,
             prompt_tokens=len(req.prompt_ids) + ticket.anchor_tokens,
             virtual_tokens=ticket.virtual_tokens,
-            completion_tokens=len(out.token_ids))
+            completion_tokens=len(out.token_ids), logprobs=out.logprobs,
+            prompt_logprobs=out.prompt_logprobs)
         if self._finish(ticket):
             ticket.deliver(result)
 
@@ -324,8 +325,10 @@ class Scheduler:
                 if ticket.state is not TicketState.DONE:
                     ticket.deliver(chunk)
 
+        text = len(ticket.request.prompt_ids)
+        start = len(ids) - text if ticket.layout is None else text_start(ticket.layout)
         return generation.BatchRow(
-            prompt_ids=ids, prompt_embeds=None,
+            prompt_ids=ids, prompt_embeds=None, text_span=(start, start + text),
             params=ticket.request.params, on_chunk=on_chunk, is_aborted=ticket.is_aborted,
             on_first_token=on_first_token,
             on_finish=(lambda out: self.complete(ticket, out)) if early else None)

@@ -17,7 +17,7 @@ import torch
 from transformers import StoppingCriteria
 
 from server.engine.detokenizer import IncrementalDetokenizer, StopStringFilter
-from server.engine.interface import FinishReason, TokenChunk
+from server.engine.interface import FinishReason, TokenChunk, TokenLogprob
 
 if TYPE_CHECKING:
     from server.engine.generation import BatchRow
@@ -36,6 +36,11 @@ class RowState:
         self.error: Exception | None = None  # set by fail(): this row alone failed
         self._eos = frozenset() if row.params.ignore_eos else eos_ids
         self._pending: list[int] = []  # ids not yet handed out in a chunk
+        # Per generated id, when the row asked for logprobs; the prompt's, when it asked.
+        self.logprobs: list[TokenLogprob] | None = (
+            None if row.params.logprobs is None else [])
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self._sent_logprobs = 0
         # Text is tracked per token only where someone needs it before the end.
         self.tracks_text = bool(row.on_chunk is not None or any(row.params.stop))
         self._detok = IncrementalDetokenizer(tokenizer) if self.tracks_text else None
@@ -56,8 +61,9 @@ class RowState:
         self.error = error
         self.aborted = True
 
-    def step(self, token_id: int) -> None:
-        """Take this step's token; decide whether the row is finished."""
+    def step(self, token_id: int, logprob: TokenLogprob | None = None) -> None:
+        """Take this step's token (and its logprob, when the row asked for them); decide
+        whether the row is finished."""
         row = self.row
         if not self.token_ids and row.on_first_token is not None:
             self._call(row.on_first_token)
@@ -67,6 +73,10 @@ class RowState:
             return
         self.token_ids.append(token_id)
         self._pending.append(token_id)
+        if self.logprobs is not None:
+            if logprob is None:
+                raise RuntimeError("a row that asked for logprobs got a token without one")
+            self.logprobs.append(logprob)
 
         if token_id in self._eos:
             self._finish(FinishReason.EOS)
@@ -98,7 +108,11 @@ class RowState:
         if self.row.on_chunk is None:
             self._pending.clear()
             return
-        chunk = TokenChunk(token_ids=tuple(self._pending), text=text)
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = tuple(self.logprobs[self._sent_logprobs:])
+            self._sent_logprobs = len(self.logprobs)
+        chunk = TokenChunk(token_ids=tuple(self._pending), text=text, logprobs=logprobs)
         self._pending.clear()
         self._call(self.row.on_chunk, chunk)
 
@@ -120,19 +134,23 @@ class RowStoppingCriteria(StoppingCriteria):
     """
 
     def __init__(self, states: Sequence[RowState], finished: list[bool], *,
-                 on_done: Callable[[RowState], None] | None = None) -> None:
+                 on_done: Callable[[RowState], None] | None = None,
+                 logprobs: Callable[[list[int]], dict[int, TokenLogprob]] | None = None,
+                 ) -> None:
         self._states = states
         self._finished = finished
         self._on_done = on_done  # once per row, at the step it finished or was aborted
+        self._logprobs = logprobs  # this step's logprobs by row, from the new tokens
 
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs: Any
     ) -> torch.BoolTensor:
         # input_ids: [batch, generated so far] (decoder ids for seq2seq); the last is new.
         new_tokens = input_ids[:, -1].tolist()
+        logprobs = self._logprobs(new_tokens) if self._logprobs is not None else {}
         for i, state in enumerate(self._states):
             if not self._finished[i]:
-                state.step(new_tokens[i])
+                state.step(new_tokens[i], logprobs.get(i))
                 self._finished[i] = state.done
                 if state.done and self._on_done is not None:
                     self._on_done(state)

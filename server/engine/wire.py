@@ -25,6 +25,7 @@ from server.engine.interface import (
     ModelInfo,
     SamplingParams,
     TokenChunk,
+    TokenLogprob,
 )
 from server.engine.model_loader import ModelLoadError
 
@@ -69,22 +70,44 @@ def request_from_wire(data: dict[str, Any]) -> GenerationRequest:
                              params=SamplingParams(**params))
 
 
+def _logprobs_to_wire(values: tuple[TokenLogprob | None, ...] | None) -> list | None:
+    """[token_id, logprob, [[id, logprob], ...]] per token (null for a token without one)."""
+    if values is None:
+        return None
+    return [None if v is None else [v.token_id, v.logprob, [list(t) for t in v.top]]
+            for v in values]
+
+
+def _logprobs_from_wire(data: list | None) -> tuple[TokenLogprob | None, ...] | None:
+    if data is None:
+        return None
+    return tuple(None if v is None else TokenLogprob(int(v[0]), float(v[1]), tuple(
+        (int(i), float(lp)) for i, lp in v[2])) for v in data)
+
+
 def chunk_to_wire(chunk: TokenChunk) -> dict[str, Any]:
-    return {"token_ids": list(chunk.token_ids), "text": chunk.text}
+    return {"token_ids": list(chunk.token_ids), "text": chunk.text,
+            "logprobs": _logprobs_to_wire(chunk.logprobs)}
 
 
 def chunk_from_wire(data: dict[str, Any]) -> TokenChunk:
-    return TokenChunk(token_ids=tuple(data["token_ids"]), text=data["text"])
+    return TokenChunk(token_ids=tuple(data["token_ids"]), text=data["text"],
+                      logprobs=_logprobs_from_wire(data.get("logprobs")))  # type: ignore[arg-type]
 
 
 def result_to_wire(result: GenerationResult) -> dict[str, Any]:
     return {**dataclasses.asdict(result), "token_ids": list(result.token_ids),
-            "finish_reason": str(result.finish_reason)}
+            "finish_reason": str(result.finish_reason),
+            "logprobs": _logprobs_to_wire(result.logprobs),
+            "prompt_logprobs": _logprobs_to_wire(result.prompt_logprobs)}
 
 
 def result_from_wire(data: dict[str, Any]) -> GenerationResult:
-    return GenerationResult(**{**data, "token_ids": tuple(data["token_ids"]),
-                               "finish_reason": FinishReason(data["finish_reason"])})
+    return GenerationResult(**{
+        **data, "token_ids": tuple(data["token_ids"]),
+        "finish_reason": FinishReason(data["finish_reason"]),
+        "logprobs": _logprobs_from_wire(data.get("logprobs")),
+        "prompt_logprobs": _logprobs_from_wire(data.get("prompt_logprobs"))})
 
 
 def info_to_wire(info: ModelInfo) -> dict[str, Any]:

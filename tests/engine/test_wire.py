@@ -31,6 +31,7 @@ from server.engine.interface import (
     ModelInfo,
     SamplingParams,
     TokenChunk,
+    TokenLogprob,
 )
 from server.engine.model_loader import ModelLoadError
 
@@ -78,6 +79,10 @@ def test_loads_refuses_what_is_not_json() -> None:
                       params=SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9,
                                             top_k=5, seed=1234, stop=("\n", "naïve 🙂"),
                                             ignore_eos=True)),
+    GenerationRequest(request_id="r3", prompt_ids=(4,), adapter_id=None,
+                      params=SamplingParams(presence_penalty=0.5, frequency_penalty=-1.0,
+                                            repetition_penalty=1.2, logprobs=3,
+                                            prompt_logprobs=0)),
 ])
 def test_request_round_trips_exactly(request_: GenerationRequest) -> None:
     back = wire.request_from_wire(_trip(wire.request_to_wire(request_)))
@@ -115,6 +120,17 @@ def test_result_round_trips_with_its_finish_reason_an_enum_again(reason: FinishR
     back = wire.result_from_wire(sent)
     assert back == result
     assert type(back.finish_reason) is FinishReason and isinstance(back.token_ids, tuple)
+
+
+def test_logprobs_round_trip_in_chunks_and_results() -> None:
+    lp = (TokenLogprob(5, -0.25, ((5, -0.25), (9, -1.5))), TokenLogprob(6, -3.0))
+    chunk = TokenChunk(token_ids=(5, 6), text="ab", logprobs=lp)
+    assert wire.chunk_from_wire(_trip(wire.chunk_to_wire(chunk))) == chunk
+    result = GenerationResult(request_id="r", adapter_id=None, text="ab", token_ids=(5, 6),
+                              finish_reason=FinishReason.LENGTH, prompt_tokens=2,
+                              virtual_tokens=0, completion_tokens=2, logprobs=lp,
+                              prompt_logprobs=(None, TokenLogprob(7, -2.0, ((1, -0.5),))))
+    assert wire.result_from_wire(_trip(wire.result_to_wire(result))) == result
 
 
 def test_model_info_round_trips() -> None:

@@ -51,6 +51,8 @@ from server.engine.generation import (
     row_error,
 )
 from server.engine.interface import FinishReason
+from server.engine.logprobs import scoring_span, token_logprobs
+from server.engine.penalties import PenaltyPool, has_penalties
 from server.engine.stopping import RowState
 
 H = TypeVar("H")  # the caller's handle for a row
@@ -69,6 +71,11 @@ class CoreRow(Generic[H]):
     computed: int = 0  # leading tokens whose keys and values are in the slot
     virtual: int = 0  # leading virtual ids (the soft prompt), what the prefix cache shares
     share: bool = False  # store its virtual ids' keys and values once they are computed
+    # Prompt logprobs: the positions whose logits score the text, and the next one to score
+    # (a recomputed row does not score a position twice).
+    score: tuple[int, int] | None = None
+    scored: int = 0
+    penalized: bool = False
 
     @property
     def drawn(self) -> int:
@@ -125,6 +132,7 @@ class EngineCore(Generic[H]):
                                               max_rows=self.max_rows, scratch_slot=scratch,
                                               capture=capture, pad=pad)
         self._slot_params = SlotSampling(cache.slots, self._device)
+        self._penalties = PenaltyPool(int(embedding.weight.shape[0]), self._device)
         self.running: list[CoreRow[H]] = []  # rows holding a slot, in admission order
         self.waiting: list[CoreRow[H]] = []  # rows without a slot, in the order they run
         self.last = StepStats(0, 0, 0)
@@ -156,9 +164,14 @@ class EngineCore(Generic[H]):
             vocab = self._vocab
             while virtual < len(ids) and ids[virtual] >= vocab:
                 virtual += 1
-        self.waiting.append(CoreRow(handle, list(ids), len(ids),
-                                    RowState(row, self._tokenizer, self._eos_ids), seed,
-                                    virtual=virtual))
+        state = RowState(row, self._tokenizer, self._eos_ids)
+        score = None
+        if row.params.prompt_logprobs is not None:
+            score = scoring_span(row.text_span)
+            state.prompt_logprobs = [None] if row.text_span[0] == 0 < row.text_span[1] else []
+        self.waiting.append(CoreRow(handle, list(ids), len(ids), state, seed, virtual=virtual,
+                                    score=score, scored=score[0] if score else 0,
+                                    penalized=has_penalties(row.params)))
         return None
 
     def reorder_waiting(self, key: Callable[[H], Any]) -> None:
@@ -212,6 +225,8 @@ class EngineCore(Generic[H]):
         max_len = self._cache.max_len
         write = [s * max_len + p for s, p in zip(slots, positions, strict=True)]
         logit_at = list(range(n_dec))
+        score_at: list[int] = []
+        scoring: list[tuple[CoreRow[H], int, int]] = []  # row, first position, count
         prefills = []
         for row, take in chunks:
             start, first = len(ids), row.computed
@@ -222,6 +237,12 @@ class EngineCore(Generic[H]):
             if first + take == len(row.tokens):
                 logit_at.append(len(ids) - 1)
                 sampled.append(row)
+            if row.score is not None:
+                lo, hi = max(row.scored, first), min(row.score[1], first + take)
+                if lo < hi:
+                    score_at += range(start + lo - first, start + hi - first)
+                    scoring.append((row, lo, hi - lo))
+                    row.scored = hi
         device = self._device
         lengths = [p + 1 for p in positions[:n_dec]]
         self._cache.layout = StepLayout(
@@ -231,10 +252,12 @@ class EngineCore(Generic[H]):
             decode_lengths=torch.tensor(lengths, dtype=torch.long, device=device),
             decode_width=max(lengths, default=0), prefills=tuple(prefills))
         try:
-            logits = self._forward(ids, positions, logit_at)
+            logits = self._forward(ids, positions, logit_at + score_at)
         finally:
             self._cache.layout = None
-        return self._after_forward(plan, sampled, logits, n_dec, len(ids), left)
+        if scoring:
+            self._score_prompts(logits[len(logit_at):], scoring)
+        return self._after_forward(plan, sampled, logits[:len(logit_at)], n_dec, len(ids), left)
 
     def _after_forward(self, plan: list[tuple[CoreRow[H], int]], sampled: list[CoreRow[H]],
                        logits: torch.Tensor, decodes: int, tokens: int,
@@ -249,10 +272,19 @@ class EngineCore(Generic[H]):
         self.last = StepStats(decodes, tokens - decodes, len(plan))
         if not sampled:
             return left
-        tokens = self._draw(logits, sampled).tolist()  # the step's one copy to the host
-        for row, token in zip(sampled, tokens, strict=True):
+        drawn = self._draw(logits, sampled)
+        logprobs: list[Any] = [None] * len(sampled)
+        wanted = [i for i, row in enumerate(sampled) if row.state.logprobs is not None]
+        if wanted:
+            at = torch.tensor(wanted, dtype=torch.long, device=self._device)
+            for i, value in zip(wanted, token_logprobs(
+                    logits.index_select(0, at), drawn.index_select(0, at),
+                    [sampled[i].state.row.params.logprobs or 0 for i in wanted]), strict=True):
+                logprobs[i] = value
+        tokens = drawn.tolist()  # the step's one copy to the host
+        for row, token, logprob in zip(sampled, tokens, logprobs, strict=True):
             row.tokens.append(token)
-            row.state.step(token)
+            row.state.step(token, logprob)
             if row.state.done:
                 left.append((row.handle, self._output(row.state)))
         finished = [row for row in sampled if row.state.done]  # running rows, all of them
@@ -302,6 +334,10 @@ class EngineCore(Generic[H]):
             budget -= take
         self._slot_params.assign([r.slot for r in joined],
                                  [r.state.row.params for r in joined], [r.seed for r in joined])
+        for row in joined:
+            if row.penalized:
+                self._penalties.assign(row.slot, row.tokens[:row.prompt_len],
+                                       row.tokens[row.prompt_len:])
         return decodes, chunks
 
     def _store_prefixes(self) -> None:
@@ -319,6 +355,8 @@ class EngineCore(Generic[H]):
         At least its last prompt token is computed, for the logits that draw its next."""
         row.share = False
         count = min(row.virtual, len(row.tokens) - 1)
+        if row.score is not None:  # its scored positions' logits must be computed
+            count = min(count, row.scored)
         if self.prefixes is None or count <= 0:
             return 0
         if self.prefixes.fill(tuple(row.tokens[:row.virtual]), self._cache, slot, count):
@@ -345,11 +383,39 @@ class EngineCore(Generic[H]):
                           return_dict=True)
         return out.logits[0]
 
+    def _score_prompts(self, logits: torch.Tensor,
+                       scoring: list[tuple[CoreRow[H], int, int]]) -> None:
+        """The prompt logprobs of the rows that asked: position q's logits score token q+1."""
+        targets = [t for row, first, count in scoring
+                   for t in row.tokens[first + 1:first + 1 + count]]
+        tops = [row.state.row.params.prompt_logprobs or 0
+                for row, _, count in scoring for _ in range(count)]
+        values = iter(token_logprobs(logits, torch.tensor(targets, dtype=torch.long,
+                                                           device=self._device), tops))
+        for row, _, count in scoring:
+            assert row.state.prompt_logprobs is not None
+            row.state.prompt_logprobs += [next(values) for _ in range(count)]
+
     def _draw(self, logits: torch.Tensor, rows: Sequence[CoreRow[H]]) -> torch.Tensor:
         """Each row's next token [rows] on the device. What the host knows decides the path:
         all greedy (the usual case) is one argmax; otherwise the rows' parameters are
-        gathered from their slots."""
+        gathered from their slots. Penalized rows' logits are penalized first (a copy: the
+        raw logits are what logprobs report)."""
         params = [row.state.row.params for row in rows]
+        penalized = [i for i, row in enumerate(rows) if row.penalized]
+        if penalized:
+            at = torch.tensor(penalized, dtype=torch.long, device=self._device)
+            pool_rows = self._penalties.rows([rows[i].slot for i in penalized])
+            logits = logits.float().index_copy(0, at, self._penalties.apply(
+                logits.index_select(0, at), pool_rows, [params[i] for i in penalized]))
+            drawn = self._choose(logits, rows, params)
+            self._penalties.record(pool_rows, drawn.index_select(0, at))
+            return drawn
+        return self._choose(logits, rows, params)
+
+    def _choose(self, logits: torch.Tensor, rows: Sequence[CoreRow[H]],
+                params: list[Any]) -> torch.Tensor:
+        """Greedy or sampled tokens [rows] from these logits."""
         if all(p.temperature == 0 for p in params):
             ban = None
             if any(p.ignore_eos for p in params):
@@ -362,6 +428,8 @@ class EngineCore(Generic[H]):
 
     def _release(self, row: CoreRow[H]) -> None:
         if row.slot is not None:
+            if row.penalized:
+                self._penalties.release(row.slot)
             self._cache.free(row.slot)
             row.slot = None
 
