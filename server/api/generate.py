@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.api.deps import EngineDep, MetricsDep, SettingsDep, TenantDep
 from server.api.errors import error_event, error_responses
 from server.api.quotas import Quotas, quotas_for
-from server.api.schemas import GenerateRequest, GenerateResponse, StreamEvent
+from server.api.schemas import GenerateRequest, GenerateResponse, StreamEvent, logprobs_out
 from server.api.submission import (
     StreamItem,
     admit,
@@ -60,7 +60,11 @@ async def _to_engine_request(body: GenerateRequest, *, engine: EngineClient,
     tokenization, done once (submission.py: the same for the OpenAI routes)."""
     params = SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                             top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-                            stop=tuple(body.stop), ignore_eos=body.ignore_eos)
+                            stop=tuple(body.stop), ignore_eos=body.ignore_eos,
+                            presence_penalty=body.presence_penalty,
+                            frequency_penalty=body.frequency_penalty,
+                            repetition_penalty=body.repetition_penalty,
+                            logprobs=body.logprobs)
     check_params(params, settings=settings, quotas=quotas,
                  vocab_size=engine.model_info.vocab_size)
     prompt_ids = await tokenize_text(engine, body.text, quotas=quotas,
@@ -97,9 +101,12 @@ async def generate(
                         headers=headers | {"Server-Timing": f"engine;dur={engine_ms:.3f}"})
 
 
-def _event(adapter_id: str | None, text: str, token_ids: Any, **extra: Any) -> str:
+def _event(adapter_id: str | None, text: str, token_ids: Any, logprobs: Any,
+           **extra: Any) -> str:
     payload = {"adapter_id": adapter_id, "text": text, "token_ids": list(token_ids),
                "finish_reason": None, "usage": None} | extra
+    if logprobs is not None:
+        payload["logprobs"] = logprobs_out(logprobs)
     return f"data: {json.dumps(payload)}\n\n"
 
 
@@ -113,11 +120,12 @@ async def _frames(items: AsyncIterator[StreamItem], adapter_id: str | None) -> A
         if isinstance(item, TokenChunk):
             sent_text += item.text
             sent_ids += len(item.token_ids)
-            yield _event(adapter_id, item.text, item.token_ids)
+            yield _event(adapter_id, item.text, item.token_ids, item.logprobs)
             continue
         # Whatever the chunks did not carry yet (normally nothing) goes in the final event.
         rest = item.text[len(sent_text):] if item.text.startswith(sent_text) else ""
         usage = {"prompt_tokens": item.prompt_tokens, "virtual_tokens": item.virtual_tokens,
                  "completion_tokens": item.completion_tokens}
-        yield _event(adapter_id, rest, item.token_ids[sent_ids:],
+        rest_logprobs = None if item.logprobs is None else item.logprobs[sent_ids:]
+        yield _event(adapter_id, rest, item.token_ids[sent_ids:], rest_logprobs,
                      finish_reason=str(item.finish_reason), usage=usage)

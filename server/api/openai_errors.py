@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
           429: "rate_limit_error"}
 _KEPT_HEADERS = ("retry-after", "www-authenticate")
+_UNION_MEMBER = re.compile(r"str|int|float|bool|list\[.*\]|dict\[.*\]")
 OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 
 
@@ -73,7 +75,9 @@ def openai_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     """(status, body, headers) of exc in OpenAI's shape."""
     if isinstance(exc, RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # A union's member (`prompt.list[int]`) is not part of the parameter's name.
+        loc = [str(p) for p in first.get("loc", ())
+               if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
         message = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
             f"{e.get('msg', 'invalid')}" for e in exc.errors()) or "invalid request"

@@ -9,6 +9,7 @@ disconnect handling; only the shapes differ. Errors are OpenAI-shaped (OpenAIRou
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from datetime import datetime
@@ -21,9 +22,10 @@ from server.api.deps import EngineDep, MetricsDep, SettingsDep, TenantDep
 from server.api.errors import error_responses
 from server.api.metrics import ApiMetrics
 from server.api.openai_errors import ModelNotFoundError, OpenAIParamError, OpenAIRoute
+from server.api.openai_logprobs import TokenText
 from server.api.openai_schemas import (
-    CHAT_DEFAULT_MAX_TOKENS,
     COMPLETIONS_DEFAULT_MAX_TOKENS,
+    MAX_CHOICES,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -31,9 +33,9 @@ from server.api.openai_schemas import (
     ModelCard,
     ModelList,
 )
-from server.api.openai_stream import ChatFormat, CompletionFormat, respond
-from server.api.quotas import Quotas, quotas_for
-from server.api.schemas import ADAPTER_ID_PATTERN
+from server.api.openai_stream import ChatFormat, Choice, CompletionFormat, respond
+from server.api.quotas import Quotas, check_generation, quotas_for
+from server.api.schemas import ADAPTER_ID_PATTERN, MAX_SEED
 from server.api.submission import (
     admit,
     check_params,
@@ -41,6 +43,7 @@ from server.api.submission import (
     tokenize_text,
     tokenize_within,
 )
+from server.engine.errors import RequestTooLongError
 from server.engine.interface import EngineClient, SamplingParams
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
@@ -72,33 +75,79 @@ def _refuse(checks: dict[str, tuple[bool, Any]]) -> None:
 
 def _common_checks(body: CompletionRequest | ChatCompletionRequest) -> dict:
     return {
-        "n": (body.n not in (None, 1), body.n),
-        "presence_penalty": (bool(body.presence_penalty), body.presence_penalty),
-        "frequency_penalty": (bool(body.frequency_penalty), body.frequency_penalty),
         "logit_bias": (bool(body.logit_bias), body.logit_bias),
         "stream_options": (body.stream_options is not None and not body.stream,
                            "set without stream=true"),
     }
 
 
-def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, *,
+            logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
-        seed=body.seed, stop=tuple(body.stop_list()), ignore_eos=bool(body.ignore_eos))
+        seed=body.seed, stop=tuple(body.stop_list()), ignore_eos=bool(body.ignore_eos),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
-def _prompt_text(prompt: Any) -> str:
+def _check_max_tokens(max_tokens: int, quotas: Quotas) -> None:
+    """The tenant's limit, named as OpenAI's clients know it."""
+    if max_tokens > quotas.max_new_tokens:
+        raise OpenAIParamError(f"max_tokens={max_tokens} is above this server's limit of "
+                               f"{quotas.max_new_tokens}", param="max_tokens")
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """A string, a list of token ids, or a list of several of either, as a list of prompts."""
     if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
-    if prompt and all(isinstance(p, str) for p in prompt):
-        raise OpenAIParamError("prompt: only one prompt per request (a string, or a list of "
-                               "one string)", param="prompt", code="unsupported_parameter")
-    raise OpenAIParamError("prompt: token-id arrays are not supported; send text",
-                           param="prompt", code="unsupported_parameter")
+        return [prompt]
+    if not prompt:
+        raise OpenAIParamError("prompt: an empty list holds no prompt", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def _choice_seed(seed: int | None, j: int) -> int | None:
+    """Choice j's seed: the request's for the first, then distinct ones derived from it, so
+    the same request gives the same n choices."""
+    if seed is None or j == 0:
+        return seed
+    return (seed + j * 0x9E3779B97F4A7C15) % MAX_SEED
+
+
+def _choices(prompts: list[tuple[list[int], str]], n: int, *, adapter_id: str | None,
+             namespace: str, params: SamplingParams, fit_context: bool = False,
+             echo: bool = False, score_only: bool = False) -> list[Choice]:
+    """n choices per prompt, indexed prompt by prompt (OpenAI's order)."""
+    if len(prompts) * n > MAX_CHOICES:
+        raise OpenAIParamError(f"{len(prompts)} prompts times n={n} is more than "
+                               f"{MAX_CHOICES} choices", param="n")
+    out = []
+    for ids, text in prompts:
+        for j in range(n):
+            request = to_engine_request(
+                ids, adapter_id=adapter_id, namespace=namespace,
+                params=dataclasses.replace(params, seed=_choice_seed(params.seed, j)))
+            out.append(Choice(len(out), dataclasses.replace(request, fit_context=fit_context),
+                              counts_prompt=j == 0, prompt_text=text, echo=echo,
+                              score_only=score_only))
+    return out
+
+
+async def _prompt_ids(prompt: str | list[int], engine: EngineClient, *, quotas: Quotas,
+                      max_new_tokens: int) -> list[int]:
+    if isinstance(prompt, str):
+        return await tokenize_text(engine, prompt, quotas=quotas, max_new_tokens=max_new_tokens)
+    vocab = engine.model_info.vocab_size
+    if vocab and any(not 0 <= t < vocab for t in prompt):
+        raise OpenAIParamError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
+    check_generation(quotas, max_new_tokens=max_new_tokens, input_tokens=len(prompt))
+    return prompt
 
 
 @router.post("/v1/completions", response_model=CompletionResponse,
@@ -108,45 +157,64 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
                       settings: SettingsDep, metrics: MetricsDep,
                       namespace: TenantDep) -> Any:
     _refuse(_common_checks(body) | {
-        "echo": (bool(body.echo), body.echo),
-        "logprobs": (body.logprobs is not None, body.logprobs),
         "best_of": (body.best_of not in (None, 1), body.best_of),
         "suffix": (bool(body.suffix), body.suffix),
     })
-    text = _prompt_text(body.prompt)
+    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0 and not body.echo:
+        raise OpenAIParamError("max_tokens=0 only scores the prompt: it needs echo=true",
+                               param="max_tokens")
     adapter_id = adapter_for(body.model, engine)
     _, quotas = quotas_for(request, namespace)
-    params = _params(body, body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS)
+    _check_max_tokens(max_tokens, quotas)
+    echo_logprobs = body.logprobs if body.echo else None
+    params = _params(body, max(max_tokens, 1), logprobs=body.logprobs,
+                     prompt_logprobs=echo_logprobs)
     check_params(params, settings=settings, quotas=quotas,
                  vocab_size=engine.model_info.vocab_size)
-    prompt_ids = await tokenize_text(engine, text, quotas=quotas,
-                                     max_new_tokens=params.max_new_tokens)
-    return await _submit(request, engine, body, CompletionFormat, prompt_ids, adapter_id=adapter_id,
-                         namespace=namespace, params=params, quotas=quotas, metrics=metrics)
+    prompts = []
+    for prompt in _prompts(body.prompt):
+        ids = await _prompt_ids(prompt, engine, quotas=quotas,
+                                max_new_tokens=params.max_new_tokens)
+        prompts.append((ids, prompt if isinstance(prompt, str) else engine.detokenize(ids)))
+    choices = _choices(prompts, body.n or 1, adapter_id=adapter_id, namespace=namespace,
+                       params=params, echo=bool(body.echo), score_only=max_tokens == 0)
+    fmt = CompletionFormat(choices[0].request.request_id, body.model,
+                           TokenText(engine.detokenize), logprobs=body.logprobs)
+    return await _submit(request, engine, body, fmt, choices, namespace=namespace,
+                         quotas=quotas, metrics=metrics)
 
 
 async def _submit(request: Request, engine: EngineClient,
-                  body: CompletionRequest | ChatCompletionRequest, fmt: type[CompletionFormat],
-                  prompt_ids: list[int], *, adapter_id: str | None, namespace: str,
-                  params: SamplingParams, quotas: Quotas, metrics: ApiMetrics) -> Any:
+                  body: CompletionRequest | ChatCompletionRequest, fmt: CompletionFormat,
+                  choices: list[Choice], *, namespace: str, quotas: Quotas,
+                  metrics: ApiMetrics) -> Any:
     """Both routes end the same way: admit under the tenant's quotas, run, answer in `fmt`."""
-    engine_request = to_engine_request(prompt_ids, adapter_id=adapter_id, namespace=namespace,
-                                       params=params)
-    lease = admit(request, namespace, quotas, engine_request, stream=bool(body.stream))
-    return await respond(request, engine, engine_request, metrics=metrics, lease=lease,
-                         fmt=fmt(engine_request.request_id, body.model),
-                         stream=bool(body.stream),
-                         include_usage=bool(body.stream_options
-                                            and body.stream_options.include_usage))
+    lease = admit(request, namespace, quotas, choices[0].request, stream=bool(body.stream))
+    try:
+        return await respond(request, engine, choices, metrics=metrics, lease=lease, fmt=fmt,
+                             stream=bool(body.stream),
+                             include_usage=bool(body.stream_options
+                                                and body.stream_options.include_usage))
+    except RequestTooLongError as e:  # the engine's words, in OpenAI's names
+        message = str(e)
+        param = "max_tokens" if "max_new_tokens" in message else (
+            "messages" if isinstance(body, ChatCompletionRequest) else "prompt")
+        raise OpenAIParamError(message.replace("max_new_tokens", "max_tokens"),
+                               param=param) from e
 
 
-def _chat_max_tokens(body: ChatCompletionRequest, quota: int) -> int:
+def _chat_max_tokens(body: ChatCompletionRequest) -> int | None:
+    """The request's bound on new tokens, or None: what the context leaves."""
     if (body.max_tokens is not None and body.max_completion_tokens is not None
             and body.max_tokens != body.max_completion_tokens):
         raise OpenAIParamError("give max_tokens or max_completion_tokens, not both",
                                param="max_completion_tokens")
-    given = body.max_completion_tokens or body.max_tokens
-    return given if given is not None else min(CHAT_DEFAULT_MAX_TOKENS, quota)
+    given = body.max_completion_tokens if body.max_completion_tokens is not None else (
+        body.max_tokens)
+    if given == 0:
+        raise OpenAIParamError("max_tokens must be at least 1", param="max_tokens")
+    return given
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
@@ -157,17 +225,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                            namespace: TenantDep) -> Any:
     response_type = (body.response_format or {}).get("type", "text")
     _refuse(_common_checks(body) | {
-        "logprobs": (bool(body.logprobs), body.logprobs),
-        "top_logprobs": (body.top_logprobs is not None, body.top_logprobs),
         "response_format": (response_type != "text", body.response_format),
         "tools": (bool(body.tools), "tools"),
         "tool_choice": (body.tool_choice not in (None, "none"), body.tool_choice),
         "functions": (bool(body.functions), "functions"),
         "function_call": (body.function_call not in (None, "none"), body.function_call),
     })
+    if body.top_logprobs is not None and not body.logprobs:
+        raise OpenAIParamError("top_logprobs needs logprobs=true", param="top_logprobs")
     adapter_id = adapter_for(body.model, engine)
     _, quotas = quotas_for(request, namespace)
-    params = _params(body, _chat_max_tokens(body, quotas.max_new_tokens))
+    given = _chat_max_tokens(body)
+    if given is not None:
+        _check_max_tokens(given, quotas)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = _params(body, quotas.max_new_tokens if given is None else given,
+                     logprobs=logprobs)
     check_params(params, settings=settings, quotas=quotas,
                  vocab_size=engine.model_info.vocab_size)
     messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
@@ -176,8 +249,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                                        chars=sum(len(m["content"]) for m in messages),
                                        items=len(messages), quotas=quotas,
                                        max_new_tokens=params.max_new_tokens)
-    return await _submit(request, engine, body, ChatFormat, prompt_ids, adapter_id=adapter_id,
-                         namespace=namespace, params=params, quotas=quotas, metrics=metrics)
+    choices = _choices([(prompt_ids, "")], body.n or 1, adapter_id=adapter_id,
+                       namespace=namespace, params=params, fit_context=given is None)
+    fmt = ChatFormat(choices[0].request.request_id, body.model, TokenText(engine.detokenize),
+                     logprobs=logprobs)
+    return await _submit(request, engine, body, fmt, choices, namespace=namespace,
+                         quotas=quotas, metrics=metrics)
 
 
 def _epoch(iso: str) -> int:

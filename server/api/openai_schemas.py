@@ -3,9 +3,8 @@
 Requests are strict about fields (extra="forbid"): an argument we do not know would be
 silently ignored otherwise, and a client that sends it expects it to change the output, so it
 gets a 400 naming it, as OpenAI answers "Unrecognized request argument". Parameters OpenAI
-defines but we do not implement are declared so that their no-op values pass (n=1,
-echo=false, logit_bias={}, penalties 0, ...) and anything else is refused in
-openai_routes.unsupported_params() with the parameter named.
+defines but we do not implement are declared so that their no-op values pass (best_of=1,
+logit_bias={}, ...) and anything else is refused in openai_routes with the parameter named.
 """
 
 from __future__ import annotations
@@ -15,9 +14,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.schemas import MAX_INT, MAX_SEED
+from server.engine.sampling import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's is "up to the context"; ours is bounded (README)
+MAX_CHOICES = 128  # choices of one request: prompts times n (OpenAI's largest n)
 # Checked while the body is validated, before any message is rendered: a quarter of a million
 # tiny messages fit in an 8 MB body and cost seconds of template rendering.
 MAX_CHAT_MESSAGES = 2048
@@ -39,17 +39,27 @@ class _SamplingFields(BaseModel):
 
     model: str = Field(..., description="An adapter id of your tenant, or the served base "
                                         "model's name (GET /v1/models) for no adapter.")
-    max_tokens: int | None = Field(None, ge=1, le=MAX_INT, description="New tokens at most.")
+    max_tokens: int | None = Field(None, ge=0, le=MAX_INT, description="New tokens at most "
+                                   "(0 only with echo: score the prompt).")
     temperature: float | None = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    n: int | None = Field(1, ge=-MAX_INT, le=MAX_INT, description="Only 1.")
+    n: int | None = Field(1, ge=1, le=MAX_CHOICES, description="Choices per prompt; with "
+                          "seed, the same request gives the same choices.")
     stop: str | list[str] | None = Field(None, description="Stop string(s).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="Accepted; does not affect generation.")
-    presence_penalty: float | None = Field(0.0, description="Only 0.")
-    frequency_penalty: float | None = Field(0.0, description="Only 0.")
+    presence_penalty: float | None = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
+                                           description="Lowers the logits of tokens already "
+                                           "generated, once each.")
+    frequency_penalty: float | None = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
+                                            description="Lowers the logits of tokens already "
+                                            "generated, once per occurrence.")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY,
+                                             description="Extension (as vLLM): divides the "
+                                             "positive logits of prompt and generated tokens "
+                                             "and multiplies the negative ones; 1 is off.")
     logit_bias: dict[str, float] | None = Field(None, description="Only empty.")
     top_k: int | None = Field(None, ge=0, le=MAX_INT, description="Extension (as vLLM): 0 "
                               "disables; at most the vocabulary size.")
@@ -64,12 +74,14 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        ..., description="A string (or a list holding one string). Token-id arrays are not "
-                         "supported.")
-    max_tokens: int | None = Field(COMPLETIONS_DEFAULT_MAX_TOKENS, ge=1, le=MAX_INT)
-    echo: bool | None = Field(False, description="Only false.")
-    logprobs: int | None = Field(None, ge=-MAX_INT, le=MAX_INT,
-                                 description="Not supported: only null.")
+        ..., description="A string, a list of token ids, or a list of several of either: "
+                         "one choice (n choices) per prompt, in order.")
+    max_tokens: int | None = Field(COMPLETIONS_DEFAULT_MAX_TOKENS, ge=0, le=MAX_INT)
+    echo: bool | None = Field(False, description="The prompt before the completion (and its "
+                              "tokens' logprobs with logprobs).")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="Log-probabilities of each token and of the "
+                                 f"N most likely (0-{MAX_LOGPROBS}).")
     best_of: int | None = Field(None, ge=-MAX_INT, le=MAX_INT, description="Only 1.")
     suffix: str | None = Field(None, description="Not supported: only null or empty.")
 
@@ -101,9 +113,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT,
                                               description="Same as max_tokens "
                                               "(the newer name); give at most one.")
-    logprobs: bool | None = Field(False, description="Only false.")
-    top_logprobs: int | None = Field(None, ge=-MAX_INT, le=MAX_INT,
-                                     description="Not supported: only null.")
+    logprobs: bool | None = Field(False, description="Each generated token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="With logprobs: the N most likely tokens at "
+                                     f"each position (0-{MAX_LOGPROBS}).")
     response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
     tools: list[Any] | None = Field(None, description="Not supported: only null or empty.")
     tool_choice: Any | None = Field(None, description='Not supported: only null or "none".')
@@ -116,16 +129,26 @@ FinishReason = Literal["stop", "length"]
 
 
 class Usage(BaseModel):
-    prompt_tokens: int = Field(..., description="Text tokens of the prompt (an adapter's "
-                                                "virtual tokens are not counted).")
-    completion_tokens: int
+    prompt_tokens: int = Field(..., description="Text tokens of the prompts, each prompt once "
+                                                "(an adapter's virtual tokens are not "
+                                                "counted).")
+    completion_tokens: int = Field(..., description="Tokens of every choice.")
     total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: one entry per token (the prompt's first, with echo)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -146,10 +169,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -170,7 +207,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

@@ -1,7 +1,9 @@
-"""Writing an engine result (or stream) as OpenAI completion / chat objects and SSE chunks.
+"""Writing engine results (or streams) as OpenAI completion / chat objects and SSE chunks.
 
-The engine path is submission.complete / submission.open_stream, shared with /v1/generate;
-a Format only decides how a piece of text, a finish and the usage look on the wire.
+One HTTP request may run several engine requests: `n` choices of each of its prompts, each a
+Choice with its index. They run at once (submission.complete_all / open_streams, shared with
+/v1/generate's path), and a Format decides how a choice's text, logprobs, finish and the
+usage look on the wire.
 """
 
 from __future__ import annotations
@@ -17,141 +19,230 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.metrics import ApiMetrics
 from server.api.openai_errors import openai_error_event
-from server.api.openai_schemas import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionResponse,
-    CompletionChoice,
-    CompletionResponse,
-    Delta,
-    Usage,
+from server.api.openai_logprobs import (
+    CompletionLogprobsWriter,
+    TokenText,
+    chat_logprobs,
+    merge_completion_logprobs,
 )
 from server.api.quotas import Lease
-from server.api.submission import StreamItem, complete, open_stream, sse_events
+from server.api.submission import complete_all, open_streams, sse_events
 from server.engine.interface import (
     EngineClient,
     FinishReason,
     GenerationRequest,
     GenerationResult,
     TokenChunk,
+    TokenLogprob,
 )
 
 
-def finish_reason(result: GenerationResult) -> str:
+@dataclass(frozen=True)
+class Choice:
+    """One engine request of an OpenAI request."""
+
+    index: int
+    request: GenerationRequest
+    counts_prompt: bool = True  # the first choice of its prompt: usage counts the prompt once
+    prompt_text: str = ""  # completions: where the completion's text offsets start
+    echo: bool = False  # completions: the prompt's text before the completion
+    score_only: bool = False  # max_tokens 0 with echo: the one token drawn is not returned
+
+
+def finish_reason(result: GenerationResult, choice: Choice) -> str:
     """OpenAI knows "stop" (eos or a stop string) and "length"."""
-    return "length" if result.finish_reason == FinishReason.LENGTH else "stop"
+    if choice.score_only or result.finish_reason == FinishReason.LENGTH:
+        return "length"
+    return "stop"
 
 
-def usage(result: GenerationResult) -> Usage:
-    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                 total_tokens=result.prompt_tokens + result.completion_tokens)
+def usage(choices: list[Choice], results: list[GenerationResult]) -> dict:
+    prompt = sum(r.prompt_tokens for c, r in zip(choices, results, strict=True)
+                 if c.counts_prompt)
+    completion = sum(0 if c.score_only else r.completion_tokens
+                     for c, r in zip(choices, results, strict=True))
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 @dataclass
 class CompletionFormat:
     request_id: str
     model: str
+    text: TokenText
+    logprobs: int | None = None  # the request's top N; None: no logprobs
     created: int = field(default_factory=lambda: int(time.time()))
+    _writers: dict[int, CompletionLogprobsWriter] = field(default_factory=dict)
+    _sent: dict[int, tuple[str, int]] = field(default_factory=dict)  # text, tokens so far
+
+    object = "text_completion"
 
     @property
     def id(self) -> str:
         return f"cmpl-{self.request_id}"
 
-    def full(self, result: GenerationResult) -> dict:
-        return CompletionResponse(
-            id=self.id, created=self.created, model=self.model, usage=usage(result),
-            choices=[CompletionChoice(text=result.text, finish_reason=finish_reason(result))],
-        ).model_dump(mode="json")
+    def _envelope(self, choices: list[dict], **extra: Any) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created,
+                "model": self.model, "choices": choices, **extra}
 
-    def opening(self) -> list[dict]:
+    def _writer(self, choice: Choice) -> CompletionLogprobsWriter:
+        writer = self._writers.get(choice.index)
+        if writer is None:
+            offset = 0 if choice.echo else len(choice.prompt_text)
+            writer = self._writers[choice.index] = CompletionLogprobsWriter(self.text,
+                                                                            offset=offset)
+        return writer
+
+    def _prompt_part(self, choice: Choice, values: Any) -> tuple[str, dict | None]:
+        """The echoed prompt and its tokens' logprobs (for the choice's first piece)."""
+        if not choice.echo:
+            return "", None
+        if self.logprobs is None:
+            return choice.prompt_text, None
+        ids = choice.request.prompt_ids
+        return choice.prompt_text, self._writer(choice).entries(
+            ids, values or [None] * len(ids))
+
+    def _generated(self, choice: Choice, ids: tuple[int, ...],
+                   values: tuple[TokenLogprob, ...] | None) -> dict | None:
+        if self.logprobs is None or choice.score_only:
+            return None
+        return self._writer(choice).entries(ids, values or ())
+
+    def full(self, choices: list[Choice], results: list[GenerationResult]) -> dict:
+        out = []
+        for choice, result in zip(choices, results, strict=True):
+            echo, prompt = self._prompt_part(choice, result.prompt_logprobs)
+            generated = self._generated(choice, result.token_ids, result.logprobs)
+            text = echo + ("" if choice.score_only else result.text)
+            parts = [p for p in (prompt, generated) if p is not None]
+            out.append({"index": choice.index, "text": text,
+                        "logprobs": merge_completion_logprobs(parts) if parts else None,
+                        "finish_reason": finish_reason(result, choice)})
+        return self._envelope(out, usage=usage(choices, results))
+
+    def opening(self, choices: list[Choice]) -> list[dict]:
         return []
 
-    def chunk(self, text: str, finish: str | None) -> dict:
-        return CompletionResponse(
-            id=self.id, created=self.created, model=self.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish)],
-        ).model_dump(mode="json", exclude={"usage"})
+    def chunk(self, choice: Choice, text: str, logprobs: dict | None,
+              finish: str | None) -> dict:
+        return self._envelope([{"index": choice.index, "text": text, "logprobs": logprobs,
+                                "finish_reason": finish}])
 
-    def usage_chunk(self, result: GenerationResult) -> dict:
-        return CompletionResponse(id=self.id, created=self.created, model=self.model,
-                                  choices=[], usage=usage(result)).model_dump(mode="json")
+    def stream_item(self, choice: Choice, item: TokenChunk | GenerationResult) -> list[dict]:
+        """The chunks one engine item of a choice becomes (none when it carries nothing)."""
+        out = []
+        if choice.index not in self._sent:
+            self._sent[choice.index] = ("", 0)
+            echo, prompt = self._prompt_part(choice, item.prompt_logprobs)
+            if echo:
+                out.append(self.chunk(choice, echo, prompt, None))
+        sent_text, sent_ids = self._sent[choice.index]
+        if isinstance(item, TokenChunk):
+            if choice.score_only or not (item.text or self.logprobs is not None):
+                return out
+            self._sent[choice.index] = (sent_text + item.text, sent_ids + len(item.token_ids))
+            out.append(self.chunk(choice, item.text,
+                                  self._generated(choice, item.token_ids, item.logprobs), None))
+            return out
+        # Whatever the chunks did not carry yet (normally nothing) goes in the last one.
+        rest = item.text[len(sent_text):] if item.text.startswith(sent_text) else ""
+        values = item.logprobs[sent_ids:] if item.logprobs is not None else None
+        out.append(self.chunk(choice, "" if choice.score_only else rest,
+                              self._generated(choice, item.token_ids[sent_ids:], values),
+                              finish_reason(item, choice)))
+        return out
+
+    def usage_chunk(self, choices: list[Choice], results: list[GenerationResult]) -> dict:
+        return self._envelope([], usage=usage(choices, results))
 
 
 @dataclass
 class ChatFormat(CompletionFormat):
+    object = "chat.completion"
+
     @property
     def id(self) -> str:
         return f"chatcmpl-{self.request_id}"
 
-    def full(self, result: GenerationResult) -> dict:
-        return ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.model, usage=usage(result),
-            choices=[ChatChoice(message=AssistantMessage(content=result.text),
-                                finish_reason=finish_reason(result))],
-        ).model_dump(mode="json")
+    def _chat_logprobs(self, values: tuple[TokenLogprob, ...] | None) -> dict | None:
+        if self.logprobs is None:
+            return None
+        return chat_logprobs(self.text, values or ())
 
-    def _chunk(self, delta: Delta, finish: str | None) -> dict:
-        chunk = ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
-        ).model_dump(mode="json", exclude={"usage"})
-        chunk["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # final: {}
+    def full(self, choices: list[Choice], results: list[GenerationResult]) -> dict:
+        out = [{"index": c.index, "message": {"role": "assistant", "content": r.text},
+                "logprobs": self._chat_logprobs(r.logprobs),
+                "finish_reason": finish_reason(r, c)}
+               for c, r in zip(choices, results, strict=True)]
+        return self._envelope(out, usage=usage(choices, results))
+
+    def _delta(self, choice: Choice, delta: dict, logprobs: dict | None,
+               finish: str | None) -> dict:
+        chunk = self._envelope([{"index": choice.index, "delta": delta, "logprobs": logprobs,
+                                 "finish_reason": finish}])
+        chunk["object"] = "chat.completion.chunk"
         return chunk
 
-    def opening(self) -> list[dict]:
-        """OpenAI's first chat chunk names the role, with empty content."""
-        return [self._chunk(Delta(role="assistant", content=""), None)]
+    def opening(self, choices: list[Choice]) -> list[dict]:
+        """OpenAI's first chat chunk of each choice names the role, with empty content."""
+        return [self._delta(c, {"role": "assistant", "content": ""}, None, None)
+                for c in choices]
 
-    def chunk(self, text: str, finish: str | None) -> dict:
-        return self._chunk(Delta(content=text or None), finish)
+    def stream_item(self, choice: Choice, item: TokenChunk | GenerationResult) -> list[dict]:
+        sent_text, sent_ids = self._sent.get(choice.index, ("", 0))
+        if isinstance(item, TokenChunk):
+            if not (item.text or self.logprobs is not None):
+                return []
+            self._sent[choice.index] = (sent_text + item.text, sent_ids + len(item.token_ids))
+            delta = {"content": item.text} if item.text else {}
+            return [self._delta(choice, delta, self._chat_logprobs(item.logprobs), None)]
+        rest = item.text[len(sent_text):] if item.text.startswith(sent_text) else ""
+        values = item.logprobs[sent_ids:] if item.logprobs is not None else None
+        logprobs = self._chat_logprobs(values) if values else None
+        return [self._delta(choice, {"content": rest} if rest else {}, logprobs,
+                            finish_reason(item, choice))]
 
-    def usage_chunk(self, result: GenerationResult) -> dict:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=[], usage=usage(result)).model_dump(mode="json")
+    def usage_chunk(self, choices: list[Choice], results: list[GenerationResult]) -> dict:
+        chunk = self._envelope([], usage=usage(choices, results))
+        chunk["object"] = "chat.completion.chunk"
+        return chunk
 
 
 def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def respond(request: Request, engine: EngineClient, engine_request: GenerationRequest, *,
+async def respond(request: Request, engine: EngineClient, choices: list[Choice], *,
                   metrics: ApiMetrics, lease: Lease, fmt: CompletionFormat, stream: bool,
                   include_usage: bool) -> Any:
-    """Run the admitted request on the shared engine path and answer in fmt's shape."""
-    headers = {"X-Request-Id": engine_request.request_id}
+    """Run the admitted choices on the shared engine path and answer in fmt's shape."""
+    engine_requests = [c.request for c in choices]
+    headers = {"X-Request-Id": engine_requests[0].request_id}
     if stream:
-        items = await open_stream(request, engine, engine_request, metrics=metrics, lease=lease)
-        return StreamingResponse(_events(items, fmt, include_usage=include_usage),
+        items = await open_streams(request, engine, engine_requests, metrics=metrics,
+                                   lease=lease)
+        frames = _frames(items, choices, fmt, include_usage=include_usage)
+        return StreamingResponse(sse_events(frames, items, openai_error_event),
                                  media_type="text/event-stream",
                                  headers=headers | {"Cache-Control": "no-cache",
                                                     "X-Accel-Buffering": "no"})
-    result, engine_ms = await complete(request, engine, engine_request, metrics=metrics,
-                                       lease=lease)
-    return JSONResponse(fmt.full(result),
+    results, engine_ms = await complete_all(request, engine, engine_requests, metrics=metrics,
+                                            lease=lease)
+    return JSONResponse(fmt.full(choices, results),
                         headers=headers | {"Server-Timing": f"engine;dur={engine_ms:.3f}"})
 
 
-def _events(items: AsyncIterator[StreamItem], fmt: CompletionFormat, *,
-            include_usage: bool) -> AsyncIterator[str]:
-    return sse_events(_frames(items, fmt, include_usage=include_usage), items,
-                      openai_error_event)
-
-
-async def _frames(items: AsyncIterator[StreamItem], fmt: CompletionFormat, *,
+async def _frames(items: AsyncIterator[tuple[int, TokenChunk | GenerationResult]],
+                  choices: list[Choice], fmt: CompletionFormat, *,
                   include_usage: bool) -> AsyncIterator[str]:
-    sent = ""
-    for opening in fmt.opening():
+    for opening in fmt.opening(choices):
         yield _data(opening)
-    async for item in items:
-        if isinstance(item, TokenChunk):
-            if item.text:
-                sent += item.text
-                yield _data(fmt.chunk(item.text, None))
-            continue
-        # Whatever the chunks did not carry yet (normally nothing) goes in the last one.
-        rest = item.text[len(sent):] if item.text.startswith(sent) else ""
-        yield _data(fmt.chunk(rest, finish_reason(item)))
-        if include_usage:
-            yield _data(fmt.usage_chunk(item))
+    results: dict[int, GenerationResult] = {}
+    async for index, item in items:
+        for chunk in fmt.stream_item(choices[index], item):
+            yield _data(chunk)
+        if isinstance(item, GenerationResult):
+            results[index] = item
+    if include_usage:
+        yield _data(fmt.usage_chunk(choices, [results[i] for i in range(len(choices))]))

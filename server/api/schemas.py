@@ -16,7 +16,8 @@ from pydantic import (
     model_serializer,
 )
 
-from server.engine.interface import FinishReason, GenerationResult
+from server.engine.interface import FinishReason, GenerationResult, TokenLogprob
+from server.engine.sampling import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
 
 ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_STOP_CHARS = 256  # one stop string
@@ -44,6 +45,19 @@ class GenerateRequest(BaseModel):
     stop: list[str] = Field(default_factory=list,
                             description="Stop strings (at most --max-stop-strings).")
     ignore_eos: bool = Field(False, description="Keep generating to max_new_tokens.")
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
+                                    description="Lowers the logits of tokens already "
+                                    "generated, once each (OpenAI's).")
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
+                                     description="Lowers the logits of tokens already "
+                                     "generated, once per occurrence (OpenAI's).")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY,
+                                      description="Divides the positive logits of prompt and "
+                                      "generated tokens and multiplies the negative ones "
+                                      "(transformers' and vLLM's); 1 is off.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="Each generated token's log-probability and the "
+                                 f"N most likely at its position (0-{MAX_LOGPROBS}).")
     stream: bool = Field(False, description="Server-Sent Events instead of one JSON body.")
 
     @field_validator("text", "stop")
@@ -65,18 +79,48 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class TopToken(BaseModel):
+    token_id: int
+    logprob: float
+
+
+class TokenLogprobOut(TopToken):
+    """A generated token's log-probability under the model (log-softmax of the raw logits in
+    float32, before penalties and sampling) and the most likely tokens at its position."""
+
+    top: list[TopToken]
+
+
+def logprobs_out(values: tuple[TokenLogprob, ...] | None) -> list[dict] | None:
+    """As JSON (which has no -Infinity: values below -9999 are -9999.0)."""
+    if values is None:
+        return None
+    return [{"token_id": v.token_id, "logprob": max(v.logprob, -9999.0),
+             "top": [{"token_id": t, "logprob": max(lp, -9999.0)} for t, lp in v.top]}
+            for v in values]
+
+
 class GenerateResponse(BaseModel):
     adapter_id: str | None
     text: str = Field(..., description="Generated part only.")
     token_ids: list[int]
     finish_reason: FinishReason
     usage: Usage
+    logprobs: list[TokenLogprobOut] | None = Field(
+        None, description="Only with `logprobs` in the request: one per token id.")
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_logprobs(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        if data.get("logprobs") is None:
+            data.pop("logprobs", None)
+        return data
 
     @classmethod
     def from_result(cls, result: GenerationResult) -> GenerateResponse:
         return cls(adapter_id=result.adapter_id, text=result.text,
                    token_ids=list(result.token_ids), finish_reason=result.finish_reason,
-                   usage=usage_of(result))
+                   usage=usage_of(result), logprobs=logprobs_out(result.logprobs))
 
 
 class StreamEvent(BaseModel):
@@ -88,6 +132,8 @@ class StreamEvent(BaseModel):
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprobOut] | None = Field(
+        None, description="Only with `logprobs` in the request: one per token id of the event.")
 
 
 def usage_of(result: GenerationResult) -> Usage:

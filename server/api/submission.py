@@ -153,6 +153,108 @@ async def complete(request: Request, engine: EngineClient, engine_request: Gener
     return result, (time.perf_counter() - started) * 1000
 
 
+async def complete_all(request: Request, engine: EngineClient,
+                       engine_requests: list[GenerationRequest], *, metrics: ApiMetrics,
+                       lease: Lease) -> tuple[list[GenerationResult], float]:
+    """Several requests of one HTTP request (OpenAI's n and prompt lists), run at once as
+    batch mates; one failing fails them all (the rest are aborted). Releases the lease."""
+    if len(engine_requests) == 1:
+        result, ms = await complete(request, engine, engine_requests[0], metrics=metrics,
+                                    lease=lease)
+        return [result], ms
+    started = time.perf_counter()
+    try:
+        results = await _unless_disconnected(request, _gather(
+            [engine.generate(r) for r in engine_requests]))
+    except ClientDisconnect:
+        for engine_request in engine_requests:
+            await engine.abort(engine_request.request_id)
+        raise
+    finally:
+        lease.release()
+    access = get_access(request)
+    for result in results:
+        metrics.observe_result(result, tenant=access.tenant or "default")
+    access.prompt_tokens = sum(r.prompt_tokens for r in results)
+    access.virtual_tokens = sum(r.virtual_tokens for r in results)
+    access.completion_tokens = sum(r.completion_tokens for r in results)
+    return results, (time.perf_counter() - started) * 1000
+
+
+async def _gather(awaitables: list[Awaitable[T]]) -> list[T]:
+    """All results in order; when one raises (or this is cancelled) the others are cancelled,
+    which aborts them in the engine."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+
+
+async def open_streams(request: Request, engine: EngineClient,
+                       engine_requests: list[GenerationRequest], *, metrics: ApiMetrics,
+                       lease: Lease) -> AsyncIterator[tuple[int, StreamItem]]:
+    """open_stream for several requests: (index, item) in the order items arrive. Each
+    stream's first item is awaited before the route answers; closing the iterator closes
+    (aborts) every stream and releases the lease once."""
+    streams: list[AsyncIterator[StreamItem]] = []
+    try:
+        for engine_request in engine_requests:
+            streams.append(await open_stream(request, engine, engine_request, metrics=metrics,
+                                             lease=_Shared(lease)))
+    except BaseException:
+        for stream in streams:
+            await _close(stream)
+        lease.release()
+        raise
+    return _merged(streams, lease)
+
+
+class _Shared:
+    """One lease held by several streams: only the merged iterator releases it."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+
+    def release(self) -> None:
+        pass
+
+
+async def _merged(streams: list[AsyncIterator[StreamItem]],
+                  lease: Lease) -> AsyncIterator[tuple[int, StreamItem]]:
+    queue: asyncio.Queue[tuple[int, StreamItem | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[StreamItem]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+            await queue.put((index, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            index, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await _close(stream)
+        lease.release()
+
+
 async def open_stream(request: Request, engine: EngineClient, engine_request: GenerationRequest,
                       *, metrics: ApiMetrics, lease: Lease) -> AsyncIterator[StreamItem]:
     """TokenChunks then one GenerationResult. The first item is awaited here, before the

@@ -197,9 +197,10 @@ class Engine:
     def model_info(self) -> ModelInfo:
         return self._model().info
 
-    def tokenize(self, text: str) -> list[int]:
-        """The tokenizer's defaults: special tokens added as the tokenizer does."""
-        return list(self._model().tokenizer(text)["input_ids"])
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """By default special tokens are added as the tokenizer does."""
+        return list(self._model().tokenizer(
+            text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def detokenize(self, token_ids: list[int]) -> str:
         return self._model().tokenizer.decode(token_ids, **DECODE_KWARGS)
@@ -259,7 +260,10 @@ class Engine:
                     "--max-virtual-tokens)")
             if record.template is not None:
                 layout = runtime.layouts.get(record.template, virtual)
-        self._validate(request, loaded, virtual, 0 if layout is None else anchor_tokens(layout))
+        anchors = 0 if layout is None else anchor_tokens(layout)
+        if request.fit_context:
+            request = self._fit(request, loaded, virtual + anchors)
+        self._validate(request, loaded, virtual, anchors)
         return scheduler.submit(request, version=version, virtual_tokens=virtual, stream=stream,
                                 layout=layout)
 
@@ -274,6 +278,19 @@ class Engine:
             raise TaskTypeMismatchError(
                 f"adapter {record.adapter_id!r} is a {record.task_type} adapter; the served "
                 f"model needs {loaded.task_type}")
+
+    @staticmethod
+    def _fit(request: GenerationRequest, loaded: LoadedModel, extra: int) -> GenerationRequest:
+        """max_new_tokens lowered to what the context leaves (at least one token)."""
+        left = loaded.info.max_context - len(request.prompt_ids) - extra
+        if left < 1:
+            raise RequestTooLongError(
+                f"prompt {len(request.prompt_ids)} + virtual and anchor tokens {extra} leave "
+                f"no room for a new token in the model's context of "
+                f"{loaded.info.max_context}")
+        new = min(request.params.max_new_tokens, left)
+        return dataclasses.replace(request, params=dataclasses.replace(
+            request.params, max_new_tokens=new), fit_context=False)
 
     @staticmethod
     def _validate(request: GenerationRequest, loaded: LoadedModel, virtual: int,

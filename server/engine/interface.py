@@ -51,6 +51,9 @@ class GenerationRequest:
     adapter_id: str | None  # None: the bare base model
     namespace: str = "default"  # the tenant owning adapter_id
     params: SamplingParams = field(default_factory=SamplingParams)
+    # params.max_new_tokens is a bound: the engine lowers it to what the model's context
+    # leaves after the prompt, the adapter's virtual tokens and its template's anchors.
+    fit_context: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class TokenChunk:
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when asked
+    # The prompt's, when asked, in a row's first chunk (see GenerationResult).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ class EngineClient(Protocol):
 
     model_info: ModelInfo
 
-    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
 
     def detokenize(self, token_ids: list[int]) -> str: ...
 

@@ -325,9 +325,9 @@ class RemoteEngine:
         assert self._info is not None
         return self._info
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         self._require_loaded()
-        return list(self._tokenizer(text)["input_ids"])
+        return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def detokenize(self, token_ids: list[int]) -> str:
         self._require_loaded()

@@ -41,6 +41,7 @@ class RowState:
             None if row.params.logprobs is None else [])
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self._sent_logprobs = 0
+        self._sent_prompt = False
         # Text is tracked per token only where someone needs it before the end.
         self.tracks_text = bool(row.on_chunk is not None or any(row.params.stop))
         self._detok = IncrementalDetokenizer(tokenizer) if self.tracks_text else None
@@ -112,7 +113,11 @@ class RowState:
         if self.logprobs is not None:
             logprobs = tuple(self.logprobs[self._sent_logprobs:])
             self._sent_logprobs = len(self.logprobs)
-        chunk = TokenChunk(token_ids=tuple(self._pending), text=text, logprobs=logprobs)
+        prompt = None
+        if self.prompt_logprobs is not None and not self._sent_prompt:
+            prompt, self._sent_prompt = tuple(self.prompt_logprobs), True
+        chunk = TokenChunk(token_ids=tuple(self._pending), text=text, logprobs=logprobs,
+                           prompt_logprobs=prompt)
         self._pending.clear()
         self._call(self.row.on_chunk, chunk)
 

@@ -58,7 +58,8 @@ def loads(data: bytes) -> list[dict[str, Any]]:
 def request_to_wire(request: GenerationRequest) -> dict[str, Any]:
     return {"request_id": request.request_id, "prompt_ids": list(request.prompt_ids),
             "adapter_id": request.adapter_id, "namespace": request.namespace,
-            "params": {**dataclasses.asdict(request.params), "stop": list(request.params.stop)}}
+            "params": {**dataclasses.asdict(request.params), "stop": list(request.params.stop)},
+            "fit_context": request.fit_context}
 
 
 def request_from_wire(data: dict[str, Any]) -> GenerationRequest:
@@ -67,7 +68,8 @@ def request_from_wire(data: dict[str, Any]) -> GenerationRequest:
     return GenerationRequest(request_id=data["request_id"],
                              prompt_ids=tuple(data["prompt_ids"]),
                              adapter_id=data["adapter_id"], namespace=data["namespace"],
-                             params=SamplingParams(**params))
+                             params=SamplingParams(**params),
+                             fit_context=bool(data.get("fit_context", False)))
 
 
 def _logprobs_to_wire(values: tuple[TokenLogprob | None, ...] | None) -> list | None:
@@ -87,12 +89,14 @@ def _logprobs_from_wire(data: list | None) -> tuple[TokenLogprob | None, ...] | 
 
 def chunk_to_wire(chunk: TokenChunk) -> dict[str, Any]:
     return {"token_ids": list(chunk.token_ids), "text": chunk.text,
-            "logprobs": _logprobs_to_wire(chunk.logprobs)}
+            "logprobs": _logprobs_to_wire(chunk.logprobs),
+            "prompt_logprobs": _logprobs_to_wire(chunk.prompt_logprobs)}
 
 
 def chunk_from_wire(data: dict[str, Any]) -> TokenChunk:
     return TokenChunk(token_ids=tuple(data["token_ids"]), text=data["text"],
-                      logprobs=_logprobs_from_wire(data.get("logprobs")))  # type: ignore[arg-type]
+                      logprobs=_logprobs_from_wire(data.get("logprobs")),  # type: ignore[arg-type]
+                      prompt_logprobs=_logprobs_from_wire(data.get("prompt_logprobs")))
 
 
 def result_to_wire(result: GenerationResult) -> dict[str, Any]:

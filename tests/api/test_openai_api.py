@@ -47,13 +47,18 @@ async def test_validation_errors_are_400_in_openai_shape(client):
     assert_openai_error(r, 400, param="frobnicate")
 
 
-async def test_token_id_prompts_and_quota_limits_are_400(client):
+async def test_bad_token_id_prompts_and_quota_limits_are_400(client):
     name = await base_name(client)
-    r = await client.post("/v1/completions", json={"model": name, "prompt": [1, 2, 3]})
-    assert_openai_error(r, 400, param="prompt", code="unsupported_parameter")
+    r = await client.post("/v1/completions", json={"model": name, "prompt": [1, -2, 3]})
+    assert_openai_error(r, 400, param="prompt")
+    r = await client.post("/v1/completions", json={"model": name, "prompt": [1, "a"]})
+    assert_openai_error(r, 400, param="prompt")
+    r = await client.post("/v1/completions", json={"model": name, "prompt": []})
+    assert_openai_error(r, 400, param="prompt")
     r = await client.post("/v1/completions", json={"model": name, "prompt": "x",
                                                    "max_tokens": 1000})  # limit is 64 here
-    assert "max_new_tokens" in assert_openai_error(r, 400)["message"]
+    error = assert_openai_error(r, 400, param="max_tokens")
+    assert "max_tokens=1000" in error["message"] and "max_new_tokens" not in error["message"]
 
 
 async def test_unknown_model_is_404_model_not_found(client):

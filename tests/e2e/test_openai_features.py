@@ -1,0 +1,308 @@
+"""What OpenAI-client and vLLM users expect, through the official openai client against the
+real server: logprobs (completions, chat, echo, streams), n, penalties, token-id and batched
+prompts, and the context-sized default of chat's max_tokens.
+
+Every value is checked against the definition recomputed here in float32: the adapter's rows
+(PEFT's get_prompt) before the text's embeddings, the logits of the whole sequence so far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from server.engine.builtin import CHAT_TEMPLATE
+from tests.e2e.conftest import upload
+from tests.e2e.server_process import ServerProcess
+from tests.factories import load_base, peft_prompt
+
+PROMPT = "Tweet: I love it. Label:"
+CONTEXT = 96  # --max-model-len: chat's default max_tokens is what this leaves
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("chat-model") / "model"
+    shutil.copytree(model_dir, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(chat_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("oai-features")
+    with ServerProcess(chat_model_dir, root / "store", root / "server.log",
+                       "--max-model-len", str(CONTEXT)) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def oai(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def adapter(http, adapter_dirs) -> str:
+    assert upload(http, "feat-pt", adapter_dirs["prompt_tuning"][0]).status_code == 201
+    return "feat-pt"
+
+
+class Reference:
+    """The definition, recomputed: log-softmax of the raw logits in float32."""
+
+    def __init__(self, model_dir: Path, adapter_dir: Path) -> None:
+        self.base = load_base(model_dir)
+        self.rows = peft_prompt(model_dir, adapter_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def logps(self, ids: list[int], *, adapter: bool = True) -> torch.Tensor:
+        """[len(ids), vocab]: row q is the distribution of the token after ids[:q + 1]."""
+        with torch.inference_mode():
+            x = self.base.get_input_embeddings()(torch.tensor(ids))
+            if adapter:
+                x = torch.cat([self.rows, x])
+            logits = self.base(inputs_embeds=x[None]).logits[0].float()
+        return torch.log_softmax(logits, -1)[-len(ids):]
+
+    def text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir, adapter_dirs) -> Reference:
+    return Reference(model_dir, adapter_dirs["prompt_tuning"][0])
+
+
+def _close(a: float | None, b: float) -> bool:
+    return a is not None and math.isclose(a, b, abs_tol=1e-3)
+
+
+def _generated_logps(ref: Reference, prompt_ids: list[int], drawn: list[int]) -> torch.Tensor:
+    """The distribution before each drawn token."""
+    return ref.logps([*prompt_ids, *drawn])[len(prompt_ids) - 1:-1]
+
+
+def test_completion_logprobs_are_the_models(oai, adapter, ref):
+    got = oai.completions.create(model=adapter, prompt=PROMPT, max_tokens=6, temperature=0,
+                                 logprobs=3, extra_body={"ignore_eos": True})
+    lp = got.choices[0].logprobs
+    ids = ref.tokenizer(PROMPT)["input_ids"]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    # Greedy: each token is the reference's argmax given the tokens before it.
+    drawn = []
+    for step in range(6):
+        row = ref.logps([*ids, *drawn])[-1]
+        best = row.topk(3)
+        token = int(best.indices[0])
+        assert lp.tokens[step] == ref.text(token)
+        assert _close(lp.token_logprobs[step], float(row[token]))
+        # Keyed by token text: two ids with the same text share one entry (OpenAI's shape).
+        top = lp.top_logprobs[step]
+        assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(float(best.values[0]),
+                                                                         abs=1e-3)
+        assert all(any(_close(v, float(b)) for b in best.values) for v in top.values())
+        drawn.append(token)
+    assert "".join(lp.tokens) == got.choices[0].text
+    assert lp.text_offset[0] == len(PROMPT)
+    assert lp.text_offset[1] == len(PROMPT) + len(lp.tokens[0])
+
+
+def test_echo_scores_the_prompt(oai, adapter, base_name, ref):
+    ids = ref.tokenizer(PROMPT)["input_ids"]
+    scored = oai.completions.create(model=adapter, prompt=PROMPT, max_tokens=0, echo=True,
+                                    logprobs=1, temperature=0)
+    choice = scored.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids)
+    lp = choice.logprobs
+    assert len(lp.token_logprobs) == len(ids) and lp.text_offset[0] == 0
+    logps = ref.logps(ids)
+    # With an adapter the first text token follows the virtual tokens: it has a logprob.
+    with torch.inference_mode():
+        first = torch.log_softmax(ref.base(inputs_embeds=ref.rows[None]).logits[0, -1], -1)
+    assert _close(lp.token_logprobs[0], float(first[ids[0]]))
+    for k in range(1, len(ids)):
+        assert _close(lp.token_logprobs[k], float(logps[k - 1, ids[k]]))
+        assert lp.tokens[k] == ref.text(ids[k])
+    # The bare model: nothing precedes the first token; one token is generated after it.
+    bare = oai.completions.create(model=base_name, prompt=PROMPT, max_tokens=1, echo=True,
+                                  logprobs=0, temperature=0).choices[0]
+    assert bare.logprobs.token_logprobs[0] is None and bare.logprobs.top_logprobs[0] is None
+    assert len(bare.logprobs.tokens) == len(ids) + 1
+    bare_logps = ref.logps(ids, adapter=False)
+    assert _close(bare.logprobs.token_logprobs[1], float(bare_logps[0, ids[1]]))
+    generated = int(bare_logps[-1].argmax())
+    assert bare.text == PROMPT + ref.text(generated)
+    assert _close(bare.logprobs.token_logprobs[-1], float(bare_logps[-1, generated]))
+
+
+def test_stream_logprobs_equal_the_whole_responses(oai, adapter):
+    kwargs = {"model": adapter, "prompt": PROMPT, "max_tokens": 7, "temperature": 0,
+              "logprobs": 2, "echo": True}
+    whole = oai.completions.create(**kwargs).choices[0]
+    chunks = [c for c in oai.completions.create(**kwargs, stream=True) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    streamed = [v for c in chunks if c.choices[0].logprobs
+                for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(whole.logprobs.token_logprobs, abs=1e-6)
+    offsets = [v for c in chunks if c.choices[0].logprobs
+               for v in c.choices[0].logprobs.text_offset]
+    assert offsets == whole.logprobs.text_offset
+
+
+def test_chat_logprobs_and_their_stream(oai, adapter, ref, chat_model_dir):
+    messages = [{"role": "user", "content": "Hi"}]
+    got = oai.chat.completions.create(model=adapter, messages=messages, max_tokens=5,
+                                      temperature=0, logprobs=True, top_logprobs=2)
+    content = got.choices[0].logprobs.content
+    chat_ids = AutoTokenizer.from_pretrained(chat_model_dir).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    drawn: list[int] = []
+    for entry in content:
+        row = ref.logps([*chat_ids, *drawn])[-1]
+        token = int(row.argmax())
+        assert entry.token == ref.text(token) and entry.bytes == list(entry.token.encode())
+        assert _close(entry.logprob, float(row[token]))
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+            row.topk(2).values.tolist(), abs=1e-3)
+        drawn.append(token)
+    assert "".join(e.token for e in content) == got.choices[0].message.content
+    stream = list(oai.chat.completions.create(model=adapter, messages=messages, max_tokens=5,
+                                              temperature=0, logprobs=True, top_logprobs=2,
+                                              stream=True))
+    streamed = [e.logprob for c in stream if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert streamed == pytest.approx([e.logprob for e in content], abs=1e-6)
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model=adapter, messages=messages, top_logprobs=2)
+    assert info.value.param == "top_logprobs"
+
+
+def test_n_choices_are_reproducible_with_a_seed_and_counted(oai, adapter):
+    kwargs = {"model": adapter, "prompt": PROMPT, "max_tokens": 5, "temperature": 1.0,
+              "n": 3, "seed": 11, "extra_body": {"ignore_eos": True}}
+    first = oai.completions.create(**kwargs)
+    again = oai.completions.create(**kwargs)
+    texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)]
+    assert len(set(texts)) > 1  # distinct seeds per choice
+    single = oai.completions.create(**kwargs | {"n": 1})
+    assert single.choices[0].text == texts[0]  # choice 0 runs with the request's seed
+    assert first.usage.completion_tokens == 15
+    assert first.usage.prompt_tokens == single.usage.prompt_tokens
+    chunks = [c for c in oai.completions.create(**kwargs, stream=True) if c.choices]
+    by_index = {i: "".join(c.choices[0].text for c in chunks if c.choices[0].index == i)
+                for i in range(3)}
+    assert [by_index[i] for i in range(3)] == texts
+    chat = oai.chat.completions.create(model=adapter, n=2, seed=3, temperature=1.0,
+                                       max_tokens=4, messages=[{"role": "user", "content": "x"}])
+    assert [c.index for c in chat.choices] == [0, 1]
+
+
+def test_token_id_and_batched_prompts(oai, http, adapter, ref):
+    ids = ref.tokenizer(PROMPT)["input_ids"]
+    other = "a"
+    by_text = oai.completions.create(model=adapter, prompt=PROMPT, max_tokens=6, temperature=0)
+    by_ids = oai.completions.create(model=adapter, prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    alone = oai.completions.create(model=adapter, prompt=other, max_tokens=6, temperature=0)
+    both = oai.completions.create(model=adapter, prompt=[PROMPT, other], max_tokens=6,
+                                  temperature=0, n=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [by_text.choices[0].text] * 2 + \
+        [alone.choices[0].text] * 2
+    assert both.usage.prompt_tokens == by_text.usage.prompt_tokens + alone.usage.prompt_tokens
+    lists = oai.completions.create(model=adapter, prompt=[ids, ids[:3]], max_tokens=3,
+                                   temperature=0)
+    assert len(lists.choices) == 2 and lists.choices[0].text == by_text.choices[0].text[
+        :len(lists.choices[0].text)]
+    r = http.post("/v1/completions", json={"model": adapter, "prompt": [1, 10**6]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def _penalized_greedy(ref: Reference, ids: list[int], n: int, *, presence: float,
+                      frequency: float, repetition: float) -> list[int]:
+    drawn: list[int] = []
+    for _ in range(n):
+        with torch.inference_mode():
+            x = torch.cat([ref.rows, ref.base.get_input_embeddings()(
+                torch.tensor([*ids, *drawn]))])
+            logits = ref.base(inputs_embeds=x[None]).logits[0, -1].float()
+        logits = torch.tensor(logits.tolist())  # a plain tensor, to edit in place
+        for token in set(ids) | set(drawn):
+            value = logits[token]
+            logits[token] = value / repetition if value > 0 else value * repetition
+        for token in set(drawn):
+            logits[token] -= frequency * drawn.count(token) + presence
+        drawn.append(int(logits.argmax()))
+    return drawn
+
+
+def test_penalties_change_greedy_as_defined(oai, http, adapter, ref):
+    ids = ref.tokenizer(PROMPT)["input_ids"]
+    expected = _penalized_greedy(ref, ids, 10, presence=-2.0, frequency=-1.0, repetition=1.8)
+    got = oai.completions.create(model=adapter, prompt=PROMPT, max_tokens=10, temperature=0,
+                                 presence_penalty=-2.0, frequency_penalty=-1.0, logprobs=0,
+                                 extra_body={"repetition_penalty": 1.8, "ignore_eos": True})
+    assert got.choices[0].logprobs.tokens == [ref.text(t) for t in expected]
+    native = http.post("/v1/generate", json={
+        "adapter_id": adapter, "text": PROMPT, "max_new_tokens": 10, "ignore_eos": True,
+        "presence_penalty": -2.0, "frequency_penalty": -1.0, "repetition_penalty": 1.8}).json()
+    assert native["token_ids"] == expected
+    plain = http.post("/v1/generate", json={"adapter_id": adapter, "text": PROMPT,
+                                            "max_new_tokens": 10, "ignore_eos": True}).json()
+    assert plain["token_ids"] != expected
+
+
+def test_generate_logprobs_in_body_and_stream(http, adapter, ref):
+    body = {"adapter_id": adapter, "text": PROMPT, "max_new_tokens": 5, "logprobs": 2}
+    whole = http.post("/v1/generate", json=body).json()
+    ids = ref.tokenizer(PROMPT)["input_ids"]
+    logps = _generated_logps(ref, ids, whole["token_ids"])
+    assert len(whole["logprobs"]) == len(whole["token_ids"])
+    for entry, token, row in zip(whole["logprobs"], whole["token_ids"], logps, strict=True):
+        assert entry["token_id"] == token and _close(entry["logprob"], float(row[token]))
+        assert [t["token_id"] for t in entry["top"]] == row.topk(2).indices.tolist()
+    assert "logprobs" not in http.post("/v1/generate", json=body | {"logprobs": None}).json()
+    with http.stream("POST", "/v1/generate", json=body | {"stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: {")]
+    streamed = [e for event in events for e in event.get("logprobs") or []]
+    assert streamed == whole["logprobs"]
+
+
+def test_chat_max_tokens_defaults_to_what_the_context_leaves(oai, adapter, chat_model_dir):
+    messages = [{"role": "user", "content": "Hi"}]
+    chat_ids = AutoTokenizer.from_pretrained(chat_model_dir).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    virtual = 4  # the prompt_tuning adapter's
+    got = oai.chat.completions.create(model=adapter, messages=messages, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert got.usage.completion_tokens == CONTEXT - len(chat_ids) - virtual
+    assert got.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model=adapter, messages=messages, max_tokens=CONTEXT)
+    assert info.value.param == "max_tokens"
+    assert "max_tokens" in str(info.value) and "max_new_tokens" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def base_name(oai) -> str:
+    return oai.models.list().data[0].id
