@@ -19,9 +19,11 @@ def _auth(tenant: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[tenant]}"}
 
 
-async def _stream(client: httpx.AsyncClient, text: str, started: asyncio.Event) -> dict:
+async def _stream(client: httpx.AsyncClient, text: str, started: asyncio.Event, *,
+                  max_new_tokens: int = 300) -> dict:
     """A streaming generate as tenant a; returns its final event."""
-    body = {"text": text, "max_new_tokens": 300, "ignore_eos": True, "stream": True}
+    body = {"text": text, "max_new_tokens": max_new_tokens, "ignore_eos": True,
+            "stream": True}
     final: dict = {}
     async with client.stream("POST", "/v1/generate", json=body,
                              headers=_auth("tenant-a")) as response:
@@ -119,8 +121,8 @@ async def test_a_heavier_tenant_parks_up_to_its_weighted_share_over_http(model_d
 async def test_beside_another_tenant_a_flood_is_held_to_the_contended_cap_over_http(
         model_dir, tmp_path):
     """--contended-tenant-rows 2 caps a flooding tenant at 2 rows of 8 while another tenant
-    has work: a's six streams run two rows and queue four, though five slots are free, and the
-    tenant gauges show it."""
+    has work: of a's six streams two rows run and the rest wait, though five slots are free, and
+    the tenant gauges show it."""
     server = _serve(model_dir, tmp_path, "--max-batch-size", "8", "--contended-tenant-rows", "2")
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
@@ -140,12 +142,26 @@ async def test_beside_another_tenant_a_flood_is_held_to_the_contended_cap_over_h
 
             await scrape_until(lambda s: gauge(s, "tenant-b", "running") == 1)
             starts = [asyncio.Event() for _ in range(6)]
-            streams = [asyncio.ensure_future(_stream(client, "abc", s)) for s in starts]
-            await scrape_until(lambda s: gauge(s, "tenant-a", "running") >= 2)
-            await asyncio.sleep(0.3)  # time for more of a's rows to start, were they allowed
-            scrape = (await client.get("/metrics")).text
-            assert gauge(scrape, "tenant-a", "running") == 2, scrape
-            assert gauge(scrape, "tenant-a", "queued") == 4
+            streams = [asyncio.ensure_future(_stream(client, "abc", s, max_new_tokens=480))
+                       for s in starts]
+
+            # Tiny rows finish fast: count a's finished ones too. Once all six are admitted,
+            # a never runs more than two rows though five slots are free; the rest wait.
+            def states(scrape: str) -> tuple[float, float, float]:
+                done = metric(scrape, "softprompt_requests_total",
+                              {"endpoint": "/v1/generate", "method": "POST", "status": "200",
+                               "tenant": "tenant-a"})
+                return gauge(scrape, "tenant-a", "running"), gauge(scrape, "tenant-a",
+                                                                    "queued"), done
+
+            await scrape_until(lambda s: sum(states(s)) == 6)
+            seen = []
+            for _ in range(20):
+                seen.append(states((await client.get("/metrics")).text))
+                await asyncio.sleep(0.015)
+            assert max(running for running, _, _ in seen) == 2, seen
+            running, queued, done = seen[0]
+            assert queued >= 1 and done < 4, seen
             assert not b_task.done()
             for stream in streams:
                 stream.cancel()
