@@ -19,6 +19,7 @@ from transformers import AutoConfig
 from server.engine.builtin import BUILTIN_PREFIX, ensure_builtin
 
 PEFT_VERSION = "0.21.2"  # the version whose save_pretrained output this mirrors
+SAMPLE_FILE_MODE = 0o644  # readable by the server whichever user runs it
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,12 @@ def write_sample_adapter(out_dir: Path, *, model: str, model_cache: Path,
     embeddings = torch.randn(num_virtual_tokens * submodules, shape.hidden_size,
                              generator=generator, dtype=torch.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({"prompt_embeddings": embeddings}, str(out_dir / "adapter_model.safetensors"))
+    config_path = out_dir / "adapter_config.json"
+    weights_path = out_dir / "adapter_model.safetensors"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    save_file({"prompt_embeddings": embeddings}, str(weights_path))
+    # safetensors writes 0600; an adapter is handed to other users and containers (a server
+    # image runs as another user), so both files are world-readable, as PEFT's usually are.
+    for path in (config_path, weights_path):
+        path.chmod(SAMPLE_FILE_MODE)
     return out_dir

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -99,3 +101,15 @@ def test_sample_adapter_for_the_builtin_model(tmp_path):
                  "--model-cache", str(tmp_path / "cache")]) == 0
     config = (tmp_path / "a" / "adapter_config.json").read_text()
     assert '"token_dim": 128' in config and '"peft_type": "PROMPT_TUNING"' in config
+
+
+def test_sample_adapter_files_are_readable_by_others(tmp_path):
+    out = tmp_path / "a"
+    old = os.umask(0o077)  # as under a strict login shell
+    try:
+        assert main(["make-sample-adapter", str(out),
+                     "--model-cache", str(tmp_path / "cache")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
