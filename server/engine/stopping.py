@@ -87,7 +87,9 @@ class RowState:
             if stopped:
                 self._finish(FinishReason.STOP, released)
                 return
-            if released:
+            # The first token leaves at once, even while its text is held (a partial
+            # character, a possible stop string): a stream's first event is its first token.
+            if released or len(self.token_ids) == 1:
                 self._emit(released)
         if len(self.token_ids) >= row.params.max_new_tokens:
             self._finish(FinishReason.LENGTH)
