@@ -12,6 +12,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -165,12 +166,30 @@ def error_event(exc: BaseException) -> str:
     return f"data: {json.dumps(envelope(kind, message))}\n\n"
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def validation_message(exc: RequestValidationError) -> str:
+    """Each problem as `field: what is wrong`; a body that is not JSON says where it breaks."""
     parts = []
     for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            return _json_message(exc.body, err)
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc or 'body'}: {message}")
     return "; ".join(parts) or "invalid request"
+
+
+def _json_message(body: Any, err: dict) -> str:
+    """'invalid JSON body at line L column C: <the parser's reason>', as json.loads counts."""
+    loc = err.get("loc", ())
+    pos = loc[-1] if loc and isinstance(loc[-1], int) else 0
+    reason = (err.get("ctx") or {}).get("error", "not JSON")
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    if not isinstance(body, str):
+        return f"invalid JSON body: {reason}"
+    line = body.count("\n", 0, pos) + 1
+    column = pos - body.rfind("\n", 0, pos)
+    return f"invalid JSON body at line {line} column {column}: {reason}"
 
 
 async def _on_mapped(request: Request, exc: Exception) -> JSONResponse:
@@ -181,7 +200,7 @@ async def _on_mapped(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(envelope(ErrorKind(422, "validation_error"), _validation_message(exc)),
+    return JSONResponse(envelope(ErrorKind(422, "validation_error"), validation_message(exc)),
                         status_code=422)
 
 

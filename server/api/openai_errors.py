@@ -28,6 +28,7 @@ from server.api.errors import (
     classify,
     envelope,
     error_response,
+    validation_message,
 )
 from server.engine.errors import AdapterNotFoundError
 
@@ -37,7 +38,8 @@ _TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_re
           429: "rate_limit_error"}
 _KEPT_HEADERS = ("retry-after", "www-authenticate")
 _UNION_MEMBER = re.compile(r"str|int|float|bool|list\[.*\]|dict\[.*\]")
-OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize",
+                "/detokenize")
 
 
 class OpenAIParamError(InvalidRequestError):
@@ -78,9 +80,9 @@ def openai_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
         # A union's member (`prompt.list[int]`) is not part of the parameter's name.
         loc = [str(p) for p in first.get("loc", ())
                if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
-            f"{e.get('msg', 'invalid')}" for e in exc.errors()) or "invalid request"
+        message = validation_message(exc)
+        if first.get("type") == "json_invalid":
+            loc = []
         return 400, openai_body(400, message, param=".".join(loc) or None,
                           code="invalid_value"), {}
     if isinstance(exc, StarletteHTTPException):

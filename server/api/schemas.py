@@ -1,11 +1,15 @@
 """Pydantic request/response bodies of the HTTP contract in DESIGN.md (the boundary only).
 
-Unknown request fields are ignored rather than rejected, so clients written against a later
-version of the contract keep working. Limits that depend on Settings (max_new_tokens_limit,
-max_stop_strings, max_input_tokens) are checked in the handlers, which know the settings.
+An unknown field in a generate request is a 422 naming it (with the field it probably meant):
+ignored, a typo such as `max_tokens` would silently do nothing. Limits that depend on Settings
+(max_new_tokens_limit, max_stop_strings, max_input_tokens) are checked in the handlers, which
+know the settings.
 """
 
 from __future__ import annotations
+
+import difflib
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -14,6 +18,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 from server.engine.interface import FinishReason, GenerationResult, TokenLogprob
@@ -25,11 +30,26 @@ MAX_SEED = 2**63 - 1  # seeds are 64-bit: a torch generator takes nothing larger
 # The largest integer any count or size field may hold: the engine keeps them in int32 tensors
 # (lengths, top-k widths). Tighter limits (quotas, the vocabulary) are checked in the handlers.
 MAX_INT = 2**31 - 1
+# Other APIs' names for generate's fields: the likeliest typos are a neighbour's spelling.
+_KNOWN_ELSEWHERE = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                    "prompt": "text", "input": "text", "inputs": "text", "model": "adapter_id",
+                    "adapter": "adapter_id", "stop_sequences": "stop"}
+
+
+def unknown_fields_message(fields: list[str], known: list[str]) -> str:
+    """'unknown field 'x' (did you mean 'y'?)' for each, then what the fields are."""
+    parts = []
+    for name in fields:
+        guess = _KNOWN_ELSEWHERE.get(name) or next(
+            iter(difflib.get_close_matches(name, known, n=1, cutoff=0.6)), None)
+        parts.append(f"{name!r}" + (f" (did you mean {guess!r}?)" if guess in known else ""))
+    return (f"unknown field{'s' if len(parts) > 1 else ''} {', '.join(parts)}; "
+            f"the fields are {', '.join(known)}")
 
 
 class GenerateRequest(BaseModel):
     # JSON's 1e999 parses as infinity: a float field must be finite to be meaningful.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     adapter_id: str | None = Field(
         None, pattern=ADAPTER_ID_PATTERN,
@@ -59,6 +79,15 @@ class GenerateRequest(BaseModel):
                                  description="Each generated token's log-probability and the "
                                  f"N most likely at its position (0-{MAX_LOGPROBS}).")
     stream: bool = Field(False, description="Server-Sent Events instead of one JSON body.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                raise ValueError(unknown_fields_message(unknown, list(cls.model_fields)))
+        return data
 
     @field_validator("text", "stop")
     @classmethod

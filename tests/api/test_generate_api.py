@@ -35,9 +35,13 @@ async def test_out_of_range_requests_are_422(client, body):
     assert_envelope(await client.post("/v1/generate", json=body), 422, "validation_error")
 
 
-async def test_unknown_fields_are_ignored(client):
-    r = await client.post("/v1/generate", json={"text": "x", "max_new_tokens": 2, "n": 3})
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+async def test_unknown_fields_are_refused_naming_them(client):
+    """Ignored, a typo would silently do nothing: 422 names each unknown field."""
+    r = await client.post("/v1/generate", json={"text": "x", "max_new_tokens": 2, "n": 3,
+                                                "prompt": "y"})
+    assert_envelope(r, 422, "validation_error")
+    message = r.json()["error"]["message"]
+    assert "'n'" in message and "'prompt' (did you mean 'text'?)" in message
 
 
 async def test_stream_for_unknown_adapter_gets_a_real_404(client):
