@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         annotation = info.annotation
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is list:  # repeatable: --x a --x b, or --x a b
+            kwargs.update(action="extend", nargs="+", metavar=name.upper())
         elif isinstance(annotation, type) and issubclass(annotation, Enum):
             kwargs["choices"] = [member.value for member in annotation]
         else:
@@ -233,8 +236,25 @@ def main(argv: list[str] | None = None) -> int:
             parse_key_file(settings.api_keys)
         except KeyFileError as e:
             parser.exit(2, f"{PROG} serve: error: --api-keys: {e}\n")
+    check_startup(parser, settings)
     configure_logging(str(settings.log_level))
     return serve(settings)
+
+
+def check_startup(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    """What cannot work ends the process before it binds: one line naming the flag, exit 2."""
+    from server.engine.model_source import ModelSourceError, check_model_source
+
+    try:
+        check_model_source(settings.model)
+    except ModelSourceError as e:
+        parser.exit(2, f"{PROG} serve: error: {e}\n")
+    if settings.store.startswith("s3://"):
+        try:
+            import boto3  # noqa: F401
+        except ImportError:
+            parser.exit(2, f"{PROG} serve: error: --store {settings.store} needs boto3: "
+                           "pip install 'softprompt-server[s3]'\n")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,10 @@ def build_tiny(out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def builtin_names() -> list[str]:
+    return [BUILTIN_PREFIX + k for k in sorted(_VERSIONS)]
+
+
 def ensure_builtin(name: str, cache_dir: Path) -> Path:
     """The directory of builtin model `name` (e.g. "builtin:tiny"), building it on first use.
 
@@ -80,7 +84,7 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
     if kind not in _VERSIONS:
         raise ValueError(
             f"--model {name!r} is not a built-in model; built-in models: "
-            + ", ".join(BUILTIN_PREFIX + k for k in sorted(_VERSIONS))
+            + ", ".join(builtin_names())
         )
     log.warning("--model %s: a random model from a fixed seed; its output text is NOT "
                 "meaningful (it exists so the server runs offline)", name)

@@ -69,13 +69,60 @@ def test_a_bad_api_keys_file_fails_startup_naming_the_flag(tmp_path, content, ca
     assert "--api-keys" in capsys.readouterr().err
 
 
-def test_unloadable_model_stops_the_server(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--model", str(tmp_path / "missing"),
-         "--store", str(tmp_path / "store"), "--port", str(free_port())],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+def _serve(tmp_path, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--store", str(tmp_path / "store"),
+         "--port", str(free_port()), *argv],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env=None if env is None else os.environ | env)
+
+
+@pytest.mark.parametrize(("model", "says"), [
+    ("{tmp}/missing", "no such directory"),
+    ("./no/such/dir", "no such directory"),
+    ("{tmp}", "no config.json"),
+    ("builtin:huge", "not a built-in model"),
+    ("some-org/not-downloaded", "not in the Hugging Face cache"),
+])
+def test_a_model_that_cannot_be_found_stops_before_binding(tmp_path, model, says):
+    proc = _serve(tmp_path, "--model", model.format(tmp=tmp_path),
+                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--model" in lines[0] and says in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "Uvicorn running" not in proc.stderr
+
+
+def test_a_model_that_fails_to_load_stops_the_server(tmp_path):
+    """Found but unloadable (a broken config.json): the background load fails, the process
+    exits 1 naming --model."""
+    model = tmp_path / "broken"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    proc = _serve(tmp_path, "--model", str(model))
     assert proc.returncode == 1
     assert "--model" in proc.stderr
+
+
+def test_an_s3_store_without_boto3_says_which_extra_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "boto3", None)  # what an install without the extra has
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--store", "s3://bucket/prefix", "--model-cache", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--store" in err and "softprompt-server[s3]" in err
+
+
+def test_served_model_names_are_repeatable_and_comma_separated(monkeypatch):
+    args = build_parser().parse_args(["serve", "--served-model-name", "a", "b",
+                                      "--served-model-name", "c"])
+    assert settings_from_args(args).served_model_name == ["a", "b", "c"]
+    monkeypatch.setenv("SOFTPROMPT_SERVED_MODEL_NAME", "x, y")
+    assert settings_from_args(build_parser().parse_args(["serve"])).served_model_name == [
+        "x", "y"]
+    with pytest.raises(ValueError, match="--served-model-name"):
+        settings_from_args(build_parser().parse_args(["serve", "--served-model-name", "a",
+                                                      "a"]))
 
 
 async def test_sample_adapter_is_peft_format_and_serves(app, client, tiny_model_dirs, tmp_path):

@@ -1,0 +1,68 @@
+"""Whether `--model` names something that can be loaded, checked before the server binds.
+
+The model itself loads in the background once the server is up (so /healthz answers during a
+long load). A name that cannot be loaded at all, a path that does not exist or a hub id that
+cannot be fetched from here, is known in a moment, so the process ends at once with one line
+naming the flag and exit status 2, instead of binding and then failing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from server.engine.builtin import BUILTIN_PREFIX, builtin_names
+
+# What the Hugging Face Hub accepts as a repo id: "name" or "owner/name".
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")
+_HUB_TIMEOUT_S = 10.0
+
+
+class ModelSourceError(ValueError):
+    """--model names nothing loadable; the message is one line naming the flag."""
+
+
+def check_model_source(model: str) -> None:
+    """Raise ModelSourceError unless --model is a built-in name, a directory with a
+    config.json, or a hub id in the local Hugging Face cache or reachable on the hub."""
+    if model.startswith(BUILTIN_PREFIX):
+        if model not in builtin_names():
+            raise ModelSourceError(f"--model {model!r} is not a built-in model; built-in "
+                                   f"models: {', '.join(builtin_names())}")
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"--model {model}: no config.json there; give a directory "
+                                   "written by save_pretrained")
+        return
+    if not _HUB_ID.fullmatch(model) or model.startswith((".", "~")):
+        raise ModelSourceError(f"--model {model}: no such directory")
+    _check_hub_id(model)
+
+
+def _check_hub_id(model: str) -> None:
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return  # downloaded before: loads offline
+    hint = ("give a local directory written by save_pretrained, or fetch it where the hub is "
+            "reachable (hf download) and copy the Hugging Face cache here")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ModelSourceError(f"--model {model}: not a local directory and not in the Hugging "
+                               f"Face cache, and HF_HUB_OFFLINE is set; {hint}")
+    try:
+        HfApi().model_info(model, timeout=_HUB_TIMEOUT_S)
+    except RepositoryNotFoundError as e:
+        raise ModelSourceError(f"--model {model}: no such local directory or Hugging Face "
+                               "model (a private one needs HF_TOKEN)") from e
+    except GatedRepoError as e:
+        raise ModelSourceError(f"--model {model}: a gated model; accept its terms on the "
+                               "Hugging Face Hub and set HF_TOKEN") from e
+    except Exception as e:  # noqa: BLE001 - no network, DNS, proxy, TLS: all one answer
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelSourceError(f"--model {model}: not a local directory, not in the Hugging "
+                               f"Face cache, and the hub cannot be reached ({reason}); "
+                               f"{hint}") from e
