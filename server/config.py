@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -67,6 +68,10 @@ class Settings(BaseSettings):
     model: str = Field("builtin:tiny", description="Hugging Face model id or local path; "
                        "builtin:tiny is a small random model that needs no download (its text "
                        "is not meaningful).")
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="The base model's name(s) in the OpenAI routes' "
+        "`model` and /v1/models, instead of --model (repeatable, or comma-separated in the "
+        "variable); a name shadows an adapter with the same id.")
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
     store: str = Field("./adapters", description="Adapter store: a local directory, or "
@@ -164,6 +169,9 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight "
                                    "requests may run before they are aborted and the process "
                                    "exits.")
+    docs: bool = Field(False, description="Serve the interactive API pages /docs and /redoc. "
+                       "Their scripts come from a CDN, so they need a browser with internet "
+                       "access; /openapi.json is always served.")
     keep_alive_s: int = Field(75, ge=1, description="How long an idle keep-alive HTTP "
                               "connection stays open. Keep it above the idle timeout of what "
                               "sits in front (load balancer, client connection pools): if the "
@@ -182,6 +190,21 @@ class Settings(BaseSettings):
         """continuous, the name of the loop the engine core replaced, still selects it, so
         existing deployments keep starting."""
         return "core" if isinstance(value, str) and value.lower() == "continuous" else value
+
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _names(cls, value: object) -> object:
+        """`a,b` (the variable's form) is two names; each must be non-empty and unique."""
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            return value
+        names = [n.strip() for item in value for n in str(item).split(",")]
+        if any(not n or len(n) > 256 for n in names):
+            raise ValueError("--served-model-name: each name must be 1 to 256 characters")
+        if len(set(names)) != len(names):
+            raise ValueError("--served-model-name: a name is given twice")
+        return names
 
     @field_validator("kv_cache_memory")
     @classmethod

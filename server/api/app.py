@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api import adapters, generate, health, openai_routes
+from server.api import adapters, generate, health, openai_routes, tokenize
 from server.api.auth import KeyRing
 from server.api.body_limit import BodyLimit
 from server.api.body_timeout import BodyTimeout
@@ -58,8 +58,11 @@ def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics 
                 expired = getattr(app.state, "drain_expired", False)
                 await aclose(timeout=0.0 if expired else settings.drain_timeout_s)
 
+    # The interactive pages load their scripts from a CDN, which an offline host cannot reach:
+    # they are served only when asked for (--docs); /openapi.json always is.
     app = FastAPI(title="softprompt-server", version="0.1.0", description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url="/docs" if settings.docs else None,
+                  redoc_url="/redoc" if settings.docs else None)
     app.state.settings = settings
     app.state.engine = engine
     app.state.metrics = metrics
@@ -79,7 +82,7 @@ def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics 
     app.add_middleware(BodyLimit)  # inside the drain gate: a draining replica reads nothing
     app.add_middleware(DrainGate)  # inside the edge: refusals are logged and counted
     app.add_middleware(EdgeMiddleware, metrics=metrics)
-    for module in (generate, openai_routes, adapters, health):
+    for module in (generate, openai_routes, tokenize, adapters, health):
         app.include_router(module.router)
     return app
 

@@ -43,6 +43,7 @@ from server.api.submission import (
     tokenize_text,
     tokenize_within,
 )
+from server.config import Settings
 from server.engine.errors import RequestTooLongError
 from server.engine.interface import EngineClient, SamplingParams
 
@@ -55,13 +56,20 @@ _STREAM_DOC = {"description": "JSON, or with `stream: true` Server-Sent Events: 
                "content": {"text/event-stream": {}}}
 
 
-def adapter_for(model: str, engine: EngineClient) -> str | None:
-    """None for the base model's name, else the adapter id (existence is the engine's 404)."""
-    if model == engine.model_info.name:
+def base_names(settings: Settings, engine: EngineClient) -> list[str]:
+    """The base model's names: --served-model-name, else what --model said."""
+    return settings.served_model_name or [engine.model_info.name]
+
+
+def adapter_for(model: str, names: list[str]) -> str | None:
+    """None for a name of the base model, else the adapter id (existence is the engine's
+    404)."""
+    if model in names:
         return None
     if not re.fullmatch(ADAPTER_ID_PATTERN, model):
+        shown = " or ".join(repr(n) for n in names)
         raise ModelNotFoundError(f"the model {model!r} does not exist: use the served model's "
-                                 f"name {engine.model_info.name!r} or one of your adapter ids")
+                                 f"name {shown} or one of your adapter ids")
     return model
 
 
@@ -164,7 +172,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     if max_tokens == 0 and not body.echo:
         raise OpenAIParamError("max_tokens=0 only scores the prompt: it needs echo=true",
                                param="max_tokens")
-    adapter_id = adapter_for(body.model, engine)
+    adapter_id = adapter_for(body.model, base_names(settings, engine))
     _, quotas = quotas_for(request, namespace)
     _check_max_tokens(max_tokens, quotas)
     echo_logprobs = body.logprobs if body.echo else None
@@ -233,7 +241,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     })
     if body.top_logprobs is not None and not body.logprobs:
         raise OpenAIParamError("top_logprobs needs logprobs=true", param="top_logprobs")
-    adapter_id = adapter_for(body.model, engine)
+    adapter_id = adapter_for(body.model, base_names(settings, engine))
     _, quotas = quotas_for(request, namespace)
     given = _chat_max_tokens(body)
     if given is not None:
@@ -264,36 +272,40 @@ def _epoch(iso: str) -> int:
         return 0
 
 
-def _base_card(request: Request, engine: EngineClient) -> ModelCard:
-    """`created` is when this app first listed it (the served model has no upload time)."""
+def _base_cards(request: Request, names: list[str]) -> list[ModelCard]:
+    """`created` is when this app first listed them (the served model has no upload time)."""
     started = getattr(request.app.state, "openai_created", None)
     if started is None:
         started = request.app.state.openai_created = int(time.time())
-    return ModelCard(id=engine.model_info.name, created=started, owned_by="softprompt-server")
+    return [ModelCard(id=name, created=started, owned_by="softprompt-server") for name in names]
 
 
-async def _cards(request: Request, engine: EngineClient, namespace: str) -> list[ModelCard]:
-    """The base model first, then the tenant's adapters by id."""
-    cards = [_base_card(request, engine)]
+async def _cards(request: Request, engine: EngineClient, namespace: str,
+                 names: list[str]) -> list[ModelCard]:
+    """The base model's names first, then the tenant's adapters by id."""
+    cards = _base_cards(request, names)
     cards += [ModelCard(id=r.adapter_id, created=_epoch(r.created_at), owned_by=namespace)
               for r in sorted(await engine.list_adapters(namespace),
-                              key=lambda r: r.adapter_id)]
+                              key=lambda r: r.adapter_id)
+              if r.adapter_id not in names]
     return cards
 
 
 @router.get("/v1/models", response_model=ModelList, summary="The base model and your adapters",
             responses=error_responses(401, 500, 503))
-async def list_models(request: Request, engine: EngineDep, namespace: TenantDep) -> Any:
-    cards = await _cards(request, engine, namespace)
+async def list_models(request: Request, engine: EngineDep, settings: SettingsDep,
+                      namespace: TenantDep) -> Any:
+    cards = await _cards(request, engine, namespace, base_names(settings, engine))
     return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
 
 @router.get("/v1/models/{model:path}", response_model=ModelCard, summary="One model",
             responses=error_responses(401, 404, 500, 503))
-async def retrieve_model(model: str, request: Request, engine: EngineDep,
+async def retrieve_model(model: str, request: Request, engine: EngineDep, settings: SettingsDep,
                          namespace: TenantDep) -> Any:
-    if model == engine.model_info.name:
-        return JSONResponse(_base_card(request, engine).model_dump())
-    record = await engine.get_adapter(namespace, adapter_for(model, engine) or model)
+    names = base_names(settings, engine)
+    if model in names:
+        return JSONResponse(_base_cards(request, [model])[0].model_dump())
+    record = await engine.get_adapter(namespace, adapter_for(model, names) or model)
     return JSONResponse(ModelCard(id=record.adapter_id, created=_epoch(record.created_at),
                                   owned_by=namespace).model_dump())

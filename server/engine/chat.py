@@ -17,16 +17,17 @@ class ChatTemplateError(InvalidRequestError):
     """The served model has no chat template, or its template refused these messages."""
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], *, model_name: str) -> list[int]:
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], *, model_name: str,
+                add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` followed by the template's generation prompt (the assistant's
-    turn is what the model writes next)."""
+    turn is what the model writes next; without it for counting a conversation alone)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
             f"the served model {model_name!r} has no chat template, so chat messages cannot "
             "be rendered; use /v1/completions with a plain prompt instead")
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True)
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja2 TemplateError and the template's own raise_exception()
         raise ChatTemplateError(f"the chat template of {model_name!r} rejected the messages: "
                                 f"{e}") from e

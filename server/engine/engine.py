@@ -205,10 +205,12 @@ class Engine:
     def detokenize(self, token_ids: list[int]) -> str:
         return self._model().tokenizer.decode(token_ids, **DECODE_KWARGS)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, str]], *,
+                            add_generation_prompt: bool = True) -> list[int]:
         """Prompt ids of chat messages via the tokenizer's template (server.engine.chat)."""
         loaded = self._model()
-        return render_chat(loaded.tokenizer, messages, model_name=loaded.info.name)
+        return render_chat(loaded.tokenizer, messages, model_name=loaded.info.name,
+                           add_generation_prompt=add_generation_prompt)
 
     # ---- generation ----------------------------------------------------------------------------
 

@@ -132,9 +132,10 @@ class EngineClient(Protocol):
 
     def detokenize(self, token_ids: list[int]) -> str: ...
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        """Chat messages rendered by the tokenizer's chat template with the generation prompt,
-        as ids (no special tokens added beyond what the template writes). Raises
+    def apply_chat_template(self, messages: list[dict[str, str]], *,
+                            add_generation_prompt: bool = True) -> list[int]:
+        """Chat messages rendered by the tokenizer's chat template with (by default) the
+        generation prompt, as ids (no special tokens added beyond what the template writes). Raises
         ChatTemplateError (an InvalidRequestError) when there is no template."""
         ...
 

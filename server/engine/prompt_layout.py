@@ -10,7 +10,7 @@ text tokenized as for any request, or the chat template's rendered output).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from adapters_store.template import Anchor, Soft, Text, parse_template
@@ -49,6 +49,14 @@ class Layouts:
 
 def anchor_tokens(layout: Layout) -> int:
     return sum(len(p) for p in layout if isinstance(p, tuple))
+
+
+def template_anchor_tokens(template: str, rows: int,
+                           tokenize: Callable[[str], list[int]]) -> int:
+    """A template's anchor tokens without an engine's Layouts (what a request of it adds to
+    its text and rows); `tokenize` takes text without special tokens, as Layouts does."""
+    return sum(len(tokenize(s.text)) for s in parse_template(template, rows)
+               if isinstance(s, Anchor))
 
 
 def assemble(layout: Layout, virtual_ids: Sequence[int], text_ids: Sequence[int]) -> list[int]:

@@ -333,9 +333,11 @@ class RemoteEngine:
         self._require_loaded()
         return self._tokenizer.decode(token_ids, **DECODE_KWARGS)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, str]], *,
+                            add_generation_prompt: bool = True) -> list[int]:
         self._require_loaded()
-        return render_chat(self._tokenizer, messages, model_name=self.settings.model)
+        return render_chat(self._tokenizer, messages, model_name=self.settings.model,
+                           add_generation_prompt=add_generation_prompt)
 
     # ---- generation ---------------------------------------------------------------------------
 

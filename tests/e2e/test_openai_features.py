@@ -1,6 +1,8 @@
-"""What OpenAI-client and vLLM users expect, through the official openai client against the
-real server: logprobs (completions, chat, echo, streams), n, penalties, token-id and batched
-prompts, and the context-sized default of chat's max_tokens.
+"""What OpenAI-client and vLLM users expect, through the official openai client (and plain
+HTTP) against the real server: logprobs (completions, chat, echo, streams), n, penalties,
+token-id and batched prompts, the context-sized default of chat's max_tokens, served-model
+aliases, /tokenize and /detokenize, and the edges a new user hits first (typos, bad JSON,
+/docs offline, a stream's first event).
 
 Every value is checked against the definition recomputed here in float32: the adapter's rows
 (PEFT's get_prompt) before the text's embeddings, the logits of the whole sequence so far.
@@ -26,6 +28,8 @@ from tests.factories import load_base, peft_prompt
 
 PROMPT = "Tweet: I love it. Label:"
 CONTEXT = 96  # --max-model-len: chat's default max_tokens is what this leaves
+ALIASES = ["tiny-base", "tiny-alias"]
+ALIAS_FLAGS = ("--served-model-name", ALIASES[0], "--served-model-name", ALIASES[1])
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def chat_model_dir(model_dir, tmp_path_factory) -> Path:
 def server(chat_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("oai-features")
     with ServerProcess(chat_model_dir, root / "store", root / "server.log",
-                       "--max-model-len", str(CONTEXT)) as proc:
+                       "--max-model-len", str(CONTEXT), *ALIAS_FLAGS) as proc:
         yield proc
 
 
@@ -306,3 +310,109 @@ def test_chat_max_tokens_defaults_to_what_the_context_leaves(oai, adapter, chat_
 @pytest.fixture(scope="module")
 def base_name(oai) -> str:
     return oai.models.list().data[0].id
+
+
+def test_served_model_names_replace_the_model_path(oai, http, adapter, chat_model_dir):
+    listed = [m.id for m in oai.models.list().data]
+    assert listed[:2] == ALIASES and adapter in listed and str(chat_model_dir) not in listed
+    one = oai.completions.create(model=ALIASES[0], prompt=PROMPT, max_tokens=4, temperature=0)
+    two = oai.completions.create(model=ALIASES[1], prompt=PROMPT, max_tokens=4, temperature=0)
+    assert one.choices[0].text == two.choices[0].text and two.model == ALIASES[1]
+    assert oai.models.retrieve(ALIASES[1]).id == ALIASES[1]
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model=str(chat_model_dir), prompt=PROMPT, max_tokens=1)
+
+
+def test_tokenize_counts_virtual_tokens_and_detokenize_inverts(http, adapter, ref,
+                                                               adapter_dirs, chat_model_dir):
+    ids = ref.tokenizer(PROMPT)["input_ids"]
+    base = http.post("/tokenize", json={"prompt": PROMPT}).json()
+    assert base == {"count": len(ids), "max_model_len": CONTEXT, "tokens": ids,
+                    "token_strs": None, "virtual_tokens": 0}
+    with_adapter = http.post("/tokenize", json={"model": adapter, "prompt": PROMPT,
+                                                "return_token_strs": True}).json()
+    assert with_adapter["tokens"] == ids and with_adapter["virtual_tokens"] == 4
+    assert with_adapter["count"] == len(ids) + 4
+    assert with_adapter["token_strs"] == [ref.text(i) for i in ids]
+    bare = http.post("/tokenize", json={"prompt": PROMPT, "add_special_tokens": False}).json()
+    assert bare["tokens"] == ref.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    # A templated adapter: its anchors count too, as usage.prompt_tokens counts them.
+    template = "{soft:2} Review: {text}{soft}"
+    files = {name: (name, (adapter_dirs["prompt_tuning"][0] / name).read_bytes())
+             for name in ("adapter_config.json", "adapter_model.safetensors")}
+    r = http.post("/v1/adapters", data={"adapter_id": "feat-tpl", "template": template},
+                  files={"config": files["adapter_config.json"],
+                         "weights": files["adapter_model.safetensors"]})
+    assert r.status_code == 201, r.text
+    anchors = len(ref.tokenizer(" Review: ", add_special_tokens=False)["input_ids"])
+    templated = http.post("/tokenize", json={"model": "feat-tpl", "prompt": PROMPT}).json()
+    assert templated["virtual_tokens"] == 4 + anchors
+    assert templated["count"] == len(ids) + 4 + anchors
+    # Chat messages: the ids chat completions would send, with or without the assistant turn.
+    messages = [{"role": "user", "content": "Hi"}]
+    chat_tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
+    for generation in (True, False):
+        got = http.post("/tokenize", json={"messages": messages,
+                                           "add_generation_prompt": generation}).json()
+        assert got["tokens"] == chat_tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation, tokenize=True, return_dict=False)
+    back = http.post("/detokenize", json={"model": adapter, "tokens": ids}).json()
+    assert back == {"prompt": ref.tokenizer.decode(ids, skip_special_tokens=True)}
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [
+    ("/tokenize", {"model": "no-such-adapter", "prompt": "x"}, 404, "model"),
+    ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 400,
+     "prompt"),
+    ("/tokenize", {"text": "x"}, 400, "text"),
+    ("/detokenize", {"tokens": [1, -5]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+])
+def test_tokenizer_routes_refuse_bad_input_in_openai_shape(http, path, body, status, param):
+    r = http.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_an_unknown_generate_field_is_422_naming_it(http):
+    r = http.post("/v1/generate", json={"text": "x", "max_tokens": 5})
+    assert r.status_code == 422
+    message = r.json()["error"]["message"]
+    assert "'max_tokens'" in message and "did you mean 'max_new_tokens'?" in message
+    r = http.post("/v1/generate", json={"text": "x", "temprature": 0.5, "max_new_tokens": 1})
+    assert r.status_code == 422 and "did you mean 'temperature'?" in r.json()["error"]["message"]
+
+
+def test_invalid_json_says_where(http, base_name):
+    bad = b'{"text": "x",\n "max_new_tokens": }'
+    headers = {"Content-Type": "application/json"}
+    r = http.post("/v1/generate", content=bad, headers=headers)
+    assert r.status_code == 422
+    assert r.json()["error"]["message"].startswith("invalid JSON body at line 2 column 20")
+    r = http.post("/v1/completions", content=b'{"model": "' + base_name.encode() + b'",,}',
+                  headers=headers)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["message"].startswith("invalid JSON body at line 1 column ")
+    assert error["type"] == "invalid_request_error"
+
+
+def test_interactive_docs_are_off_and_the_schema_is_served(http):
+    assert http.get("/docs").status_code == 404 and http.get("/redoc").status_code == 404
+    assert "/tokenize" in http.get("/openapi.json").json()["paths"]
+
+
+def test_a_streams_first_event_is_its_first_token(http, adapter):
+    """Text held back (here: it could be the start of a stop string) does not hold the token:
+    the first event carries exactly the first token."""
+    body = {"adapter_id": adapter, "text": PROMPT, "max_new_tokens": 6, "ignore_eos": True}
+    first = http.post("/v1/generate", json=body).json()
+    first_text = http.post("/detokenize", json={"tokens": first["token_ids"][:1]}).json()
+    assert first_text["prompt"], "the first token has text"
+    stop = first_text["prompt"] + "\u2603\u2603"  # never completed: its start is held
+    with http.stream("POST", "/v1/generate", json=body | {"stream": True, "stop": [stop]}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: {")]
+    assert events[0]["token_ids"] == first["token_ids"][:1] and events[0]["text"] == ""
+    assert [t for e in events for t in e["token_ids"]] == first["token_ids"]
+    assert "".join(e["text"] for e in events) == first["text"]
