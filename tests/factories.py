@@ -6,6 +6,7 @@ Each architecture gets its own hidden size so a token_dim mix-up cannot pass by 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    AutoTokenizer,
     BloomConfig,
     GPT2Config,
     LlamaConfig,
@@ -227,6 +229,38 @@ def greedy_by_recomputation(base, prompt: torch.Tensor | None, text_ids: list[in
         if prompt is not None:
             x = torch.cat([prompt, x])
     return greedy_from_embeddings(base, x, n, stop_at_eos=stop_at_eos)
+
+
+def penalized_greedy(base, prompt: torch.Tensor | None, text_ids: list[int], n: int, *,
+                     presence: float, frequency: float, repetition: float) -> list[int]:
+    """Greedy by recomputation with the penalties as defined: the repetition penalty over the
+    text's and drawn tokens (positive logits divided, negative multiplied), then presence once
+    and frequency per occurrence of each drawn token subtracted."""
+    drawn: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            x = base.get_input_embeddings()(torch.tensor([*text_ids, *drawn], dtype=torch.long))
+            if prompt is not None:
+                x = torch.cat([prompt, x])
+            logits = base(inputs_embeds=x[None]).logits[0, -1].float().clone()
+            for token in set(text_ids) | set(drawn):
+                value = logits[token]
+                logits[token] = value / repetition if value > 0 else value * repetition
+            for token in set(drawn):
+                logits[token] -= frequency * drawn.count(token) + presence
+            drawn.append(int(logits.argmax()))
+    return drawn
+
+
+def with_chat_template(model_dir: Path, out: Path) -> Path:
+    """A copy of model_dir whose tokenizer has the built-in minimal chat template."""
+    from server.engine.builtin import CHAT_TEMPLATE
+
+    shutil.copytree(model_dir, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def spliced_embeddings(base, pieces: list[torch.Tensor | list[int]]) -> torch.Tensor:

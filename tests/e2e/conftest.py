@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.e2e.server_process import ServerProcess
-from tests.factories import make_adapter, make_encoder_checkpoint
+from tests.factories import make_adapter, make_encoder_checkpoint, with_chat_template
 
 ARCH = "llama"
 
@@ -17,6 +17,12 @@ ARCH = "llama"
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs[ARCH]
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a chat template in its tokenizer config."""
+    return with_chat_template(model_dir, tmp_path_factory.mktemp("chat-model") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -8,32 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from transformers import AutoTokenizer
 
-from server.engine.builtin import CHAT_TEMPLATE
 from tests.e2e.conftest import upload
 from tests.e2e.server_process import ServerProcess, metric
 
 KEYS = {"acme": "acme-key-0123456789", "beta": "beta-key-0123456789"}
 PROMPT = "Tweet: I love it. Label:"
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(model_dir, tmp_path_factory) -> Path:
-    """The tiny model with a chat template in its tokenizer config."""
-    out = tmp_path_factory.mktemp("chat-model") / "model"
-    shutil.copytree(model_dir, out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

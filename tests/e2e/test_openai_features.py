@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import httpx
@@ -21,25 +20,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from server.engine.builtin import CHAT_TEMPLATE
 from tests.e2e.conftest import upload
 from tests.e2e.server_process import ServerProcess
-from tests.factories import load_base, peft_prompt
+from tests.factories import load_base, peft_prompt, penalized_greedy
 
 PROMPT = "Tweet: I love it. Label:"
 CONTEXT = 96  # --max-model-len: chat's default max_tokens is what this leaves
 ALIASES = ["tiny-base", "tiny-alias"]
 ALIAS_FLAGS = ("--served-model-name", ALIASES[0], "--served-model-name", ALIASES[1])
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("chat-model") / "model"
-    shutil.copytree(model_dir, out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -241,27 +229,10 @@ def test_token_id_and_batched_prompts(oai, http, adapter, ref):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
-def _penalized_greedy(ref: Reference, ids: list[int], n: int, *, presence: float,
-                      frequency: float, repetition: float) -> list[int]:
-    drawn: list[int] = []
-    for _ in range(n):
-        with torch.inference_mode():
-            x = torch.cat([ref.rows, ref.base.get_input_embeddings()(
-                torch.tensor([*ids, *drawn]))])
-            logits = ref.base(inputs_embeds=x[None]).logits[0, -1].float()
-        logits = torch.tensor(logits.tolist())  # a plain tensor, to edit in place
-        for token in set(ids) | set(drawn):
-            value = logits[token]
-            logits[token] = value / repetition if value > 0 else value * repetition
-        for token in set(drawn):
-            logits[token] -= frequency * drawn.count(token) + presence
-        drawn.append(int(logits.argmax()))
-    return drawn
-
-
 def test_penalties_change_greedy_as_defined(oai, http, adapter, ref):
     ids = ref.tokenizer(PROMPT)["input_ids"]
-    expected = _penalized_greedy(ref, ids, 10, presence=-2.0, frequency=-1.0, repetition=1.8)
+    expected = penalized_greedy(ref.base, ref.rows, ids, 10, presence=-2.0, frequency=-1.0,
+                                repetition=1.8)
     got = oai.completions.create(model=adapter, prompt=PROMPT, max_tokens=10, temperature=0,
                                  presence_penalty=-2.0, frequency_penalty=-1.0, logprobs=0,
                                  extra_body={"repetition_penalty": 1.8, "ignore_eos": True})

@@ -10,19 +10,17 @@ process (tests/engine/test_engine.py).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from server.engine.builtin import CHAT_TEMPLATE
 from server.engine.chat import render_chat
 from server.engine.detokenizer import DECODE_KWARGS
 from tests.e2e.conftest import SERVER_FLAGS, tar_gz
 from tests.e2e.server_process import ServerProcess
-from tests.factories import load_base, make_adapter, templated_reference
+from tests.factories import load_base, make_adapter, templated_reference, with_chat_template
 
 ROWS = 5
 TEMPLATE = "{soft:2} Review: {text} {soft} Sentiment:"
@@ -38,11 +36,7 @@ def arch() -> str:
 def served(arch, tiny_model_dirs, tmp_path_factory):
     """(model dir with a chat template, its server, the adapter dir)."""
     root = tmp_path_factory.mktemp(f"templates-{arch}")
-    model_dir = root / "model"
-    shutil.copytree(tiny_model_dirs[arch], model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(model_dir)
+    model_dir = with_chat_template(tiny_model_dirs[arch], root / "model")
     adapter = make_adapter(model_dir, root / "adapter", "p_tuning_mlp", num_virtual_tokens=ROWS,
                            seed=7)
     with ServerProcess(model_dir, root / "store", root / "server.log", *SERVER_FLAGS) as proc:

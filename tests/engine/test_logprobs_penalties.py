@@ -17,7 +17,7 @@ import torch
 from server.engine.generation import BatchRow
 from server.engine.interface import SamplingParams
 from tests.engine.conftest import make_core, run_core
-from tests.factories import load_base
+from tests.factories import load_base, penalized_greedy
 
 TEXT = "The quick brown fox jumps over the lazy dog"
 
@@ -36,22 +36,6 @@ def _step_logps(base, prompt, text_ids: list[int], drawn: list[int]) -> list[tor
             x = _embeds(base, prompt, [*text_ids, *drawn[:i]])
             out.append(torch.log_softmax(base(inputs_embeds=x[None]).logits[0, -1].float(), -1))
     return out
-
-
-def _penalized_greedy(base, prompt, text_ids: list[int], n: int, *, presence: float,
-                      frequency: float, repetition: float) -> list[int]:
-    drawn: list[int] = []
-    with torch.inference_mode():
-        for _ in range(n):
-            x = _embeds(base, prompt, [*text_ids, *drawn])
-            logits = base(inputs_embeds=x[None]).logits[0, -1].float().clone()
-            for token in set(text_ids) | set(drawn):
-                value = logits[token]
-                logits[token] = value / repetition if value > 0 else value * repetition
-            for token in set(drawn):
-                logits[token] -= frequency * drawn.count(token) + presence
-            drawn.append(int(logits.argmax()))
-    return drawn
 
 
 def _check_logprobs(out, logps: list[torch.Tensor], top: int) -> None:
@@ -96,7 +80,7 @@ def test_logprobs_of_greedy_sampled_and_penalized_rows(run, llama, rows_prompt):
             continue
         _check_logprobs(out, _step_logps(base, row.prompt_embeds, list(row.prompt_ids),
                                          list(out.token_ids)), row.params.logprobs)
-    expected = _penalized_greedy(base, prompt, ids, 8, presence=0.7, frequency=0.9,
+    expected = penalized_greedy(base, prompt, ids, 8, presence=0.7, frequency=0.9,
                                  repetition=1.6)
     assert list(outs[2].token_ids) == expected
     unpenalized = [int(lp.top[0][0]) for lp in outs[2].logprobs]
