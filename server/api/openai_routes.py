@@ -198,7 +198,8 @@ async def _submit(request: Request, engine: EngineClient,
                   choices: list[Choice], *, namespace: str, quotas: Quotas,
                   metrics: ApiMetrics) -> Any:
     """Both routes end the same way: admit under the tenant's quotas, run, answer in `fmt`."""
-    lease = admit(request, namespace, quotas, choices[0].request, stream=bool(body.stream))
+    lease = admit(request, namespace, quotas, choices[0].request, stream=bool(body.stream),
+                  sequences=len(choices))
     try:
         return await respond(request, engine, choices, metrics=metrics, lease=lease, fmt=fmt,
                              stream=bool(body.stream),

@@ -50,15 +50,16 @@ class _Bucket:
 
 
 class Lease:
-    """One admitted request's concurrency slot; release() is idempotent."""
+    """One admitted request's concurrency slots (one per sequence it runs); release() is
+    idempotent."""
 
-    def __init__(self, manager: QuotaManager, tenant: str) -> None:
-        self._manager, self._tenant, self._held = manager, tenant, True
+    def __init__(self, manager: QuotaManager, tenant: str, slots: int = 1) -> None:
+        self._manager, self._tenant, self._slots, self._held = manager, tenant, slots, True
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._manager._release(self._tenant)
+            self._manager._release(self._tenant, self._slots)
 
 
 class QuotaManager:
@@ -87,8 +88,14 @@ class QuotaManager:
             max_input_tokens=min(int(pick(o.max_input_tokens, s.max_input_tokens)),
                                  s.max_input_tokens))
 
-    def admit(self, tenant: str, quotas: Quotas) -> Lease:
-        """Take a rate token and a concurrency slot, or raise 429 with Retry-After."""
+    def admit(self, tenant: str, quotas: Quotas, *, slots: int = 1) -> Lease:
+        """Take a rate token and `slots` concurrency slots (an OpenAI request's n choices of
+        each prompt run as that many sequences), or raise 429 with Retry-After; more slots
+        than the tenant may ever hold is a 422."""
+        if slots > quotas.max_concurrent_requests:
+            raise RequestQuotaError(
+                f"{slots} sequences in one request; above the limit max_concurrent_requests="
+                f"{quotas.max_concurrent_requests} for tenant {tenant!r}")
         with self._lock:
             if quotas.requests_per_second > 0:
                 bucket = self._buckets.get(tenant)
@@ -99,16 +106,16 @@ class QuotaManager:
                     raise TooManyRequestsError(
                         f"rate limit: requests_per_second={quotas.requests_per_second:g} for "
                         f"tenant {tenant!r}", retry_after_s=wait)
-            if self._active[tenant] >= quotas.max_concurrent_requests:
+            if self._active[tenant] + slots > quotas.max_concurrent_requests:
                 raise TooManyRequestsError(
                     f"concurrency limit: max_concurrent_requests="
                     f"{quotas.max_concurrent_requests} for tenant {tenant!r}", retry_after_s=1)
-            self._active[tenant] += 1
-        return Lease(self, tenant)
+            self._active[tenant] += slots
+        return Lease(self, tenant, slots)
 
-    def _release(self, tenant: str) -> None:
+    def _release(self, tenant: str, slots: int) -> None:
         with self._lock:
-            self._active[tenant] -= 1
+            self._active[tenant] -= slots
 
     def active(self, tenant: str) -> int:
         return self._active.get(tenant, 0)

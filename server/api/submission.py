@@ -93,13 +93,14 @@ def to_engine_request(prompt_ids: list[int], *, adapter_id: str | None, namespac
 
 
 def admit(request: Request, namespace: str, quotas: Quotas,
-          engine_request: GenerationRequest, *, stream: bool) -> Lease:
-    """Take the tenant's rate token and concurrency slot (429 when over); fill the access log."""
+          engine_request: GenerationRequest, *, stream: bool, sequences: int = 1) -> Lease:
+    """Take the tenant's rate token and a concurrency slot per sequence (429 when over); fill
+    the access log."""
     access = get_access(request)
     access.adapter_id, access.stream = engine_request.adapter_id, stream
     access.request_id = engine_request.request_id
     manager, _ = quotas_for(request, namespace)
-    return manager.admit(namespace, quotas)
+    return manager.admit(namespace, quotas, slots=sequences)
 
 
 async def _wait_disconnect(request: Request) -> None:

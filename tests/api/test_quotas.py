@@ -22,6 +22,7 @@ TENANTS = [
                 "max_input_tokens": 5}},
     {"name": "slow", "keys": ["slow-key"], "quotas": {"requests_per_second": 0.5}},
     {"name": "small", "keys": ["small-key"], "quotas": {"max_stored_bytes": 100}},
+    {"name": "pair", "keys": ["pair-key"], "quotas": {"max_concurrent_requests": 2}},
 ]
 
 
@@ -133,3 +134,25 @@ def test_token_bucket_refills_at_the_rate(monkeypatch):
         manager.admit("t", quotas).release()
     with pytest.raises(TooManyRequestsError):
         manager.admit("t", quotas)
+
+
+async def test_each_of_n_choices_takes_a_concurrency_slot(qclient, quota_app):
+    """n choices run as n sequences: a tenant held to 2 at once cannot run 3 in one request."""
+    app, _ = quota_app
+    manager: QuotaManager = app.state.quotas
+    quotas = manager.limits("pair", app.state.keyring.table)
+    body = {"prompt": "hi", "max_tokens": 2, "n": 2}
+    name = (await qclient.get("/v1/models", headers=_h("pair"))).json()["data"][0]["id"]
+    r = await qclient.post("/v1/completions", headers=_h("pair"), json=body | {"model": name})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+    assert manager.active("pair") == 0
+    r = await qclient.post("/v1/completions", headers=_h("pair"),
+                           json=body | {"model": name, "n": 3})
+    assert r.status_code == 400 and "max_concurrent_requests=2" in r.json()["error"]["message"]
+    lease = manager.admit("pair", quotas)  # one of the tenant's requests in flight
+    try:
+        r = await qclient.post("/v1/completions", headers=_h("pair"), json=body | {"model": name})
+        assert r.status_code == 429 and "max_concurrent_requests=2" in r.text
+    finally:
+        lease.release()
+    assert manager.active("pair") == 0
