@@ -1,1 +1,1 @@
-"""Benchmarks: `python -m benchmarks <workload>` (see benchmarks/README.md)."""
+"""Benchmarks: `python -m benchmarks <workload>` (see docs/benchmarks.md)."""

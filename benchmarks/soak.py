@@ -258,7 +258,7 @@ def run_soak(*, minutes: float, model: str = "builtin:tiny", device: str = "cpu"
              seed: int = 0, log_path: Path | None = None,
              server_flags: list[str] | None = None) -> dict[str, Any]:
     """Start the server, soak it for `minutes`, stop it; the report as a dict (see
-    benchmarks/README.md for its fields). `log_path`: where the server's log is kept."""
+    docs/benchmarks.md for its fields). `log_path`: where the server's log is kept."""
     from benchmarks.harness.results import environment
     from tests.e2e.server_process import ServerProcess
 

@@ -2,7 +2,7 @@
 # Run HERE (not on the device), in any directory: downloads into <repo>/.whl the wheels the
 # device machine's image lacks or holds at other versions than constraints.txt, for its
 # Python 3.12 on x86-64. The image already has torch (CUDA), numpy, safetensors, accelerate,
-# httpx and the rest; see benchmarks/README.md ("GPU checks in one device call").
+# httpx and the rest; see docs/benchmarks.md ("GPU checks in one device call").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

@@ -3,7 +3,7 @@
 # by benchmarks/gpu/fetch_wheels.sh). Installs the wheels into /tmp/site, then runs the GPU
 # checks named in STEPS in order, each under its own time limit. Every printout goes to
 # $OUT/checks.log and the harness JSONs to $OUT, within the tool's 8-file limit. See
-# benchmarks/README.md ("GPU checks in one device call").
+# docs/benchmarks.md ("GPU checks in one device call").
 #
 #   STEPS="env parity overhead gpu1b" (default; the limits add up to 540 s) or
 #   STEPS="bf16 gpu8b" (550 s); optional: fairness (120 s),

@@ -1,5 +1,5 @@
 """The benchmark harness end to end on shrunken workloads: every system runs, the JSON has what
-benchmarks/README.md promises, and the counts add up. No speed is asserted here."""
+docs/benchmarks.md promises, and the counts add up. No speed is asserted here."""
 
 from __future__ import annotations
 

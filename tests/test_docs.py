@@ -1,0 +1,49 @@
+"""The documents say what the product does: the configuration page lists exactly the flags of
+`serve --help`, the README's groups name every flag, and relative links lead to files."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from server.cli import build_parser
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
+        REPO_ROOT / "deploy" / "README.md", REPO_ROOT / "benchmarks" / "README.md",
+        REPO_ROOT / "benchmarks" / "lm_eval" / "README.md"]
+
+
+def _serve_flags() -> set[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {flag for action in sub.choices["serve"]._actions for flag in action.option_strings
+            if flag.startswith("--") and flag != "--help"}
+
+
+def test_the_configuration_page_lists_exactly_the_serve_flags():
+    text = (REPO_ROOT / "docs" / "configuration.md").read_text()
+    listed = {flag for row in text.splitlines() if row.startswith("| `--")
+              for flag in re.findall(r"`(--[a-z0-9-]+)`", row.split(" | ")[0])}
+    assert listed == _serve_flags()
+
+
+def test_the_readme_groups_name_every_flag():
+    text = (REPO_ROOT / "README.md").read_text()
+    named = set(re.findall(r"`(--[a-z0-9-]+)\*?`", text))
+    wildcards = [w for w in re.findall(r"`(--[a-z0-9-]+)\*`", text)]
+    missing = {f for f in _serve_flags() if not f.startswith("--no-") and f not in named
+               and not any(f.startswith(w) for w in wildcards)}
+    assert not missing
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_relative_links_lead_to_files(doc):
+    text = doc.read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if re.match(r"[a-z]+://", target) or target.startswith("mailto:"):
+            continue
+        assert (doc.parent / target).exists(), f"{doc.name}: {target}"
