@@ -14,6 +14,7 @@ from server.cli import build_parser
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
         REPO_ROOT / "deploy" / "README.md", REPO_ROOT / "benchmarks" / "README.md",
+        REPO_ROOT / "benchmarks" / "RESULTS.md",
         REPO_ROOT / "benchmarks" / "lm_eval" / "README.md"]
 
 
