@@ -1,0 +1,49 @@
+"""Each plot's one command runs end to end on shrunken shapes and writes its PNG and JSON
+(the figures themselves are benchmarks, not asserted here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.plots import adapter_scaling, fairness_timeline, ttft_prompt_length
+
+pytestmark = pytest.mark.slow
+
+
+def _written(png, out) -> dict:
+    assert png.read_bytes().startswith(b"\x89PNG")
+    return json.loads(out.read_text())
+
+
+def test_adapter_scaling_writes_a_point_per_count(tmp_path):
+    png, out = tmp_path / "a.png", tmp_path / "a.json"
+    assert adapter_scaling.main(["--counts", "1,3", "--requests", "6", "--batch", "4",
+                                 "--new-tokens", "2", "--prompt-tokens", "4",
+                                 "--virtual-tokens", "3", "--repeats", "1",
+                                 "--png", str(png), "--json", str(out)]) == 0
+    data = _written(png, out)
+    assert set(data["tokens_per_s"]) == {"1", "3"} and data["bare_tokens_per_s"] > 0
+
+
+def test_ttft_prompt_length_writes_a_point_per_length(tmp_path):
+    png, out = tmp_path / "t.png", tmp_path / "t.json"
+    assert ttft_prompt_length.main(["--lengths", "4,8", "--layers", "1", "--requests", "2",
+                                    "--samples", "2", "--png", str(png),
+                                    "--json", str(out)]) == 0
+    points = _written(png, out)["points"]
+    assert [p["virtual_tokens"] for p in points] == [4, 8]
+    assert all(p["prefix-cache"] > 0 and p["no-prefix-cache"] > 0 for p in points)
+
+
+def test_fairness_timeline_records_b_before_during_and_after_the_flood(tmp_path):
+    png, out = tmp_path / "f.png", tmp_path / "f.json"
+    assert fairness_timeline.main(["--seconds", "3", "--flood-start", "1", "--flood-end", "2",
+                                   "--backlog", "8", "--new-tokens", "2",
+                                   "--png", str(png), "--json", str(out)]) == 0
+    series = _written(png, out)["b_latency_s"]
+    assert set(series) == {"round_robin", "fifo"}
+    for points in series.values():
+        times = [t for t, _ in points]
+        assert min(times) < 1 and max(times) >= 2
