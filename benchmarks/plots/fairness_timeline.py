@@ -95,6 +95,9 @@ def _plot(series: dict[str, list[tuple[float, float]]], args: argparse.Namespace
     ax.axvspan(args.flood_start, args.flood_end, color="orange", alpha=0.12,
                label=f"tenant A keeps {args.backlog} requests queued")
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("time (s)")
     ax.set_ylabel("tenant B's request latency (ms)")
     ax.set_title(title, fontsize=9)
