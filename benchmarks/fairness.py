@@ -67,6 +67,16 @@ def _request(engine, tenant: str, new_tokens: int,
 Send = Callable[[str], Awaitable[object]]  # one request of this tenant, to its answer
 
 
+def start_engine(settings: Settings, policy: str) -> Engine:
+    """The real engine in process with the scheduling policy `policy`, loaded."""
+    make_policy = POLICIES[policy]
+    engine = Engine(settings, LocalAdapterStore(settings.store),
+                    policy=make_policy() if make_policy is not None else None)
+    engine.start()
+    engine.wait_until_ready(300)
+    return engine
+
+
 def engine_sender(engine, new_tokens: int, prompt_tokens: int | None = None) -> Send:
     """Requests to the engine in process."""
     def send(tenant: str) -> Awaitable[object]:
@@ -154,11 +164,7 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
                                 torch_threads=torch_threads,
                                 contended_tenant_rows=contended_tenant_rows,
                                 batching=batching)
-            make_policy = POLICIES[policy]
-            engine = Engine(settings, LocalAdapterStore(store),
-                            policy=make_policy() if make_policy is not None else None)
-            engine.start()
-            engine.wait_until_ready(300)
+            engine = start_engine(settings, policy)
             try:
                 phases = await _phases(engine_sender(engine, new_tokens, prompt_tokens),
                                        backlog=backlog, rounds=rounds, cycles=cycles)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +25,8 @@ import torch
 from benchmarks.harness.engine_runner import EngineRunner, settings_for
 from benchmarks.harness.fixtures import build_model, make_requests, populate_store
 from benchmarks.harness.workloads import WORKLOADS, ModelShape, Workload
+from benchmarks.plots.figure import REPO, axes, commit
 
-REPO = Path(__file__).resolve().parents[2]
 SMALL = ModelShape("llama", vocab=4096, hidden=256, layers=4, heads=8, kv_heads=4,
                    intermediate=768)
 COUNTS = (1, 4, 16, 64, 256, 1024)
@@ -71,28 +70,17 @@ def _measure(workload: Workload, model_dir: Path, work: Path, *, adapters: int |
 
 
 def _plot(points: dict[int, float], bare: float, out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    xs = sorted(points)
-    ax.plot(xs, [points[x] for x in xs], marker="o", label="softprompt-server engine")
-    ax.axhline(bare, color="grey", linestyle="--",
-               label="the same requests on the bare model (no virtual tokens)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_ylim(0, max(max(points.values()), bare) * 1.15)
-    ax.set_xlabel("distinct adapters among the requests")
-    ax.set_ylabel("generated tokens / s")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    with axes(out, title) as ax:
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label="softprompt-server engine")
+        ax.axhline(bare, color="grey", linestyle="--",
+                   label="the same requests on the bare model (no virtual tokens)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_ylim(0, max(max(points.values()), bare) * 1.15)
+        ax.set_xlabel("distinct adapters among the requests")
+        ax.set_ylabel("generated tokens / s")
+        ax.legend(loc="lower left", fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,18 +113,17 @@ def main(argv: list[str] | None = None) -> int:
             points[n] = _measure(workload, model_dir, work, adapters=n, repeats=args.repeats)
             print(f"{n:>5} adapters: {points[n]:,.0f} tokens/s ({points[n] / bare:.2f}x bare)",
                   flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip()
+    measured_at = commit()
     device = (torch.cuda.get_device_name() if workload.device == "cuda"
               else f"{platform.processor() or platform.machine()} CPU, "
                    f"{torch.get_num_threads()} threads")
     title = (f"{workload.requests} requests, {workload.virtual_tokens} virtual + "
              f"{workload.prompt_tokens} in, {workload.new_tokens} out, batch "
-             f"{workload.max_batch_size}, {workload.dtype}\n{device}, commit {commit}")
+             f"{workload.max_batch_size}, {workload.dtype}\n{device}, commit {measured_at}")
     _plot(points, bare, args.png, title)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
-        "workload": workload.to_json(), "commit": commit, "device": device,
+        "workload": workload.to_json(), "commit": measured_at, "device": device,
         "bare_tokens_per_s": bare, "tokens_per_s": {str(k): v for k, v in points.items()},
     }, indent=2) + "\n")
     print(f"wrote {args.png} and {args.json}")

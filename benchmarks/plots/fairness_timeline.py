@@ -16,17 +16,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from adapters_store.local import LocalAdapterStore
-from benchmarks.fairness import POLICIES, engine_sender
+from benchmarks.fairness import engine_sender, start_engine
+from benchmarks.plots.figure import REPO, axes, commit
 from server.config import Settings
-from server.engine.engine import Engine
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 async def _timeline(send, *, seconds: float, flood: tuple[float, float],
@@ -65,11 +61,7 @@ async def _run(policy: str, args: argparse.Namespace) -> list[tuple[float, float
     with tempfile.TemporaryDirectory() as store:
         settings = Settings(store=store, device=args.device, dtype="auto",
                             max_batch_size=args.max_batch_size, max_wait_ms=5)
-        make_policy = POLICIES[policy]
-        engine = Engine(settings, LocalAdapterStore(store),
-                        policy=make_policy() if make_policy is not None else None)
-        engine.start()
-        engine.wait_until_ready(300)
+        engine = start_engine(settings, policy)
         try:
             send = engine_sender(engine, args.new_tokens)
             await send("tenant-b")  # warm-up
@@ -82,31 +74,22 @@ async def _run(policy: str, args: argparse.Namespace) -> list[tuple[float, float
 
 def _plot(series: dict[str, list[tuple[float, float]]], args: argparse.Namespace, out: Path,
           title: str) -> None:
-    import matplotlib
+    from matplotlib.ticker import FuncFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     labels = {"round_robin": "weighted fair shares (default)", "fifo": "first come, first served"}
-    for policy, points in series.items():
-        ax.scatter([t for t, _ in points], [1000 * lat for _, lat in points], s=6,
-                   label=labels.get(policy, policy))
-    ax.axvspan(args.flood_start, args.flood_end, color="orange", alpha=0.12,
-               label=f"tenant A keeps {args.backlog} requests queued")
-    ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("tenant B's request latency (ms)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    with axes(out, title) as ax:
+        for policy, points in series.items():
+            ax.scatter([t for t, _ in points], [1000 * lat for _, lat in points], s=6,
+                       label=labels.get(policy, policy))
+        ax.axvspan(args.flood_start, args.flood_end, color="orange", alpha=0.12,
+                   label=f"tenant A keeps {args.backlog} requests queued")
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("tenant B's request latency (ms)")
+        ax.legend(fontsize=8, loc="upper left")
 
 
 def _median_ms(values: list[float]) -> str:
@@ -134,13 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         during = [lat for t, lat in series[policy] if args.flood_start + 1 <= t < args.flood_end]
         print(f"{policy}: B's median latency {_median_ms(before)} before the flood, "
               f"{_median_ms(during)} during it (from its second second)", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip()
+    measured_at = commit()
     title = (f"builtin:tiny on {args.device}, B sends 5 at a time, {args.new_tokens} new tokens,"
-             f" batch {args.max_batch_size}\ncommit {commit}")
+             f" batch {args.max_batch_size}\ncommit {measured_at}")
     _plot(series, args, args.png, title)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"commit": commit, "args": {
+    args.json.write_text(json.dumps({"commit": measured_at, "args": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "b_latency_s": {p: [[round(t, 4), round(lat, 5)] for t, lat in pts]
                         for p, pts in series.items()}}, indent=1) + "\n")

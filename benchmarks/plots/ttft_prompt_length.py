@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from benchmarks.plots.figure import REPO, axes, commit
+
 LENGTHS = (16, 64, 128, 256)
 
 
@@ -34,29 +35,18 @@ def _run(length: int, args: argparse.Namespace, out: Path) -> dict:
 
 
 def _plot(rows: list[dict], out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     xs = [r["virtual_tokens"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for mode, label in (("prefix-cache", "prefix cache (default)"),
-                        ("no-prefix-cache", "--no-prefix-cache")):
-        ax.plot(xs, [r[mode] for r in rows], marker="o", label=label)
-    ax.plot(xs, [r["bare"] for r in rows], color="grey", linestyle="--",
-            label="bare model, same texts")
-    ax.set_xlabel("virtual tokens of the adapter")
-    ax.set_ylabel("median time to first token (ms)")
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_ylim(0, None)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    with axes(out, title) as ax:
+        for mode, label in (("prefix-cache", "prefix cache (default)"),
+                            ("no-prefix-cache", "--no-prefix-cache")):
+            ax.plot(xs, [r[mode] for r in rows], marker="o", label=label)
+        ax.plot(xs, [r["bare"] for r in rows], color="grey", linestyle="--",
+                label="bare model, same texts")
+        ax.set_xlabel("virtual tokens of the adapter")
+        ax.set_ylabel("median time to first token (ms)")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_ylim(0, None)
+        ax.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,13 +71,12 @@ def main(argv: list[str] | None = None) -> int:
                          "no-prefix-cache": runs["no-prefix-cache"]["ttft_ms"]["warm_p50"],
                          "bare": runs["prefix-cache"]["ttft_ms"]["bare_p50"]})
             print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip()
+    measured_at = commit()
     title = (f"GPT-2-small shape, {args.dtype} on {args.device}, texts of 3-16 tokens, "
-             f"over HTTP\ncommit {commit}")
+             f"over HTTP\ncommit {measured_at}")
     _plot(rows, args.png, title)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"commit": commit, "device": args.device,
+    args.json.write_text(json.dumps({"commit": measured_at, "device": args.device,
                                      "dtype": args.dtype, "points": rows}, indent=2) + "\n")
     print(f"wrote {args.png} and {args.json}")
     return 0
