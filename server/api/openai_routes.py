@@ -44,7 +44,7 @@ from server.api.submission import (
     tokenize_within,
 )
 from server.config import Settings
-from server.engine.errors import RequestTooLongError
+from server.engine.errors import MaxNewTokensTooLongError, RequestTooLongError
 from server.engine.interface import EngineClient, SamplingParams
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
@@ -206,10 +206,11 @@ async def _submit(request: Request, engine: EngineClient,
                              include_usage=bool(body.stream_options
                                                 and body.stream_options.include_usage))
     except RequestTooLongError as e:  # the engine's words, in OpenAI's names
-        message = str(e)
-        param = "max_tokens" if "max_new_tokens" in message else (
-            "messages" if isinstance(body, ChatCompletionRequest) else "prompt")
-        raise OpenAIParamError(message.replace("max_new_tokens", "max_tokens"),
+        if isinstance(e, MaxNewTokensTooLongError):
+            param = "max_tokens"
+        else:
+            param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+        raise OpenAIParamError(str(e).replace("max_new_tokens", "max_tokens"),
                                param=param) from e
 
 

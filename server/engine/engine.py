@@ -28,7 +28,12 @@ from adapters_store.store import AdapterStore
 from server.config import Batching, Settings
 from server.engine.chat import render_chat
 from server.engine.detokenizer import DECODE_KWARGS
-from server.engine.errors import EngineNotReadyError, InvalidRequestError, RequestTooLongError
+from server.engine.errors import (
+    EngineNotReadyError,
+    InvalidRequestError,
+    MaxNewTokensTooLongError,
+    RequestTooLongError,
+)
 from server.engine.fairness import BatchPolicy, RoundRobinPolicy, contended_rows
 from server.engine.interface import (
     AdapterUpload,
@@ -313,7 +318,8 @@ class Engine:
         total = len(ids) + anchors + virtual + request.params.max_new_tokens
         if total > loaded.info.max_context:
             anchored = f" + template anchors {anchors}" if anchors else ""
-            raise RequestTooLongError(
+            prompt_fits = total - request.params.max_new_tokens < loaded.info.max_context
+            raise (MaxNewTokensTooLongError if prompt_fits else RequestTooLongError)(
                 f"prompt {len(ids)}{anchored} + virtual {virtual} + max_new_tokens "
                 f"{request.params.max_new_tokens} = {total} tokens exceeds the model's context "
                 f"of {loaded.info.max_context}")

@@ -41,6 +41,11 @@ class RequestTooLongError(EngineError):
     """Prompt + virtual tokens + max_new_tokens exceed what the model can attend to (HTTP 422)."""
 
 
+class MaxNewTokensTooLongError(RequestTooLongError):
+    """The prompt and virtual tokens leave room in the context, but not for max_new_tokens: the
+    request's max_new_tokens is what to lower (OpenAI's routes name `max_tokens`)."""
+
+
 class AdapterChangedError(EngineError):
     """The adapter was overwritten or deleted after this request was admitted with its earlier
     version, before that version was loaded (HTTP 409): a request never runs with rows of a

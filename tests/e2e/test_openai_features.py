@@ -387,3 +387,14 @@ def test_a_streams_first_event_is_its_first_token(http, adapter):
     assert events[0]["token_ids"] == first["token_ids"][:1] and events[0]["text"] == ""
     assert [t for e in events for t in e["token_ids"]] == first["token_ids"]
     assert "".join(e["text"] for e in events) == first["text"]
+
+
+def test_what_does_not_fit_the_context_is_named_as_openai_names_it(oai, adapter):
+    """A prompt that leaves no room is the prompt's fault; one that fits but leaves too little
+    for max_tokens is max_tokens'."""
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model=adapter, prompt=[5] * CONTEXT, max_tokens=1)
+    assert info.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model=adapter, prompt=[5] * 10, max_tokens=CONTEXT - 10)
+    assert info.value.param == "max_tokens" and "max_new_tokens" not in str(info.value)
