@@ -38,6 +38,11 @@ T = TypeVar("T")
 StreamItem = TokenChunk | GenerationResult
 
 
+def unsent(text: str, sent: str) -> str:
+    """What a stream's final text adds to what its chunks carried (normally nothing)."""
+    return text[len(sent):] if text.startswith(sent) else ""
+
+
 # Prompts above this many characters (or chats above this many messages) are rendered and
 # tokenized on a worker thread: the event loop must keep answering health checks and other
 # tenants while a large input is processed. Smaller ones stay inline (a thread hop costs more
@@ -132,37 +137,30 @@ async def _close(stream: Any) -> None:
             await aclose()
 
 
-def _record(result: GenerationResult, metrics: ApiMetrics, access: AccessEntry) -> None:
-    metrics.observe_result(result, tenant=access.tenant or "default")
-    access.prompt_tokens = result.prompt_tokens
-    access.virtual_tokens = result.virtual_tokens
-    access.completion_tokens = result.completion_tokens
+def _record(results: list[GenerationResult], metrics: ApiMetrics, access: AccessEntry) -> None:
+    """Metrics per result; the access log's token counts add up every sequence of the HTTP
+    request (each of n streams records its own result here)."""
+    for result in results:
+        metrics.observe_result(result, tenant=access.tenant or "default")
+        access.prompt_tokens = (access.prompt_tokens or 0) + result.prompt_tokens
+        access.virtual_tokens = (access.virtual_tokens or 0) + result.virtual_tokens
+        access.completion_tokens = (access.completion_tokens or 0) + result.completion_tokens
 
 
 async def complete(request: Request, engine: EngineClient, engine_request: GenerationRequest,
                    *, metrics: ApiMetrics, lease: Lease) -> tuple[GenerationResult, float]:
     """The whole result and the milliseconds the engine took; releases the lease."""
-    started = time.perf_counter()
-    try:
-        result = await _unless_disconnected(request, engine.generate(engine_request))
-    except ClientDisconnect:
-        await engine.abort(engine_request.request_id)
-        raise
-    finally:
-        lease.release()
-    _record(result, metrics, get_access(request))
-    return result, (time.perf_counter() - started) * 1000
+    results, ms = await complete_all(request, engine, [engine_request], metrics=metrics,
+                                     lease=lease)
+    return results[0], ms
 
 
 async def complete_all(request: Request, engine: EngineClient,
                        engine_requests: list[GenerationRequest], *, metrics: ApiMetrics,
                        lease: Lease) -> tuple[list[GenerationResult], float]:
-    """Several requests of one HTTP request (OpenAI's n and prompt lists), run at once as
-    batch mates; one failing fails them all (the rest are aborted). Releases the lease."""
-    if len(engine_requests) == 1:
-        result, ms = await complete(request, engine, engine_requests[0], metrics=metrics,
-                                    lease=lease)
-        return [result], ms
+    """The results of several requests of one HTTP request (OpenAI's n and prompt lists), run
+    at once as batch mates, and the milliseconds the engine took; one failing fails them all
+    (the rest are aborted). Releases the lease."""
     started = time.perf_counter()
     try:
         results = await _unless_disconnected(request, _gather(
@@ -173,12 +171,7 @@ async def complete_all(request: Request, engine: EngineClient,
         raise
     finally:
         lease.release()
-    access = get_access(request)
-    for result in results:
-        metrics.observe_result(result, tenant=access.tenant or "default")
-    access.prompt_tokens = sum(r.prompt_tokens for r in results)
-    access.virtual_tokens = sum(r.virtual_tokens for r in results)
-    access.completion_tokens = sum(r.completion_tokens for r in results)
+    _record(results, metrics, get_access(request))
     return results, (time.perf_counter() - started) * 1000
 
 
@@ -283,7 +276,7 @@ async def _items(first: StreamItem, stream: AsyncIterator[StreamItem], metrics: 
         while not isinstance(item, GenerationResult):
             yield item
             item = await anext(stream)
-        _record(item, metrics, access)
+        _record([item], metrics, access)
         yield item
     except Exception as exc:
         access.error = type(exc).__name__

@@ -4,6 +4,7 @@ and that /v1/generate keeps the DESIGN envelope."""
 from __future__ import annotations
 
 import json
+import logging
 
 from server.api.errors import AuthError, RequestQuotaError, TooManyRequestsError
 from server.api.openai_errors import openai_error
@@ -125,3 +126,20 @@ def test_quota_refusals_map_to_openai_statuses():
     status, body, headers = openai_error(AuthError("invalid API key"))
     assert (status, body["error"]["type"]) == (401, "authentication_error")
     assert headers == {"www-authenticate": "Bearer"}
+
+
+async def test_the_access_line_counts_every_choice(client, caplog):
+    """n choices, whole or streamed: one access line whose token counts add up all of them,
+    as usage does (each choice's prompt counted in the log, as the engine ran it)."""
+    caplog.set_level(logging.INFO, logger="softprompt.access")
+    name = await base_name(client)
+    for stream in (False, True):
+        caplog.clear()
+        r = await client.post("/v1/completions", json={
+            "model": name, "prompt": "log me", "max_tokens": 3, "n": 3, "ignore_eos": True,
+            "stream": stream})
+        assert r.status_code == 200
+        lines = [json.loads(rec.getMessage()) for rec in caplog.records
+                 if rec.name == "softprompt.access"]
+        assert len(lines) == 1
+        assert lines[0]["completion_tokens"] == 9 and lines[0]["prompt_tokens"] == 3 * 7
