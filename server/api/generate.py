@@ -28,6 +28,7 @@ from server.api.submission import (
     sse_events,
     to_engine_request,
     tokenize_text,
+    unsent,
 )
 from server.config import Settings
 from server.engine.interface import (
@@ -123,7 +124,7 @@ async def _frames(items: AsyncIterator[StreamItem], adapter_id: str | None) -> A
             yield _event(adapter_id, item.text, item.token_ids, item.logprobs)
             continue
         # Whatever the chunks did not carry yet (normally nothing) goes in the final event.
-        rest = item.text[len(sent_text):] if item.text.startswith(sent_text) else ""
+        rest = unsent(item.text, sent_text)
         usage = {"prompt_tokens": item.prompt_tokens, "virtual_tokens": item.virtual_tokens,
                  "completion_tokens": item.completion_tokens}
         rest_logprobs = None if item.logprobs is None else item.logprobs[sent_ids:]

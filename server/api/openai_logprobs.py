@@ -9,13 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from server.api.schemas import json_logprob as _value
 from server.engine.interface import TokenLogprob
-
-FLOOR = -9999.0
-
-
-def _value(logprob: float) -> float:
-    return max(logprob, FLOOR)
 
 
 class TokenText:

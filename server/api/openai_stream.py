@@ -26,7 +26,7 @@ from server.api.openai_logprobs import (
     merge_completion_logprobs,
 )
 from server.api.quotas import Lease
-from server.api.submission import complete_all, open_streams, sse_events
+from server.api.submission import complete_all, open_streams, sse_events, unsent
 from server.engine.interface import (
     EngineClient,
     FinishReason,
@@ -146,7 +146,7 @@ class CompletionFormat:
                                   self._generated(choice, item.token_ids, item.logprobs), None))
             return out
         # Whatever the chunks did not carry yet (normally nothing) goes in the last one.
-        rest = item.text[len(sent_text):] if item.text.startswith(sent_text) else ""
+        rest = unsent(item.text, sent_text)
         values = item.logprobs[sent_ids:] if item.logprobs is not None else None
         out.append(self.chunk(choice, "" if choice.score_only else rest,
                               self._generated(choice, item.token_ids[sent_ids:], values),
@@ -197,7 +197,7 @@ class ChatFormat(CompletionFormat):
             self._sent[choice.index] = (sent_text + item.text, sent_ids + len(item.token_ids))
             delta = {"content": item.text} if item.text else {}
             return [self._delta(choice, delta, self._chat_logprobs(item.logprobs), None)]
-        rest = item.text[len(sent_text):] if item.text.startswith(sent_text) else ""
+        rest = unsent(item.text, sent_text)
         values = item.logprobs[sent_ids:] if item.logprobs is not None else None
         logprobs = self._chat_logprobs(values) if values else None
         return [self._delta(choice, {"content": rest} if rest else {}, logprobs,

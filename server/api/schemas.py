@@ -120,12 +120,19 @@ class TokenLogprobOut(TopToken):
     top: list[TopToken]
 
 
+LOGPROB_FLOOR = -9999.0  # JSON has no -Infinity; OpenAI writes this instead
+
+
+def json_logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
 def logprobs_out(values: tuple[TokenLogprob, ...] | None) -> list[dict] | None:
-    """As JSON (which has no -Infinity: values below -9999 are -9999.0)."""
+    """As JSON (values below LOGPROB_FLOOR are the floor)."""
     if values is None:
         return None
-    return [{"token_id": v.token_id, "logprob": max(v.logprob, -9999.0),
-             "top": [{"token_id": t, "logprob": max(lp, -9999.0)} for t, lp in v.top]}
+    return [{"token_id": v.token_id, "logprob": json_logprob(v.logprob),
+             "top": [{"token_id": t, "logprob": json_logprob(lp)} for t, lp in v.top]}
             for v in values]
 
 
