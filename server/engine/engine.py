@@ -43,6 +43,7 @@ from server.engine.interface import (
 )
 from server.engine.model_loader import LoadedModel, load_model
 from server.engine.observer import EngineObserver, GuardedObserver, NullObserver
+from server.engine.output_processor import OutputStream, RequestOutput
 from server.engine.prompt_layout import anchor_tokens
 from server.engine.prompt_table import version_of
 from server.engine.runtime import Runtime, build_runtime, runtime_stats
@@ -50,7 +51,7 @@ from server.engine.sampling import validate_params
 from server.engine.scheduler import Scheduler
 from server.engine.store_refresh import StoreRefresher, count_stored
 from server.engine.stores import open_store
-from server.engine.tickets import Ticket, TokenStream
+from server.engine.tickets import DeltaStream, Ticket
 from server.engine.upload_slots import UploadSlots
 
 if TYPE_CHECKING:
@@ -220,19 +221,27 @@ class Engine:
     # ---- generation ----------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        ticket = await self._submit(request, stream=False)
-        assert ticket.future is not None
-        try:
-            return await ticket.future
-        except asyncio.CancelledError:
-            self._abort(ticket)  # the caller went away: stop computing its row
-            raise
+        stream = await self._open(request, stream=False)
+        return await stream.result()  # cancelled: the stream aborts the row
 
-    async def open_stream(self, request: GenerationRequest) -> TokenStream:
+    async def open_stream(self, request: GenerationRequest) -> OutputStream:
         """Submits (404/422/429/503 raise here, before a response starts) and returns the
         stream: TokenChunks, then one GenerationResult; aclose() (or dropping it) aborts. The
         adapter's record is looked up off the event loop when the store would block (S3)."""
-        return TokenStream(await self._submit(request, stream=True), self._abort)
+        return await self._open(request, stream=True)
+
+    async def open_deltas(self, request: GenerationRequest, *, stream: bool) -> DeltaStream:
+        """The request's deltas of token ids as the engine hands them out, for a frontend in
+        another process (server.engine.worker); `stream`: it wants every step's."""
+        return DeltaStream(await self._submit(request, stream=stream), self._abort)
+
+    async def _open(self, request: GenerationRequest, *, stream: bool) -> OutputStream:
+        deltas = await self.open_deltas(request, stream=stream)
+        ticket = deltas.ticket
+        output = RequestOutput(request, self._model().tokenizer, stream=stream,
+                               prompt_tokens=ticket.prompt_tokens,
+                               virtual_tokens=ticket.virtual_tokens)
+        return OutputStream(deltas, output, request_id=request.request_id)
 
     async def abort(self, request_id: str) -> None:
         if self._scheduler is not None:

@@ -21,11 +21,11 @@ from transformers import (
 )
 
 from server.engine.batch import RowInput, build_batch_inputs
-from server.engine.detokenizer import DECODE_KWARGS
-from server.engine.interface import FinishReason, SamplingParams, TokenChunk, TokenLogprob
+from server.engine.interface import FinishReason, SamplingParams, TokenLogprob
+from server.engine.row_progress import RowDelta, RowProgress
 from server.engine.sampling import PerRowLogitsProcessor, validate_params
 from server.engine.static_extras import PenaltiesAndLogprobs, prompt_logprobs
-from server.engine.stopping import RowState, RowStoppingCriteria
+from server.engine.stopping import RowStoppingCriteria
 
 logger = logging.getLogger(__name__)
 
@@ -37,28 +37,25 @@ class BatchRow:
     # num_virtual_tokens rows), or None for the bare model.
     prompt_embeds: torch.Tensor | None
     params: SamplingParams
-    # Streaming: called from the generate loop with each new piece; text that could still be
-    # the start of a stop string, or a partial character, is held back until it is decided.
-    on_chunk: Callable[[TokenChunk], None] | None = None
+    # Where the row's new tokens go (server.engine.row_progress): each step when `live`,
+    # otherwise once, when the row finishes. A row that finishes is handed out there, from
+    # inside the step that finished it: a short row's caller need not wait for the batch.
+    on_delta: Callable[[RowDelta], None] | None = None
+    live: bool = False
     # Polled each step; an aborted row stops generating (its output is discarded by the caller).
     is_aborted: Callable[[], bool] | None = None
     # Called once when the row's first token exists (time-to-first-token metric).
     on_first_token: Callable[[], None] | None = None
-    # Called once, from inside the generate loop, as soon as the row has finished (not when
-    # aborted) with its final output: a short row's caller need not wait for the batch's
-    # longest row. run_batch still returns the same output for it at the end.
-    on_finish: Callable[[RowOutput], None] | None = None
     # Where the request's text lies in prompt_ids [start, end), for its prompt logprobs.
     text_span: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
 class RowOutput:
-    # Generated ids: the eos id included when finish_reason is eos; for stop, up to and
-    # including the token that completed the stop string.
+    """A row as it left the engine: its ids, not its text (the frontend decodes)."""
+
+    # Generated ids, the eos id included when finish_reason is eos.
     token_ids: tuple[int, ...]
-    # Generated text: eos/special tokens, the stop string and anything after it excluded.
-    text: str
     finish_reason: FinishReason
     # True when the row was aborted (is_aborted, or one of its callbacks raised) or failed;
     # its output is partial and finish_reason is meaningless.
@@ -70,17 +67,19 @@ class RowOutput:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # per text token, when asked
 
 
-ABORTED = RowOutput(token_ids=(), text="", finish_reason=FinishReason.LENGTH, aborted=True)
+ABORTED = RowOutput(token_ids=(), finish_reason=FinishReason.LENGTH, aborted=True)
 
 
-def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutput]:
+def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow], *,
+              after_step: Callable[[], None] | None = None) -> list[RowOutput]:
     """One model.generate call for all rows, under torch.inference_mode().
 
     Returns one RowOutput per row, in order. An invalid row (empty prompt without soft prompt,
     out-of-range parameters) is not computed: its output carries the ValueError, and the other
-    rows run. Model errors propagate and fail the whole batch. Must not run concurrently on the
-    same model: it swaps
-    model.generation_config for the duration of the call (see _neutral_generation_config).
+    rows run. Model errors propagate and fail the whole batch. `after_step` runs after each
+    step's tokens were handed to the rows. Must not run concurrently on the same model: it
+    swaps model.generation_config for the duration of the call (see
+    _neutral_generation_config).
     """
     if not rows:
         return []
@@ -101,20 +100,8 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
             [RowInput(r.prompt_ids, r.prompt_embeds) for r in live_rows],
         )
         device = batch.inputs_embeds.device
-        states = [RowState(r, tokenizer, eos_ids) for r in live_rows]
+        states = [RowProgress(r, eos_ids) for r in live_rows]
         finished = [False] * len(states)
-        early: dict[int, RowOutput] = {}  # id(state) -> output handed out before the end
-
-        def on_done(state: RowState) -> None:
-            if state.aborted or state.row.on_finish is None:
-                return
-            output = final_output(state, tokenizer)
-            early[id(state)] = output
-            try:
-                state.row.on_finish(output)
-            except Exception:  # the row is finished either way; never fail the batch
-                logger.exception("on_finish failed")
-
         seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
         for i, (row, state) in enumerate(zip(live_rows, states, strict=True)):
             if row.params.prompt_logprobs is not None:
@@ -141,26 +128,15 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow]) -> list[RowOutpu
                 logits_processor=LogitsProcessorList(
                     [extras, processor] if extras.needed else [processor]),
                 stopping_criteria=StoppingCriteriaList([RowStoppingCriteria(
-                    states, finished, on_done=on_done,
+                    states, finished, after_step=after_step,
                     logprobs=extras.logprobs if extras.needed else None)]),
             )
 
-    untracked = [s for s in states if s.text is None and not s.aborted and id(s) not in early]
-    decoded: dict[int, str] = {}
-    if untracked:  # batch_decode([]) is not an empty list
-        texts = tokenizer.batch_decode([_text_ids(s) for s in untracked], **DECODE_KWARGS)
-        decoded = dict(zip(map(id, untracked), texts, strict=True))
     for i, state in zip(live, states, strict=True):
-        if state.aborted:
-            outputs[i] = aborted_output(state)
-            continue
-        if state.finish_reason is None:  # cannot happen: generate runs to the longest row
+        if not state.aborted and state.finish_reason is None:
+            # cannot happen: generate runs to the longest row
             raise RuntimeError(f"row {i} ended without a finish reason")
-        if id(state) in early:
-            outputs[i] = early[id(state)]
-            continue
-        text = state.text if state.text is not None else decoded[id(state)]
-        outputs[i] = finished_output(state, text)
+        outputs[i] = row_output(state)
     return outputs
 
 
@@ -185,7 +161,7 @@ def invalid_rows(rows: Sequence[BatchRow]) -> dict[int, RowOutput]:
     failed = {}
     for i, row in enumerate(rows):
         if (error := row_error(row)) is not None:
-            failed[i] = RowOutput((), "", FinishReason.LENGTH, aborted=True, error=error)
+            failed[i] = RowOutput((), FinishReason.LENGTH, aborted=True, error=error)
     return failed
 
 
@@ -200,35 +176,13 @@ def aborted_before_start(row: BatchRow) -> bool:
         return True
 
 
-def aborted_output(state: RowState) -> RowOutput:
-    """An aborted or failed row's partial output (its finish_reason is meaningless)."""
-    return RowOutput(tuple(state.token_ids), state.text or "",
-                     state.finish_reason or FinishReason.LENGTH, aborted=True,
-                     error=state.error)
-
-
-def final_output(state: RowState, tokenizer: Any) -> RowOutput:
-    """A finished row's output, decoded now (the same text the end-of-batch decode gives)."""
-    assert state.finish_reason is not None
-    text = state.text
-    if text is None:
-        text = tokenizer.decode(_text_ids(state), **DECODE_KWARGS)
-    return finished_output(state, text)
-
-
-def finished_output(state: RowState, text: str) -> RowOutput:
-    assert state.finish_reason is not None
-    return RowOutput(tuple(state.token_ids), text, state.finish_reason,
+def row_output(state: RowProgress) -> RowOutput:
+    """A row's output as it leaves: finished, or aborted or failed (then partial)."""
+    return RowOutput(tuple(state.token_ids), state.finish_reason or FinishReason.LENGTH,
+                     aborted=state.aborted, error=state.error,
                      logprobs=None if state.logprobs is None else tuple(state.logprobs),
                      prompt_logprobs=(None if state.prompt_logprobs is None
                                       else tuple(state.prompt_logprobs)))
-
-
-def _text_ids(state: RowState) -> list[int]:
-    """The ids whose text is the row's text: an eos id is dropped even if not a special token."""
-    if state.finish_reason is FinishReason.EOS:
-        return state.token_ids[:-1]
-    return state.token_ids
 
 
 def eos_ids_of(model: Any, tokenizer: Any) -> frozenset[int]:

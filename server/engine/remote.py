@@ -3,9 +3,11 @@
 With --engine-process the model, scheduler, prompt cache and adapter store work live in a
 child process (server.engine.worker) and this side keeps only the tokenizer, so the event
 loop's Python work and the decode loop's no longer share a GIL. Requests, aborts, adapter
-calls and shutdown go down one pipe; results, stream chunks, metric events and gauges come
-back up it (server.engine.wire) to a reader thread, which hands them to each request's event
-loop through its Mailbox. Gauges (/metrics) are as of the engine's last report, at most
+calls and shutdown go down one pipe; token-id deltas, metric events and gauges come back up
+it (server.engine.wire) to a reader thread, which hands them to each request's event loop
+through its Mailbox. Text is made here, by the frontend (server.engine.output_processor):
+the engine process only computes tokens, and a stop string found here aborts the row there.
+Gauges (/metrics) are as of the engine's last report, at most
 server.engine.worker.STATS_PERIOD_S old; readiness (/readyz) at most READY_PERIOD_S.
 
 If the engine process dies, every waiting request fails with a 503 and wait_until_exited()
@@ -39,11 +41,12 @@ from server.engine.interface import (
     GenerationRequest,
     GenerationResult,
     ModelInfo,
-    TokenChunk,
 )
 from server.engine.mailbox import mailbox_for
 from server.engine.model_loader import load_tokenizer, model_source
 from server.engine.observer import CacheEvent, EngineObserver, GuardedObserver, NullObserver
+from server.engine.output_processor import OutputStream, RequestOutput
+from server.engine.row_progress import RowDelta
 from server.engine.tickets import QueueStream
 
 log = logging.getLogger(__name__)
@@ -79,12 +82,14 @@ class _Pending:
             self.future.set_result(item)
 
 
-class RemoteStream(QueueStream):
-    """What open_stream returns: TokenChunks, then one GenerationResult; aclose() aborts.
-    Its queue holds the engine process's messages for the request, in order."""
+class RemoteDeltas(QueueStream):
+    """A request's deltas of token ids from the engine process, for this process's frontend
+    (server.engine.output_processor); close() aborts. Its queue holds the engine process's
+    messages for the request, in order."""
 
     def __init__(self, engine: RemoteEngine, key: str, queue: asyncio.Queue) -> None:
         super().__init__(queue, lambda: engine._abort_key(key))
+        self.prompt_tokens = self.virtual_tokens = 0  # from the engine's acceptance
 
     async def accepted(self) -> None:
         """Wait for the engine to take the request; raise why it did not."""
@@ -93,16 +98,17 @@ class RemoteStream(QueueStream):
             self._done = True
             self._unpack(item)  # raises: nothing but an error can come before "accepted"
             raise AssertionError(f"engine pipe: {item!r} before the request was accepted")
+        self.prompt_tokens = int(item["prompt_tokens"])
+        self.virtual_tokens = int(item["virtual_tokens"])
 
-    def _unpack(self, item: object) -> tuple[TokenChunk | GenerationResult, bool]:
+    def _unpack(self, item: object) -> tuple[RowDelta, bool]:
         if isinstance(item, BaseException):
             raise item
         assert isinstance(item, dict)
         op = item["op"]
-        if op == "chunk":
-            return wire.chunk_from_wire(item["chunk"]), False
-        if op == "result":
-            return wire.result_from_wire(item["result"]), True
+        if op == "delta":
+            delta = wire.delta_from_wire(item["delta"])
+            return delta, delta.finish_reason is not None
         if op == "error":
             raise wire.error_from_wire(item["error"])
         raise asyncio.CancelledError()  # "cancelled": aborted by the engine (drain deadline)
@@ -248,11 +254,12 @@ class RemoteEngine:
         elif op == "stats":
             self._stats, self._tenants = message["stats"], message["tenants"]
             self._ready = bool(message["ready"])
-        elif op in ("accepted", "chunk", "result", "error", "cancelled", "reply"):
+        elif op in ("accepted", "delta", "error", "cancelled", "reply"):
             key = message["key"]
+            going_on = op == "accepted" or (
+                op == "delta" and message["delta"].get("finish_reason") is None)
             with self._pending_lock:
-                pending = (self._pending.get(key) if op in ("accepted", "chunk")
-                           else self._pop(key))
+                pending = self._pending.get(key) if going_on else self._pop(key)
             if pending is not None:  # None: aborted here already
                 pending.deliver(message)
         elif op == "ready":
@@ -367,26 +374,24 @@ class RemoteEngine:
             raise EngineNotReadyError(f"the engine process is gone: {e}") from e
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        loop = asyncio.get_running_loop()
-        pending = _Pending(loop, future=loop.create_future())
-        key = self._submit(request, pending, stream=False)
-        assert pending.future is not None
-        try:
-            message = await pending.future
-        except asyncio.CancelledError:
-            self._abort_key(key)  # the caller went away: stop computing its row
-            raise
-        return wire.result_from_wire(message["result"])
+        stream = await self._open(request, stream=False)
+        return await stream.result()  # cancelled: the stream aborts the row
 
-    async def open_stream(self, request: GenerationRequest) -> RemoteStream:
+    async def open_stream(self, request: GenerationRequest) -> OutputStream:
         """Submits and waits for the engine to accept, so 404/422/429/503 raise here."""
+        return await self._open(request, stream=True)
+
+    async def _open(self, request: GenerationRequest, *, stream: bool) -> OutputStream:
         loop = asyncio.get_running_loop()
         pending = _Pending(loop, queue=asyncio.Queue())
-        key = self._submit(request, pending, stream=True)
+        key = self._submit(request, pending, stream=stream)
         assert pending.queue is not None
-        stream = RemoteStream(self, key, pending.queue)
-        await stream.accepted()  # cancelled meanwhile: the stream aborts itself
-        return stream
+        deltas = RemoteDeltas(self, key, pending.queue)
+        await deltas.accepted()  # cancelled meanwhile: the stream aborts itself
+        output = RequestOutput(request, self._tokenizer, stream=stream,
+                               prompt_tokens=deltas.prompt_tokens,
+                               virtual_tokens=deltas.virtual_tokens)
+        return OutputStream(deltas, output, request_id=request.request_id)
 
     async def abort(self, request_id: str) -> None:
         """Stop the request: its generate raises CancelledError (its stream ends with it), as

@@ -14,9 +14,10 @@ batching (seq2seq models, BLOOM, or --batching static): the policy picks up to m
 and run_batch runs them to the longest row. Either way, an idle engine waits at most max_wait
 after the oldest ready request arrived for batch mates.
 
-Results travel back through the loop's Mailbox (one call_soon_threadsafe per burst): to an
-asyncio Future (generate) or an asyncio.Queue (streams). The thread never blocks on the event
-loop and vice versa.
+Each step's output travels back through the loop's Mailbox as one batch of token-id deltas
+(server.engine.row_progress), to each request's queue, where the frontend
+(server.engine.output_processor) detokenizes them and looks for stop strings. The thread
+never blocks on the event loop and vice versa.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ from server.engine.errors import (
     QueueFullError,
 )
 from server.engine.fairness import BatchPolicy, RoundRobinPolicy
-from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
+from server.engine.interface import GenerationRequest
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver
 from server.engine.prompt_layout import Layout, text_start
 from server.engine.prompt_table import PromptTable
+from server.engine.row_progress import RowDelta
 from server.engine.static_loop import StaticLoop
-from server.engine.tickets import Failure, Ticket, TicketState
+from server.engine.tickets import Failure, Ticket, TicketState, deliver_deltas
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ class Scheduler:
         # Running mean of how long max_batch_size requests take to clear, for Retry-After:
         # a static batch's duration, or one request's time in the running batch.
         self._batch_seconds = 1.0
+        self._outbox: list[tuple[Ticket, RowDelta]] = []  # this step's deltas (engine thread)
         self._adapters = AdapterLoader(
             store=store, table=table, observer=observer, lock=self._cond,
             make_ready=self._make_ready, fail=self.fail, threads=loader_threads)
@@ -300,38 +303,41 @@ class Scheduler:
                                                f"{type(out.error).__name__}: {out.error}"))
 
     def complete(self, ticket: Ticket, out: generation.RowOutput) -> None:
-        req = ticket.request
-        result = GenerationResult(
-            request_id=req.request_id, adapter_id=req.adapter_id, text=out.text,
-            token_ids=out.token_ids, finish_reason=out.finish_reason,
-            prompt_tokens=len(req.prompt_ids) + ticket.anchor_tokens,
-            virtual_tokens=ticket.virtual_tokens,
-            completion_tokens=len(out.token_ids), logprobs=out.logprobs,
-            prompt_logprobs=out.prompt_logprobs)
-        if self._finish(ticket):
-            ticket.deliver(result)
+        """A row finished (eos or length): its last delta, handed out by the row, carried the
+        end to the frontend and took it off the gauges; this makes sure of the latter."""
+        self._finish(ticket)
 
-    def row(self, ticket: Ticket, ids: Sequence[int], *, early: bool) -> generation.BatchRow:
-        """The ticket as a model row reading `ids` (virtual ids, then the text's); `early`:
-        answer it from inside run_batch when it finishes (the engine core returns a row the
-        step it finishes anyway)."""
+    def row(self, ticket: Ticket, ids: Sequence[int]) -> generation.BatchRow:
+        """The ticket as a model row reading `ids` (virtual ids, then the text's)."""
         def on_first_token() -> None:
             self.observer.first_token(time.monotonic() - ticket.submitted_at,
                                        tenant=ticket.namespace)
 
-        on_chunk: Any = None
-        if ticket.queue is not None:
-            def on_chunk(chunk: TokenChunk) -> None:
-                if ticket.state is not TicketState.DONE:
-                    ticket.deliver(chunk)
+        def on_delta(delta: RowDelta) -> None:
+            if ticket.state is not TicketState.DONE:
+                self._outbox.append((ticket, delta))
+                if delta.finish_reason is not None:  # it leaves the gauges now, not with
+                    self._finish(ticket)  # the rest of its static batch
 
         text = len(ticket.request.prompt_ids)
         start = len(ids) - text if ticket.layout is None else text_start(ticket.layout)
         return generation.BatchRow(
             prompt_ids=ids, prompt_embeds=None, text_span=(start, start + text),
-            params=ticket.request.params, on_chunk=on_chunk, is_aborted=ticket.is_aborted,
-            on_first_token=on_first_token,
-            on_finish=(lambda out: self.complete(ticket, out)) if early else None)
+            params=ticket.request.params, on_delta=on_delta, live=ticket.live,
+            is_aborted=ticket.is_aborted, on_first_token=on_first_token)
+
+    def flush_outputs(self) -> None:
+        """Hand the step's deltas to the frontend: one mailbox post per event loop, however
+        many rows. The loops call it after every step."""
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+        by_box: dict[int, tuple[Any, list[tuple[Ticket, RowDelta]]]] = {}
+        for ticket, delta in items:
+            box = ticket.mailbox
+            by_box.setdefault(id(box), (box, []))[1].append((ticket, delta))
+        for box, batch in by_box.values():
+            box.post(deliver_deltas, batch)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 decoder-only models the engine core cannot run).
 
 The policy picks up to max_batch_size ready requests and one run_batch call runs them all to
-the longest row; a row that finishes early is answered from inside that call.
+the longest row; each step's deltas go to the frontend from inside that call, so a row that
+finishes early is answered then.
 """
 
 from __future__ import annotations
@@ -43,21 +44,24 @@ class StaticLoop:
         for ticket in batch:
             ticket.started_at = started
         s.observe_batch_start(batch, batch, started)
-        rows = [s.row(ticket, ids, early=True) for ticket, ids in admitted]
+        rows = [s.row(ticket, ids) for ticket, ids in admitted]
         loaded = s.loaded
         try:
-            outputs = generation.run_batch(loaded.model, loaded.tokenizer, rows)
+            outputs = generation.run_batch(loaded.model, loaded.tokenizer, rows,
+                                           after_step=s.flush_outputs)
         except Exception as e:  # noqa: BLE001 - isolate the failure to this batch
             s.fail_batch(batch, e)
             return
         finally:
+            s.flush_outputs()
             elapsed = time.monotonic() - started
             s.note_batch_time(elapsed, weight=0.2)
-        generated = [len(out.token_ids) for out in outputs if not out.aborted]
+        # Every token computed counts, an aborted row's too (a stop string aborts its row).
+        generated = [len(out.token_ids) for out in outputs]
         s.observer.batch_finished(size=len(batch), steps=max(generated, default=0),
                                    generated_tokens=sum(generated))
         for ticket, out in zip(batch, outputs, strict=True):
             if out.aborted:
                 s.end_aborted(ticket, out)
             else:
-                s.complete(ticket, out)  # no-op for rows delivered early (on_finish)
+                s.complete(ticket, out)

@@ -1,10 +1,12 @@
 """A request's handle between the asyncio side and the engine thread.
 
-A Ticket carries the request through the scheduler; results reach asyncio only through the
-loop's Mailbox (call_soon_threadsafe, once per burst), to a Future (generate) or a Queue
-(streams). TokenStream is what
-open_stream returns: closing it (or dropping it) aborts the request even if it was never
-iterated, which a plain async generator cannot do (its finally never runs if it never started).
+A Ticket carries the request through the scheduler. What the engine hands out for it reaches
+asyncio only through the loop's Mailbox (call_soon_threadsafe, once per burst): each step's
+deltas of all rows in one post, then the request's end (a failure, or None when it was
+aborted), onto the ticket's queue. DeltaStream reads that queue for the frontend
+(server.engine.output_processor), which makes text, chunks and the result of the deltas.
+Closing the stream (or dropping it) aborts the request even if it was never iterated, which a
+plain async generator cannot do (its finally never runs if it never started).
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import torch
 
-from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
-from server.engine.mailbox import mailbox_for
+from server.engine.interface import GenerationRequest
+from server.engine.mailbox import Mailbox, mailbox_for
 from server.engine.prompt_layout import Layout, anchor_tokens
 from server.engine.prompt_table import TableEntry
+from server.engine.row_progress import RowDelta
 
 
 class TicketState(StrEnum):
@@ -58,8 +62,23 @@ class Ticket:
         # when the table had no room at load time, the rows on the host ([n, hidden]).
         self.entry: TableEntry | None = None
         self.embeds: torch.Tensor | None = None
-        self.future: asyncio.Future | None = None if stream else loop.create_future()
-        self.queue: asyncio.Queue | None = asyncio.Queue() if stream else None
+        self.stream = stream
+        self.queue: asyncio.Queue = asyncio.Queue()  # RowDelta..., or Failure / None at the end
+
+    @property
+    def live(self) -> bool:
+        """Whether its frontend must see each step's tokens (a stream, or stop strings to look
+        for); else the engine hands its tokens out once, when the row finishes."""
+        return self.stream or any(self.request.params.stop)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's text and template anchor tokens, for usage."""
+        return len(self.request.prompt_ids) + self.anchor_tokens
+
+    @property
+    def mailbox(self) -> Mailbox:
+        return self._mailbox
 
     @property
     def namespace(self) -> str:
@@ -68,21 +87,15 @@ class Ticket:
     def is_aborted(self) -> bool:
         return self.state is TicketState.DONE
 
-    def deliver(self, item: GenerationResult | TokenChunk | Failure | None) -> None:
-        """From any thread: hand `item` to the asyncio side (None: cancelled)."""
-        self._mailbox.post(self._deliver_on_loop, item)
+    def deliver(self, item: Failure | None) -> None:
+        """From any thread: end the request on the asyncio side (None: cancelled)."""
+        self._mailbox.post(self.queue.put_nowait, item)
 
-    def _deliver_on_loop(self, item: GenerationResult | TokenChunk | Failure | None) -> None:
-        if self.queue is not None:
-            self.queue.put_nowait(Failure(asyncio.CancelledError()) if item is None else item)
-        elif self.future is not None and not self.future.done():
-            if item is None:
-                self.future.cancel()
-            elif isinstance(item, Failure):
-                self.future.set_exception(item.error)
-            elif isinstance(item, GenerationResult):
-                self.future.set_result(item)
 
+def deliver_deltas(items: Sequence[tuple[Ticket, RowDelta]]) -> None:
+    """On the loop: a step's deltas onto their tickets' queues (one mailbox post per step)."""
+    for ticket, delta in items:
+        ticket.queue.put_nowait(delta)
 
 
 class QueueStream:
@@ -97,7 +110,7 @@ class QueueStream:
     def __aiter__(self) -> QueueStream:
         return self
 
-    async def __anext__(self) -> TokenChunk | GenerationResult:
+    async def __anext__(self) -> Any:
         if self._done:
             raise StopAsyncIteration
         item = await self._get()
@@ -116,11 +129,15 @@ class QueueStream:
             self._close()
             raise
 
-    def _unpack(self, item: object) -> tuple[TokenChunk | GenerationResult, bool]:
+    def _unpack(self, item: object) -> tuple[Any, bool]:
         """The item as a stream value and whether it is the last; raise what it says."""
         raise NotImplementedError
 
     async def aclose(self) -> None:
+        self._close()
+
+    def close(self) -> None:
+        """Abort, unless the last item has come."""
         self._close()
 
     def _close(self) -> None:
@@ -133,16 +150,17 @@ class QueueStream:
             self._close()
 
 
-class TokenStream(QueueStream):
-    """A ticket's stream: TokenChunk..., then one GenerationResult; aclose() aborts."""
+class DeltaStream(QueueStream):
+    """A ticket's deltas, up to the one that finishes its row; close() aborts."""
 
     def __init__(self, ticket: Ticket, abort: Callable[[Ticket], None]) -> None:
-        assert ticket.queue is not None
         super().__init__(ticket.queue, lambda: abort(ticket))
-        self.request_id = ticket.request.request_id
+        self.ticket = ticket
 
-    def _unpack(self, item: object) -> tuple[TokenChunk | GenerationResult, bool]:
+    def _unpack(self, item: object) -> tuple[RowDelta, bool]:
         if isinstance(item, Failure):
             raise item.error
-        assert isinstance(item, TokenChunk | GenerationResult)
-        return item, isinstance(item, GenerationResult)
+        if item is None:
+            raise asyncio.CancelledError()
+        assert isinstance(item, RowDelta)
+        return item, item.finish_reason is not None

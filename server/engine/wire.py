@@ -21,13 +21,12 @@ from server.engine.interface import (
     AdapterUpload,
     FinishReason,
     GenerationRequest,
-    GenerationResult,
     ModelInfo,
     SamplingParams,
-    TokenChunk,
     TokenLogprob,
 )
 from server.engine.model_loader import ModelLoadError
+from server.engine.row_progress import RowDelta
 
 
 def _error_classes() -> dict[str, type[Exception]]:
@@ -87,31 +86,19 @@ def _logprobs_from_wire(data: list | None) -> tuple[TokenLogprob | None, ...] | 
         (int(i), float(lp)) for i, lp in v[2])) for v in data)
 
 
-def chunk_to_wire(chunk: TokenChunk) -> dict[str, Any]:
-    return {"token_ids": list(chunk.token_ids), "text": chunk.text,
-            "logprobs": _logprobs_to_wire(chunk.logprobs),
-            "prompt_logprobs": _logprobs_to_wire(chunk.prompt_logprobs)}
+def delta_to_wire(delta: RowDelta) -> dict[str, Any]:
+    """A row's new token ids (and logprobs), and its finish reason on its last delta."""
+    return {"token_ids": list(delta.token_ids), "logprobs": _logprobs_to_wire(delta.logprobs),
+            "prompt_logprobs": _logprobs_to_wire(delta.prompt_logprobs),
+            "finish_reason": None if delta.finish_reason is None else str(delta.finish_reason)}
 
 
-def chunk_from_wire(data: dict[str, Any]) -> TokenChunk:
-    return TokenChunk(token_ids=tuple(data["token_ids"]), text=data["text"],
-                      logprobs=_logprobs_from_wire(data.get("logprobs")),  # type: ignore[arg-type]
-                      prompt_logprobs=_logprobs_from_wire(data.get("prompt_logprobs")))
-
-
-def result_to_wire(result: GenerationResult) -> dict[str, Any]:
-    return {**dataclasses.asdict(result), "token_ids": list(result.token_ids),
-            "finish_reason": str(result.finish_reason),
-            "logprobs": _logprobs_to_wire(result.logprobs),
-            "prompt_logprobs": _logprobs_to_wire(result.prompt_logprobs)}
-
-
-def result_from_wire(data: dict[str, Any]) -> GenerationResult:
-    return GenerationResult(**{
-        **data, "token_ids": tuple(data["token_ids"]),
-        "finish_reason": FinishReason(data["finish_reason"]),
-        "logprobs": _logprobs_from_wire(data.get("logprobs")),
-        "prompt_logprobs": _logprobs_from_wire(data.get("prompt_logprobs"))})
+def delta_from_wire(data: dict[str, Any]) -> RowDelta:
+    reason = data.get("finish_reason")
+    return RowDelta(token_ids=tuple(int(t) for t in data["token_ids"]),
+                    logprobs=_logprobs_from_wire(data.get("logprobs")),  # type: ignore[arg-type]
+                    prompt_logprobs=_logprobs_from_wire(data.get("prompt_logprobs")),
+                    finish_reason=None if reason is None else FinishReason(reason))
 
 
 def info_to_wire(info: ModelInfo) -> dict[str, Any]:

@@ -4,7 +4,9 @@ The HTTP process's Python work (FastAPI, pydantic, tokenizing, writing responses
 decode loop's Python work (module calls, sampling, bookkeeping) otherwise take turns on one
 GIL: over HTTP the fairness benchmark's engine iterations took twice as long as in process.
 Here the engine has an interpreter of its own. Its event loop does nothing but pass messages:
-requests in, results, stream chunks, metric events and gauges out (server.engine.wire).
+requests in; token-id deltas, metric events and gauges out (server.engine.wire). Text is made
+in the HTTP process (server.engine.output_processor), which also finds stop strings and sends
+the abort back.
 
 The process ignores SIGINT and SIGTERM: the HTTP process drains it through the pipe, and a
 Ctrl-C sent to the whole process group must not kill in-flight requests before that drain.
@@ -28,7 +30,7 @@ from typing import Any
 from server.config import Settings
 from server.engine import wire
 from server.engine.engine import Engine
-from server.engine.interface import GenerationRequest, TokenChunk
+from server.engine.interface import GenerationRequest
 from server.engine.stores import open_store
 
 log = logging.getLogger(__name__)
@@ -188,23 +190,18 @@ class Worker:
             log.error("engine process: unknown message %r ignored", op)
 
     async def _generate(self, key: str, request: GenerationRequest, stream: bool) -> None:
+        """Token ids only: the HTTP process's frontend decodes them, looks for stop strings
+        and aborts the row when one completes (server.engine.output_processor)."""
         try:
-            if not stream:
-                result = await self.engine.generate(request)
-                self.send({"op": "result", "key": key, "result": wire.result_to_wire(result)})
-                return
-            tokens = await self.engine.open_stream(request)
+            deltas = await self.engine.open_deltas(request, stream=stream)
             try:
-                self.send({"op": "accepted", "key": key})
-                async for item in tokens:
-                    if isinstance(item, TokenChunk):
-                        self.send({"op": "chunk", "key": key,
-                                   "chunk": wire.chunk_to_wire(item)})
-                    else:
-                        self.send({"op": "result", "key": key,
-                                   "result": wire.result_to_wire(item)})
+                ticket = deltas.ticket
+                self.send({"op": "accepted", "key": key, "prompt_tokens": ticket.prompt_tokens,
+                           "virtual_tokens": ticket.virtual_tokens})
+                async for delta in deltas:
+                    self.send({"op": "delta", "key": key, "delta": wire.delta_to_wire(delta)})
             finally:
-                await tokens.aclose()
+                deltas.close()
         except asyncio.CancelledError:
             self.send({"op": "cancelled", "key": key})
         except Exception as e:  # noqa: BLE001 - every failure goes back to its request

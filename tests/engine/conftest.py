@@ -1,10 +1,12 @@
-"""Fixtures shared by the batch-runner tests: tiny models with their tokenizers, row helpers, and
-`run`: static batching (run_batch) or the engine core run to the end."""
+"""Fixtures shared by the batch-runner tests: tiny models with their tokenizers, row helpers,
+`run`: static batching (run_batch) or the engine core run to the end, and `served`: rows run
+through a runner and the frontend, as a client gets them (text, stop strings, chunks)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -15,7 +17,8 @@ from server.engine.core.engine_core import EngineCore, StepStats
 from server.engine.core.kv_cache import SlotKVCache, cache_shape
 from server.engine.core.prefix_cache import PrefixCache
 from server.engine.generation import BatchRow, RowOutput, run_batch
-from server.engine.interface import SamplingParams
+from server.engine.interface import GenerationRequest, GenerationResult, SamplingParams, TokenChunk
+from server.engine.output_processor import RequestOutput
 from server.engine.prompt_table import PromptTable, install
 from tests.factories import load_base
 
@@ -121,3 +124,56 @@ def run_core(model, tokenizer, rows: list[BatchRow], *, max_batch_tokens: int = 
 def run(request):
     """The batch runner under test: same rows in, same outputs out."""
     return run_batch if request.param == "static" else run_core
+
+
+@dataclasses.dataclass
+class Served:
+    """A row as its client sees it: the frontend's result (None: the row never finished) and
+    its stream's chunks."""
+
+    result: GenerationResult | None = None
+    chunks: list[TokenChunk] = dataclasses.field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        assert self.result is not None
+        return self.result.text
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        assert self.result is not None
+        return self.result.token_ids
+
+    @property
+    def finish_reason(self):
+        assert self.result is not None
+        return self.result.finish_reason
+
+
+def served(runner: Callable[..., list[RowOutput]], model, tokenizer, rows: list[BatchRow], *,
+           stream: bool = True) -> list[Served]:
+    """Rows run by `runner` with their deltas going to a RequestOutput each, which aborts a
+    row whose stop string completed, as the engine's frontend does."""
+    outputs = [RequestOutput(GenerationRequest(str(i), tuple(row.prompt_ids), None,
+                                               params=row.params),
+                             tokenizer, stream=stream, prompt_tokens=len(row.prompt_ids),
+                             virtual_tokens=0)
+               for i, row in enumerate(rows)]
+    got = [Served() for _ in rows]
+
+    def wired(i: int, row: BatchRow) -> BatchRow:
+        def on_delta(delta) -> None:
+            for item in outputs[i].add(delta):
+                if isinstance(item, TokenChunk):
+                    got[i].chunks.append(item)
+                else:
+                    got[i].result = item
+
+        def is_aborted() -> bool:
+            return outputs[i].finished or (row.is_aborted is not None and row.is_aborted())
+
+        return dataclasses.replace(row, on_delta=on_delta,
+                                   live=stream or any(row.params.stop), is_aborted=is_aborted)
+
+    runner(model, tokenizer, [wired(i, row) for i, row in enumerate(rows)])
+    return got

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,55 @@ async def test_batch_finished_reports_steps_and_padding_of_mixed_lengths(engine)
     else:
         assert [size for size, _, _ in observer.finished[-9:]] == [3, 3, 2, 2, 2, 1, 1, 1, 1]
         assert all(steps == 1 and made == size for size, steps, made in observer.finished)
+
+
+def first_new_char(text: str) -> str:
+    """A printable character of `text` (not its first) that does not occur before itself: a
+    stop string whose first occurrence is a few tokens in."""
+    for i, ch in enumerate(text):
+        if i >= 2 and ch.isprintable() and not ch.isspace() and ch != "\ufffd" \
+                and ch not in text[:i]:
+            return ch
+    raise AssertionError(f"no usable stop character in {text!r}; pick another prompt")
+
+
+async def test_text_is_made_off_the_engine_thread_and_a_stop_found_there_ends_the_row(
+        engine, monkeypatch) -> None:
+    """The engine thread hands out token ids only; the frontend decodes them, finds the stop
+    string, answers, and aborts the row, which stops computing (400 tokens were allowed)."""
+    observer = engine._observer
+    full = await engine.generate(request(engine, "a", "pt3", max_new_tokens=40,
+                                         ignore_eos=True))
+    stop = first_new_char(full.text)
+    tok = engine._model().tokenizer
+    threads: set[str] = set()
+    real_decode = tok.decode
+
+    def decode(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(tok, "decode", decode)
+    await until(lambda: len(observer.finished) == len(observer.batches))
+    mark = len(observer.finished)
+
+    stream = await engine.open_stream(request(engine, "a", "pt3", max_new_tokens=400,
+                                              ignore_eos=True, stop=(stop,)))
+    items = [item async for item in stream]
+    plain = await engine.generate(request(engine, "a", "pt3", max_new_tokens=5,
+                                          ignore_eos=True))
+
+    result = items[-1]
+    assert isinstance(result, GenerationResult)
+    assert result.finish_reason is FinishReason.STOP
+    assert result.text == full.text[:full.text.index(stop)]
+    assert result.token_ids == full.token_ids[:len(result.token_ids)]
+    assert plain.token_ids == full.token_ids[:5]
+    assert threads and "engine" not in threads, threads
+    await until(lambda: engine.stats()["in_flight"] == 0
+                and len(observer.finished) == len(observer.batches))
+    computed = sum(made for _, _, made in observer.finished[mark:])
+    assert computed < 100, computed  # the stopped row, a few steps past its stop, and plain
 
 
 async def test_a_short_row_is_answered_before_its_batch_mates_finish(engine) -> None:

@@ -168,7 +168,6 @@ def test_mixed_batch_matches_peft_alone(arch: str, device: str, tiny_model_dirs,
             out = outs[i]
             assert list(out.token_ids) == expected, f"{arch} {mode} row {i} ({request})"
             assert out.finish_reason is (FinishReason.EOS if eos else FinishReason.LENGTH)
-            assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
     # Anchor the reused-model helper to the factory's reference itself, for one adapter row.
     assert list(outputs[2].token_ids) == peft_reference_generate(

@@ -285,6 +285,28 @@ async def test_closing_a_stream_early_stops_its_row(remote, observer, close) -> 
     assert generated_since(observer, mark) < LONG
 
 
+async def test_a_stop_string_found_in_this_process_stops_the_row_in_the_engine_process(
+        remote, observer) -> None:
+    """The engine process sends token ids only; the text, and so the stop string, is found
+    here, and the abort goes back down the pipe: the row stops well before its LONG tokens."""
+    full = await remote.generate(request(remote, "a", "pt3", namespace="t1",
+                                         max_new_tokens=40, ignore_eos=True))
+    stop = in_process.first_new_char(full.text)
+    await settled(remote, observer)
+    mark = len(observer.finished)
+
+    result = await remote.generate(request(remote, "a", "pt3", namespace="t1",
+                                           max_new_tokens=LONG, ignore_eos=True,
+                                           stop=(stop,)))
+
+    assert result.finish_reason is FinishReason.STOP
+    assert result.text == full.text[:full.text.index(stop)]
+    assert result.token_ids == full.token_ids[:len(result.token_ids)]
+    assert result.completion_tokens == len(result.token_ids)
+    await settled(remote, observer)
+    assert generated_since(observer, mark) < LONG // 4
+
+
 async def test_abort_by_id_ends_the_waiting_generate_like_in_process(remote, observer) -> None:
     """In process, abort(request_id) cancels the ticket's future, so the awaiting generate
     raises CancelledError. Here it must not wait forever."""

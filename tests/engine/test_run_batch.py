@@ -1,5 +1,5 @@
 """Per row, under static batching (run_batch) and the engine core alike: max_new_tokens, eos,
-stop strings, streaming, abort, input checks."""
+stop strings and streaming (through the frontend, as a client gets them), abort, input checks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from server.engine.generation import BatchRow, run_batch
-from server.engine.interface import FinishReason, SamplingParams, TokenChunk
-from tests.engine.conftest import make_row, run_one
+from server.engine.interface import FinishReason, SamplingParams
+from server.engine.row_progress import RowDelta
+from tests.engine.conftest import make_row, run_one, served
 
 TEXTS = ("Tweet: I love it. Label:", "a", "The quick brown fox", "Hi")
 
@@ -37,10 +38,10 @@ def test_eos_finishes_the_row_unless_ignore_eos(llama, run) -> None:
     k = next(i for i in range(2, 16) if ids[i] not in ids[:i])  # a token first seen at step k
     model.generation_config.eos_token_id = ids[k]  # the model now "ends" there
 
-    stops, ignores = run(model, tok, [
+    stops, ignores = served(run, model, tok, [
         make_row(tok, TEXTS[0], max_new_tokens=16),
         make_row(tok, TEXTS[0], max_new_tokens=16, ignore_eos=True),
-    ])
+    ], stream=False)
 
     assert stops.finish_reason is FinishReason.EOS
     assert list(stops.token_ids) == ids[: k + 1]  # the eos id included
@@ -70,12 +71,11 @@ def _printable_stop(model, tok) -> tuple[str, list[int], str, int]:
 def test_stop_string_across_tokens_ends_the_row(model_and_tokenizer, run) -> None:
     model, tok = model_and_tokenizer
     text, ids, stop, last = _printable_stop(model, tok)
-    chunks: list[TokenChunk] = []
-
-    out = run(model, tok, [BatchRow(tok(text)["input_ids"], None,
-                                    SamplingParams(max_new_tokens=24, stop=("zzz", stop),
-                                                   ignore_eos=True),
-                                    on_chunk=chunks.append)])[0]
+    [out] = served(run, model, tok, [BatchRow(tok(text)["input_ids"], None,
+                                              SamplingParams(max_new_tokens=24,
+                                                             stop=("zzz", stop),
+                                                             ignore_eos=True))])
+    chunks = out.chunks
 
     assert out.finish_reason is FinishReason.STOP
     assert list(out.token_ids) == ids[: last + 1]
@@ -87,19 +87,17 @@ def test_stop_string_across_tokens_ends_the_row(model_and_tokenizer, run) -> Non
 
 def test_streamed_chunks_add_up_to_the_result(model_and_tokenizer, run) -> None:
     model, tok = model_and_tokenizer
-    streams: dict[int, list[TokenChunk]] = {0: [], 1: []}
     rows = [
-        BatchRow(tok(TEXTS[0])["input_ids"], None, SamplingParams(max_new_tokens=20),
-                 on_chunk=streams[0].append),
+        BatchRow(tok(TEXTS[0])["input_ids"], None, SamplingParams(max_new_tokens=20)),
         BatchRow(tok(TEXTS[1])["input_ids"], None,
-                 SamplingParams(max_new_tokens=13, temperature=1.0, seed=5, ignore_eos=True),
-                 on_chunk=streams[1].append),
+                 SamplingParams(max_new_tokens=13, temperature=1.0, seed=5, ignore_eos=True)),
         make_row(tok, TEXTS[2], max_new_tokens=7),
     ]
 
-    outs = run(model, tok, rows)
+    outs = served(run, model, tok, rows)
 
-    for i, chunks in streams.items():
+    for i, out in enumerate(outs):
+        chunks = out.chunks
         assert chunks, f"row {i} streamed nothing"
         assert "".join(c.text for c in chunks) == outs[i].text
         assert sum((c.token_ids for c in chunks), ()) == outs[i].token_ids
@@ -111,13 +109,12 @@ def test_streamed_chunks_add_up_to_the_result(model_and_tokenizer, run) -> None:
 
 def test_streamed_chunks_never_split_a_character(llama, run) -> None:
     model, tok = llama
-    streams: list[list[TokenChunk]] = [[] for _ in range(4)]
-    outs = run(model, tok, [
+    outs = served(run, model, tok, [
         BatchRow(tok("é€👋" * 4)["input_ids"], None,
-                 SamplingParams(max_new_tokens=48, temperature=1.0, seed=s, ignore_eos=True),
-                 on_chunk=streams[s].append)
+                 SamplingParams(max_new_tokens=48, temperature=1.0, seed=s, ignore_eos=True))
         for s in range(4)
     ])
+    streams = [out.chunks for out in outs]
 
     # The byte tokenizer splits every non-ASCII character into 2-4 tokens; random bytes that are
     # not valid UTF-8 end up as U+FFFD in the final text as well. Text is released in whole
@@ -175,12 +172,13 @@ def test_row_aborted_before_start_is_not_generated(llama, run) -> None:
 def test_a_failing_callback_aborts_its_row_not_the_batch(llama, run) -> None:
     model, tok = llama
 
-    def broken(chunk: TokenChunk) -> None:
+    def broken(delta: RowDelta) -> None:
         raise RuntimeError("client went away")
 
     outs = run(model, tok, [
         BatchRow(tok(TEXTS[0])["input_ids"], None,
-                 SamplingParams(max_new_tokens=8, ignore_eos=True), on_chunk=broken),
+                 SamplingParams(max_new_tokens=8, ignore_eos=True), on_delta=broken,
+                 live=True),
         make_row(tok, TEXTS[1], max_new_tokens=8, ignore_eos=True),
     ])
 

@@ -155,10 +155,10 @@ async def test_a_failing_batch_fails_only_its_requests(batching, tiny_model_dirs
     else:
         real = generation.run_batch
 
-        def run_batch(model, tokenizer, rows):
+        def run_batch(model, tokenizer, rows, **kw):
             if any(poison in row.prompt_ids for row in rows):
                 raise RuntimeError("simulated device failure")
-            return real(model, tokenizer, rows)
+            return real(model, tokenizer, rows, **kw)
 
         monkeypatch.setattr(generation, "run_batch", run_batch)
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=1, batching=batching)

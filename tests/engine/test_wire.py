@@ -27,13 +27,12 @@ from server.engine.interface import (
     AdapterUpload,
     FinishReason,
     GenerationRequest,
-    GenerationResult,
     ModelInfo,
     SamplingParams,
-    TokenChunk,
     TokenLogprob,
 )
 from server.engine.model_loader import ModelLoadError
+from server.engine.row_progress import RowDelta
 
 
 def _trip(message: dict[str, Any]) -> dict[str, Any]:
@@ -104,33 +103,29 @@ def test_every_request_the_in_process_engine_serves_can_be_sent(params: Sampling
     assert back.params.temperature == params.temperature
 
 
-def test_chunk_round_trips() -> None:
-    chunk = TokenChunk(token_ids=(5, 6), text="é")
-    back = wire.chunk_from_wire(_trip(wire.chunk_to_wire(chunk)))
-    assert back == chunk and isinstance(back.token_ids, tuple)
+def test_a_delta_round_trips_as_token_ids_only() -> None:
+    delta = RowDelta(token_ids=(5, 6))
+    sent = _trip(wire.delta_to_wire(delta))
+    assert "text" not in sent  # the HTTP process makes text of the ids
+    back = wire.delta_from_wire(sent)
+    assert back == delta and isinstance(back.token_ids, tuple)
 
 
-@pytest.mark.parametrize("reason", list(FinishReason))
-def test_result_round_trips_with_its_finish_reason_an_enum_again(reason: FinishReason) -> None:
-    result = GenerationResult(request_id="r9", adapter_id="pt3", text="hi there",
-                              token_ids=(10, 11, 12), finish_reason=reason, prompt_tokens=4,
-                              virtual_tokens=3, completion_tokens=3)
-    sent = _trip(wire.result_to_wire(result))
+@pytest.mark.parametrize("reason", [FinishReason.LENGTH, FinishReason.EOS])
+def test_a_last_delta_round_trips_with_its_finish_reason_an_enum_again(
+        reason: FinishReason) -> None:
+    delta = RowDelta(token_ids=(10, 11, 12), finish_reason=reason)
+    sent = _trip(wire.delta_to_wire(delta))
     assert sent["finish_reason"] == reason.value
-    back = wire.result_from_wire(sent)
-    assert back == result
-    assert type(back.finish_reason) is FinishReason and isinstance(back.token_ids, tuple)
+    back = wire.delta_from_wire(sent)
+    assert back == delta and type(back.finish_reason) is FinishReason
 
 
-def test_logprobs_round_trip_in_chunks_and_results() -> None:
+def test_logprobs_round_trip_in_deltas() -> None:
     lp = (TokenLogprob(5, -0.25, ((5, -0.25), (9, -1.5))), TokenLogprob(6, -3.0))
-    chunk = TokenChunk(token_ids=(5, 6), text="ab", logprobs=lp)
-    assert wire.chunk_from_wire(_trip(wire.chunk_to_wire(chunk))) == chunk
-    result = GenerationResult(request_id="r", adapter_id=None, text="ab", token_ids=(5, 6),
-                              finish_reason=FinishReason.LENGTH, prompt_tokens=2,
-                              virtual_tokens=0, completion_tokens=2, logprobs=lp,
-                              prompt_logprobs=(None, TokenLogprob(7, -2.0, ((1, -0.5),))))
-    assert wire.result_from_wire(_trip(wire.result_to_wire(result))) == result
+    delta = RowDelta(token_ids=(5, 6), logprobs=lp,
+                     prompt_logprobs=(None, TokenLogprob(7, -2.0, ((1, -0.5),))))
+    assert wire.delta_from_wire(_trip(wire.delta_to_wire(delta))) == delta
 
 
 def test_model_info_round_trips() -> None:

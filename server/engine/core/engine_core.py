@@ -12,8 +12,9 @@ sampling state. Each step:
    is one token, a chunk its run of tokens), with logits only where a token is drawn: each
    decode, and the last token of a prompt that is complete;
 4. tokens are drawn on the device for all those rows at once (server.engine.core.
-   device_sampling) and copied to the host once; each row's stop conditions, detokenization
-   and streaming run there.
+   device_sampling) and copied to the host once; each row's token-level stop conditions (eos,
+   max_new_tokens, abort) run there, and its new ids go out as a delta. Detokenization and
+   stop strings are the frontend's (server.engine.output_processor), off this loop.
 
 There is no separate lane for long prompts, no copying of caches between rows: a row's keys
 and values are written once into its slot. Preempting a row frees its slot; when it runs
@@ -37,6 +38,7 @@ import torch
 
 from server.engine.core.decode_graphs import DecodeGraphs
 from server.engine.core.device_sampling import SlotSampling, greedy, sample
+from server.engine.core.host_copy import HostCopy
 from server.engine.core.kv_cache import Prefill, SlotKVCache, StepLayout
 from server.engine.core.prefix_cache import PrefixCache
 from server.engine.generation import (
@@ -45,15 +47,14 @@ from server.engine.generation import (
     InvalidRowError,
     RowOutput,
     aborted_before_start,
-    aborted_output,
     eos_ids_of,
-    final_output,
     row_error,
+    row_output,
 )
 from server.engine.interface import FinishReason
 from server.engine.logprobs import scoring_span, token_logprobs
 from server.engine.penalties import PenaltyPool, has_penalties
-from server.engine.stopping import RowState
+from server.engine.row_progress import RowProgress
 
 H = TypeVar("H")  # the caller's handle for a row
 
@@ -65,7 +66,7 @@ class CoreRow(Generic[H]):
     handle: H
     tokens: list[int]  # prompt ids (virtual ids first), then the ids drawn so far
     prompt_len: int
-    state: RowState
+    state: RowProgress
     seed: int
     slot: int | None = None
     computed: int = 0  # leading tokens whose keys and values are in the slot
@@ -132,6 +133,7 @@ class EngineCore(Generic[H]):
                                               max_rows=self.max_rows, scratch_slot=scratch,
                                               capture=capture, pad=pad)
         self._slot_params = SlotSampling(cache.slots, self._device)
+        self._host = HostCopy(self.max_rows, self._device)
         self._penalties = PenaltyPool(int(embedding.weight.shape[0]), self._device)
         self.running: list[CoreRow[H]] = []  # rows holding a slot, in admission order
         self.waiting: list[CoreRow[H]] = []  # rows without a slot, in the order they run
@@ -153,9 +155,9 @@ class EngineCore(Generic[H]):
         """Queue a row whose prompt is `ids` (virtual ids then text ids); it starts when a slot
         and the budget allow. Returns its output at once when it cannot run (invalid)."""
         if (error := row_error(row)) is not None:
-            return RowOutput((), "", FinishReason.LENGTH, aborted=True, error=error)
+            return RowOutput((), FinishReason.LENGTH, aborted=True, error=error)
         if len(ids) + row.params.max_new_tokens > self._cache.max_len:
-            return RowOutput((), "", FinishReason.LENGTH, aborted=True, error=InvalidRowError(
+            return RowOutput((), FinishReason.LENGTH, aborted=True, error=InvalidRowError(
                 f"{len(ids)} prompt tokens and max_new_tokens {row.params.max_new_tokens} "
                 f"exceed the {self._cache.max_len} positions a row can hold"))
         seed = row.params.seed if row.params.seed is not None else secrets.randbits(63)
@@ -164,7 +166,7 @@ class EngineCore(Generic[H]):
             vocab = self._vocab
             while virtual < len(ids) and ids[virtual] >= vocab:
                 virtual += 1
-        state = RowState(row, self._tokenizer, self._eos_ids)
+        state = RowProgress(row, self._eos_ids)
         score = None
         if row.params.prompt_logprobs is not None:
             score = scoring_span(row.text_span)
@@ -281,12 +283,12 @@ class EngineCore(Generic[H]):
                     logits.index_select(0, at), drawn.index_select(0, at),
                     [sampled[i].state.row.params.logprobs or 0 for i in wanted]), strict=True):
                 logprobs[i] = value
-        tokens = drawn.tolist()  # the step's one copy to the host
+        tokens = self._host.tokens(drawn)  # the step's one copy to the host
         for row, token, logprob in zip(sampled, tokens, logprobs, strict=True):
             row.tokens.append(token)
             row.state.step(token, logprob)
             if row.state.done:
-                left.append((row.handle, self._output(row.state)))
+                left.append((row.handle, row_output(row.state)))
         finished = [row for row in sampled if row.state.done]  # running rows, all of them
         for row in finished:
             self._release(row)
@@ -433,5 +435,3 @@ class EngineCore(Generic[H]):
             self._cache.free(row.slot)
             row.slot = None
 
-    def _output(self, state: RowState) -> RowOutput:
-        return aborted_output(state) if state.aborted else final_output(state, self._tokenizer)

@@ -60,7 +60,7 @@ class CoreLoop:
                     continue
                 ticket.started_at = now
                 started.append(ticket)
-                out = core.add(ticket, s.row(ticket, ids, early=False), ids)
+                out = core.add(ticket, s.row(ticket, ids), ids)
                 if out is None:
                     joining.append(ticket)
                 else:
@@ -83,6 +83,7 @@ class CoreLoop:
                     s.end_aborted(ticket, out)
                 else:
                     s.complete(ticket, out)
+            s.flush_outputs()
             stats = core.last
             s.observer.batch_finished(size=stats.rows, steps=1,
                                       generated_tokens=stats.decodes + len(joining))
