@@ -5,7 +5,9 @@ default) through the engine core (one forward over the step's tokens laid end to
 fixed per-row slots, sampling on the device), so the model's own compute is next to nothing
 and what is left is the host's cost of a step; on a GPU that cost is what a launch-bound step
 cannot hide. It prints the median wall time of a step with greedy rows and with seeded sampled
-rows, split into the forward and the rest.
+rows, split into the forward and the rest, and with greedy rows that stream and have a stop
+string: the engine thread only hands their new ids out, one delta per row per step (the
+frontend decodes them elsewhere).
 
     python -m benchmarks.step_overhead [--device cpu|cuda] [--rows 64] [--steps 200]
 """
@@ -49,11 +51,12 @@ def _model(device: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).to(device).eval()
 
 
-def _params(sampled: bool, steps: int, i: int) -> SamplingParams:
-    if sampled:
+def _params(kind: str, steps: int, i: int) -> SamplingParams:
+    if kind == "sampled":
         return SamplingParams(max_new_tokens=steps + 8, temperature=0.8, top_k=50, top_p=0.9,
                               seed=i, ignore_eos=True)
-    return SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)
+    stop = ("\n\n",) if kind == "streamed" else ()
+    return SamplingParams(max_new_tokens=steps + 8, ignore_eos=True, stop=stop)
 
 
 def _sync(device: str) -> None:
@@ -73,7 +76,7 @@ def _timed(step: Callable[[], object], steps: int, device: str) -> list[float]:
 
 
 def time_core(device: str, rows: int, steps: int,
-              sampled: bool) -> tuple[list[float], list[float]]:
+              kind: str) -> tuple[list[float], list[float]]:
     """(step times, forward times)."""
     model, tokenizer = _model(device), make_byte_tokenizer()
     table = PromptTable(vocab_size=BYTE_VOCAB_SIZE, hidden=16, capacity_bytes=1 << 16,
@@ -83,8 +86,10 @@ def time_core(device: str, rows: int, steps: int,
                         dtype=torch.float32, device=device)
     core: EngineCore[int] = EngineCore(model, tokenizer, cache, max_batch_tokens=rows * 64)
     ids = tokenizer(PROMPT)["input_ids"]
+    outbox: list[object] = []  # what the scheduler collects for the frontend each step
     for i in range(rows):
-        core.add(i, BatchRow(ids, None, _params(sampled, steps, i)), ids)
+        core.add(i, BatchRow(ids, None, _params(kind, steps, i), on_delta=outbox.append,
+                             live=kind == "streamed"), ids)
     core.step()  # every prefill in one step
     forward_times: list[float] = []
     inner = core._forward
@@ -111,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host time per decode step, {args.rows} rows, near-free model (GPT-2 shape, 1 layer, "
           f"hidden 16), device {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median over {args.steps} steps")
-    for sampled in (False, True):
-        kind = "seeded top-k/top-p sampling" if sampled else "greedy"
-        step, forward = time_core(args.device, args.rows, args.steps, sampled)
+    for kind, label in (("greedy", "greedy"), ("sampled", "seeded top-k/top-p sampling"),
+                        ("streamed", "greedy, streamed, stop string")):
+        step, forward = time_core(args.device, args.rows, args.steps, kind)
         core, fwd = statistics.median(step) * 1e3, statistics.median(forward) * 1e3
-        print(f"  {kind:28s} step {core:7.3f} ms "
+        print(f"  {label:30s} step {core:7.3f} ms "
               f"(forward {fwd:.3f} ms, the rest {core - fwd:.3f} ms)")
     return 0
 
