@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -42,76 +41,12 @@ from server.engine.interface import (
     GenerationResult,
     ModelInfo,
 )
-from server.engine.mailbox import mailbox_for
 from server.engine.model_loader import load_tokenizer, model_source
 from server.engine.observer import CacheEvent, EngineObserver, GuardedObserver, NullObserver
 from server.engine.output_processor import OutputStream, RequestOutput
-from server.engine.row_progress import RowDelta
-from server.engine.tickets import QueueStream
+from server.engine.remote_requests import Pending, RemoteDeltas
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Pending:
-    """A request or call waiting on the engine process: where its messages go."""
-
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future | None = None  # generate and adapter calls
-    queue: asyncio.Queue | None = None  # streams: every message, in order
-    request_id: str | None = None  # generate and streams: what abort(request_id) names
-
-    def deliver(self, item: Any) -> None:
-        """From the reader thread: `item` (a message dict or an exception) onto the loop."""
-        mailbox_for(self.loop).post(self._on_loop, item)
-
-    def _on_loop(self, item: Any) -> None:
-        if self.queue is not None:
-            self.queue.put_nowait(item)
-            return
-        assert self.future is not None
-        if self.future.done():
-            return
-        if isinstance(item, BaseException):
-            self.future.set_exception(item)
-        elif item.get("op") == "cancelled":
-            self.future.cancel()
-        elif "error" in item:  # an "error", or a "reply" carrying one
-            self.future.set_exception(wire.error_from_wire(item["error"]))
-        else:
-            self.future.set_result(item)
-
-
-class RemoteDeltas(QueueStream):
-    """A request's deltas of token ids from the engine process, for this process's frontend
-    (server.engine.output_processor); close() aborts. Its queue holds the engine process's
-    messages for the request, in order."""
-
-    def __init__(self, engine: RemoteEngine, key: str, queue: asyncio.Queue) -> None:
-        super().__init__(queue, lambda: engine._abort_key(key))
-        self.prompt_tokens = self.virtual_tokens = 0  # from the engine's acceptance
-
-    async def accepted(self) -> None:
-        """Wait for the engine to take the request; raise why it did not."""
-        item = await self._get()
-        if not (isinstance(item, dict) and item["op"] == "accepted"):
-            self._done = True
-            self._unpack(item)  # raises: nothing but an error can come before "accepted"
-            raise AssertionError(f"engine pipe: {item!r} before the request was accepted")
-        self.prompt_tokens = int(item["prompt_tokens"])
-        self.virtual_tokens = int(item["virtual_tokens"])
-
-    def _unpack(self, item: object) -> tuple[RowDelta, bool]:
-        if isinstance(item, BaseException):
-            raise item
-        assert isinstance(item, dict)
-        op = item["op"]
-        if op == "delta":
-            delta = wire.delta_from_wire(item["delta"])
-            return delta, delta.finish_reason is not None
-        if op == "error":
-            raise wire.error_from_wire(item["error"])
-        raise asyncio.CancelledError()  # "cancelled": aborted by the engine (drain deadline)
 
 
 class RemoteEngine:
@@ -126,7 +61,7 @@ class RemoteEngine:
         self._send_lock = threading.Lock()
         # Every submission and call has a key of its own on the pipe (a request id may be
         # used again once its request is over, while the engine still tidies up the old one).
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, Pending] = {}
         self._by_request: dict[str, str] = {}  # request id -> key, while in flight
         self._pending_lock = threading.Lock()
         self._keys = itertools.count()
@@ -348,7 +283,7 @@ class RemoteEngine:
 
     # ---- generation ---------------------------------------------------------------------------
 
-    def _submit(self, request: GenerationRequest, pending: _Pending, *, stream: bool) -> str:
+    def _submit(self, request: GenerationRequest, pending: Pending, *, stream: bool) -> str:
         self._require()
         key = str(next(self._keys))
         message = wire.dumps([{"op": "submit", "key": key, "stream": stream,
@@ -358,7 +293,7 @@ class RemoteEngine:
         self._post(key, pending, message)
         return key
 
-    def _post(self, key: str, pending: _Pending, message: bytes) -> None:
+    def _post(self, key: str, pending: Pending, message: bytes) -> None:
         """Register `pending` under `key`, then send `message`, whose answers it awaits."""
         with self._pending_lock:
             if pending.request_id is not None:
@@ -383,10 +318,10 @@ class RemoteEngine:
 
     async def _open(self, request: GenerationRequest, *, stream: bool) -> OutputStream:
         loop = asyncio.get_running_loop()
-        pending = _Pending(loop, queue=asyncio.Queue())
+        pending = Pending(loop, queue=asyncio.Queue())
         key = self._submit(request, pending, stream=stream)
         assert pending.queue is not None
-        deltas = RemoteDeltas(self, key, pending.queue)
+        deltas = RemoteDeltas(pending.queue, lambda: self._abort_key(key))
         await deltas.accepted()  # cancelled meanwhile: the stream aborts itself
         output = RequestOutput(request, self._tokenizer, stream=stream,
                                prompt_tokens=deltas.prompt_tokens,
@@ -415,7 +350,7 @@ class RemoteEngine:
         with self._pending_lock:
             self._pop(key)
 
-    def _pop(self, key: str) -> _Pending | None:
+    def _pop(self, key: str) -> Pending | None:
         """Under _pending_lock: the key's waiter, no longer waiting."""
         pending = self._pending.pop(key, None)
         if pending is not None and pending.request_id is not None:
@@ -429,7 +364,7 @@ class RemoteEngine:
         uploads and deletes must invalidate)."""
         self._require()
         loop = asyncio.get_running_loop()
-        pending = _Pending(loop, future=loop.create_future())
+        pending = Pending(loop, future=loop.create_future())
         key = str(next(self._keys))
         self._post(key, pending, wire.dumps([{"op": "call", "key": key, "method": method,
                                                "args": args}]))
