@@ -37,10 +37,10 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from server.engine.core.decode_graphs import DecodeGraphs
-from server.engine.core.device_sampling import SlotSampling, greedy, sample
 from server.engine.core.host_copy import HostCopy
 from server.engine.core.kv_cache import Prefill, SlotKVCache, StepLayout
 from server.engine.core.prefix_cache import PrefixCache
+from server.engine.core.row_sampler import RowSampler
 from server.engine.generation import (
     ABORTED,
     BatchRow,
@@ -53,7 +53,7 @@ from server.engine.generation import (
 )
 from server.engine.interface import FinishReason
 from server.engine.logprobs import scoring_span, token_logprobs
-from server.engine.penalties import PenaltyPool, has_penalties
+from server.engine.penalties import has_penalties
 from server.engine.row_progress import RowProgress
 
 H = TypeVar("H")  # the caller's handle for a row
@@ -121,7 +121,6 @@ class EngineCore(Generic[H]):
         self._vocab: int | None = getattr(embedding, "vocab_size", None)
         self.prefixes = prefixes if self._vocab is not None else None
         self._to_store: list[tuple[tuple[int, ...], int]] = []  # (virtual ids, slot)
-        self._eos = torch.tensor(sorted(self._eos_ids), dtype=torch.long, device=self._device)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         capture = self._device.type == "cuda" if graphs is None else graphs
         pad = capture if pad_decodes is None else pad_decodes
@@ -132,9 +131,9 @@ class EngineCore(Generic[H]):
             self.decode_graphs = DecodeGraphs(self._decode_forward, cache,
                                               max_rows=self.max_rows, scratch_slot=scratch,
                                               capture=capture, pad=pad)
-        self._slot_params = SlotSampling(cache.slots, self._device)
+        self._sampler = RowSampler(cache.slots, int(embedding.weight.shape[0]),
+                                   sorted(self._eos_ids), self._device)
         self._host = HostCopy(self.max_rows, self._device)
-        self._penalties = PenaltyPool(int(embedding.weight.shape[0]), self._device)
         self.running: list[CoreRow[H]] = []  # rows holding a slot, in admission order
         self.waiting: list[CoreRow[H]] = []  # rows without a slot, in the order they run
         self.last = StepStats(0, 0, 0)
@@ -274,7 +273,10 @@ class EngineCore(Generic[H]):
         self.last = StepStats(decodes, tokens - decodes, len(plan))
         if not sampled:
             return left
-        drawn = self._draw(logits, sampled)
+        drawn = self._sampler.draw(logits, [row.state.row.params for row in sampled],
+                                   [row.slot for row in sampled],
+                                   [row.drawn for row in sampled],
+                                   [row.penalized for row in sampled])
         logprobs: list[Any] = [None] * len(sampled)
         wanted = [i for i, row in enumerate(sampled) if row.state.logprobs is not None]
         if wanted:
@@ -334,12 +336,12 @@ class EngineCore(Generic[H]):
             take = min(len(row.tokens) - row.computed, budget)
             chunks.append((row, take))
             budget -= take
-        self._slot_params.assign([r.slot for r in joined],
-                                 [r.state.row.params for r in joined], [r.seed for r in joined])
+        self._sampler.join([r.slot for r in joined],
+                           [r.state.row.params for r in joined], [r.seed for r in joined])
         for row in joined:
             if row.penalized:
-                self._penalties.assign(row.slot, row.tokens[:row.prompt_len],
-                                       row.tokens[row.prompt_len:])
+                self._sampler.track(row.slot, row.tokens[:row.prompt_len],
+                                    row.tokens[row.prompt_len:])
         return decodes, chunks
 
     def _store_prefixes(self) -> None:
@@ -398,40 +400,10 @@ class EngineCore(Generic[H]):
             assert row.state.prompt_logprobs is not None
             row.state.prompt_logprobs += [next(values) for _ in range(count)]
 
-    def _draw(self, logits: torch.Tensor, rows: Sequence[CoreRow[H]]) -> torch.Tensor:
-        """Each row's next token [rows] on the device. What the host knows decides the path:
-        all greedy (the usual case) is one argmax; otherwise the rows' parameters are
-        gathered from their slots. Penalized rows' logits are penalized first (a copy: the
-        raw logits are what logprobs report)."""
-        params = [row.state.row.params for row in rows]
-        penalized = [i for i, row in enumerate(rows) if row.penalized]
-        if penalized:
-            at = torch.tensor(penalized, dtype=torch.long, device=self._device)
-            pool_rows = self._penalties.rows([rows[i].slot for i in penalized])
-            logits = logits.float().index_copy(0, at, self._penalties.apply(
-                logits.index_select(0, at), pool_rows, [params[i] for i in penalized]))
-            drawn = self._choose(logits, rows, params)
-            self._penalties.record(pool_rows, drawn.index_select(0, at))
-            return drawn
-        return self._choose(logits, rows, params)
-
-    def _choose(self, logits: torch.Tensor, rows: Sequence[CoreRow[H]],
-                params: list[Any]) -> torch.Tensor:
-        """Greedy or sampled tokens [rows] from these logits."""
-        if all(p.temperature == 0 for p in params):
-            ban = None
-            if any(p.ignore_eos for p in params):
-                ban = torch.tensor([p.ignore_eos for p in params], dtype=torch.bool,
-                                   device=self._device)
-            return greedy(logits, ban, self._eos)
-        index = torch.tensor([[row.slot for row in rows], [row.drawn for row in rows]],
-                             dtype=torch.long).to(self._device, non_blocking=True)
-        return sample(logits, self._slot_params.batch(index[0], index[1]), self._eos)
-
     def _release(self, row: CoreRow[H]) -> None:
         if row.slot is not None:
             if row.penalized:
-                self._penalties.release(row.slot)
+                self._sampler.untrack(row.slot)
             self._cache.free(row.slot)
             row.slot = None
 
