@@ -241,7 +241,7 @@ class Engine:
         output = RequestOutput(request, self._model().tokenizer, stream=stream,
                                prompt_tokens=ticket.prompt_tokens,
                                virtual_tokens=ticket.virtual_tokens)
-        return OutputStream(deltas, output, request_id=request.request_id)
+        return OutputStream(deltas, output)
 
     async def abort(self, request_id: str) -> None:
         if self._scheduler is not None:

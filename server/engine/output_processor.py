@@ -26,7 +26,7 @@ from server.engine.interface import (
     TokenChunk,
     TokenLogprob,
 )
-from server.engine.row_progress import RowDelta
+from server.engine.row_progress import RowDelta, is_live
 
 
 class RequestOutput:
@@ -35,12 +35,14 @@ class RequestOutput:
     def __init__(self, request: GenerationRequest, tokenizer: Any, *, stream: bool,
                  prompt_tokens: int, virtual_tokens: int) -> None:
         self._request = request
+        self.request_id = request.request_id
         self._tokenizer = tokenizer
         self._stream = stream
         self._prompt_tokens = prompt_tokens
         self._virtual_tokens = virtual_tokens
-        # Text is tracked token by token only where it is needed before the end.
-        tracks = stream or any(request.params.stop)
+        # Text is tracked token by token only where it is needed before the end: where the
+        # engine hands tokens out every step.
+        tracks = is_live(stream, request.params)
         self._detok = IncrementalDetokenizer(tokenizer) if tracks else None
         self._filter = StopStringFilter(request.params.stop) if tracks else None
         self.token_ids: list[int] = []
@@ -113,7 +115,7 @@ class RequestOutput:
             prompt_logprobs=self.prompt_logprobs))
         return out
 
-    def _chunk(self, text: str) -> list[TokenChunk | GenerationResult]:
+    def _chunk(self, text: str) -> list[TokenChunk]:
         start, self._sent = self._sent, len(self.token_ids)
         if not self._stream:
             return []
@@ -145,13 +147,12 @@ class OutputStream:
     Closing it (or dropping it) aborts the request, even if it was never iterated; a stop
     string closes it too, so the engine stops computing a row whose answer is out."""
 
-    def __init__(self, source: DeltaSource, output: RequestOutput, *,
-                 request_id: str) -> None:
+    def __init__(self, source: DeltaSource, output: RequestOutput) -> None:
         self._source = source
         self._output = output
         self._ready: list[TokenChunk | GenerationResult] = []
         self._closed = False
-        self.request_id = request_id
+        self.request_id = output.request_id
 
     def __aiter__(self) -> OutputStream:
         return self

@@ -326,7 +326,7 @@ class RemoteEngine:
         output = RequestOutput(request, self._tokenizer, stream=stream,
                                prompt_tokens=deltas.prompt_tokens,
                                virtual_tokens=deltas.virtual_tokens)
-        return OutputStream(deltas, output, request_id=request.request_id)
+        return OutputStream(deltas, output)
 
     async def abort(self, request_id: str) -> None:
         """Stop the request: its generate raises CancelledError (its stream ends with it), as

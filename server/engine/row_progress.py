@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from server.engine.interface import FinishReason, TokenLogprob
+from server.engine.interface import FinishReason, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from server.engine.generation import BatchRow
@@ -28,15 +28,18 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RowDelta:
     """What a row produced since its last delta. `finish_reason` is set on its last one (eos
-    or length: stop strings are found by the frontend), which also carries the request's
-    prompt and virtual token counts for usage."""
+    or length: stop strings are found by the frontend)."""
 
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when asked
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # in a row's first delta
     finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
-    virtual_tokens: int = 0
+
+
+def is_live(stream: bool, params: SamplingParams) -> bool:
+    """Whether a request's frontend must see each step's tokens (a stream, or stop strings to
+    look for); else its row hands its tokens out once, when it finishes."""
+    return stream or any(params.stop)
 
 
 class RowProgress:

@@ -302,11 +302,6 @@ class Scheduler:
             self.fail(ticket, GenerationError(f"generation failed for this request: "
                                                f"{type(out.error).__name__}: {out.error}"))
 
-    def complete(self, ticket: Ticket, out: generation.RowOutput) -> None:
-        """A row finished (eos or length): its last delta, handed out by the row, carried the
-        end to the frontend and took it off the gauges; this makes sure of the latter."""
-        self._finish(ticket)
-
     def row(self, ticket: Ticket, ids: Sequence[int]) -> generation.BatchRow:
         """The ticket as a model row reading `ids` (virtual ids, then the text's)."""
         def on_first_token() -> None:
@@ -316,8 +311,8 @@ class Scheduler:
         def on_delta(delta: RowDelta) -> None:
             if ticket.state is not TicketState.DONE:
                 self._outbox.append((ticket, delta))
-                if delta.finish_reason is not None:  # it leaves the gauges now, not with
-                    self._finish(ticket)  # the rest of its static batch
+                if delta.finish_reason is not None:  # it ends here, at the step it finished,
+                    self._finish(ticket)  # not with the rest of its static batch
 
         text = len(ticket.request.prompt_ids)
         start = len(ids) - text if ticket.layout is None else text_start(ticket.layout)

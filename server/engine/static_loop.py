@@ -61,7 +61,5 @@ class StaticLoop:
         s.observer.batch_finished(size=len(batch), steps=max(generated, default=0),
                                    generated_tokens=sum(generated))
         for ticket, out in zip(batch, outputs, strict=True):
-            if out.aborted:
+            if out.aborted:  # a finished row ended its request with its last delta
                 s.end_aborted(ticket, out)
-            else:
-                s.complete(ticket, out)

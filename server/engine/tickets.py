@@ -25,7 +25,7 @@ from server.engine.interface import GenerationRequest
 from server.engine.mailbox import Mailbox, mailbox_for
 from server.engine.prompt_layout import Layout, anchor_tokens
 from server.engine.prompt_table import TableEntry
-from server.engine.row_progress import RowDelta
+from server.engine.row_progress import RowDelta, is_live
 
 
 class TicketState(StrEnum):
@@ -67,9 +67,7 @@ class Ticket:
 
     @property
     def live(self) -> bool:
-        """Whether its frontend must see each step's tokens (a stream, or stop strings to look
-        for); else the engine hands its tokens out once, when the row finishes."""
-        return self.stream or any(self.request.params.stop)
+        return is_live(self.stream, self.request.params)
 
     @property
     def prompt_tokens(self) -> int:

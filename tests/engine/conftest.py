@@ -20,6 +20,7 @@ from server.engine.generation import BatchRow, RowOutput, run_batch
 from server.engine.interface import GenerationRequest, GenerationResult, SamplingParams, TokenChunk
 from server.engine.output_processor import RequestOutput
 from server.engine.prompt_table import PromptTable, install
+from server.engine.row_progress import is_live
 from tests.factories import load_base
 
 
@@ -172,8 +173,8 @@ def served(runner: Callable[..., list[RowOutput]], model, tokenizer, rows: list[
         def is_aborted() -> bool:
             return outputs[i].finished or (row.is_aborted is not None and row.is_aborted())
 
-        return dataclasses.replace(row, on_delta=on_delta,
-                                   live=stream or any(row.params.stop), is_aborted=is_aborted)
+        return dataclasses.replace(row, on_delta=on_delta, live=is_live(stream, row.params),
+                                   is_aborted=is_aborted)
 
     runner(model, tokenizer, [wired(i, row) for i, row in enumerate(rows)])
     return got

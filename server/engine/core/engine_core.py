@@ -110,7 +110,6 @@ class EngineCore(Generic[H]):
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be at least 1")
         self._model = model
-        self._tokenizer = tokenizer
         self._cache = cache
         self.max_batch_tokens = max_batch_tokens
         self.max_rows = min(max_rows or cache.slots, cache.slots)

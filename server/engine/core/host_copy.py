@@ -17,13 +17,12 @@ class HostCopy:
 
     def __init__(self, rows: int, device: torch.device) -> None:
         self._rows = rows
-        self._device = device
         self._buffer: torch.Tensor | None = None
         self._event = torch.cuda.Event() if device.type == "cuda" else None
 
     def tokens(self, drawn: torch.Tensor) -> list[int]:
         """`drawn` ([rows] token ids on the device) as a list, once the device has them."""
-        if self._event is None or drawn.device.type != "cuda":
+        if self._event is None:
             return drawn.tolist()
         n = drawn.numel()
         if self._buffer is None or self._buffer.dtype != drawn.dtype or self._buffer.numel() < n:

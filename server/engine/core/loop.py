@@ -79,10 +79,8 @@ class CoreLoop:
                 self._pins.release(ticket)
                 run_s = finished - (ticket.started_at or finished)
                 s.note_batch_time(run_s, weight=0.05)
-                if out.aborted:
+                if out.aborted:  # a finished row ended its request with its last delta
                     s.end_aborted(ticket, out)
-                else:
-                    s.complete(ticket, out)
             s.flush_outputs()
             stats = core.last
             s.observer.batch_finished(size=stats.rows, steps=1,
