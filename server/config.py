@@ -99,7 +99,9 @@ class Settings(BaseSettings):
                                  "fraction of the GPU memory free after the weights (0.5), or "
                                  "a byte size (8GiB; the only form on the CPU). It holds one "
                                  "slot of --max-model-len positions per --max-batch-size row; "
-                                 "a smaller budget runs fewer rows at once; what the slots "
+                                 "a smaller budget runs fewer rows at once (with "
+                                 "--max-model-len unset, slots of a long context shrink "
+                                 "first, to 2048 positions); what the slots "
                                  "leave holds the prefix cache. auto: every row and the whole "
                                  "prefix cache, within nine tenths of the free GPU memory.")
     prefix_cache: bool = Field(True, description="Keep each adapter version's soft-prompt "
@@ -108,8 +110,9 @@ class Settings(BaseSettings):
                                "its text (engine core only). Up to --max-batch-size adapters "
                                "of --max-virtual-tokens, evicted least recently used.")
     max_model_len: int = Field(0, ge=0, description="The most tokens a request may use "
-                               "(virtual, prompt and new); 0: the model's context. With the "
-                               "engine core each KV slot holds this many positions.")
+                               "(virtual, prompt and new); 0: the model's context, or less "
+                               "where --kv-cache-memory cannot hold every row of it. With "
+                               "the engine core each KV slot holds this many positions.")
     contended_tenant_rows: int = Field(0, ge=0, description="While another tenant has work "
                                        "(or had some within the last second), the most batch "
                                        "rows one tenant starts, times its weight; alone, a "

@@ -9,7 +9,7 @@ says which loop runs and why. Both loops read soft prompts from the same prompt 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from adapters_store.store import AdapterStore
 from server.config import Batching, Settings
@@ -52,6 +52,9 @@ def build_runtime(settings: Settings, loaded: LoadedModel, store: AdapterStore, 
     if settings.prefix_cache:
         prefix_tokens = min(table.capacity, settings.max_batch_size * settings.max_virtual_tokens)
     core = _core(settings, loaded, prefix_tokens)
+    if core is not None and core.kv.max_len < loaded.info.max_context:
+        # A row cannot use more than its slot holds: requests beyond it are refused at submit.
+        loaded = replace(loaded, info=replace(loaded.info, max_context=core.kv.max_len))
     scheduler = Scheduler(
         loaded, store=store, table=table, observer=observer,
         max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000.0,
@@ -72,7 +75,8 @@ def _core(settings: Settings, loaded: LoadedModel,
         core = build_core(loaded, max_batch_size=settings.max_batch_size,
                           max_batch_tokens=settings.max_batch_tokens,
                           kv_cache_memory=settings.kv_cache_memory,
-                          prefix_tokens=prefix_tokens)
+                          prefix_tokens=prefix_tokens,
+                          fit_length=settings.max_model_len == 0)
     except KVBudgetError:
         raise  # the operator's budget is wrong: say so, do not serve another way
     except Exception as e:  # noqa: BLE001 - static batching still serves this model

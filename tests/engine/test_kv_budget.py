@@ -3,7 +3,9 @@ errors an operator sees for a budget that cannot work."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -30,9 +32,9 @@ def test_bad_budgets_name_the_flag_at_startup(text):
         Settings(kv_cache_memory=text)
 
 
-def _plan(value: str, prefix_tokens: int = 0):
-    return kv_plan(value, slot_bytes=1000, token_bytes=10, rows=8,
-                   prefix_tokens=prefix_tokens, device=CPU)
+def _plan(value: str, prefix_tokens: int = 0, *, length: int = 100, fit: bool = False):
+    return kv_plan(value, length=length, token_bytes=10, rows=8,
+                   prefix_tokens=prefix_tokens, device=CPU, fit_length=fit)
 
 
 def test_slots_on_the_cpu(caplog):
@@ -53,6 +55,49 @@ def test_the_prefix_cache_gets_what_the_slots_leave():
     assert _plan("10000", 500).prefix_tokens == 100
     assert _plan("1MB", 500).prefix_tokens == 500  # never more than it can use
     assert _plan("5000", 500).prefix_tokens == 0  # fewer slots than rows: nothing is left
+
+
+def test_an_unpinned_length_shrinks_for_every_row_to_fit(caplog):
+    # A long context (100,000 positions of 10 bytes): 9 slots would need 9 MB.
+    with caplog.at_level(logging.WARNING):
+        plan = _plan("5000000", 500, length=100_000, fit=True)
+    # The prefix cache's 500 tokens first, the rest in 9 slots, a multiple of 256 positions.
+    assert (plan.slots, plan.length, plan.prefix_tokens) == (9, 55_296, 500)
+    assert "at most 55296 positions" in caplog.text and "--max-model-len" in caplog.text
+    assert _plan("1MB", 0, length=1000, fit=True).length == 1000  # fits: the context stays
+    assert _plan("auto", 0, length=100_000, fit=True).length == 100_000  # the CPU's auto
+
+
+def test_a_fitted_length_stops_at_a_floor_and_then_fewer_rows_run(caplog):
+    with caplog.at_level(logging.WARNING):
+        plan = _plan("100000", 0, length=100_000, fit=True)
+    assert (plan.slots, plan.length) == (4, 2048)  # 2048 x 10 bytes per slot
+    assert "at most 3 rows run at once" in caplog.text
+    assert _plan("5000000", 0, length=100_000).length == 100_000  # pinned: never shrunk
+    assert _plan("5000000", 0, length=100_000).slots == 5
+
+
+async def test_a_long_context_model_gets_every_row_and_a_shorter_context(
+        tiny_model_dirs, tmp_path, caplog):
+    model = tmp_path / "long-context"
+    shutil.copytree(tiny_model_dirs["llama"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    # 512 bytes per position: 5 slots of 8192 would take 20 MB; the prefix cache's 4 x 512
+    # tokens come first, and each slot gets (15625 - 2048) // 5 positions, rounded to 2560.
+    with caplog.at_level(logging.WARNING):
+        eng = make_engine(model, tmp_path, max_batch_size=4, kv_cache_memory="8MB")
+    try:
+        core = eng._scheduler.core
+        assert (core.kv.slots, core.kv.max_len, core.max_rows) == (5, 2560, 4)
+        assert eng.model_info.max_context == 2560
+        assert "each row may use at most 2560 positions" in caplog.text
+        result = await eng.generate(request(eng, "Hi!", None, max_new_tokens=5))
+        assert result.completion_tokens == 5
+        with pytest.raises(RequestTooLongError, match="2560"):  # refused at submit
+            await eng.generate(request(eng, "Hi!", None, max_new_tokens=2600))
+    finally:
+        await eng.aclose(10)
 
 
 async def test_a_small_budget_runs_fewer_rows_and_max_model_len_bounds_requests(

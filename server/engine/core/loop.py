@@ -97,11 +97,14 @@ class CoreLoop:
 
 
 def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
-               kv_cache_memory: str = "auto", prefix_tokens: int = 0) -> EngineCore[Ticket]:
+               kv_cache_memory: str = "auto", prefix_tokens: int = 0,
+               fit_length: bool = False) -> EngineCore[Ticket]:
     """The core for a loaded decoder-only model whose input embedding already reads the prompt
     table: a KV cache of one slot per batch row, and a prefix cache of up to `prefix_tokens`
-    in what the slots leave of the budget (0: none). Raises if the model cannot run it (the
-    caller then runs another loop; the model's attention is restored first)."""
+    in what the slots leave of the budget (0: none). `fit_length`: a slot may hold fewer
+    positions than the model's context for every row to fit the budget (the core's
+    `kv.max_len` says how many). Raises if the model cannot run it (the caller then runs
+    another loop; the model's attention is restored first)."""
     model = loaded.model
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("seq2seq models run static batching")
@@ -110,10 +113,10 @@ def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
     # One slot more than rows: decode steps padded to a bucket (CUDA graphs) write into it.
     shape = cache_shape(model.config)
     token_bytes = shape.bytes_per_token(loaded.dtype)
-    plan = kv_plan(kv_cache_memory, slot_bytes=token_bytes * length, token_bytes=token_bytes,
+    plan = kv_plan(kv_cache_memory, length=length, token_bytes=token_bytes,
                    rows=max_batch_size, prefix_tokens=prefix_tokens,
-                   device=torch.device(loaded.device))
-    cache = SlotKVCache(shape, slots=plan.slots, max_len=length, dtype=loaded.dtype,
+                   device=torch.device(loaded.device), fit_length=fit_length)
+    cache = SlotKVCache(shape, slots=plan.slots, max_len=plan.length, dtype=loaded.dtype,
                         device=loaded.device)
     prefixes = None
     if plan.prefix_tokens > 0:
