@@ -74,7 +74,14 @@ class Recorder(NullObserver):
 
 def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
                  max_wait_ms: float, batching: str = "core") -> Settings:
-    """The same settings for the in-process engine and the HTTP server."""
+    """The same settings for the in-process engine and the HTTP server.
+
+    `--max-model-len` is the workload's longest request rounded up to a power of two, as an
+    operator would set it: each KV slot then holds what a row needs rather than the model's
+    whole context, so the engine, the server and the baselines' model fit on one GPU together
+    (three copies of the 8B shape's weights, and two KV caches)."""
+    longest = workload.virtual_tokens + workload.prompt_tokens + max(
+        workload.new_tokens, workload.new_tokens_max or 0)
     cache_bytes = 1 << 30
     if workload.cache_adapters is not None:
         element = dtype_of(workload.dtype).itemsize
@@ -86,7 +93,8 @@ def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
                     max_queue=max(1024, 2 * workload.requests),
                     prompt_cache_bytes=cache_bytes,
                     tenant_max_concurrent_requests=max(256, 2 * workload.requests),
-                    max_virtual_tokens=workload.virtual_tokens)
+                    max_virtual_tokens=workload.virtual_tokens,
+                    max_model_len=1 << (longest - 1).bit_length())
 
 
 class EngineRunner:

@@ -22,7 +22,7 @@ from server.config import Settings
 from tests.e2e.server_process import ServerProcess
 
 _FLAGS = ("device", "dtype", "max_batch_size", "max_wait_ms", "max_queue", "prompt_cache_bytes",
-          "tenant_max_concurrent_requests", "max_virtual_tokens")
+          "tenant_max_concurrent_requests", "max_virtual_tokens", "max_model_len", "batching")
 
 
 class HttpRunner:
