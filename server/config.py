@@ -107,8 +107,10 @@ class Settings(BaseSettings):
     prefix_cache: bool = Field(True, description="Keep each adapter version's soft-prompt "
                                "keys and values once, in what the KV slots leave of "
                                "--kv-cache-memory, so a request of that adapter prefills only "
-                               "its text (engine core only). Up to --max-batch-size adapters "
-                               "of --max-virtual-tokens, evicted least recently used.")
+                               "its text (engine core only). Up to a prefix for every soft "
+                               "prompt the prompt table holds (auto on the CPU: "
+                               "--max-batch-size adapters of --max-virtual-tokens), evicted "
+                               "least recently used.")
     max_model_len: int = Field(0, ge=0, description="The most tokens a request may use "
                                "(virtual, prompt and new); 0: the model's context, or less "
                                "where --kv-cache-memory cannot hold every row of it. With "

@@ -82,11 +82,11 @@ def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
     (three copies of the 8B shape's weights, and two KV caches)."""
     longest = workload.virtual_tokens + workload.prompt_tokens + max(
         workload.new_tokens, workload.new_tokens_max or 0)
-    cache_bytes = 1 << 30
-    if workload.cache_adapters is not None:
-        element = dtype_of(workload.dtype).itemsize
-        cache_bytes = workload.cache_adapters * workload.virtual_tokens * workload.shape.hidden \
-            * element
+    # The prompt table holds the workload's adapters twice over (many-adapters: the number it
+    # names), and so bounds the prefix cache, which takes what the slots leave on a GPU.
+    cached = workload.cache_adapters or 2 * workload.adapters
+    cache_bytes = cached * workload.virtual_tokens * workload.shape.hidden \
+        * dtype_of(workload.dtype).itemsize
     return Settings(model=str(model_dir), store=str(store_dir), device=workload.device,
                     dtype=workload.dtype, max_batch_size=workload.max_batch_size,
                     max_wait_ms=max_wait_ms, batching=batching,

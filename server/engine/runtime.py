@@ -46,12 +46,12 @@ def build_runtime(settings: Settings, loaded: LoadedModel, store: AdapterStore, 
     table = table_for(loaded.model, budget_bytes=settings.prompt_cache_bytes,
                       min_rows=settings.max_virtual_tokens, dtype=loaded.dtype,
                       device=loaded.device, observer=observer)
-    # The prefix cache never needs more than a prefix per row of a full batch, each of a
-    # distinct adapter at the largest size, nor more than the prompt table's rows.
+    # The prefix cache can use a prefix for every row of the prompt table; it needs at least
+    # one per row of a full batch, each of a distinct adapter at the largest size.
     prefix_tokens = 0
     if settings.prefix_cache:
         prefix_tokens = min(table.capacity, settings.max_batch_size * settings.max_virtual_tokens)
-    core = _core(settings, loaded, prefix_tokens)
+    core = _core(settings, loaded, prefix_tokens, prefix_most=table.capacity)
     if core is not None and core.kv.max_len < loaded.info.max_context:
         # A row cannot use more than its slot holds: requests beyond it are refused at submit.
         loaded = replace(loaded, info=replace(loaded.info, max_context=core.kv.max_len))
@@ -63,7 +63,7 @@ def build_runtime(settings: Settings, loaded: LoadedModel, store: AdapterStore, 
 
 
 def _core(settings: Settings, loaded: LoadedModel,
-          prefix_tokens: int) -> EngineCore[Ticket] | None:
+          prefix_tokens: int, prefix_most: int) -> EngineCore[Ticket] | None:
     """The engine core where the model allows it, else None (static batching)."""
     if settings.batching is Batching.STATIC:
         log.info("batching: static (--batching static)")
@@ -75,7 +75,7 @@ def _core(settings: Settings, loaded: LoadedModel,
         core = build_core(loaded, max_batch_size=settings.max_batch_size,
                           max_batch_tokens=settings.max_batch_tokens,
                           kv_cache_memory=settings.kv_cache_memory,
-                          prefix_tokens=prefix_tokens,
+                          prefix_tokens=prefix_tokens, prefix_most=prefix_most,
                           fit_length=settings.max_model_len == 0)
     except KVBudgetError:
         raise  # the operator's budget is wrong: say so, do not serve another way

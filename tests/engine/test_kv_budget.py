@@ -57,6 +57,16 @@ def test_the_prefix_cache_gets_what_the_slots_leave():
     assert _plan("5000", 500).prefix_tokens == 0  # fewer slots than rows: nothing is left
 
 
+def test_a_measured_budget_gives_the_prefix_cache_all_it_can_use():
+    def plan(value: str) -> int:
+        return kv_plan(value, length=100, token_bytes=10, rows=8, prefix_tokens=500,
+                       prefix_most=5000, device=CPU).prefix_tokens
+
+    assert plan("auto") == 500  # not measured: a full batch of the largest soft prompts
+    assert plan("1MB") == 5000  # a prefix for every row of the prompt table, no more
+    assert plan("30000") == 2100  # what the nine slots leave
+
+
 def test_an_unpinned_length_shrinks_for_every_row_to_fit(caplog):
     # A long context (100,000 positions of 10 bytes): 9 slots would need 9 MB.
     with caplog.at_level(logging.WARNING):

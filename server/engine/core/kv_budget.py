@@ -6,8 +6,11 @@ a row can hold and the prefix cache.
 for every position a row may use, so the budget decides how many rows can run at once: the
 core allocates one slot per `--max-batch-size` row (and one scratch slot for padded decode
 steps) when the budget holds them. What the slots leave holds the prefix cache's shared soft
-prompts, up to the tokens it can use. `auto` is 90% of the free GPU memory on CUDA; on the CPU,
-where free memory is not measured, it is all the slots and the whole prefix cache.
+prompts, up to the most it can ever use: a prefix for every soft-prompt row the prompt table
+holds (an adapter no longer in the table has new ids when it comes back, so its old entry is
+dead). `auto` is 90% of the free GPU memory on CUDA; on the CPU, where free memory is not
+measured, it is all the slots and a prefix cache of `--max-batch-size` soft prompts of
+`--max-virtual-tokens`.
 
 When the operator left `--max-model-len` unset and a slot of the model's whole context does
 not fit every row (a long-context model: 128k positions of an 8B model are 16 GiB), the rows
@@ -47,10 +50,13 @@ class KVPlan:
 
 
 def kv_plan(value: str, *, length: int, token_bytes: int, rows: int, prefix_tokens: int,
-            device: torch.device, fit_length: bool = False) -> KVPlan:
+            device: torch.device, fit_length: bool = False,
+            prefix_most: int | None = None) -> KVPlan:
     """Slots of `length` positions (rows + 1 at most, 2 at least) and then prefix-cache tokens
-    (at most `prefix_tokens`) within the budget; KVBudgetError naming the flag when the budget
-    cannot hold two slots. `fit_length`: the length was not pinned by the operator, so it may
+    (at most `prefix_most`, default `prefix_tokens`) within the budget; KVBudgetError naming
+    the flag when the budget cannot hold two slots. `prefix_tokens`: the prefix cache's size
+    where the budget is not measured (the CPU's auto), and the room set aside for it before a
+    length is fitted. `fit_length`: the length was not pinned by the operator, so it may
     shrink for every row to run."""
     budget = parse_kv_cache_memory(value)
     wanted = rows + 1
@@ -74,7 +80,8 @@ def kv_plan(value: str, *, length: int, token_bytes: int, rows: int, prefix_toke
         log.warning("--kv-cache-memory %s holds %d KV slots of %d bytes: at most %d rows run "
                     "at once (--max-batch-size %d)", value, slots, slot_bytes, slots - 1, rows)
     left = budget - slots * slot_bytes
-    return KVPlan(slots, length, min(prefix_tokens, left // token_bytes))
+    most = prefix_tokens if prefix_most is None else prefix_most
+    return KVPlan(slots, length, min(most, left // token_bytes))
 
 
 def _fitted_length(value: str, budget: int, token_bytes: int, slots: int, context: int,

@@ -98,12 +98,12 @@ class CoreLoop:
 
 def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
                kv_cache_memory: str = "auto", prefix_tokens: int = 0,
-               fit_length: bool = False) -> EngineCore[Ticket]:
+               prefix_most: int | None = None, fit_length: bool = False) -> EngineCore[Ticket]:
     """The core for a loaded decoder-only model whose input embedding already reads the prompt
-    table: a KV cache of one slot per batch row, and a prefix cache of up to `prefix_tokens`
-    in what the slots leave of the budget (0: none). `fit_length`: a slot may hold fewer
-    positions than the model's context for every row to fit the budget (the core's
-    `kv.max_len` says how many). Raises if the model cannot run it (the caller then runs
+    table: a KV cache of one slot per batch row, and a prefix cache in what the slots leave of
+    the budget (`prefix_tokens` and `prefix_most` as in kv_plan; 0: none). `fit_length`: a
+    slot may hold fewer positions than the model's context for every row to fit the budget
+    (the core's `kv.max_len` says how many). Raises if the model cannot run it (the caller then runs
     another loop; the model's attention is restored first)."""
     model = loaded.model
     if getattr(model.config, "is_encoder_decoder", False):
@@ -115,7 +115,8 @@ def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
     token_bytes = shape.bytes_per_token(loaded.dtype)
     plan = kv_plan(kv_cache_memory, length=length, token_bytes=token_bytes,
                    rows=max_batch_size, prefix_tokens=prefix_tokens,
-                   device=torch.device(loaded.device), fit_length=fit_length)
+                   device=torch.device(loaded.device), fit_length=fit_length,
+                   prefix_most=prefix_most if prefix_tokens > 0 else 0)
     cache = SlotKVCache(shape, slots=plan.slots, max_len=plan.length, dtype=loaded.dtype,
                         device=loaded.device)
     prefixes = None
