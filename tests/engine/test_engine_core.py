@@ -15,10 +15,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from adapters_store import LocalAdapterStore
+from server.config import Device, Settings
 from server.engine.core.decode_graphs import row_bucket, width_bucket
+from server.engine.core.loop import _probe as probe
+from server.engine.engine import Engine
 from server.engine.generation import BatchRow, InvalidRowError
 from server.engine.interface import FinishReason, SamplingParams
 from tests.engine.conftest import make_core
+from tests.engine.test_engine import request
 from tests.factories import greedy_by_recomputation, load_base, make_adapter, peft_prompt
 
 DECODERS = ("gpt2", "llama", "qwen2")
@@ -211,3 +216,42 @@ def test_buckets_cover_every_row_count_and_width():
     assert [row_bucket(n, 64) for n in (1, 2, 3, 5, 16, 17, 25, 64, 70)] == [
         1, 2, 4, 8, 16, 24, 32, 64, 64]
     assert [width_bucket(n, 1000) for n in (1, 64, 65, 300, 999)] == [64, 64, 128, 512, 1000]
+
+
+def test_the_startup_probe_accepts_a_core_that_keeps_a_scratch_slot(tiny_model_dirs):
+    """On CUDA decode steps are padded and keep a scratch slot out of use for good: the probe
+    that decides between the core and static batching must not count it as a leaked slot."""
+    model_dir = tiny_model_dirs["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_base(model_dir)
+    _, core = _core(model, tokenizer, slots=3, budget=32, pad_decodes=True)
+    free = core.kv.free_slots
+    assert free == core.kv.slots - 1  # the scratch slot
+    probe(core, model.config.vocab_size)
+    assert core.kv.free_slots == free and core.kv.calls > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_the_server_runs_the_core_with_captured_graphs_on_cuda(tiny_model_dirs, tmp_path):
+    """Startup as the server does it on a GPU: the core (not static batching) serves, and its
+    decode steps are replayed from captured graphs; the output is the eager one's."""
+    settings = Settings(model=str(tiny_model_dirs["llama"]), store=str(tmp_path / "store"),
+                        model_cache=tmp_path / "model-cache", device=Device.CUDA,
+                        dtype="float32", max_batch_size=8)
+    eng = Engine(settings, LocalAdapterStore(settings.store))
+    eng.start()
+    eng.wait_until_ready(120)
+    try:
+        core = eng._scheduler.core
+        assert core is not None and core.decode_graphs is not None
+        results = [await eng.generate(request(eng, text, None, max_new_tokens=12))
+                   for text in TEXTS]
+        assert core.decode_graphs.captured > 0 and not core.decode_graphs.eager_buckets
+        reference = load_base(tiny_model_dirs["llama"])
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+        for text, result in zip(TEXTS, results, strict=True):
+            expected = greedy_by_recomputation(reference, None, tokenizer(text)["input_ids"], 12)
+            assert list(result.token_ids) == expected, text
+    finally:
+        await eng.aclose(10)
