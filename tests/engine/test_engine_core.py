@@ -9,6 +9,8 @@ recomputed.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from transformers import AutoTokenizer
 from adapters_store import LocalAdapterStore
 from server.config import Device, Settings
 from server.engine.core.decode_graphs import row_bucket, width_bucket
+from server.engine.core.kv_cache import CacheShape, SlotKVCache
 from server.engine.core.loop import _probe as probe
 from server.engine.engine import Engine
 from server.engine.generation import BatchRow, InvalidRowError
@@ -255,3 +258,14 @@ async def test_the_server_runs_the_core_with_captured_graphs_on_cuda(tiny_model_
             assert list(result.token_ids) == expected, text
     finally:
         await eng.aclose(10)
+
+
+def test_a_cache_given_up_is_freed_though_transformers_keeps_its_attention_registered():
+    """A core given up at startup (the model then runs static batching) must not keep its KV
+    memory: on a GPU that is most of the device."""
+    cache = SlotKVCache(CacheShape(layers=2, kv_heads=2, head_dim=8), slots=2, max_len=8,
+                        dtype=torch.float32, device="cpu")
+    released = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert released() is None

@@ -21,6 +21,7 @@ with transformers' attention interface, driven by the StepLayout of the current 
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +97,17 @@ class SlotKVCache:
         self.layout: StepLayout | None = None
         self.calls = 0  # attention calls served: 0 after a forward means the model bypassed us
         self.attn_implementation = f"softprompt_slots_{next(_names)}"
-        AttentionInterface.register(self.attn_implementation, self._attention)
+        # transformers' registry lives as long as the process: it holds the cache weakly, so
+        # a core given up at startup (the model runs static batching) frees its memory.
+        cache = weakref.ref(self)
+
+        def attention(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+            owner = cache()
+            if owner is None:
+                raise RuntimeError("this KV cache was released")
+            return owner._attention(*args, **kwargs)
+
+        AttentionInterface.register(self.attn_implementation, attention)
 
     @classmethod
     def for_budget(cls, shape: CacheShape, *, budget_bytes: int, max_len: int,
@@ -147,31 +158,34 @@ class SlotKVCache:
         keys, values = self.keys[layer], self.values[layer]
         keys.index_copy_(0, layout.write_index, key[0].transpose(0, 1).to(keys.dtype))
         values.index_copy_(0, layout.write_index, value[0].transpose(0, 1).to(values.dtype))
-        heads, tokens = query.shape[1], query.shape[2]
-        gqa = heads != keys.shape[1]
-        out = query.new_empty(tokens, heads, query.shape[3])
+        heads, tokens, dim = query.shape[1], query.shape[2], query.shape[3]
+        kv = keys.shape[1]
+        group = heads // kv  # query heads per KV head, kv-major as transformers orders them
+        out = query.new_empty(tokens, heads, dim)
         per_slot_k = keys.view(self.slots, self.max_len, *keys.shape[1:])
         per_slot_v = values.view(self.slots, self.max_len, *values.shape[1:])
+        # A KV head's query heads are stacked as if they were more queries of one head, so the
+        # attention kernels see plain multi-head attention with a mask (fused kernels that take
+        # a mask do not all take grouped heads; the fallback would copy K and V per head).
         if layout.decodes:
             n, width = layout.decodes, layout.decode_width
-            q = query[0, :, :n].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, head_dim]
+            q = query[0, :, :n].transpose(0, 1).reshape(n, kv, group, dim)
             k = per_slot_k[layout.decode_slots, :width].transpose(1, 2)  # [n, kv, width, hd]
             v = per_slot_v[layout.decode_slots, :width].transpose(1, 2)
             seen = (torch.arange(width, device=q.device)[None, :]
                     < layout.decode_lengths[:, None])  # [n, width]
             o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
-                                               attn_mask=seen[:, None, None, :], scale=scaling,
-                                               enable_gqa=gqa)
-            out[:n] = o[:, :, 0]
+                                               attn_mask=seen[:, None, None, :], scale=scaling)
+            out[:n] = o.reshape(n, heads, dim)
         for run in layout.prefills:
-            end = run.position + run.count
-            q = query[:, :, run.start:run.start + run.count]  # [1, heads, count, head_dim]
+            end, count = run.position + run.count, run.count
+            q = query[0, :, run.start:run.start + count].reshape(kv, group * count, dim)[None]
             k = per_slot_k[run.slot, :end].transpose(0, 1)[None]  # [1, kv, end, head_dim]
             v = per_slot_v[run.slot, :end].transpose(0, 1)[None]
             rows = torch.arange(run.position, end, device=q.device)[:, None]
             seen = torch.arange(end, device=q.device)[None, :] <= rows  # [count, end]
             o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
-                                               attn_mask=seen[None, None], scale=scaling,
-                                               enable_gqa=gqa)
-            out[run.start:run.start + run.count] = o[0].transpose(0, 1)
+                                               attn_mask=seen.repeat(group, 1)[None, None],
+                                               scale=scaling)  # [1, kv, group * count, hd]
+            out[run.start:run.start + count] = o.reshape(heads, count, dim).transpose(0, 1)
         return out[None], None
