@@ -269,3 +269,36 @@ def test_a_cache_given_up_is_freed_though_transformers_keeps_its_attention_regis
     del cache
     gc.collect()
     assert released() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_capture_that_fails_part_way_leaves_the_stream_as_it_was_and_runs_eagerly(
+        tiny_model_dirs, caplog):
+    """A forward that syncs with the host cannot be captured: the capture fails after it
+    began. The engine thread must be back on its own stream, the bucket and every later one
+    eager, and the output still right."""
+    model_dir = tiny_model_dirs["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_base(model_dir).to("cuda")
+    _, core = _core(model, tokenizer, slots=4, budget=64, device="cuda")
+    graphs = core.decode_graphs
+    forward = graphs._forward
+
+    def syncing(ids, positions):
+        if torch.cuda.is_current_stream_capturing():
+            ids.sum().item()  # illegal while capturing
+        return forward(ids, positions)
+
+    graphs._forward = syncing
+    stream = torch.cuda.current_stream()
+    ids = tokenizer(TEXTS[0])["input_ids"]
+    assert core.add(0, BatchRow(ids, None, SamplingParams(max_new_tokens=12)), ids) is None
+    out = {}
+    while len(core):
+        out.update(core.step())
+    assert torch.cuda.current_stream() == stream
+    assert graphs.captured == 0 and graphs.eager_buckets and not graphs.capture
+    assert "every bucket not captured yet" in caplog.text
+    reference = load_base(model_dir)
+    assert list(out[0].token_ids) == greedy_by_recomputation(reference, None, ids, 12)

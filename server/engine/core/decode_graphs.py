@@ -11,12 +11,15 @@ On CUDA each (rows, width) bucket is captured the first time it is needed, after
 runs on a side stream; replaying it launches the whole forward at once, which is what a
 launch-bound decode step needs. If a capture fails the bucket runs eagerly from then on: the
 log says so once and the `graph_eager_buckets` gauge counts it; no request fails because of
-it. Elsewhere (the CPU) the same path runs eagerly, padded only when asked (the tests pad to
-exercise the buckets).
+it. A capture that failed once it had begun also stops the capture of buckets not captured
+yet (they run eagerly, and are counted too), since the CUDA state such a failure leaves behind
+is not worth another try. Elsewhere (the CPU) the same path runs eagerly, padded only when
+asked (the tests pad to exercise the buckets).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -64,6 +67,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self.eager_buckets: set[tuple[int, int]] = set()
         self._pool: Any = None
+        self._gave_up = False  # a capture failed part-way: nothing more is captured
 
     @property
     def captured(self) -> int:
@@ -93,11 +97,15 @@ class DecodeGraphs:
                                 self._lengths), staged, strict=True):
             buffer[:rows].copy_(row)
         key = (rows, width)
+        if graph := self._graphs.get(key):
+            graph[0].replay()
+            return graph[1][:n]
         if self.capture and key not in self.eager_buckets:
-            graph = self._graphs.get(key) or self._try_capture(key)
-            if graph is not None:
+            if graph := self._try_capture(key):
                 graph[0].replay()
                 return graph[1][:n]
+        elif self._gave_up:
+            self.eager_buckets.add(key)
         return self._eager(rows, width)[:n]
 
     # ---- internals -------------------------------------------------------------------------------
@@ -117,31 +125,51 @@ class DecodeGraphs:
     def _try_capture(self, key: tuple[int, int]) -> tuple[Any, torch.Tensor] | None:
         """Capture this bucket; None (and eager from now on) if capturing fails. The warm-up
         runs read the buffers as they are now, this step's inputs, so what they write into
-        the cache is exactly what the replay writes."""
+        the cache is exactly what the replay writes.
+
+        The capture is thread-local: the adapter loaders' copies into the prompt table on
+        other threads go on while it runs. A capture that fails part-way leaves the CUDA
+        state it touched (the thread's current stream, the allocator's capture pool) in a
+        state not worth trusting, so the stream is put back and no other bucket is captured
+        after it; the graphs already captured keep being replayed."""
         rows, width = key
+        stream = None
+        began = False
         try:
+            stream = torch.cuda.current_stream(self._device)
             side = torch.cuda.Stream(device=self._device)
-            side.wait_stream(torch.cuda.current_stream(self._device))
+            side.wait_stream(stream)
             with torch.cuda.stream(side):
                 for _ in range(2):
                     self._eager(rows, width)
-            torch.cuda.current_stream(self._device).wait_stream(side)
+            stream.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             self._cache.layout = self._layout(rows, width)
             try:
-                with torch.cuda.graph(graph, pool=self._pool):
+                began = True
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                     logits = self._forward(self._ids[:rows][None], self._positions[:rows][None])
             finally:
                 self._cache.layout = None
         except Exception as e:  # noqa: BLE001 - eager still serves this bucket
             self.eager_buckets.add(key)
+            if began:
+                self._give_up(stream)
             log.warning("CUDA graph capture failed for decode steps of %d rows over %d "
-                        "positions (%s: %s); that bucket runs eagerly", rows, width,
-                        type(e).__name__, e)
+                        "positions (%s: %s); that bucket runs eagerly%s", rows, width,
+                        type(e).__name__, e,
+                        ", and so does every bucket not captured yet" if began else "")
             return None
         self._graphs[key] = (graph, logits)
         log.info("captured a CUDA graph for decode steps of %d rows over %d positions",
                  rows, width)
         return self._graphs[key]
+
+    def _give_up(self, stream: Any) -> None:
+        self.capture, self._gave_up = False, True
+        if stream is not None:
+            torch.cuda.set_stream(stream)  # a failed capture_end skips the graph's own restore
+        with contextlib.suppress(Exception):  # the failure is already being reported
+            torch.cuda.synchronize(self._device)
