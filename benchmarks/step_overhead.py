@@ -82,7 +82,8 @@ def time_core(device: str, rows: int, steps: int,
     table = PromptTable(vocab_size=BYTE_VOCAB_SIZE, hidden=16, capacity_bytes=1 << 16,
                         dtype=torch.float32, device=device)
     install(model, table)
-    cache = SlotKVCache(cache_shape(model.config), slots=rows, max_len=steps + 64,
+    # One slot more than rows: on CUDA padded decode steps keep one as scratch.
+    cache = SlotKVCache(cache_shape(model.config), slots=rows + 1, max_len=steps + 64,
                         dtype=torch.float32, device=device)
     core: EngineCore[int] = EngineCore(model, tokenizer, cache, max_batch_tokens=rows * 64)
     ids = tokenizer(PROMPT)["input_ids"]
@@ -92,7 +93,10 @@ def time_core(device: str, rows: int, steps: int,
                              live=kind == "streamed"), ids)
     core.step()  # every prefill in one step
     forward_times: list[float] = []
-    inner = core._forward
+    # Decode-only steps go through the decode graphs where there are some (CUDA): there the
+    # "forward" is a graph's replay with the copy of its inputs, not a Python forward.
+    graphs = core.decode_graphs
+    inner = graphs.run if graphs is not None else core._forward
 
     def timed_forward(*args, **kwargs):
         _sync(device)
@@ -102,8 +106,14 @@ def time_core(device: str, rows: int, steps: int,
         forward_times.append(time.perf_counter() - started)
         return out
 
-    core._forward = timed_forward  # type: ignore[method-assign]
-    return _timed(core.step, steps, device), forward_times
+    if graphs is not None:
+        graphs.run = timed_forward  # type: ignore[method-assign]
+    else:
+        core._forward = timed_forward  # type: ignore[method-assign]
+    times = _timed(core.step, steps, device)
+    if len(forward_times) != len(times):
+        raise RuntimeError(f"{len(forward_times)} forwards timed in {len(times)} steps")
+    return times, forward_times
 
 
 def main(argv: list[str] | None = None) -> int:
