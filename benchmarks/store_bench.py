@@ -1,7 +1,7 @@
 """Benchmark of adapters_store: parse + validate + store, load back, list 10,000.
 
 Run: ``python benchmarks/store_bench.py [--root DIR]``. The root should be on the filesystem the
-server will use (fsync cost is most of a put). Prints medians against the targets of issue 2.
+server will use (fsync cost is most of a put). Prints medians against the store's targets.
 """
 
 from __future__ import annotations

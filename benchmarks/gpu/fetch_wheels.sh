@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Run HERE (not on the device), in any directory: downloads into <repo>/.whl the wheels the
-# device machine's image lacks or holds at other versions than constraints.txt, for its
-# Python 3.12 on x86-64. The image already has torch (CUDA), numpy, safetensors, accelerate,
-# httpx and the rest; see docs/benchmarks.md ("GPU checks in one device call").
+# Run on a machine with network access, in any directory: downloads into <repo>/.whl the wheels
+# a GPU host's Python 3.12 (x86-64) needs at the versions of constraints.txt, for a host whose
+# image already has torch (CUDA), numpy, safetensors, accelerate, httpx and the rest but not
+# this project's other packages, or older ones. benchmarks/gpu/run_checks.sh installs them; see
+# docs/benchmarks.md ("GPU checks in one go").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

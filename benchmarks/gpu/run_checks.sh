@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Run ON the device machine, from the repo root, in one `run` call with .whl carried (made here
-# by benchmarks/gpu/fetch_wheels.sh). Installs the wheels into /tmp/site, then runs the GPU
-# checks named in STEPS in order, each under its own time limit. Every printout goes to
-# $OUT/checks.log and the harness JSONs to $OUT, within the tool's 8-file limit. See
-# docs/benchmarks.md ("GPU checks in one device call").
+# Run on a GPU host, from the repo root. Where the host's Python lacks this project's packages,
+# first put their wheels in .whl (benchmarks/gpu/fetch_wheels.sh, on a machine with network
+# access): they are installed into /tmp/site. Then runs the GPU checks named in STEPS in order,
+# each under its own time limit. Every printout goes to $OUT/checks.log and the harness JSONs
+# to $OUT (rewritten after each timed run, so a step cut short by its limit still leaves what
+# it measured, marked "partial"). See docs/benchmarks.md ("GPU checks in one go").
 #
 #   STEPS="env parity overhead gpu1b" (default; the limits add up to 540 s) or
 #   STEPS="bf16 gpu8b" (550 s); optional: fairness (120 s),
@@ -60,7 +61,7 @@ for s in $STEPS; do
     case $s in
         env) step env 60 bash -c 'nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; git log -1 --format="commit %h %s" 2>/dev/null; python3 -c "
 import torch, transformers, peft, fastapi, pydantic
-print(\"python torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available(),
+print(\"python torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version(), torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"-\")
 print(\"transformers\", transformers.__version__, \"peft\", peft.__version__, \"fastapi\", fastapi.__version__, \"pydantic\", pydantic.__version__)"' ;;
         parity) step parity 120 python3 -m pytest -q -p no:cacheprovider -m gpu \
@@ -83,7 +84,7 @@ print(\"transformers\", transformers.__version__, \"peft\", peft.__version__, \"
                          --dtype "$DTYPE" "${long[@]}" --json "$OUT/long-prompts.json" ;;
         bf16) step bf16 150 python3 -m benchmarks.bf16_agreement --device "$DEVICE" "${bf16[@]}" ;;
         gpu8b) step gpu8b 400 python3 -m benchmarks gpu-8b --device "$DEVICE" "${harness[@]}" \
-                   --batching core \
+                   --batching core --repeats 1 \
                    --json "$OUT/gpu-8b.json" ;;
         *) echo "run_checks: unknown step $s" | tee -a "$LOG" ;;
     esac

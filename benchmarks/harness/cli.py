@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
               "with adapter churn and disconnects: 5xx, latency over time, RSS growth")
         return 0
     out = args.json or Path(__file__).resolve().parents[1] / "results" / f"{args.workload}.json"
-    result = _fairness(args) if args.workload == "fairness" else _workload(args)
+    result = _fairness(args) if args.workload == "fairness" else _workload(args, out)
     write_json(result, out)
     print(f"\nJSON: {out}")
     return 0
@@ -122,7 +122,7 @@ def _fairness(args: argparse.Namespace) -> dict[str, Any]:
     return {"workload": {"name": "fairness"}, "environment": env, "result": r}
 
 
-def _workload(args: argparse.Namespace) -> dict[str, Any]:
+def _workload(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     base = WORKLOADS[args.workload]
     changes = {k: getattr(args, k) for k in ("device", "dtype", "requests", "adapters",
                                               "new_tokens", "new_tokens_max", "prompt_tokens",
@@ -143,11 +143,16 @@ def _workload(args: argparse.Namespace) -> dict[str, Any]:
     repeats = args.repeats or (1 if w.zipf_s is not None else 2)
     with tempfile.TemporaryDirectory(prefix="softprompt-bench-") as tmp:
         work = args.work_dir or Path(tmp)
-        return _measure(w, work, modes, [b for b in baselines if b], repeats, args, overrides)
+        return _measure(w, work, modes, [b for b in baselines if b], repeats, args, overrides,
+                        out)
 
 
 def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], repeats: int,
-             args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+             args: argparse.Namespace, overrides: dict[str, Any],
+             out: Path) -> dict[str, Any]:
+    """Every system's runs, interleaved. After each run the figures so far are written to
+    `out` with `"partial": true` in `extra`, so a run cut short by a time limit still leaves
+    what it measured; the complete result replaces it at the end."""
     from benchmarks.harness.baselines import Baselines
     from benchmarks.harness.engine_runner import EngineRunner, settings_for
     from benchmarks.harness.http_runner import HttpRunner
@@ -191,6 +196,8 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
             for s in systems:
                 s.runs.append(_timed(runners[s.name], s.label, k, repeats, len(requests), w,
                                      args.no_progress))
+                write_json(report(w.to_json(), systems, overrides=overrides,
+                                  extra={"batching": args.batching, "partial": True}), out)
         extra = {"batching": args.batching, **_extras(w, systems, requests)}
         if "http" in runners:
             extra["engine_process"] = args.engine_process

@@ -1,5 +1,5 @@
-"""benchmarks/gpu/run_checks.sh, the one-call GPU check, runs end to end in its shrunken CPU
-mode: a broken script would otherwise only show on a device machine, whose time is scarce."""
+"""benchmarks/gpu/run_checks.sh, the GPU checks in one go, runs end to end in its shrunken CPU
+mode: a broken script would otherwise only show on a GPU host."""
 
 from __future__ import annotations
 
