@@ -38,7 +38,8 @@ import torch
 
 from server.engine.core.decode_graphs import DecodeGraphs
 from server.engine.core.host_copy import HostCopy
-from server.engine.core.kv_cache import Prefill, SlotKVCache, StepLayout
+from server.engine.core.kv_cache import SlotKVCache, StepLayout
+from server.engine.core.prefill_batches import Prefill, prefill_batches
 from server.engine.core.prefix_cache import PrefixCache
 from server.engine.core.row_sampler import RowSampler
 from server.engine.generation import (
@@ -250,7 +251,8 @@ class EngineCore(Generic[H]):
             decodes=n_dec,
             decode_slots=torch.tensor(slots, dtype=torch.long, device=device),
             decode_lengths=torch.tensor(lengths, dtype=torch.long, device=device),
-            decode_width=max(lengths, default=0), prefills=tuple(prefills))
+            decode_width=max(lengths, default=0),
+            prefills=prefill_batches(prefills, max_len, device))
         try:
             logits = self._forward(ids, positions, logit_at + score_at)
         finally:

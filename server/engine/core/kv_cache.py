@@ -29,6 +29,8 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 from transformers import AttentionInterface
 
+from server.engine.core.prefill_batches import PrefillBatch
+
 _names = itertools.count()
 
 
@@ -51,17 +53,6 @@ def cache_shape(config: Any) -> CacheShape:
     return CacheShape(int(config.num_hidden_layers), kv_heads, head_dim)
 
 
-@dataclass(frozen=True)
-class Prefill:
-    """A run of one row's consecutive tokens in this step: tokens [start, start + count) of
-    the step, at positions [position, position + count) of the row."""
-
-    start: int
-    count: int
-    slot: int
-    position: int
-
-
 @dataclass
 class StepLayout:
     """Where the step's tokens go. The first `decodes` tokens are one per decoding row;
@@ -76,7 +67,7 @@ class StepLayout:
     decode_slots: torch.Tensor
     decode_lengths: torch.Tensor
     decode_width: int
-    prefills: tuple[Prefill, ...] = ()
+    prefills: tuple[PrefillBatch, ...] = ()
 
 
 class SlotKVCache:
@@ -177,15 +168,18 @@ class SlotKVCache:
             o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
                                                attn_mask=seen[:, None, None, :], scale=scaling)
             out[:n] = o.reshape(n, heads, dim)
-        for run in layout.prefills:
-            end, count = run.position + run.count, run.count
-            q = query[0, :, run.start:run.start + count].reshape(kv, group * count, dim)[None]
-            k = per_slot_k[run.slot, :end].transpose(0, 1)[None]  # [1, kv, end, head_dim]
-            v = per_slot_v[run.slot, :end].transpose(0, 1)[None]
-            rows = torch.arange(run.position, end, device=q.device)[:, None]
-            seen = torch.arange(end, device=q.device)[None, :] <= rows  # [count, end]
-            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
-                                               attn_mask=seen.repeat(group, 1)[None, None],
-                                               scale=scaling)  # [1, kv, group * count, hd]
-            out[run.start:run.start + count] = o.reshape(heads, count, dim).transpose(0, 1)
+        for batch in layout.prefills:
+            runs, width, queries = batch.runs, batch.width, batch.queries
+            q = query[0].index_select(1, batch.tokens.view(-1))  # [heads, R × C, hd]
+            q = q.view(kv, group, runs, queries, dim).permute(2, 0, 1, 3, 4).reshape(
+                runs, kv, group * queries, dim)
+            k = keys.index_select(0, batch.keys.view(-1)).view(runs, width, kv, dim)
+            v = values.index_select(0, batch.keys.view(-1)).view(runs, width, kv, dim)
+            o = F.scaled_dot_product_attention(q, k.transpose(1, 2).to(q.dtype),
+                                               v.transpose(1, 2).to(q.dtype),
+                                               attn_mask=batch.folded_mask(group),
+                                               scale=scaling)  # [R, kv, group × C, hd]
+            o = o.view(runs, kv, group, queries, dim).permute(0, 3, 1, 2, 4).reshape(
+                runs * queries, heads, dim)
+            out.index_copy_(0, batch.into, o.index_select(0, batch.valid))
         return out[None], None
