@@ -153,6 +153,11 @@ class PromptTable:
             return None
         evicted = 0
         key = (namespace, adapter_id)
+        # Copies to the device before the lock, and none that waits for the device under it:
+        # a blocking copy waits for every step queued on the stream, and the engine thread
+        # needs the lock between its steps. (A copy from pageable memory is staged before the
+        # call returns, so the host tensors may go at once.)
+        data = embeds.to(self.weight.device, self.weight.dtype, non_blocking=True)
         with self._lock:
             if (old := self._entries.get(key)) is not None:
                 self._unindex(old)
@@ -169,12 +174,13 @@ class PromptTable:
             rows = self._rows.take(n)
             self._generation += 1
             base = self.vocab_size + self._generation * self.capacity
-            entry = TableEntry(key=key, version=version, rows=torch.tensor(rows, dtype=torch.long,
-                                                                           device=self.weight.device),
+            index = torch.tensor(rows, dtype=torch.long).to(self.weight.device,
+                                                            non_blocking=True)
+            entry = TableEntry(key=key, version=version, rows=index,
                                ids=tuple(base + r for r in rows), nbytes=n * self.row_bytes,
                                pins=int(pinned), _row_list=rows)
             # Written under the lock and before the ids exist anywhere else.
-            self.weight.index_copy_(0, entry.rows, embeds.to(self.weight.device, self.weight.dtype))
+            self.weight.index_copy_(0, entry.rows, data)
             self._entries[key] = entry
         for _ in range(evicted):
             self._observer.cache_event(CacheEvent.EVICTION)

@@ -58,7 +58,7 @@ def make_core(model, tokenizer, *, slots: int, max_batch_tokens: int, max_len: i
                         device=device)
     install(model, table)
     shape = cache_shape(model.config)
-    padded = kw.get("pad_decodes") or kw.get("graphs") or device.type == "cuda"
+    padded = kw.get("pad_decodes") or kw.get("graphs", device.type == "cuda")
     cache = SlotKVCache(shape, slots=slots + bool(padded), max_len=max_len, dtype=dtype,
                         device=device)
     prefixes = None

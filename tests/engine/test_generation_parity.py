@@ -69,9 +69,12 @@ class Request:
 
 
 # 14 rows: each adapter at least twice, two bare rows, text and output lengths all mixed.
+# Every token drawn wins by at least 1e-4 in float32 on the tiny models, so a GPU's different
+# (and equally right) rounding cannot flip one: the second row stops before the GPT-2 step
+# whose top two logits are 5e-6 apart.
 REQUESTS = (
     Request(TEXTS[0], 0, 12),
-    Request(TEXTS[1], 1, 9),
+    Request(TEXTS[1], 1, 5),
     Request(TEXTS[2], 2, 14),
     Request(TEXTS[3], None, 10),
     Request(TEXTS[4], 3, 11),
