@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters_store.local import LocalAdapterStore  # noqa: E402
+from benchmarks.harness.server_log import log_on_failure  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.fairness import FifoPolicy  # noqa: E402
@@ -73,7 +74,7 @@ def start_engine(settings: Settings, policy: str) -> Engine:
     engine = Engine(settings, LocalAdapterStore(settings.store),
                     policy=make_policy() if make_policy is not None else None)
     engine.start()
-    engine.wait_until_ready(300)
+    engine.wait_until_ready(100)  # within run_checks.sh's limits for these steps
     return engine
 
 
@@ -259,11 +260,12 @@ async def _http_phases(store: Path, *, backlog: int, rounds: int, cycles: int,
     server = ServerProcess(Path("builtin:tiny"), store / "adapters", store / "server.log",
                            "--api-keys", str(store / "keys.json"), "--device", device,
                            "--dtype", "auto", "--log-level", "warning", *flags)
-    server.start(timeout=300)
+    server.start(timeout=100)  # within run_checks.sh's limits for these steps
     client = _HttpClient(server.port, keys, {"text": text, "max_new_tokens": new_tokens,
                                              "ignore_eos": True})
     try:
-        return await _phases(client.send, backlog=backlog, rounds=rounds, cycles=cycles)
+        with log_on_failure(server, "fairness over HTTP"):
+            return await _phases(client.send, backlog=backlog, rounds=rounds, cycles=cycles)
     finally:
         client.close()
         server.stop()

@@ -45,6 +45,7 @@ from benchmarks.harness.fixtures import (  # noqa: E402
     adapter_embeddings,
     build_model,
 )
+from benchmarks.harness.server_log import log_on_failure  # noqa: E402
 from benchmarks.harness.workloads import GPT2_SMALL, Workload  # noqa: E402
 from tests.e2e.server_process import ServerProcess  # noqa: E402
 
@@ -181,9 +182,10 @@ def main() -> None:
                                    "--log-level", "warning", *flags)
             server.args[server.args.index("--device") + 1] = args.device
             server.args[server.args.index("--dtype") + 1] = args.dtype
-            server.start(timeout=600)
+            server.start(timeout=180)  # within run_checks.sh's limit for this step
             try:
-                results["runs"][mode] = asyncio.run(measure(server.url, args, shape.vocab))
+                with log_on_failure(server, f"long-prompts {mode}"):
+                    results["runs"][mode] = asyncio.run(measure(server.url, args, shape.vocab))
             finally:
                 server.stop()
             print(mode, json.dumps(results["runs"][mode]), flush=True)

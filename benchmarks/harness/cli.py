@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import functools
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return soak(argv[1:])
     args = build_parser().parse_args(argv)
+    # A time limit's SIGTERM unwinds like an error: the servers stop and their log is shown.
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     if args.workload == "list":
         for w in WORKLOADS.values():
             print(f"{w.name:<15} {w.description}")
@@ -204,6 +207,11 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
         if args.overhead_requests and "http" in runners:
             say("measuring the HTTP layer's overhead ...")
             extra["http_overhead"] = runners["http"].overhead(args.overhead_requests)
+    except BaseException:
+        if "http" in runners:
+            print(f"--- the HTTP server's log (tail) ---\n{runners['http'].server.log()}",
+                  file=sys.stderr, flush=True)
+        raise
     finally:
         for runner in runners.values():
             runner.close()
