@@ -237,8 +237,9 @@ def test_the_startup_probe_accepts_a_core_that_keeps_a_scratch_slot(tiny_model_d
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_the_server_runs_the_core_with_captured_graphs_on_cuda(tiny_model_dirs, tmp_path):
-    """Startup as the server does it on a GPU: the core (not static batching) serves, and its
-    decode steps are replayed from captured graphs; the output is the eager one's."""
+    """Startup as the server does it on a GPU: the core (not static batching) serves, every
+    decode bucket is captured before the first request, and the replayed steps' output is the
+    definition's."""
     settings = Settings(model=str(tiny_model_dirs["llama"]), store=str(tmp_path / "store"),
                         model_cache=tmp_path / "model-cache", device=Device.CUDA,
                         dtype="float32", max_batch_size=8)
@@ -248,9 +249,11 @@ async def test_the_server_runs_the_core_with_captured_graphs_on_cuda(tiny_model_
     try:
         core = eng._scheduler.core
         assert core is not None and core.decode_graphs is not None
+        # Every bucket at startup: 8 rows -> 1, 2, 4, 8; 512 positions -> 64 ... 512.
+        assert core.decode_graphs.captured == 16 and not core.decode_graphs.eager_buckets
         results = [await eng.generate(request(eng, text, None, max_new_tokens=12))
                    for text in TEXTS]
-        assert core.decode_graphs.captured > 0 and not core.decode_graphs.eager_buckets
+        assert core.decode_graphs.captured == 16 and not core.decode_graphs.eager_buckets
         reference = load_base(tiny_model_dirs["llama"])
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
         for text, result in zip(TEXTS, results, strict=True):
@@ -302,3 +305,28 @@ def test_a_capture_that_fails_part_way_leaves_the_stream_as_it_was_and_runs_eage
     assert "every bucket not captured yet" in caplog.text
     reference = load_base(model_dir)
     assert list(out[0].token_ids) == greedy_by_recomputation(reference, None, ids, 12)
+
+
+def test_capture_all_visits_every_bucket_largest_first_with_padding_rows_only(
+        tiny_model_dirs, monkeypatch):
+    """At startup every (rows, width) bucket is captured with the buffers holding padding rows
+    alone (they write and read the scratch slot), the largest first. The capture itself needs
+    CUDA; here each call records what it would capture."""
+    model_dir = tiny_model_dirs["llama"]
+    _, core = _core(load_base(model_dir), AutoTokenizer.from_pretrained(model_dir), slots=5,
+                    budget=32, pad_decodes=True, max_len=200)
+    graphs = core.decode_graphs
+    graphs.capture = True
+    seen = []
+
+    def capture(key):
+        rows = key[0]
+        scratch = graphs._scratch
+        assert graphs._slots[:rows].tolist() == [scratch] * rows
+        assert graphs._write[:rows].tolist() == [scratch * 200] * rows
+        assert graphs._lengths[:rows].tolist() == [1] * rows
+        seen.append(key)
+
+    monkeypatch.setattr(graphs, "_try_capture", capture)
+    graphs.capture_all()
+    assert seen == [(r, w) for r in (5, 4, 2, 1) for w in (200, 128, 64)]

@@ -7,9 +7,10 @@ live in persistent device buffers that the graph reads: token ids, positions, ca
 slots and lengths. Padding rows decode token 0 at position 0 of a scratch slot no row owns,
 so they write nowhere that is read.
 
-On CUDA each (rows, width) bucket is captured the first time it is needed, after two warm-up
-runs on a side stream; replaying it launches the whole forward at once, which is what a
-launch-bound decode step needs. If a capture fails the bucket runs eagerly from then on: the
+On CUDA every (rows, width) bucket is captured at startup (`capture_all`), each after two
+warm-up runs on a side stream; replaying it launches the whole forward at once, which is what
+a launch-bound decode step needs. A bucket not captured then is captured the first time it is
+needed. If a capture fails the bucket runs eagerly from then on: the
 log says so once and the `graph_eager_buckets` gauge counts it; no request fails because of
 it. A capture that failed once it had begun also stops the capture of buckets not captured
 yet (they run eagerly, and are counted too), since the CUDA state such a failure leaves behind
@@ -107,6 +108,31 @@ class DecodeGraphs:
         elif self._gave_up:
             self.eager_buckets.add(key)
         return self._eager(rows, width)[:n]
+
+    def capture_all(self) -> int:
+        """Capture every bucket now, before any row runs (at startup): a capture synchronizes
+        the device and empties its cache, a stall no step of a serving engine should pay.
+        Padding rows alone fill the buffers, writing and reading the scratch slot only.
+        Largest first, so the smaller graphs reuse the pool's memory. Returns how many
+        buckets are captured."""
+        widths, width = set(), MIN_WIDTH
+        while True:
+            widths.add(min(width, self._cache.max_len))
+            if width >= self._cache.max_len:
+                break
+            width *= 2
+        rows = {row_bucket(n, self.max_rows) for n in range(1, self.max_rows + 1)}
+        scratch = self._scratch * self._cache.max_len
+        for key in sorted(((r, w) for r in rows for w in widths), reverse=True):
+            if not self.capture:
+                break  # a capture failed part-way: the rest stay eager
+            if key in self._graphs or key in self.eager_buckets:
+                continue
+            for buffer, value in ((self._ids, 0), (self._positions, 0), (self._write, scratch),
+                                  (self._slots, self._scratch), (self._lengths, 1)):
+                buffer[:key[0]].fill_(value)
+            self._try_capture(key)
+        return len(self._graphs)
 
     # ---- internals -------------------------------------------------------------------------------
 

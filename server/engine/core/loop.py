@@ -133,6 +133,12 @@ def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
                                               max_rows=min(max_batch_size, plan.slots - 1),
                                               prefixes=prefixes)
         _probe(core, vocab)
+        graphs = core.decode_graphs
+        if graphs is not None and graphs.capture:
+            started = time.monotonic()
+            captured = graphs.capture_all()
+            log.info("decode steps: %d CUDA graphs captured in %.1f s (%d buckets eager)",
+                     captured, time.monotonic() - started, len(graphs.eager_buckets))
     except BaseException:
         model.set_attn_implementation(original)
         raise
