@@ -35,7 +35,7 @@ step() {  # step NAME LIMIT_S COMMAND...
     shift 2
     echo "===== $name (limit ${limit}s): $*" | tee -a "$LOG"
     started=$(date +%s)
-    timeout "$limit" "$@" 2>&1 | grep -v --line-buffered "Loading weights" | tee -a "$LOG"
+    timeout -k 20 "$limit" "$@" 2>&1 | grep -v --line-buffered "Loading weights" | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     echo "===== $name: rc=$rc after $(( $(date +%s) - started ))s" | tee -a "$LOG"
 }

@@ -145,5 +145,8 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
+    """Whole or not at all: a run stopped mid-write keeps the previous file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    os.replace(partial, path)

@@ -8,8 +8,11 @@ says which loop runs and why. Both loops read soft prompts from the same prompt 
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, replace
+
+import torch
 
 from adapters_store.store import AdapterStore
 from server.config import Batching, Settings
@@ -80,8 +83,13 @@ def _core(settings: Settings, loaded: LoadedModel,
     except KVBudgetError:
         raise  # the operator's budget is wrong: say so, do not serve another way
     except Exception as e:  # noqa: BLE001 - static batching still serves this model
+        # Text, not the exception: a handler that keeps records would keep its traceback,
+        # and with it the core.
         log.warning("batching: static, this model cannot run the engine core (%s: %s)",
-                    type(e).__name__, e)
+                    type(e).__name__, str(e))
+        core = None
+    if core is None:  # out of the except block, where its traceback still held the core
+        _free_device_memory(loaded.device)
         return None
     log.info("batching: core (%d KV slots of %d positions, %d MiB; --max-batch-tokens %d)",
              core.kv.slots, core.kv.max_len, core.kv.nbytes >> 20, settings.max_batch_tokens)
@@ -91,6 +99,15 @@ def _core(settings: Settings, loaded: LoadedModel,
     elif not settings.prefix_cache:
         log.info("prefix cache: off (--no-prefix-cache)")
     return core
+
+
+def _free_device_memory(device: torch.device) -> None:
+    """The core given up holds reference cycles (its decode graphs call back into it): collect
+    it now, and hand its KV cache's memory back, rather than keep most of a GPU until the
+    cycle collector gets to it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def runtime_stats(runtime: Runtime | None) -> dict[str, float]:

@@ -3,15 +3,19 @@ errors an operator sees for a budget that cannot work."""
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import logging
 import shutil
+import weakref
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 from server.config import Settings, parse_kv_cache_memory
+from server.engine.core import loop
 from server.engine.core.kv_budget import KVBudgetError, kv_plan
 from server.engine.errors import RequestTooLongError
 from tests.engine.test_engine import make_engine, request
@@ -76,6 +80,9 @@ def test_an_unpinned_length_shrinks_for_every_row_to_fit(caplog):
     assert "at most 55296 positions" in caplog.text and "--max-model-len" in caplog.text
     assert _plan("1MB", 0, length=1000, fit=True).length == 1000  # fits: the context stays
     assert _plan("auto", 0, length=100_000, fit=True).length == 100_000  # the CPU's auto
+    # Room for the slots but not for the prefix cache as well: the slots still give way.
+    plan = _plan("9000000", 500, length=100_000, fit=True)
+    assert (plan.length, plan.prefix_tokens) == (99_840, 500)
 
 
 def test_a_fitted_length_stops_at_a_floor_and_then_fewer_rows_run(caplog):
@@ -127,3 +134,29 @@ async def test_a_small_budget_runs_fewer_rows_and_max_model_len_bounds_requests(
             await eng.generate(request(eng, "Hi!", None, max_new_tokens=100))
     finally:
         await eng.aclose(10)
+
+
+async def test_a_core_given_up_at_startup_gives_its_kv_memory_back(
+        tiny_model_dirs, tmp_path, monkeypatch):
+    """BLOOM's attention does not go through the core, so its probe fails and static batching
+    serves. The core built for the probe (padded decode steps, as on a GPU, whose graphs call
+    back into it: a reference cycle) must be gone by then, not left for the cycle collector."""
+    caches: list[weakref.ref] = []
+
+    class Recorded(loop.SlotKVCache):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            caches.append(weakref.ref(self))
+
+    monkeypatch.setattr(loop, "SlotKVCache", Recorded)
+    monkeypatch.setattr(loop, "EngineCore", functools.partial(loop.EngineCore, pad_decodes=True))
+    gc.disable()  # only the server's own collection may free the cycle
+    try:
+        eng = make_engine(tiny_model_dirs["bloom"], tmp_path)
+        try:
+            assert eng._scheduler.core is None  # static batching serves BLOOM
+            assert caches and all(ref() is None for ref in caches)
+        finally:
+            await eng.aclose(10)
+    finally:
+        gc.enable()

@@ -37,9 +37,10 @@ def test_each_query_sees_its_own_row_up_to_its_position_and_nothing_else():
     assert flat[batch.valid].tolist() == batch.into.tolist()
 
 
-def test_folded_mask_repeats_per_query_head_of_a_kv_head():
+def test_the_attention_mask_is_additive_and_repeats_per_query_head_of_a_kv_head():
     (batch,) = prefill_batches([Prefill(0, 4, 0, 0)], MAX_LEN, "cpu")
-    folded = batch.folded_mask(3)
-    assert folded.shape == (1, 1, 12, 4)
-    assert torch.equal(folded[0, 0, 8:], batch.mask[0, 0])
-    assert batch.folded_mask(3) is folded  # built once per step, for every layer
+    folded = batch.attn_mask(3, torch.bfloat16)
+    assert folded.shape == (1, 1, 12, 4) and folded.dtype == torch.bfloat16
+    assert torch.equal(folded[0, 0, 8:] == 0, batch.mask[0, 0])  # 0 where seen, -inf elsewhere
+    assert torch.isinf(folded[0, 0, 0, 1:]).all()
+    assert batch.attn_mask(3, torch.bfloat16) is folded  # built once per step, for every layer

@@ -68,6 +68,10 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self.eager_buckets: set[tuple[int, int]] = set()
         self._pool: Any = None
+        # Every graph writes its logits here: a graph's own output would stay allocated in
+        # the pool for good, one [rows, vocab] tensor per bucket; its intermediates, dead
+        # between replays, are shared by all graphs (they never run at once).
+        self._logits: torch.Tensor | None = None
         self._gave_up = False  # a capture failed part-way: nothing more is captured
 
     @property
@@ -167,8 +171,11 @@ class DecodeGraphs:
             side.wait_stream(stream)
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._eager(rows, width)
+                    warm = self._eager(rows, width)
             stream.wait_stream(side)
+            if self._logits is None:  # one output buffer for every graph, outside their pool
+                self._logits = torch.empty(self.max_rows, warm.shape[-1], dtype=warm.dtype,
+                                           device=self._device)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -176,7 +183,8 @@ class DecodeGraphs:
             try:
                 began = True
                 with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                    logits = self._forward(self._ids[:rows][None], self._positions[:rows][None])
+                    out = self._forward(self._ids[:rows][None], self._positions[:rows][None])
+                    self._logits[:rows].copy_(out)
             finally:
                 self._cache.layout = None
         except Exception as e:  # noqa: BLE001 - eager still serves this bucket
@@ -185,10 +193,10 @@ class DecodeGraphs:
                 self._give_up(stream)
             log.warning("CUDA graph capture failed for decode steps of %d rows over %d "
                         "positions (%s: %s); that bucket runs eagerly%s", rows, width,
-                        type(e).__name__, e,
+                        type(e).__name__, str(e),
                         ", and so does every bucket not captured yet" if began else "")
             return None
-        self._graphs[key] = (graph, logits)
+        self._graphs[key] = (graph, self._logits)
         log.info("captured a CUDA graph for decode steps of %d rows over %d positions",
                  rows, width)
         return self._graphs[key]

@@ -68,7 +68,7 @@ def kv_plan(value: str, *, length: int, token_bytes: int, rows: int, prefix_toke
                              "give a byte size on the CPU")
         free, _ = torch.cuda.mem_get_info(device)
         budget = int(free * (AUTO_FRACTION if budget is None else budget))
-    if fit_length and wanted * length * token_bytes > budget:
+    if fit_length and (wanted * length + prefix_tokens) * token_bytes > budget:
         length = _fitted_length(value, budget, token_bytes, wanted, length, prefix_tokens)
     slot_bytes = token_bytes * length
     slots = min(wanted, budget // slot_bytes)

@@ -100,17 +100,6 @@ class SlotKVCache:
 
         AttentionInterface.register(self.attn_implementation, attention)
 
-    @classmethod
-    def for_budget(cls, shape: CacheShape, *, budget_bytes: int, max_len: int,
-                   dtype: torch.dtype, device: torch.device | str) -> SlotKVCache:
-        """As many slots of `max_len` as `budget_bytes` holds (at least one)."""
-        per_slot = shape.bytes_per_token(dtype) * max_len
-        if budget_bytes < per_slot:
-            raise ValueError(f"a KV budget of {budget_bytes} bytes holds no row of {max_len} "
-                             f"positions ({per_slot} bytes each)")
-        return cls(shape, slots=budget_bytes // per_slot, max_len=max_len, dtype=dtype,
-                   device=device)
-
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
@@ -155,9 +144,10 @@ class SlotKVCache:
         out = query.new_empty(tokens, heads, dim)
         per_slot_k = keys.view(self.slots, self.max_len, *keys.shape[1:])
         per_slot_v = values.view(self.slots, self.max_len, *values.shape[1:])
-        # A KV head's query heads are stacked as if they were more queries of one head, so the
-        # attention kernels see plain multi-head attention with a mask (fused kernels that take
-        # a mask do not all take grouped heads; the fallback would copy K and V per head).
+        # A KV head's query heads are stacked as if they were more queries of one head (or, for
+        # a prefill run alone, as a batch over views of its keys and values), so the attention
+        # kernels see plain multi-head attention with a mask (fused kernels that take a mask do
+        # not all take grouped heads; the fallback would copy K and V per head).
         if layout.decodes:
             n, width = layout.decodes, layout.decode_width
             q = query[0, :, :n].transpose(0, 1).reshape(n, kv, group, dim)
@@ -170,16 +160,22 @@ class SlotKVCache:
             out[:n] = o.reshape(n, heads, dim)
         for batch in layout.prefills:
             runs, width, queries = batch.runs, batch.width, batch.queries
-            q = query[0].index_select(1, batch.tokens.view(-1))  # [heads, R × C, hd]
-            q = q.view(kv, group, runs, queries, dim).permute(2, 0, 1, 3, 4).reshape(
-                runs, kv, group * queries, dim)
+            q = query[0].index_select(1, batch.tokens.view(-1)).view(kv, group, runs, queries,
+                                                                       dim)
             k = keys.index_select(0, batch.keys.view(-1)).view(runs, width, kv, dim)
             v = values.index_select(0, batch.keys.view(-1)).view(runs, width, kv, dim)
-            o = F.scaled_dot_product_attention(q, k.transpose(1, 2).to(q.dtype),
-                                               v.transpose(1, 2).to(q.dtype),
-                                               attn_mask=batch.folded_mask(group),
-                                               scale=scaling)  # [R, kv, group × C, hd]
-            o = o.view(runs, kv, group, queries, dim).permute(0, 3, 1, 2, 4).reshape(
-                runs * queries, heads, dim)
+            k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [R, kv, E, hd]
+            if runs == 1:  # a long chunk, alone: query heads as a batch, K, V and mask as views
+                o = F.scaled_dot_product_attention(
+                    q.permute(1, 2, 0, 3, 4).reshape(group, kv, queries, dim),
+                    k.expand(group, kv, width, dim), v.expand(group, kv, width, dim),
+                    attn_mask=batch.attn_mask(1, q.dtype), scale=scaling)  # [group, kv, C, hd]
+                o = o.permute(2, 1, 0, 3).reshape(queries, heads, dim)
+            else:  # short runs: query heads as more queries, the mask repeated for them
+                o = F.scaled_dot_product_attention(
+                    q.permute(2, 0, 1, 3, 4).reshape(runs, kv, group * queries, dim), k, v,
+                    attn_mask=batch.attn_mask(group, q.dtype), scale=scaling)
+                o = o.view(runs, kv, group, queries, dim).permute(0, 3, 1, 2, 4).reshape(
+                    runs * queries, heads, dim)
             out.index_copy_(0, batch.into, o.index_select(0, batch.valid))
         return out[None], None

@@ -137,8 +137,10 @@ def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
         if graphs is not None and graphs.capture:
             started = time.monotonic()
             captured = graphs.capture_all()
-            log.info("decode steps: %d CUDA graphs captured in %.1f s (%d buckets eager)",
-                     captured, time.monotonic() - started, len(graphs.eager_buckets))
+            log.info("decode steps: %d CUDA graphs captured in %.1f s (%d buckets eager); "
+                     "%d MiB reserved on the device in all", captured,
+                     time.monotonic() - started, len(graphs.eager_buckets),
+                     torch.cuda.memory_reserved(loaded.device) >> 20)
     except BaseException:
         model.set_attn_implementation(original)
         raise

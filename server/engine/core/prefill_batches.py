@@ -56,14 +56,18 @@ class PrefillBatch:
     mask: torch.Tensor
     valid: torch.Tensor
     into: torch.Tensor
-    _folded: dict[int, torch.Tensor] = field(default_factory=dict)
+    _masks: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)
 
-    def folded_mask(self, group: int) -> torch.Tensor:
-        """The mask for `group` query heads per KV head stacked as more queries: [R, 1,
-        group × C, E]. Built once per step, for all layers."""
-        if group not in self._folded:
-            self._folded[group] = self.mask.repeat(1, 1, group, 1) if group > 1 else self.mask
-        return self._folded[group]
+    def attn_mask(self, fold: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as the attention takes it: additive (0 or -inf) in `dtype`, so no layer
+        converts it again, repeated `fold` times along the queries for query heads stacked as
+        more queries: [R, 1, fold × C, E]. Built once per step, for every layer."""
+        key = (fold, dtype)
+        if key not in self._masks:
+            sees = self.mask.repeat(1, 1, fold, 1) if fold > 1 else self.mask
+            self._masks[key] = torch.zeros(sees.shape, dtype=dtype,
+                                           device=sees.device).masked_fill_(~sees, float("-inf"))
+        return self._masks[key]
 
 
 def prefill_batches(runs: Sequence[Prefill], max_len: int,
