@@ -22,7 +22,14 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.harness import fixtures
-from benchmarks.harness.results import Run, SystemResult, print_table, report, write_json
+from benchmarks.harness.results import (
+    Run,
+    SystemResult,
+    environment,
+    print_table,
+    report,
+    write_json,
+)
 from benchmarks.harness.workloads import SCENARIOS, WORKLOADS, Workload
 
 MODES = ("engine", "http")
@@ -108,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fairness(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.fairness import run_fairness
-    from benchmarks.harness.results import environment
 
     r = asyncio.run(run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
                                  cycles=args.cycles, batching=args.batching,
@@ -175,6 +181,7 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
 
     runners: dict[str, Any] = {}
     systems: list[SystemResult] = []
+    env = environment()  # before this run writes its partial JSON into the tree
     try:
         if "engine" in modes:
             say("starting the engine ...")
@@ -199,7 +206,7 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
             for s in systems:
                 s.runs.append(_timed(runners[s.name], s.label, k, repeats, len(requests), w,
                                      args.no_progress))
-                write_json(report(w.to_json(), systems, overrides=overrides,
+                write_json(report(w.to_json(), systems, overrides=overrides, env=env,
                                   extra={"batching": args.batching, "partial": True}), out)
         extra = {"batching": args.batching, **_extras(w, systems, requests)}
         if "http" in runners:
@@ -215,7 +222,7 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
     finally:
         for runner in runners.values():
             runner.close()
-    result = report(w.to_json(), systems, extra=extra, overrides=overrides)
+    result = report(w.to_json(), systems, extra=extra, overrides=overrides, env=env)
     print_table(result)
     return result
 

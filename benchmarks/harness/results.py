@@ -113,8 +113,10 @@ def environment() -> dict[str, Any]:
 
 
 def report(workload: dict[str, Any], systems: list[SystemResult], *, extra: dict[str, Any],
-           overrides: dict[str, Any]) -> dict[str, Any]:
-    return {"workload": workload, "overrides": overrides, "environment": environment(),
+           overrides: dict[str, Any], env: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`env`: the environment as it was when the run began (the default: now). A run's own
+    partial JSON would otherwise mark the tree it measured as changed."""
+    return {"workload": workload, "overrides": overrides, "environment": env or environment(),
             "systems": {s.name: s.to_json() for s in systems if s.runs},
             "ratios": ratios(systems), "extra": extra}
 
