@@ -104,6 +104,10 @@ class Settings(BaseSettings):
                                  "first, to 2048 positions); what the slots "
                                  "leave holds the prefix cache. auto: every row and the whole "
                                  "prefix cache, within nine tenths of the free GPU memory.")
+    cuda_graphs: bool = Field(True, description="On CUDA, capture the engine core's decode "
+                              "steps as CUDA graphs at startup and replay them (a step is one "
+                              "launch). --no-cuda-graphs runs every step eagerly: slower, for "
+                              "telling a capture problem from another.")
     prefix_cache: bool = Field(True, description="Keep each adapter version's soft-prompt "
                                "keys and values once, in what the KV slots leave of "
                                "--kv-cache-memory, so a request of that adapter prefills only "

@@ -79,7 +79,8 @@ def _core(settings: Settings, loaded: LoadedModel,
                           max_batch_tokens=settings.max_batch_tokens,
                           kv_cache_memory=settings.kv_cache_memory,
                           prefix_tokens=prefix_tokens, prefix_most=prefix_most,
-                          fit_length=settings.max_model_len == 0)
+                          fit_length=settings.max_model_len == 0,
+                          cuda_graphs=settings.cuda_graphs)
     except KVBudgetError:
         raise  # the operator's budget is wrong: say so, do not serve another way
     except Exception as e:  # noqa: BLE001 - static batching still serves this model

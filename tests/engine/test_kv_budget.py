@@ -160,3 +160,20 @@ async def test_a_core_given_up_at_startup_gives_its_kv_memory_back(
             await eng.aclose(10)
     finally:
         gc.enable()
+
+
+async def test_no_cuda_graphs_reaches_the_core(tiny_model_dirs, tmp_path, monkeypatch):
+    """--no-cuda-graphs asks the core for eager decode steps (on the CPU they are eager
+    anyway: what is checked is that the switch gets there)."""
+    asked: list[object] = []
+
+    def recorded(*args, **kwargs):
+        asked.append(kwargs.get("graphs"))
+        return original(*args, **kwargs)
+
+    original = loop.EngineCore
+    monkeypatch.setattr(loop, "EngineCore", recorded)
+    for flag in (True, False):
+        eng = make_engine(tiny_model_dirs["gpt2"], tmp_path / str(flag), cuda_graphs=flag)
+        await eng.aclose(10)
+    assert asked == [None, False]  # None: the core's default, graphs where there is CUDA

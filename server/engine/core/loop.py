@@ -98,13 +98,15 @@ class CoreLoop:
 
 def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
                kv_cache_memory: str = "auto", prefix_tokens: int = 0,
-               prefix_most: int | None = None, fit_length: bool = False) -> EngineCore[Ticket]:
+               prefix_most: int | None = None, fit_length: bool = False,
+               cuda_graphs: bool = True) -> EngineCore[Ticket]:
     """The core for a loaded decoder-only model whose input embedding already reads the prompt
     table: a KV cache of one slot per batch row, and a prefix cache in what the slots leave of
     the budget (`prefix_tokens` and `prefix_most` as in kv_plan; 0: none). `fit_length`: a
     slot may hold fewer positions than the model's context for every row to fit the budget
     (the core's `kv.max_len` says how many). Raises if the model cannot run it (the caller then runs
-    another loop; the model's attention is restored first)."""
+    another loop; the model's attention is restored first). `cuda_graphs`: False runs
+    decode steps eagerly on CUDA too."""
     model = loaded.model
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("seq2seq models run static batching")
@@ -131,7 +133,8 @@ def build_core(loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
         core: EngineCore[Ticket] = EngineCore(model, loaded.tokenizer, cache,
                                               max_batch_tokens=max_batch_tokens,
                                               max_rows=min(max_batch_size, plan.slots - 1),
-                                              prefixes=prefixes)
+                                              prefixes=prefixes,
+                                              graphs=None if cuda_graphs else False)
         _probe(core, vocab)
         graphs = core.decode_graphs
         if graphs is not None and graphs.capture:
