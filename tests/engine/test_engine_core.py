@@ -236,24 +236,31 @@ def test_the_startup_probe_accepts_a_core_that_keeps_a_scratch_slot(tiny_model_d
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-async def test_the_server_runs_the_core_with_captured_graphs_on_cuda(tiny_model_dirs, tmp_path):
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+async def test_the_server_runs_the_core_with_captured_graphs_on_cuda(cuda_graphs,
+                                                                     tiny_model_dirs, tmp_path):
     """Startup as the server does it on a GPU: the core (not static batching) serves, every
-    decode bucket is captured before the first request, and the replayed steps' output is the
-    definition's."""
+    decode bucket is captured before the first request (none with --no-cuda-graphs), and the
+    output is the definition's."""
     settings = Settings(model=str(tiny_model_dirs["llama"]), store=str(tmp_path / "store"),
                         model_cache=tmp_path / "model-cache", device=Device.CUDA,
-                        dtype="float32", max_batch_size=8)
+                        dtype="float32", max_batch_size=8, cuda_graphs=cuda_graphs)
     eng = Engine(settings, LocalAdapterStore(settings.store))
     eng.start()
     eng.wait_until_ready(120)
     try:
         core = eng._scheduler.core
-        assert core is not None and core.decode_graphs is not None
-        # Every bucket at startup: 8 rows -> 1, 2, 4, 8; 512 positions -> 64 ... 512.
-        assert core.decode_graphs.captured == 16 and not core.decode_graphs.eager_buckets
+        assert core is not None
+        graphs = core.decode_graphs
+        if cuda_graphs:
+            # Every bucket at startup: 8 rows -> 1, 2, 4, 8; 512 positions -> 64 ... 512.
+            assert graphs is not None and graphs.captured == 16 and not graphs.eager_buckets
+        else:
+            assert graphs is None
         results = [await eng.generate(request(eng, text, None, max_new_tokens=12))
                    for text in TEXTS]
-        assert core.decode_graphs.captured == 16 and not core.decode_graphs.eager_buckets
+        if cuda_graphs:
+            assert graphs.captured == 16 and not graphs.eager_buckets
         reference = load_base(tiny_model_dirs["llama"])
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
         for text, result in zip(TEXTS, results, strict=True):
