@@ -153,11 +153,12 @@ class PromptTable:
             return None
         evicted = 0
         key = (namespace, adapter_id)
-        # Copies to the device before the lock, and none that waits for the device under it:
-        # a blocking copy waits for every step queued on the stream, and the engine thread
-        # needs the lock between its steps. (A copy from pageable memory is staged before the
-        # call returns, so the host tensors may go at once.)
+        # No copy that waits for the device under the lock: the engine thread needs the lock
+        # between its steps, and a copy from pageable host memory first waits for every step
+        # queued on the stream. So the rows go to the device before the lock, and the index
+        # (made under it) from pinned memory, which the copy does not wait for.
         data = embeds.to(self.weight.device, self.weight.dtype, non_blocking=True)
+        pin_index = self.weight.device.type == "cuda"
         with self._lock:
             if (old := self._entries.get(key)) is not None:
                 self._unindex(old)
@@ -174,8 +175,9 @@ class PromptTable:
             rows = self._rows.take(n)
             self._generation += 1
             base = self.vocab_size + self._generation * self.capacity
-            index = torch.tensor(rows, dtype=torch.long).to(self.weight.device,
-                                                            non_blocking=True)
+            index = torch.tensor(rows, dtype=torch.long)
+            index = (index.pin_memory() if pin_index else index).to(self.weight.device,
+                                                                      non_blocking=True)
             entry = TableEntry(key=key, version=version, rows=index,
                                ids=tuple(base + r for r in rows), nbytes=n * self.row_bytes,
                                pins=int(pinned), _row_list=rows)
