@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from server.engine.interface import SamplingParams
+from server.engine.uploads import upload
 
 
 def has_penalties(params: SamplingParams) -> bool:
@@ -29,9 +30,8 @@ def has_penalties(params: SamplingParams) -> bool:
 def penalty_tensors(params: Sequence[SamplingParams], device: torch.device
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(presence, frequency, repetition) [n] float32 of these rows."""
-    values = torch.tensor([[p.presence_penalty, p.frequency_penalty, p.repetition_penalty]
-                           for p in params], dtype=torch.float32)
-    values = values.to(device, non_blocking=True)
+    values = upload([[p.presence_penalty, p.frequency_penalty, p.repetition_penalty]
+                     for p in params], device, torch.float32)
     return values[:, 0], values[:, 1], values[:, 2]
 
 

@@ -56,6 +56,7 @@ from server.engine.interface import FinishReason
 from server.engine.logprobs import scoring_span, token_logprobs
 from server.engine.penalties import has_penalties
 from server.engine.row_progress import RowProgress
+from server.engine.uploads import upload
 
 H = TypeVar("H")  # the caller's handle for a row
 
@@ -281,7 +282,7 @@ class EngineCore(Generic[H]):
         logprobs: list[Any] = [None] * len(sampled)
         wanted = [i for i, row in enumerate(sampled) if row.state.logprobs is not None]
         if wanted:
-            at = torch.tensor(wanted, dtype=torch.long, device=self._device)
+            at = upload(wanted, self._device)
             for i, value in zip(wanted, token_logprobs(
                     logits.index_select(0, at), drawn.index_select(0, at),
                     [sampled[i].state.row.params.logprobs or 0 for i in wanted]), strict=True):

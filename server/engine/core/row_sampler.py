@@ -16,6 +16,7 @@ import torch
 from server.engine.core.device_sampling import SlotSampling, greedy, sample
 from server.engine.interface import SamplingParams
 from server.engine.penalties import PenaltyPool
+from server.engine.uploads import upload
 
 
 class RowSampler:
@@ -48,7 +49,7 @@ class RowSampler:
         which = [i for i, p in enumerate(penalized) if p]
         if not which:
             return self._choose(logits, params, slots, drawn)
-        at = torch.tensor(which, dtype=torch.long, device=self._device)
+        at = upload(which, self._device)
         pool_rows = self._penalties.rows([slots[i] for i in which])
         logits = logits.float().index_copy(0, at, self._penalties.apply(
             logits.index_select(0, at), pool_rows, [params[i] for i in which]))
@@ -61,9 +62,7 @@ class RowSampler:
         if all(p.temperature == 0 for p in params):
             ban = None
             if any(p.ignore_eos for p in params):
-                ban = torch.tensor([p.ignore_eos for p in params], dtype=torch.bool,
-                                   device=self._device)
+                ban = upload([p.ignore_eos for p in params], self._device, torch.bool)
             return greedy(logits, ban, self._eos)
-        index = torch.tensor([slots, drawn], dtype=torch.long).to(self._device,
-                                                                  non_blocking=True)
+        index = upload([slots, drawn], self._device)
         return sample(logits, self._slots.batch(index[0], index[1]), self._eos)
