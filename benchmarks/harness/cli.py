@@ -30,6 +30,7 @@ from benchmarks.harness.results import (
     report,
     write_json,
 )
+from benchmarks.harness.server_log import exit_on_signal, show_log
 from benchmarks.harness.workloads import SCENARIOS, WORKLOADS, Workload
 
 MODES = ("engine", "http")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return soak(argv[1:])
     args = build_parser().parse_args(argv)
     # A time limit's SIGTERM unwinds like an error: the servers stop and their log is shown.
-    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, exit_on_signal)
     if args.workload == "list":
         for w in WORKLOADS.values():
             print(f"{w.name:<15} {w.description}")
@@ -216,8 +217,7 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
             extra["http_overhead"] = runners["http"].overhead(args.overhead_requests)
     except BaseException:
         if "http" in runners:
-            print(f"--- the HTTP server's log (tail) ---\n{runners['http'].server.log()}",
-                  file=sys.stderr, flush=True)
+            show_log(runners["http"].server, "the http system")
         raise
     finally:
         for runner in runners.values():

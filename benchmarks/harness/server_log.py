@@ -15,7 +15,14 @@ from contextlib import contextmanager
 from typing import Any
 
 
-def _stop(signum: int, frame: Any) -> None:
+def show_log(server: Any, label: str) -> None:
+    """The tail of `server`'s log (its `log()`), on stderr."""
+    print(f"--- {label}: the server's log (tail) ---\n{server.log()}\n--- end of log ---",
+          file=sys.stderr, flush=True)
+
+
+def exit_on_signal(signum: int, frame: Any) -> None:
+    """A signal handler: the signal unwinds like an error (`finally` blocks run)."""
     raise SystemExit(128 + signum)
 
 
@@ -24,12 +31,11 @@ def log_on_failure(server: Any, label: str) -> Iterator[None]:
     """`server` has `log()` (its log's tail). SIGTERM becomes SystemExit meanwhile, so a time
     limit's stop shows the log too (in the main thread only, where signals are handled)."""
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _stop) if main else None
+    previous = signal.signal(signal.SIGTERM, exit_on_signal) if main else None
     try:
         yield
     except BaseException:
-        print(f"--- {label}: the server's log (tail) ---\n{server.log()}\n--- end of log ---",
-              file=sys.stderr, flush=True)
+        show_log(server, label)
         raise
     finally:
         if main:

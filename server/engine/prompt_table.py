@@ -32,6 +32,7 @@ import torch
 from adapters_store.records import AdapterRecord
 from server.engine.observer import CacheEvent, EngineObserver, NullObserver
 from server.engine.row_allocator import RowAllocator
+from server.engine.uploads import upload
 
 
 def version_of(record: AdapterRecord) -> str:
@@ -156,9 +157,8 @@ class PromptTable:
         # No copy that waits for the device under the lock: the engine thread needs the lock
         # between its steps, and a copy from pageable host memory first waits for every step
         # queued on the stream. So the rows go to the device before the lock, and the index
-        # (made under it) from pinned memory, which the copy does not wait for.
+        # (made under it) is uploaded without waiting (server.engine.uploads).
         data = embeds.to(self.weight.device, self.weight.dtype, non_blocking=True)
-        pin_index = self.weight.device.type == "cuda"
         with self._lock:
             if (old := self._entries.get(key)) is not None:
                 self._unindex(old)
@@ -175,10 +175,7 @@ class PromptTable:
             rows = self._rows.take(n)
             self._generation += 1
             base = self.vocab_size + self._generation * self.capacity
-            index = torch.tensor(rows, dtype=torch.long)
-            index = (index.pin_memory() if pin_index else index).to(self.weight.device,
-                                                                      non_blocking=True)
-            entry = TableEntry(key=key, version=version, rows=index,
+            entry = TableEntry(key=key, version=version, rows=upload(rows, self.weight.device),
                                ids=tuple(base + r for r in rows), nbytes=n * self.row_bytes,
                                pins=int(pinned), _row_list=rows)
             # Written under the lock and before the ids exist anywhere else.

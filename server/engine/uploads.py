@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 
-def upload(values: Sequence[Any], device: torch.device,
+def upload(values: Sequence[Any], device: torch.device | str,
            dtype: torch.dtype = torch.long) -> torch.Tensor:
     """`values` (a list, or a list of lists) as a tensor on `device`."""
     host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

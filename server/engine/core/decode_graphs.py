@@ -65,7 +65,7 @@ class DecodeGraphs:
 
         self._ids, self._positions, self._write = buffer(), buffer(), buffer()
         self._slots, self._lengths = buffer(), buffer()
-        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], Any] = {}  # (rows, width) -> its CUDA graph
         self.eager_buckets: set[tuple[int, int]] = set()
         self._pool: Any = None
         # Every graph writes its logits here: a graph's own output would stay allocated in
@@ -102,16 +102,16 @@ class DecodeGraphs:
                                 self._lengths), staged, strict=True):
             buffer[:rows].copy_(row)
         key = (rows, width)
-        if graph := self._graphs.get(key):
-            graph[0].replay()
-            return graph[1][:n]
-        if self.capture and key not in self.eager_buckets:
-            if graph := self._try_capture(key):
-                graph[0].replay()
-                return graph[1][:n]
-        elif self._gave_up:
+        graph = self._graphs.get(key)
+        if graph is None and self.capture and key not in self.eager_buckets:
+            graph = self._try_capture(key)
+        elif graph is None and self._gave_up:
             self.eager_buckets.add(key)
-        return self._eager(rows, width)[:n]
+        if graph is None:
+            return self._eager(rows, width)[:n]
+        graph.replay()
+        assert self._logits is not None  # every graph writes its logits there
+        return self._logits[:n]
 
     def capture_all(self) -> int:
         """Capture every bucket now, before any row runs (at startup): a capture synchronizes
@@ -119,14 +119,10 @@ class DecodeGraphs:
         Padding rows alone fill the buffers, writing and reading the scratch slot only.
         Largest first, so the smaller graphs reuse the pool's memory. Returns how many
         buckets are captured."""
-        widths, width = set(), MIN_WIDTH
-        while True:
-            widths.add(min(width, self._cache.max_len))
-            if width >= self._cache.max_len:
-                break
-            width *= 2
+        max_len = self._cache.max_len
+        widths = {width_bucket(n, max_len) for n in range(1, max_len + 1)}
         rows = {row_bucket(n, self.max_rows) for n in range(1, self.max_rows + 1)}
-        scratch = self._scratch * self._cache.max_len
+        scratch = self._scratch * max_len
         for key in sorted(((r, w) for r in rows for w in widths), reverse=True):
             if not self.capture:
                 break  # a capture failed part-way: the rest stay eager
@@ -152,7 +148,7 @@ class DecodeGraphs:
         finally:
             self._cache.layout = None
 
-    def _try_capture(self, key: tuple[int, int]) -> tuple[Any, torch.Tensor] | None:
+    def _try_capture(self, key: tuple[int, int]) -> Any | None:
         """Capture this bucket; None (and eager from now on) if capturing fails. The warm-up
         runs read the buffers as they are now, this step's inputs, so what they write into
         the cache is exactly what the replay writes.
@@ -196,10 +192,10 @@ class DecodeGraphs:
                         type(e).__name__, str(e),
                         ", and so does every bucket not captured yet" if began else "")
             return None
-        self._graphs[key] = (graph, self._logits)
+        self._graphs[key] = graph
         log.info("captured a CUDA graph for decode steps of %d rows over %d positions",
                  rows, width)
-        return self._graphs[key]
+        return graph
 
     def _give_up(self, stream: Any) -> None:
         self.capture, self._gave_up = False, True

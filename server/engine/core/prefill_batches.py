@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.uploads import upload
+
 SLACK = 1 << 16  # padded query-key pairs a batch may waste regardless of its size
 
 
@@ -98,12 +100,10 @@ def _batch(runs: list[Prefill], max_len: int, device: torch.device | str) -> Pre
     n_runs = len(runs)
     queries, width = max(r.count for r in runs), max(r.end for r in runs)
     # Two uploads: the runs' numbers, and where the real queries' outputs go.
-    per_run = torch.tensor([[r.start for r in runs], [r.count for r in runs],
-                            [r.position for r in runs], [r.slot * max_len for r in runs]],
-                           dtype=torch.long).to(device, non_blocking=True)
-    places = torch.tensor([[k * queries + c for k, r in enumerate(runs) for c in range(r.count)],
-                           [r.start + c for r in runs for c in range(r.count)]],
-                          dtype=torch.long).to(device, non_blocking=True)
+    per_run = upload([[r.start for r in runs], [r.count for r in runs],
+                      [r.position for r in runs], [r.slot * max_len for r in runs]], device)
+    places = upload([[k * queries + c for k, r in enumerate(runs) for c in range(r.count)],
+                     [r.start + c for r in runs for c in range(r.count)]], device)
     start, count, position, base = (row[:, None] for row in per_run)  # each [R, 1]
     c = torch.arange(queries, device=device)[None, :]  # [1, C]
     e = torch.arange(width, device=device)[None, :]  # [1, E]
