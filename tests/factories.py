@@ -263,6 +263,20 @@ def with_chat_template(model_dir: Path, out: Path) -> Path:
     return out
 
 
+UNEMBEDDABLE_TOKENS = ("<|tool|>", "<|image|>")
+
+
+def with_unembeddable_tokens(model_dir: Path, out: Path) -> Path:
+    """A copy of model_dir whose tokenizer knows special tokens the model's embedding has no
+    rows for (added without resizing, as many checkpoints ship): ids from the embedding's size
+    up."""
+    shutil.copytree(model_dir, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(UNEMBEDDABLE_TOKENS)})
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def spliced_embeddings(base, pieces: list[torch.Tensor | list[int]]) -> torch.Tensor:
     """A template's input: soft rows (tensors) and token ids (lists) embedded, in order."""
     embed = base.get_input_embeddings()

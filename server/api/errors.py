@@ -36,6 +36,7 @@ from server.engine.errors import (
     QueueFullError,
     RequestTooLongError,
     StoreUnavailableError,
+    UnembeddableTokenError,
     UnsupportedAdapterTypeError,
 )
 
@@ -109,6 +110,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     EngineNotReadyError: ErrorKind(503, "not_ready"),
     QueueFullError: ErrorKind(429, "queue_full"),
     RequestTooLongError: ErrorKind(422, "request_too_long"),
+    UnembeddableTokenError: ErrorKind(400, "unembeddable_token"),
     EngineInvalidRequestError: ErrorKind(422, "validation_error"),
     AdapterChangedError: ErrorKind(409, "adapter_changed"),
     GenerationError: ErrorKind(500, "generation_error"),

@@ -31,6 +31,7 @@ from server.engine.detokenizer import DECODE_KWARGS
 from server.engine.errors import (
     EngineNotReadyError,
     InvalidRequestError,
+    InvalidTemplateError,
     MaxNewTokensTooLongError,
     RequestTooLongError,
 )
@@ -44,7 +45,7 @@ from server.engine.interface import (
 from server.engine.model_loader import LoadedModel, load_model
 from server.engine.observer import EngineObserver, GuardedObserver, NullObserver
 from server.engine.output_processor import OutputStream, RequestOutput
-from server.engine.prompt_layout import anchor_tokens
+from server.engine.prompt_layout import anchor_tokens, compiled_pieces, template_anchors
 from server.engine.prompt_table import version_of
 from server.engine.runtime import Runtime, build_runtime, runtime_stats
 from server.engine.sampling import validate_params
@@ -280,6 +281,7 @@ class Engine:
         if request.fit_context:
             request = self._fit(request, loaded, virtual + anchors)
         self._validate(request, loaded, virtual, anchors)
+        runtime.bounds.check_all(compiled_pieces(request.prompt_ids, layout))
         return scheduler.submit(request, version=version, virtual_tokens=virtual, stream=stream,
                                 layout=layout)
 
@@ -314,9 +316,6 @@ class Engine:
         ids = request.prompt_ids
         if not ids and virtual == 0:
             raise InvalidRequestError("the prompt is empty and there is no adapter")
-        if ids and (min(ids) < 0 or max(ids) >= loaded.vocab_size):
-            raise InvalidRequestError(
-                f"token ids must be in [0, {loaded.vocab_size}); got {min(ids)}..{max(ids)}")
         try:
             validate_params(request.params, vocab_size=loaded.vocab_size)
         except ValueError as e:
@@ -339,7 +338,6 @@ class Engine:
                           overwrite: bool = False) -> AdapterRecord:
         """Parse and validate off the event loop, store atomically; servable at once."""
         runtime = self._require()
-        loaded = runtime.loaded
         validate_adapter_id(namespace, what="namespace")
         validate_adapter_id(adapter_id)
         existed = await asyncio.to_thread(self.store.exists, namespace, adapter_id)
@@ -347,7 +345,7 @@ class Engine:
             raise AdapterExistsError(f"adapter {adapter_id!r} exists in namespace "
                                      f"{namespace!r}; pass overwrite to replace it")
         async with self._upload_slots.turn():
-            parsed = await asyncio.to_thread(self._parse, upload, loaded)
+            parsed = await asyncio.to_thread(self._parse, upload, runtime)
         record = await asyncio.to_thread(self.store.put, namespace, adapter_id, parsed,
                                          overwrite=overwrite)
         runtime.table.invalidate(namespace, adapter_id)
@@ -358,7 +356,8 @@ class Engine:
                  record.peft_type, record.num_virtual_tokens)
         return record
 
-    def _parse(self, upload: AdapterUpload, loaded: LoadedModel):
+    def _parse(self, upload: AdapterUpload, runtime: Runtime):
+        loaded = runtime.loaded
         spec = ModelSpec(token_dim=loaded.info.hidden_size, task_type=loaded.task_type)
         limits = Limits(max_virtual_tokens=self.settings.max_virtual_tokens,
                         max_file_bytes=self.settings.max_upload_bytes,
@@ -370,8 +369,24 @@ class Engine:
         else:
             parsed = parse_paths(upload.config_path, upload.weights_path,
                                  weights_name=upload.weights_name, spec=spec, limits=limits)
-        # The store checks the template against the rows before it writes anything.
+        # The store checks the template against the rows before it writes anything; its
+        # anchors are checked here against the model, which the store does not know.
+        if upload.template is not None:
+            self._check_anchors(upload.template, parsed.num_virtual_tokens, runtime)
         return dataclasses.replace(parsed, template=upload.template)
+
+    @staticmethod
+    def _check_anchors(template: str, rows: int, runtime: Runtime) -> None:
+        """A template whose anchor text tokenizes to an id the embedding lacks would make its
+        requests read another adapter's rows; it is refused at upload, naming the token."""
+        tokenizer = runtime.loaded.tokenizer
+        anchors = template_anchors(
+            template, rows, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"])
+        for text, ids in anchors:
+            try:
+                runtime.bounds.check(ids, source=f"the template's anchor {text!r}")
+            except InvalidRequestError as e:
+                raise InvalidTemplateError(str(e)) from e
 
     async def get_adapter(self, namespace: str, adapter_id: str) -> AdapterRecord:
         return await asyncio.to_thread(self.store.get_record, namespace, adapter_id)

@@ -37,6 +37,11 @@ class InvalidRequestError(EngineError, ValueError):
     """
 
 
+class UnembeddableTokenError(InvalidRequestError):
+    """Text or a template anchor holds a token the tokenizer knows but the model's input
+    embedding has no row for (HTTP 400): the message names the token."""
+
+
 class RequestTooLongError(EngineError):
     """Prompt + virtual tokens + max_new_tokens exceed what the model can attend to (HTTP 422)."""
 

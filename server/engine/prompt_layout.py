@@ -10,7 +10,7 @@ text tokenized as for any request, or the chat template's rendered output).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from adapters_store.template import Anchor, Soft, Text, parse_template
@@ -47,16 +47,32 @@ class Layouts:
         return segment
 
 
+def compiled_pieces(text_ids: Sequence[int],
+                    layout: Layout | None) -> Iterator[tuple[str, Sequence[int]]]:
+    """The ids a request brings besides its virtual ids, each with what to call its source in
+    an error: the prompt's (text, token ids or a rendered chat) and each template anchor's."""
+    yield "the prompt", text_ids
+    for piece in layout or ():
+        if isinstance(piece, tuple):
+            yield "the adapter's template", piece
+
+
 def anchor_tokens(layout: Layout) -> int:
     return sum(len(p) for p in layout if isinstance(p, tuple))
 
 
+def template_anchors(template: str, rows: int,
+                     tokenize: Callable[[str], list[int]]) -> list[tuple[str, list[int]]]:
+    """A template's anchors as (text, ids) without an engine's Layouts; `tokenize` takes text
+    without special tokens, as Layouts does."""
+    return [(s.text, tokenize(s.text)) for s in parse_template(template, rows)
+            if isinstance(s, Anchor)]
+
+
 def template_anchor_tokens(template: str, rows: int,
                            tokenize: Callable[[str], list[int]]) -> int:
-    """A template's anchor tokens without an engine's Layouts (what a request of it adds to
-    its text and rows); `tokenize` takes text without special tokens, as Layouts does."""
-    return sum(len(tokenize(s.text)) for s in parse_template(template, rows)
-               if isinstance(s, Anchor))
+    """What a request of the template adds to its text and rows."""
+    return sum(len(ids) for _, ids in template_anchors(template, rows, tokenize))
 
 
 def assemble(layout: Layout, virtual_ids: Sequence[int], text_ids: Sequence[int]) -> list[int]:

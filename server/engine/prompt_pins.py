@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from server.engine.prompt_layout import assemble
+from server.engine.errors import InvalidRequestError
+from server.engine.prompt_layout import assemble, compiled_pieces
 from server.engine.prompt_table import PromptTable, TableEntry
 from server.engine.tickets import Ticket
+from server.engine.token_bounds import first_outside
 
 if TYPE_CHECKING:
     from server.engine.scheduler import Scheduler
@@ -30,8 +32,17 @@ class PromptPins:
     def ids(self, ticket: Ticket) -> list[int] | None:
         """The request as token ids, its rows pinned; None if it cannot start now and goes
         back to the queue: its rows were evicted while it waited (it waits for their load
-        again), or the rest of the table is pinned by running requests (it waits for them)."""
+        again), or the rest of the table is pinned by running requests (it waits for them).
+        Also None, the request failed, if an id other than its own virtual ids is not a row
+        of the embedding: the model would read it as another adapter's row."""
         req = ticket.request
+        vocab = self._table.vocab_size
+        for source, ids in compiled_pieces(req.prompt_ids, ticket.layout):
+            if (bad := first_outside(ids, vocab)) is not None:  # the edge refuses these
+                self._s.fail(ticket, InvalidRequestError(
+                    f"{source} holds id {bad}, which is not a row of the model's embedding "
+                    f"(it has {vocab} rows)"))
+                return None
         if req.adapter_id is None:
             return list(req.prompt_ids)
         assert ticket.version is not None

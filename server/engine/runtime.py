@@ -26,6 +26,7 @@ from server.engine.prompt_layout import Layouts
 from server.engine.prompt_table import PromptTable, table_for
 from server.engine.scheduler import Scheduler
 from server.engine.tickets import Ticket
+from server.engine.token_bounds import TokenBounds
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Runtime:
     table: PromptTable
     scheduler: Scheduler
     layouts: Layouts  # templated adapters' layouts, parsed once per template
+    bounds: TokenBounds  # which ids a request's text and anchors may hold
 
     @property
     def batching(self) -> Batching:
@@ -62,7 +64,20 @@ def build_runtime(settings: Settings, loaded: LoadedModel, store: AdapterStore, 
         loaded, store=store, table=table, observer=observer,
         max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000.0,
         max_queue=settings.max_queue, policy=policy, core=core)
-    return Runtime(loaded, table, scheduler, Layouts(loaded.tokenizer))
+    return Runtime(loaded, table, scheduler, Layouts(loaded.tokenizer),
+                   _token_bounds(loaded))
+
+
+def _token_bounds(loaded: LoadedModel) -> TokenBounds:
+    bounds = TokenBounds(loaded.tokenizer, loaded.vocab_size)
+    extra = bounds.unembeddable_tokens()
+    if extra:
+        shown = ", ".join(repr(t) for t in extra[:8]) + (", ..." if len(extra) > 8 else "")
+        log.warning("the tokenizer knows %s token(s) the model's input embedding has no row "
+                    "for (ids %s to %s: %s); text, chats and template anchors holding them "
+                    "are refused with 400 unembeddable_token", len(extra), loaded.vocab_size,
+                    bounds.tokenizer_size - 1, shown)
+    return bounds
 
 
 def _core(settings: Settings, loaded: LoadedModel,

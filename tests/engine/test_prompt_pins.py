@@ -21,6 +21,10 @@ class Decisions:
 
     def __init__(self) -> None:
         self.requeued: list[tuple[object, bool]] = []
+        self.failed: list[tuple[object, BaseException]] = []
+
+    def fail(self, ticket: object, error: BaseException) -> None:
+        self.failed.append((ticket, error))
 
     def requeue(self, ticket: object, *, reload: bool) -> None:
         self.requeued.append((ticket, reload))
@@ -33,8 +37,9 @@ def _setup(rows: int) -> tuple[PromptTable, Decisions, PromptPins]:
     return table, decisions, PromptPins(decisions, table)  # type: ignore[arg-type]
 
 
-def _ticket(adapter: str | None, *, entry=None, embeds=None, layout=None) -> SimpleNamespace:
-    request = SimpleNamespace(adapter_id=adapter, namespace="t", prompt_ids=(7, 8))
+def _ticket(adapter: str | None, *, entry=None, embeds=None, layout=None,
+            prompt_ids=(7, 8)) -> SimpleNamespace:
+    request = SimpleNamespace(adapter_id=adapter, namespace="t", prompt_ids=prompt_ids)
     return SimpleNamespace(request=request, version="v1", entry=entry, embeds=embeds,
                            layout=layout)
 
@@ -85,3 +90,18 @@ def test_a_templated_request_is_rows_anchors_and_text_in_template_order():
     ticket = _ticket("a", entry=entry, layout=layout)
     v = entry.ids
     assert pins.ids(ticket) == [v[0], 50, 51, 7, 8, v[1], v[2], v[3], 52]
+
+
+def test_an_id_past_the_embedding_never_reaches_the_model_as_another_adapters_row():
+    """The loops build the model's ids here: a text or anchor id at or above the vocabulary
+    would read a prompt-table row (another adapter's), so the request fails instead."""
+    table, decisions, pins = _setup(8)
+    other = table.insert("t", "other", "v1", torch.ones(3, HIDDEN), pinned=False)
+    mine = table.insert("t", "a", "v1", torch.ones(2, HIDDEN), pinned=False)
+    for ticket in (_ticket(None, prompt_ids=(7, other.ids[0])),
+                   _ticket("a", entry=mine, prompt_ids=(7, 100)),
+                   _ticket("a", entry=mine, layout=(Soft(0, 2), (other.ids[1],), Text()))):
+        assert pins.ids(ticket) is None
+        assert decisions.failed[-1][0] is ticket
+        assert "not a row of the model's embedding" in str(decisions.failed[-1][1])
+    assert mine.pins == 0 and other.pins == 0 and len(pins) == 0
