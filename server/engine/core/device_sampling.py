@@ -27,7 +27,8 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """[n] float64 in [0, 1): SplitMix64 of seed and counter, the top 53 bits."""
+    """[n] float64 in [0, 1): SplitMix64 of seed and counter, the top 53 bits. In float32 the
+    top of the range rounds to 1.0: a caller comparing in float32 must keep it below 1."""
     z = seeds * _GOLDEN + (counters + 1) * _GOLDEN  # wraps modulo 2**64
     z = (z ^ _shift_right(z, 30)) * _MIX1
     z = (z ^ _shift_right(z, 27)) * _MIX2
@@ -68,8 +69,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, eos: torch.Tensor) -> tor
     keep = (before < batch.top_p[:, None]) | (rank == 0)
     probs = probs * keep
     cdf = probs.cumsum(dim=-1)
-    u = uniforms(batch.seeds, batch.counters).to(cdf.dtype) * cdf[:, -1]
-    pick = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=scores.shape[-1] - 1)
+    # A float64 draw within 2**-25 of 1 rounds to 1.0 in float32, and a draw of 1 times the
+    # kept mass is the mass, past every kept token: the draw stays below 1 in cdf's dtype
+    # (then, rounding to nearest, the product stays below the mass), and the pick stays on
+    # the last token with mass whatever the rounding.
+    below_one = 1.0 - torch.finfo(cdf.dtype).eps / 2
+    u = uniforms(batch.seeds, batch.counters).to(cdf.dtype).clamp(max=below_one) * cdf[:, -1]
+    last = torch.where(probs > 0, rank, 0).amax(dim=-1, keepdim=True)  # [rows, 1]
+    pick = torch.minimum(torch.searchsorted(cdf, u[:, None], right=True), last)
     drawn = order.gather(-1, pick)[:, 0]
     return torch.where(hot, drawn, greedy)
 
