@@ -132,6 +132,15 @@ class Settings(BaseSettings):
                                  "turns with the decode loop on one interpreter lock. Costs a "
                                  "process start and a pipe hop per request and stream chunk; "
                                  "helps when HTTP traffic is heavy and spare cores exist.")
+    engine_stall_timeout_s: float = Field(30.0, ge=0, description="How long the engine may "
+                                          "show no progress (no step taken; with "
+                                          "--engine-process, no word from the engine "
+                                          "process) while requests are queued or running "
+                                          "before /readyz answers 503, so a wedged replica "
+                                          "leaves the service; it answers 200 again once the "
+                                          "engine moves. An idle engine is never stalled. "
+                                          "Keep it above the longest single step (a large "
+                                          "prefill on a slow CPU). 0: off.")
     torch_threads: int = Field(0, ge=0, description="Threads torch computes with on the "
                                "CPU, in the process that runs the model. 0: torch's default "
                                "(one per core).")
@@ -219,6 +228,14 @@ class Settings(BaseSettings):
     @classmethod
     def _kv_cache_memory(cls, value: str) -> str:
         parse_kv_cache_memory(value)
+        return value
+
+    @field_validator("engine_stall_timeout_s")
+    @classmethod
+    def _stall_timeout(cls, value: float) -> float:
+        """Below a second, the engine process's reports (four a second) could look late."""
+        if 0 < value < 1:
+            raise ValueError("must be 0 (off) or at least 1 second")
         return value
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server.api.deps import EngineDep, MetricsDep
 from server.api.errors import ErrorKind, envelope, error_responses
 from server.api.schemas import HealthResponse
+from server.engine.interface import EngineClient
 
 router = APIRouter(tags=["operations"])
 _NOT_READY = ErrorKind(503, "not_ready")
@@ -22,15 +23,27 @@ async def healthz() -> HealthResponse:
 @router.get("/readyz", response_model=HealthResponse, summary="Ready to serve",
             responses=error_responses(503))
 async def readyz(request: Request, engine: EngineDep) -> Response:
-    """200 once the model is loaded and the store is reachable; 503 before and while draining."""
+    """200 once the model is loaded and the store is reachable; 503 before, while draining,
+    and while requests wait on an engine that has stopped making progress."""
     if getattr(request.app.state, "draining", False):
         return JSONResponse(envelope(_NOT_READY, "draining: the server is shutting down"),
                             status_code=503)
     if not engine.is_ready():
-        return JSONResponse(envelope(_NOT_READY, "not ready: the model is loading or the "
-                                                 "adapter store is unreachable"),
+        bound_s = request.app.state.settings.engine_stall_timeout_s
+        return JSONResponse(envelope(_NOT_READY, _not_ready_reason(engine, bound_s)),
                             status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+def _not_ready_reason(engine: EngineClient, bound_s: float) -> str:
+    """The stall, with its numbers, where the engine can tell (server.engine.remote)."""
+    progress = getattr(engine, "progress", None)
+    if progress is not None and (now := progress()).stalled(bound_s):
+        return (f"not ready: the engine has shown no progress for {now.stalled_s:.0f} s while "
+                f"{now.waiting} request(s) wait (--engine-stall-timeout-s {bound_s:g})")
+    stalled = (", or the engine has shown no progress for over --engine-stall-timeout-s "
+               "while requests wait") if bound_s > 0 else ""
+    return f"not ready: the model is loading or the adapter store is unreachable{stalled}"
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,

@@ -103,6 +103,12 @@ class EngineStatsCollector(Collector):
                                 value=self._http_in_flight())
         yield GaugeMetricFamily(PREFIX + "ready", "1 when /readyz would answer 200.",
                                 value=1.0 if self._engine.is_ready() else 0.0)
+        progress = getattr(self._engine, "progress", None)
+        if progress is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "engine_stalled_seconds", "How long the engine has shown no progress "
+                "while requests wait on it (0 while it moves or has nothing to do); past "
+                "--engine-stall-timeout-s the replica is not ready.", value=progress().stalled_s)
         try:
             info = self._engine.model_info
         except Exception:  # noqa: BLE001 - not loaded yet: no model_info sample

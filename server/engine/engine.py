@@ -158,8 +158,12 @@ class Engine:
         return self._load_error
 
     def is_ready(self) -> bool:
-        """Model loaded, store reachable, engine thread alive, not shutting down."""
+        """Model loaded, store reachable, engine thread alive and not stalled (requests
+        waiting on it longer than --engine-stall-timeout-s without a step), not shutting
+        down."""
         if self._closing or self._scheduler is None or not self._scheduler.alive:
+            return False
+        if self._scheduler.stalled(self.settings.engine_stall_timeout_s):
             return False
         try:
             self.store.ping()

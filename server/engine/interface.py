@@ -123,6 +123,20 @@ class ModelInfo:
     vocab_size: int = 0  # token ids the model embeds; the bound on top_k (0: unknown)
 
 
+@dataclass(frozen=True)
+class EngineProgress:
+    """Whether the engine is moving, for readiness: `waiting` requests are queued or running,
+    and for `stalled_s` seconds the engine has shown no progress on them (0 while nothing
+    waits, or while it waits for work it does not have yet). server.engine.heartbeat keeps it."""
+
+    waiting: int
+    stalled_s: float
+
+    def stalled(self, bound_s: float) -> bool:
+        """Stuck: work waits and nothing has moved for longer than `bound_s` (0: never)."""
+        return bound_s > 0 and self.waiting > 0 and self.stalled_s > bound_s
+
+
 class EngineClient(Protocol):
     """The one interface server.api uses. Errors are raised as the engine's/store's types."""
 
@@ -163,7 +177,10 @@ class EngineClient(Protocol):
     async def delete_adapter(self, namespace: str, adapter_id: str) -> None: ...
 
     def is_ready(self) -> bool:
-        """Model loaded, store reachable, engine thread alive."""
+        """Model loaded, store reachable, engine thread alive, and not stalled: no work has
+        waited longer than --engine-stall-timeout-s without the engine making progress. An
+        engine that can say how long it has been stalled also offers
+        `progress() -> EngineProgress` (server.engine.remote does)."""
         ...
 
     def stats(self) -> dict[str, float]:

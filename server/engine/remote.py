@@ -9,6 +9,9 @@ through its Mailbox. Text is made here, by the frontend (server.engine.output_pr
 the engine process only computes tokens, and a stop string found here aborts the row there.
 Gauges (/metrics) are as of the engine's last report, at most
 server.engine.worker.STATS_PERIOD_S old; readiness (/readyz) at most READY_PERIOD_S.
+Every message from the engine process is a heartbeat (it reports at least every
+STATS_PERIOD_S): while requests or calls wait on it and it stays silent longer than
+--engine-stall-timeout-s (stopped, or wedged), this side is not ready, until it speaks again.
 
 If the engine process dies, every waiting request fails with a 503 and wait_until_exited()
 returns, so the CLI can exit and let the orchestrator restart the replica.
@@ -35,8 +38,10 @@ from server.engine import wire
 from server.engine.chat import render_chat
 from server.engine.detokenizer import DECODE_KWARGS
 from server.engine.errors import EngineNotReadyError, InvalidRequestError
+from server.engine.heartbeat import Heartbeat
 from server.engine.interface import (
     AdapterUpload,
+    EngineProgress,
     GenerationRequest,
     GenerationResult,
     ModelInfo,
@@ -65,6 +70,7 @@ class RemoteEngine:
         self._by_request: dict[str, str] = {}  # request id -> key, while in flight
         self._pending_lock = threading.Lock()
         self._keys = itertools.count()
+        self._heartbeat = Heartbeat("the engine process")  # beats on every message from it
         self._tokenizer: Any = None
         self._info: ModelInfo | None = None
         self._batching: Batching | None = None
@@ -135,8 +141,16 @@ class RemoteEngine:
         self._weight_of = weight_of
 
     def is_ready(self) -> bool:
+        """The engine process said it is ready and has not gone silent while work waits."""
         return (self._ready and not self._closing and not self._exited.is_set()
-                and self._info is not None and self._tokenizer is not None)
+                and self._info is not None and self._tokenizer is not None
+                and not self._heartbeat.stalled(len(self._pending),
+                                                self.settings.engine_stall_timeout_s))
+
+    def progress(self) -> EngineProgress:
+        """Requests and calls waiting on the engine process, and how long it has sent
+        nothing while they waited (its engine thread's own stall arrives as readiness)."""
+        return self._heartbeat.progress(len(self._pending))
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Refuse new requests, let the engine process finish in-flight ones (aborting them
@@ -173,7 +187,9 @@ class RemoteEngine:
         """The reader thread: every message from the engine process, until the pipe closes."""
         try:
             while True:
-                for message in wire.loads(self._conn.recv_bytes()):
+                data = self._conn.recv_bytes()
+                self._heartbeat.beat()
+                for message in wire.loads(data):
                     self._on_message(message)
         except (EOFError, OSError):
             pass
@@ -207,6 +223,8 @@ class RemoteEngine:
             self._engine_ready.set()
         elif op == "closed":
             self._ready = False
+        elif op == "beat":  # the engine process is alive (counted as it was read)
+            pass
         else:
             log.error("engine pipe: unknown message %r ignored", op)
 
@@ -301,6 +319,8 @@ class RemoteEngine:
                     raise InvalidRequestError(
                         f"request id {pending.request_id!r} is already in flight")
                 self._by_request[pending.request_id] = key
+            if not self._pending:  # work begins to wait: silence before it was no stall
+                self._heartbeat.beat()
             self._pending[key] = pending
         try:
             self._send_bytes(message)

@@ -42,6 +42,7 @@ from server.engine.errors import (
     QueueFullError,
 )
 from server.engine.fairness import BatchPolicy, RoundRobinPolicy
+from server.engine.heartbeat import Heartbeat
 from server.engine.interface import GenerationRequest
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver
@@ -98,6 +99,8 @@ class Scheduler:
         # a static batch's duration, or one request's time in the running batch.
         self._batch_seconds = 1.0
         self._outbox: list[tuple[Ticket, RowDelta]] = []  # this step's deltas (engine thread)
+        # The engine thread beats after every step and rests while it waits for work.
+        self.heartbeat = Heartbeat("the engine thread")
         self._adapters = AdapterLoader(
             store=store, table=table, observer=observer, lock=self._cond,
             make_ready=self._make_ready, fail=self.fail, threads=loader_threads)
@@ -111,6 +114,10 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._draining
+
+    def stalled(self, bound_s: float) -> bool:
+        """Readiness: requests wait and the engine thread has taken no step for `bound_s`."""
+        return self.heartbeat.stalled(len(self._live), bound_s)
 
     @property
     def queue_depth(self) -> int:
@@ -243,7 +250,7 @@ class Scheduler:
                 if busy:
                     break
                 if not self._ready:
-                    self._cond.wait()
+                    self._rest(None)
                     continue
                 if len(self._ready) >= self._max_batch_size or self._draining:
                     break
@@ -251,7 +258,7 @@ class Scheduler:
                 wait = oldest + self._max_wait_s - time.monotonic()
                 if wait <= 0:
                     break
-                self._cond.wait(wait)
+                self._rest(wait)
             if len(running) >= self._max_batch_size and self._arrivals == self._planned_arrivals:
                 return _Plan([], [], [])
             self._planned_arrivals = self._arrivals
@@ -271,6 +278,14 @@ class Scheduler:
                 ticket.state = TicketState.RUNNING
             self._queued -= len(admit)
             return _Plan(park, resume, admit)
+
+    def _rest(self, timeout: float | None) -> None:
+        """Under the lock: wait for work (or batch mates); not a stall, however long."""
+        self.heartbeat.rest()
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self.heartbeat.wake()
 
     def observe_batch_start(self, tickets: Sequence[Ticket], joining: Sequence[Ticket],
                              now: float) -> None:
@@ -323,7 +338,8 @@ class Scheduler:
 
     def flush_outputs(self) -> None:
         """Hand the step's deltas to the frontend: one mailbox post per event loop, however
-        many rows. The loops call it after every step."""
+        many rows. The loops call it after every step: it is also the engine's heartbeat."""
+        self.heartbeat.beat()
         if not self._outbox:
             return
         items, self._outbox = self._outbox, []

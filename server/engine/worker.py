@@ -116,9 +116,10 @@ class Worker:
         batching = self.engine.batching
         self.send({"op": "ready", "info": wire.info_to_wire(self.engine.model_info),
                    "batching": str(batching) if batching is not None else None})
-        ticker = asyncio.create_task(self._tick())
+        ticker, beats = asyncio.create_task(self._tick()), asyncio.create_task(self._beat())
         await self.done.wait()
         ticker.cancel()
+        beats.cancel()
         self._flush()
 
     # ---- out ----------------------------------------------------------------------------------
@@ -150,6 +151,14 @@ class Worker:
         while True:
             snapshot = await asyncio.to_thread(self._snapshot)  # is_ready may ping S3
             self.send(snapshot)
+            await asyncio.sleep(STATS_PERIOD_S)
+
+    async def _beat(self) -> None:
+        """This process's sign of life for the HTTP process's readiness (server.engine.
+        remote), straight from this loop: the gauges' report waits on a readiness check that
+        may ping a slow store, which must not make this process look stopped."""
+        while True:
+            self.send({"op": "beat"})
             await asyncio.sleep(STATS_PERIOD_S)
 
     def _snapshot(self) -> dict[str, Any]:
