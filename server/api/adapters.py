@@ -16,6 +16,7 @@ from server.api.schemas import ADAPTER_ID_PATTERN, AdapterListResponse, AdapterR
 from server.api.uploads import SpooledUpload, spool_multipart
 from server.engine.errors import InvalidAdapterIdError
 from server.engine.interface import AdapterRecord, AdapterUpload, EngineClient
+from server.engine.prompt_layout import MAX_TEMPLATE_CHARS
 
 router = APIRouter(tags=["adapters"])
 _ID_RE = re.compile(ADAPTER_ID_PATTERN)
@@ -34,10 +35,12 @@ _UPLOAD_BODY = {
             "archive": {"type": "string", "format": "binary",
                         "description": "instead of config + weights: one .tar.gz/.tgz/.zip "
                                        "of a PEFT output directory"},
-            "template": {"type": "string",
+            "template": {"type": "string", "maxLength": MAX_TEMPLATE_CHARS,
                          "description": "optional P-tuning template placing the rows around "
-                                        "the text: {soft:N}, {soft}, {text} (once), {{ and }} "
-                                        "for braces, anything else anchor text; default "
+                                        "the text: {soft:N} (N in ASCII digits), {soft}, "
+                                        "{text} (once), {{ and }} for braces, anything else "
+                                        "anchor text (no control characters but tab, newline "
+                                        "and carriage return, no bidi overrides); default "
                                         "{soft}{text}"},
         },
     }}},

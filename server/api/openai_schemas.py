@@ -5,15 +5,20 @@ silently ignored otherwise, and a client that sends it expects it to change the 
 gets a 400 naming it, as OpenAI answers "Unrecognized request argument". Parameters OpenAI
 defines but we do not implement are declared so that their no-op values pass (best_of=1,
 logit_bias={}, ...) and anything else is refused in openai_routes with the parameter named.
+
+Values are strict, as OpenAI's schema is: a boolean is not an integer (`"prompt": [true]` is
+not the token ids [1]) and a string is not a number (`"logprobs": "3"`); a float field still
+takes a JSON integer (`"temperature": 1`). Text is server.api.text's TokenizableText.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, Tag
 
 from server.api.schemas import MAX_INT, MAX_SEED
+from server.api.text import StopStrings, TokenizableText, by_json_type
 from server.engine.sampling import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -24,8 +29,12 @@ MAX_CHAT_MESSAGES = 2048
 MAX_CONTENT_PARTS = 256  # text parts of one message
 
 
+# Every request model's config: unknown fields refused, no infinities, no lenient coercion.
+STRICT_REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT_REQUEST
 
     include_usage: bool = Field(False, description="One more chunk before [DONE]: usage, "
                                                    "no choices.")
@@ -35,21 +44,22 @@ class _SamplingFields(BaseModel):
     """What both routes share: the sampling we implement and the no-op values of the rest."""
 
     # JSON's 1e999 parses as infinity: a float field must be finite to be meaningful.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT_REQUEST
 
-    model: str = Field(..., description="An adapter id of your tenant, or the served base "
-                                        "model's name (GET /v1/models) for no adapter.")
+    model: TokenizableText = Field(..., description="An adapter id of your tenant, or the "
+                                   "served base model's name (GET /v1/models) for no adapter.")
     max_tokens: int | None = Field(None, ge=0, le=MAX_INT, description="New tokens at most "
                                    "(0 only with echo: score the prompt).")
     temperature: float | None = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     n: int | None = Field(1, ge=1, le=MAX_CHOICES, description="Choices per prompt; with "
                           "seed, the same request gives the same choices.")
-    stop: str | list[str] | None = Field(None, description="Stop string(s).")
+    stop: StopStrings | None = Field(None, description="Stop string(s).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, description="Accepted; does not affect generation.")
+    user: TokenizableText | None = Field(None, description="Accepted; does not affect "
+                                         "generation.")
     presence_penalty: float | None = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
                                            description="Lowers the logits of tokens already "
                                            "generated, once each.")
@@ -72,8 +82,29 @@ class _SamplingFields(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+def _prompt_form(value: Any) -> str | None:
+    """Which of the prompt's forms a value is meant to be, from its (first item's) type."""
+    if isinstance(value, str):
+        return "str"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else None
+    if isinstance(first, str):
+        return "list[str]"
+    return "list[list[int]]" if isinstance(first, list) else "list[int]"
+
+
+Prompt = Annotated[
+    Annotated[TokenizableText, Tag("str")]
+    | Annotated[list[TokenizableText], Tag("list[str]")]
+    | Annotated[list[StrictInt], Tag("list[int]")]
+    | Annotated[list[list[StrictInt]], Tag("list[list[int]]")],
+    by_json_type(_prompt_form, forms="a string, a list of strings, a list of token ids or a "
+                                     "list of lists of token ids")]
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: Prompt = Field(
         ..., description="A string, a list of token ids, or a list of several of either: "
                          "one choice (n choices) per prompt, in order.")
     max_tokens: int | None = Field(COMPLETIONS_DEFAULT_MAX_TOKENS, ge=0, le=MAX_INT)
@@ -83,23 +114,33 @@ class CompletionRequest(_SamplingFields):
                                  description="Log-probabilities of each token and of the "
                                  f"N most likely (0-{MAX_LOGPROBS}).")
     best_of: int | None = Field(None, ge=-MAX_INT, le=MAX_INT, description="Only 1.")
-    suffix: str | None = Field(None, description="Not supported: only null or empty.")
+    suffix: TokenizableText | None = Field(None, description="Not supported: only null or "
+                                           "empty.")
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT_REQUEST
 
     type: Literal["text"]
-    text: str
+    text: TokenizableText
+
+
+def _content_form(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "str"
+    return "list[TextPart]" if isinstance(value, list) else None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT_REQUEST
 
     role: Literal["system", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] = Field(
+    content: Annotated[
+        Annotated[TokenizableText, Tag("str")]
+        | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS), Tag("list[TextPart]")],
+        by_json_type(_content_form, forms="a string or a list of text parts")] = Field(
         ..., description=f"Text, or up to {MAX_CONTENT_PARTS} text parts (joined).")
-    name: str | None = None
+    name: TokenizableText | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):

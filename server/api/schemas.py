@@ -4,6 +4,9 @@ An unknown field in a generate request is a 422 naming it (with the field it pro
 ignored, a typo such as `max_tokens` would silently do nothing. Limits that depend on Settings
 (max_new_tokens_limit, max_stop_strings, max_input_tokens) are checked in the handlers, which
 know the settings.
+
+Request values are strict: a boolean is not an integer and a string is not a number (a float
+field still takes a JSON integer), and text is server.api.text's TokenizableText.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
-    field_validator,
     model_serializer,
     model_validator,
 )
 
+from server.api.text import TokenizableText
 from server.engine.interface import FinishReason, GenerationResult, TokenLogprob
 from server.engine.sampling import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
 
@@ -49,12 +52,13 @@ def unknown_fields_message(fields: list[str], known: list[str]) -> str:
 
 class GenerateRequest(BaseModel):
     # JSON's 1e999 parses as infinity: a float field must be finite to be meaningful.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     adapter_id: str | None = Field(
         None, pattern=ADAPTER_ID_PATTERN,
         description="Adapter to prepend; null or absent means the bare base model.")
-    text: str = Field(..., description="Prompt, tokenized with the tokenizer's defaults.")
+    text: TokenizableText = Field(..., description="Prompt, tokenized with the tokenizer's "
+                                  "defaults.")
     max_new_tokens: int = Field(16, ge=1, le=MAX_INT,
                                 description="At most --max-new-tokens-limit.")
     temperature: float = Field(0.0, ge=0.0, description="0 is greedy; finite.")
@@ -62,8 +66,8 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=0, le=MAX_INT,
                        description="0 disables top-k; at most the vocabulary size.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="For reproducible sampling.")
-    stop: list[str] = Field(default_factory=list,
-                            description="Stop strings (at most --max-stop-strings).")
+    stop: list[TokenizableText] = Field(default_factory=list, description="Stop strings (at "
+                                        "most --max-stop-strings).")
     ignore_eos: bool = Field(False, description="Keep generating to max_new_tokens.")
     presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
                                     description="Lowers the logits of tokens already "
@@ -88,18 +92,6 @@ class GenerateRequest(BaseModel):
             if unknown:
                 raise ValueError(unknown_fields_message(unknown, list(cls.model_fields)))
         return data
-
-    @field_validator("text", "stop")
-    @classmethod
-    def _encodable(cls, value: str | list[str]) -> str | list[str]:
-        """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer can encode."""
-        for item in [value] if isinstance(value, str) else value:
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"contains an unpaired surrogate at position {e.start}; "
-                                 "send valid Unicode text") from e
-        return value
 
 
 class Usage(BaseModel):

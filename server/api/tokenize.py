@@ -13,14 +13,15 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from server.api.deps import EngineDep, SettingsDep, TenantDep
 from server.api.errors import error_responses
 from server.api.openai_errors import OpenAIParamError, OpenAIRoute
 from server.api.openai_routes import adapter_for, base_names
-from server.api.openai_schemas import MAX_CHAT_MESSAGES, ChatMessage
+from server.api.openai_schemas import MAX_CHAT_MESSAGES, STRICT_REQUEST, ChatMessage
 from server.api.submission import OFF_LOOP_CHARS, OFF_LOOP_MESSAGES
+from server.api.text import TokenizableText
 from server.engine.interface import EngineClient
 from server.engine.prompt_layout import template_anchor_tokens
 
@@ -29,11 +30,13 @@ MAX_DETOKENIZE_IDS = 1 << 20
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_REQUEST
 
-    model: str | None = Field(None, description="An adapter id of your tenant, or the served "
-                              "base model's name; absent: the base model.")
-    prompt: str | None = Field(None, description="Text, tokenized as /v1/completions does.")
+    model: TokenizableText | None = Field(None, description="An adapter id of your tenant, or "
+                                          "the served base model's name; absent: the base "
+                                          "model.")
+    prompt: TokenizableText | None = Field(None, description="Text, tokenized as "
+                                           "/v1/completions does.")
     messages: Annotated[list[ChatMessage], Field(max_length=MAX_CHAT_MESSAGES)] | None = Field(
         None, description="Chat messages, rendered as /v1/chat/completions does.")
     add_special_tokens: bool | None = Field(None, description="Default: true for a prompt, "
@@ -54,10 +57,10 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_REQUEST
 
-    model: str | None = None
-    tokens: list[int] = Field(..., max_length=MAX_DETOKENIZE_IDS)
+    model: TokenizableText | None = None
+    tokens: list[StrictInt] = Field(..., max_length=MAX_DETOKENIZE_IDS)
 
 
 class DetokenizeResponse(BaseModel):

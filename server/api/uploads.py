@@ -5,6 +5,11 @@ server write gigabytes before any check runs. Here python-multipart's incrementa
 from `request.stream()` and every limit (per file, whole body, number of parts, text fields) is
 checked on each chunk; the first excess aborts with UploadTooLargeError (413) before the rest is
 read. Temp files live in one directory that is removed when the context exits, whatever happens.
+
+The `template` field is the exception: its limit is the template grammar's, in characters, so
+an overlong one is an InvalidTemplateError (400) naming that limit, as is one that is not UTF-8.
+It is buffered up to the most bytes MAX_TEMPLATE_CHARS characters can take; what fits is
+decoded and the grammar counts its characters.
 """
 
 from __future__ import annotations
@@ -22,8 +27,12 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from server.api.errors import InvalidUploadError, UploadTooLargeError
+from server.engine.errors import InvalidTemplateError
+from server.engine.prompt_layout import MAX_TEMPLATE_CHARS
 
-MAX_FIELD_BYTES = 4096  # a text field (adapter_id, template) is short
+MAX_FIELD_BYTES = 4096  # a text field (adapter_id) is short
+# A template of MAX_TEMPLATE_CHARS characters takes at most 4 UTF-8 bytes per character.
+MAX_TEMPLATE_BYTES = 4 * MAX_TEMPLATE_CHARS
 FILE_NAMES = frozenset({"config", "weights", "archive"})
 TEXT_NAMES = frozenset({"adapter_id", "template"})
 
@@ -118,7 +127,12 @@ class _Spooler:
                     "(--max-upload-bytes)")
             part.out.write(data[start:end])
         elif part.text is not None:
-            if part.size > MAX_FIELD_BYTES:
+            if part.name == "template" and part.size > MAX_TEMPLATE_BYTES:
+                raise InvalidTemplateError(
+                    f"template is longer than {MAX_TEMPLATE_BYTES} bytes, so more than "
+                    f"{MAX_TEMPLATE_CHARS} characters; at most {MAX_TEMPLATE_CHARS} characters "
+                    "are allowed")
+            if part.name != "template" and part.size > MAX_FIELD_BYTES:
                 raise UploadTooLargeError(f"field {part.name!r} is longer than "
                                           f"{MAX_FIELD_BYTES} bytes")
             part.text += data[start:end]
@@ -133,6 +147,9 @@ class _Spooler:
             try:
                 self.result.fields[part.name] = part.text.decode("utf-8")
             except UnicodeDecodeError as e:
+                if part.name == "template":
+                    raise InvalidTemplateError(f"template is not UTF-8: {e.reason} at byte "
+                                               f"{e.start}") from e
                 raise InvalidUploadError(f"field {part.name!r} is not UTF-8") from e
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from adapters_store.template import MAX_TEMPLATE_CHARS as MAX_TEMPLATE_CHARS  # for server.api
 from adapters_store.template import Anchor, Soft, Text, parse_template
 
 Piece = Soft | Text | tuple[int, ...]  # an anchor is its token ids

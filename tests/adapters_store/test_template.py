@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adapters_store import Anchor, InvalidTemplateError, Soft, Text, parse_template
+from adapters_store.template import MAX_TEMPLATE_CHARS
 
 
 def test_rows_anchors_and_text_in_template_order():
@@ -48,3 +49,58 @@ def test_bad_templates_say_what_is_wrong(template, message):
 def test_an_overlong_template_is_refused():
     with pytest.raises(InvalidTemplateError, match="characters"):
         parse_template("{soft}{text}" + "x" * 5000, 4)
+
+
+@pytest.mark.parametrize(("template", "named"), [
+    ("{soft:\uff14}{text}", "U+FF14 (FULLWIDTH DIGIT FOUR)"),
+    ("{soft:\u0663}{soft}{text}", "U+0663 (ARABIC-INDIC DIGIT THREE)"),
+    ("{soft:1\u0b68}{text}", "U+0B68 (ORIYA DIGIT TWO)"),
+    ("{soft:\u00b2}{soft}{text}", "U+00B2 (SUPERSCRIPT TWO)"),
+])
+def test_a_row_count_is_ascii_digits_only(template, named):
+    with pytest.raises(InvalidTemplateError) as info:
+        parse_template(template, 4)
+    assert named in str(info.value) and "ASCII digits" in str(info.value)
+
+
+def test_ascii_counts_with_leading_zeros_still_count():
+    assert parse_template("{soft:01}{text}{soft:003}", 4) == (Soft(0, 1), Text(), Soft(1, 3))
+
+
+@pytest.mark.parametrize(("char", "at"), [
+    ("\x00", 6), ("\x01", 6), ("\x08", 6), ("\x0b", 6), ("\x0c", 6), ("\x1b", 6), ("\x1f", 6),
+    ("\x7f", 6), ("\x80", 6), ("\x85", 6), ("\x9f", 6),
+    ("\u202a", 6), ("\u202b", 6), ("\u202c", 6), ("\u202d", 6), ("\u202e", 6),
+    ("\u2066", 6), ("\u2067", 6), ("\u2068", 6), ("\u2069", 6),
+])
+def test_control_and_bidi_override_characters_are_refused_by_code_point_and_place(char, at):
+    with pytest.raises(InvalidTemplateError) as info:
+        parse_template("{soft}" + char + " {text}", 4)
+    assert f"U+{ord(char):04X}" in str(info.value)
+    assert f"at character {at}" in str(info.value)
+
+
+def test_the_first_refused_character_is_the_one_named():
+    with pytest.raises(InvalidTemplateError, match=r"U\+202E .* at character 8"):
+        parse_template("{soft}ab\u202e\x00{text}", 4)
+
+
+def test_tab_newline_and_carriage_return_are_ordinary_anchor_text():
+    assert parse_template("{soft}Q:\t{text}\r\nA:", 4) == (
+        Soft(0, 4), Anchor("Q:\t"), Text(), Anchor("\r\nA:"))
+
+
+@pytest.mark.parametrize("text", ["\u200e", "\u200f", "\u200b", "\ufeff", "\u00a0", "caf\u00e9",
+                                  "\U0001f9ea"])
+def test_other_unicode_in_anchors_is_kept(text):
+    """Marks, zero-width and no-break spaces, accents, emoji: ordinary prompt text."""
+    assert parse_template("{soft}" + text + "{text}", 4) == (Soft(0, 4), Anchor(text), Text())
+
+
+def test_the_limit_is_in_characters_and_the_message_says_so():
+    fits = "{soft}{text}" + "\U0001f9ea" * (MAX_TEMPLATE_CHARS - 12)  # 4 bytes each
+    assert parse_template(fits, 4)[-1] == Anchor("\U0001f9ea" * (MAX_TEMPLATE_CHARS - 12))
+    with pytest.raises(InvalidTemplateError,
+                       match=f"{MAX_TEMPLATE_CHARS + 1} characters; at most "
+                             f"{MAX_TEMPLATE_CHARS} characters"):
+        parse_template(fits + "x", 4)

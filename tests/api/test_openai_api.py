@@ -53,7 +53,7 @@ async def test_bad_token_id_prompts_and_quota_limits_are_400(client):
     r = await client.post("/v1/completions", json={"model": name, "prompt": [1, -2, 3]})
     assert_openai_error(r, 400, param="prompt")
     r = await client.post("/v1/completions", json={"model": name, "prompt": [1, "a"]})
-    assert_openai_error(r, 400, param="prompt")
+    assert_openai_error(r, 400, param="prompt.1")  # token ids, the second one not an id
     r = await client.post("/v1/completions", json={"model": name, "prompt": []})
     assert_openai_error(r, 400, param="prompt")
     r = await client.post("/v1/completions", json={"model": name, "prompt": "x",
