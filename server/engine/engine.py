@@ -38,6 +38,7 @@ from server.engine.errors import (
 from server.engine.fairness import BatchPolicy, RoundRobinPolicy, contended_rows
 from server.engine.interface import (
     AdapterUpload,
+    EngineProgress,
     GenerationRequest,
     GenerationResult,
     ModelInfo,
@@ -170,6 +171,14 @@ class Engine:
         except AdapterStoreError:
             return False
         return True
+
+    def progress(self) -> EngineProgress:
+        """Requests waiting on the engine thread and how long it has shown no progress, for
+        /readyz's reason and the stall gauge."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            return EngineProgress(waiting=0, stalled_s=0.0)
+        return scheduler.heartbeat.progress(scheduler.in_flight)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Refuse new requests (EngineNotReadyError), finish in-flight ones, stop the threads."""

@@ -44,8 +44,11 @@ async def test_a_wedged_engine_thread_is_not_ready_until_it_moves(batching, tiny
                                                              ignore_eos=True)))
         await until(wedge.held.is_set, PATIENCE_S)
         await until(lambda: not engine.is_ready(), PATIENCE_S)
+        stalled = engine.progress()
+        assert stalled.waiting == 1 and stalled.stalled_s >= 1, stalled
         wedge.gate.set()
         await until(engine.is_ready, PATIENCE_S)
+        assert engine.progress().stalled_s == 0 or not engine.progress().stalled(1)
         result = await asyncio.wait_for(answer, PATIENCE_S)
         assert result.completion_tokens == 4
     finally:
