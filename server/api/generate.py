@@ -8,22 +8,25 @@ GenerateRequest and writes GenerateResponse or the native SSE events.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from server.api.deps import EngineDep, MetricsDep, SettingsDep, TenantDep
 from server.api.errors import error_event, error_responses
 from server.api.quotas import Quotas, quotas_for
 from server.api.schemas import GenerateRequest, GenerateResponse, StreamEvent, logprobs_out
 from server.api.submission import (
+    PiecewiseJSONResponse,
     StreamItem,
     admit,
     check_params,
     complete,
+    off_loop,
     open_stream,
     sse_events,
     to_engine_request,
@@ -34,6 +37,7 @@ from server.config import Settings
 from server.engine.interface import (
     EngineClient,
     GenerationRequest,
+    GenerationResult,
     SamplingParams,
     TokenChunk,
 )
@@ -98,8 +102,22 @@ async def generate(
                                        lease=lease)
     # Server-Timing tells a client how much of its latency was the engine's (benchmarks use it
     # to compute the HTTP layer's overhead).
-    return JSONResponse(GenerateResponse.from_result(result).model_dump(mode="json"),
-                        headers=headers | {"Server-Timing": f"engine;dur={engine_ms:.3f}"})
+    headers["Server-Timing"] = f"engine;dur={engine_ms:.3f}"
+    top = body.logprobs
+    # Thousands of tokens with top logprobs are written off the event loop.
+    return await off_loop(lambda: PiecewiseJSONResponse(_body(result), headers=headers),
+                          tokens=len(result.token_ids) * (1 if top is None else 1 + top))
+
+
+def _body(result: GenerationResult) -> dict:
+    """GenerateResponse as JSON; its logprobs written as logprobs_out writes them rather than
+    validated as models (tens of thousands of them would hold the interpreter lock, and the
+    event loop, for a second)."""
+    body = GenerateResponse.from_result(dataclasses.replace(result, logprobs=None))
+    out = body.model_dump(mode="json")
+    if result.logprobs is not None:
+        out["logprobs"] = logprobs_out(result.logprobs)
+    return out
 
 
 def _event(adapter_id: str | None, text: str, token_ids: Any, logprobs: Any,

@@ -14,7 +14,8 @@ from server.engine.interface import TokenLogprob
 
 
 class TokenText:
-    """Each token id's text, decoded once per response."""
+    """Each token id's text, decoded once per response. Not for the event loop when there
+    are many: callers build logprobs through server.api.submission.off_loop."""
 
     def __init__(self, detokenize: Callable[[list[int]], str]) -> None:
         self._detokenize = detokenize
@@ -25,6 +26,11 @@ class TokenText:
         if text is None:
             text = self._seen[token_id] = self._detokenize([token_id])
         return text
+
+    def each(self, ids: Sequence[int]) -> list[str]:
+        """Each id's text, as decoding it alone gives, with one decode per distinct id (a
+        long prompt repeats few distinct ids)."""
+        return [self(token_id) for token_id in ids]
 
 
 class CompletionLogprobsWriter:

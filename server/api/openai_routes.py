@@ -13,6 +13,7 @@ import dataclasses
 import re
 import time
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -39,6 +40,7 @@ from server.api.schemas import ADAPTER_ID_PATTERN, MAX_SEED
 from server.api.submission import (
     admit,
     check_params,
+    off_loop,
     to_engine_request,
     tokenize_text,
     tokenize_within,
@@ -151,10 +153,11 @@ async def _prompt_ids(prompt: str | list[int], engine: EngineClient, *, quotas: 
                       max_new_tokens: int) -> list[int]:
     if isinstance(prompt, str):
         return await tokenize_text(engine, prompt, quotas=quotas, max_new_tokens=max_new_tokens)
-    vocab = engine.model_info.vocab_size
-    if vocab and any(not 0 <= t < vocab for t in prompt):
-        raise OpenAIParamError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
     check_generation(quotas, max_new_tokens=max_new_tokens, input_tokens=len(prompt))
+    vocab = engine.model_info.vocab_size
+    if vocab and await off_loop(lambda: any(not 0 <= t < vocab for t in prompt),
+                                tokens=len(prompt)):
+        raise OpenAIParamError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
     return prompt
 
 
@@ -184,7 +187,9 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     for prompt in _prompts(body.prompt):
         ids = await _prompt_ids(prompt, engine, quotas=quotas,
                                 max_new_tokens=params.max_new_tokens)
-        prompts.append((ids, prompt if isinstance(prompt, str) else engine.detokenize(ids)))
+        text = prompt if isinstance(prompt, str) else await off_loop(
+            partial(engine.detokenize, ids), tokens=len(ids))
+        prompts.append((ids, text))
     choices = _choices(prompts, body.n or 1, adapter_id=adapter_id, namespace=namespace,
                        params=params, echo=bool(body.echo), score_only=max_tokens == 0)
     fmt = CompletionFormat(choices[0].request.request_id, body.model,

@@ -12,10 +12,11 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from server.api.metrics import ApiMetrics
 from server.api.openai_errors import openai_error_event
@@ -26,7 +27,16 @@ from server.api.openai_logprobs import (
     merge_completion_logprobs,
 )
 from server.api.quotas import Lease
-from server.api.submission import complete_all, open_streams, sse_events, unsent
+from server.api.submission import (
+    OFF_LOOP_TOKENS,
+    PiecewiseJSONResponse,
+    complete_all,
+    json_text,
+    off_loop,
+    open_streams,
+    sse_events,
+    unsent,
+)
 from server.engine.interface import (
     EngineClient,
     FinishReason,
@@ -123,6 +133,17 @@ class CompletionFormat:
 
     def opening(self, choices: list[Choice]) -> list[dict]:
         return []
+
+    def cost(self, choice: Choice, item: TokenChunk | GenerationResult) -> int:
+        """The token ids and logprob entries writing `item` of `choice` takes (full() or
+        stream_item()): what decides whether it is written off the event loop."""
+        sent = self._sent.get(choice.index)
+        tokens = len(item.token_ids)
+        if isinstance(item, GenerationResult) and sent is not None:
+            tokens -= sent[1]
+        if choice.echo and sent is None:
+            tokens += len(choice.request.prompt_ids)
+        return tokens if self.logprobs is None else tokens * (1 + self.logprobs)
 
     def chunk(self, choice: Choice, text: str, logprobs: dict | None,
               finish: str | None) -> dict:
@@ -229,8 +250,21 @@ async def respond(request: Request, engine: EngineClient, choices: list[Choice],
                                                     "X-Accel-Buffering": "no"})
     results, engine_ms = await complete_all(request, engine, engine_requests, metrics=metrics,
                                             lease=lease)
-    return JSONResponse(fmt.full(choices, results),
-                        headers=headers | {"Server-Timing": f"engine;dur={engine_ms:.3f}"})
+    headers["Server-Timing"] = f"engine;dur={engine_ms:.3f}"
+    # n choices of long echoed prompts with top logprobs are hundreds of thousands of entries:
+    # built and rendered on a worker thread, so the loop keeps serving meanwhile.
+    return await off_loop(
+        lambda: PiecewiseJSONResponse(fmt.full(choices, results), headers=headers),
+        tokens=sum(fmt.cost(c, r) for c, r in zip(choices, results, strict=True)))
+
+
+def _rendered(fmt: CompletionFormat, choice: Choice, item: TokenChunk | GenerationResult, *,
+              heavy: bool) -> list[str]:
+    """The SSE frames of one engine item; a heavy one's JSON is written in pieces."""
+    chunks = fmt.stream_item(choice, item)
+    if heavy:
+        return [f"data: {json_text(chunk, as_response=False)}\n\n" for chunk in chunks]
+    return [_data(chunk) for chunk in chunks]
 
 
 async def _frames(items: AsyncIterator[tuple[int, TokenChunk | GenerationResult]],
@@ -240,8 +274,12 @@ async def _frames(items: AsyncIterator[tuple[int, TokenChunk | GenerationResult]
         yield _data(opening)
     results: dict[int, GenerationResult] = {}
     async for index, item in items:
-        for chunk in fmt.stream_item(choices[index], item):
-            yield _data(chunk)
+        choice = choices[index]
+        # An echoed prompt's logprobs (the choice's first chunk) are heavy: off the loop.
+        cost = fmt.cost(choice, item)
+        for frame in await off_loop(partial(_rendered, fmt, choice, item,
+                                            heavy=cost > OFF_LOOP_TOKENS), tokens=cost):
+            yield frame
         if isinstance(item, GenerationResult):
             results[index] = item
     if include_usage:

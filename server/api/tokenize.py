@@ -4,23 +4,27 @@
 in the model's context: its text's tokens plus the adapter's virtual tokens and its template's
 anchor tokens (`virtual_tokens` says how many of the count are not text). `tokens` are the
 text's ids only: the virtual ones are this server's, not the tokenizer's. Errors are
-OpenAI-shaped, as vLLM's are.
+OpenAI-shaped, as vLLM's are. Both routes have generation's input limit (the tenant's
+max_input_tokens), and large work runs off the event loop (submission.off_loop).
 """
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictInt
 
 from server.api.deps import EngineDep, SettingsDep, TenantDep
-from server.api.errors import error_responses
+from server.api.errors import InvalidRequestError, RequestQuotaError, error_responses
 from server.api.openai_errors import OpenAIParamError, OpenAIRoute
+from server.api.openai_logprobs import TokenText
 from server.api.openai_routes import adapter_for, base_names
 from server.api.openai_schemas import MAX_CHAT_MESSAGES, STRICT_REQUEST, ChatMessage
-from server.api.submission import OFF_LOOP_CHARS, OFF_LOOP_MESSAGES
+from server.api.quotas import Quotas, quotas_for
+from server.api.submission import PiecewiseJSONResponse, off_loop, tokenize_within
 from server.api.text import TokenizableText
 from server.engine.interface import EngineClient
 from server.engine.prompt_layout import template_anchor_tokens
@@ -82,12 +86,38 @@ async def _adapter_tokens(model: str | None, *, engine: EngineClient, names: lis
     return record.num_virtual_tokens + anchors
 
 
+async def _bounded(run: Callable[[], list[int]], *, chars: int, messages: int, quotas: Quotas,
+                   param: str) -> list[int]:
+    """`run()`'s ids within the tenant's max_input_tokens, the bound generation has: a
+    prompt that could not fit is refused before tokenizing, a large one is tokenized off the
+    event loop, and one over the bound is a 400 naming the limit and the count."""
+    try:
+        return await tokenize_within(run, chars=chars, items=messages, quotas=quotas,
+                                     max_new_tokens=0)
+    except (InvalidRequestError, RequestQuotaError) as e:
+        raise OpenAIParamError(str(e), param=param) from e
+
+
+def _tokenize_response(ids: list[int], *, engine: EngineClient, virtual: int,
+                       token_strs: bool) -> JSONResponse:
+    """The response, built where the caller runs it (off the loop when it is large). Each
+    token's text is decoded once per distinct id, which gives what decoding each id alone
+    gives; the lists go in as they are rather than validated item by item."""
+    strs = TokenText(engine.detokenize).each(ids) if token_strs else None
+    response = TokenizeResponse(count=len(ids) + virtual,
+                                max_model_len=engine.model_info.max_context, tokens=[],
+                                token_strs=None, virtual_tokens=virtual)
+    return PiecewiseJSONResponse(response.model_dump(mode="json")
+                                 | {"tokens": ids, "token_strs": strs})
+
+
 @router.post("/tokenize", response_model=TokenizeResponse, summary="Count a prompt's tokens",
              responses=error_responses(400, 401, 404, 413, 500, 503))
-async def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep,
-                   namespace: TenantDep) -> Any:
+async def tokenize(body: TokenizeRequest, request: Request, engine: EngineDep,
+                   settings: SettingsDep, namespace: TenantDep) -> Any:
     if (body.prompt is None) == (body.messages is None):
         raise OpenAIParamError("give prompt or messages (one of them)", param="prompt")
+    _, quotas = quotas_for(request, namespace)
     virtual = await _adapter_tokens(body.model, engine=engine,
                                     names=base_names(settings, engine), namespace=namespace)
     if body.prompt is not None:
@@ -97,7 +127,7 @@ async def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsD
         def run() -> list[int]:
             return engine.tokenize(prompt, add_special_tokens=special)
 
-        large = len(prompt) > OFF_LOOP_CHARS
+        param, chars, count = "prompt", len(prompt), 1
     else:
         if body.add_special_tokens:
             raise OpenAIParamError("add_special_tokens applies to a prompt; a chat template "
@@ -109,26 +139,33 @@ async def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsD
         def run() -> list[int]:
             return engine.apply_chat_template(messages, add_generation_prompt=generation)
 
-        large = (len(messages) > OFF_LOOP_MESSAGES
-                 or sum(len(m["content"]) for m in messages) > OFF_LOOP_CHARS)
-    ids = await asyncio.to_thread(run) if large else run()
-    strs = [engine.detokenize([i]) for i in ids] if body.return_token_strs else None
-    return TokenizeResponse(count=len(ids) + virtual, max_model_len=engine.model_info.max_context,
-                            tokens=ids, token_strs=strs, virtual_tokens=virtual)
+        param, chars = "messages", sum(len(m["content"]) for m in messages)
+        count = len(messages)
+    ids = await _bounded(run, chars=chars, messages=count, quotas=quotas, param=param)
+    strs = body.return_token_strs
+    return await off_loop(lambda: _tokenize_response(ids, engine=engine, virtual=virtual,
+                                                     token_strs=strs),
+                          tokens=len(ids) * (2 if strs else 1))
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, summary="Token ids as text",
              responses=error_responses(400, 401, 404, 413, 500, 503))
-async def detokenize(body: DetokenizeRequest, engine: EngineDep, settings: SettingsDep,
-                     namespace: TenantDep) -> Any:
+async def detokenize(body: DetokenizeRequest, request: Request, engine: EngineDep,
+                     settings: SettingsDep, namespace: TenantDep) -> Any:
     await _adapter_tokens(body.model, engine=engine, names=base_names(settings, engine),
                           namespace=namespace)  # a model that does not exist is a 404 here too
-    vocab = engine.model_info.vocab_size
-    bad = next((t for t in body.tokens if t < 0 or (vocab and t >= vocab)), None)
-    if bad is not None:
-        raise OpenAIParamError(f"tokens: {bad} is not a token id; ids are in [0, {vocab})",
-                               param="tokens")
+    _, quotas = quotas_for(request, namespace)
     ids = list(body.tokens)
-    text = (await asyncio.to_thread(engine.detokenize, ids) if len(ids) > OFF_LOOP_CHARS
-            else engine.detokenize(ids))
-    return DetokenizeResponse(prompt=text)
+    if len(ids) > quotas.max_input_tokens:
+        raise OpenAIParamError(f"tokens: {len(ids)} ids; above the limit max_input_tokens="
+                               f"{quotas.max_input_tokens}", param="tokens")
+    vocab = engine.model_info.vocab_size
+
+    def run() -> str:
+        bad = next((t for t in ids if t < 0 or (vocab and t >= vocab)), None)
+        if bad is not None:
+            raise OpenAIParamError(f"tokens: {bad} is not a token id; ids are in [0, {vocab})",
+                                   param="tokens")
+        return engine.detokenize(ids)
+
+    return DetokenizeResponse(prompt=await off_loop(run, tokens=len(ids)))
