@@ -6,8 +6,10 @@ The server runs as a subprocess on loopback (builtin:tiny by default, a temporar
 tenants or more in an --api-keys file). Per tenant, four clients run until the time is up:
 non-streaming generate; streaming generate; a mix of the OpenAI routes, streams left after a
 few events, and requests for another tenant's adapter; and an uploader that uploads,
-overwrites and deletes the tenant's churned adapters while the other clients use them. The
-report (a table, and JSON in benchmarks/results/soak.json) has counts per kind and status,
+overwrites and deletes the tenant's churned adapters while the other clients use them. One more
+tenant sends a hostile mix (benchmarks.soak_hostile) throughout, and a prober asks /healthz
+every 50 ms. The report (a table, and JSON in benchmarks/results/soak.json) has counts per
+kind and status, the slowest /healthz answer (target under 100 ms),
 p50/p99 latency per tenth of the run (per minute from 10 minutes on), the server's RSS after
 warm-up and at the end, device memory where the server exports it, and a verdict. Exit status
 1 when any request got a 5xx or another unexpected outcome (a connection error that was not a
@@ -30,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.soak_hostile import probe_health, run_hostile
 from benchmarks.soak_report import (
     MemorySample,
     children,
@@ -103,10 +106,14 @@ def _tenants(count: int) -> list[tuple[str, str]]:
             for i in range(count)]
 
 
+HOSTILE = ("tenant-hostile", "soak-key-hostile")
+
+
 def _keys_file(path: Path, tenants: list[tuple[str, str]]) -> None:
     """The first tenant weighs 2; the last may run only 2 requests at once, so it meets its
-    quota (429) and the quota's bookkeeping is soaked too, disconnects included."""
-    entries: list[dict[str, Any]] = []
+    quota (429) and the quota's bookkeeping is soaked too, disconnects included. The hostile
+    tenant has no quota: its heavy requests should be served, not refused."""
+    entries: list[dict[str, Any]] = [{"name": HOSTILE[0], "keys": [HOSTILE[1]]}]
     for i, (name, key) in enumerate(tenants):
         entry: dict[str, Any] = {"name": name, "keys": [key]}
         if i == 0:
@@ -179,8 +186,8 @@ def _gauge(samples: list[tuple[str, dict[str, str], float]], name: str) -> float
     return sum(v for n, _, v in samples if n == name)
 
 
-async def _soak(url: str, pid: int, traffic: Traffic, *, warm_s: float, seed: int,
-                alive: Callable[[], bool]) -> dict[str, Any]:
+async def _soak(url: str, pid: int, traffic: Traffic, *, hostile: Tenant, warm_s: float,
+                seed: int, alive: Callable[[], bool]) -> dict[str, Any]:
     """The clients until the deadline, the memory sampler beside them, then the drain. The
     sampler ends the run early if the server process dies."""
     samples: list[MemorySample] = []
@@ -208,16 +215,20 @@ async def _soak(url: str, pid: int, traffic: Traffic, *, warm_s: float, seed: in
     cpu0 = time.process_time()
     server_cpu0 = cpu_seconds(pid) + sum(cpu_seconds(c) for c in children(pid))
     sampling = asyncio.create_task(sampler())
-    drain_limit = traffic.request_timeout_s + 15
+    health = asyncio.create_task(probe_health(traffic))
+    drain_limit = traffic.request_timeout_s * 4 + 15
     timed_out = False
     try:
-        await asyncio.wait_for(asyncio.gather(*(run_tenant(traffic, t, random.Random(
-            rng.randrange(2**32))) for t in traffic.tenants)),
+        await asyncio.wait_for(asyncio.gather(
+            *(run_tenant(traffic, t, random.Random(rng.randrange(2**32)))
+              for t in traffic.tenants),
+            run_hostile(traffic, hostile, random.Random(rng.randrange(2**32)))),
             duration + drain_limit)
     except TimeoutError:
         timed_out = True
     drained_at = time.monotonic() - traffic.t0
     await sampling
+    healthz = await health
     await asyncio.sleep(1.0)  # an engine process reports its gauges every 0.25 s
     end = sample_memory(pid, time.monotonic() - traffic.t0)
     metrics_end = await _scrape(url)
@@ -232,6 +243,7 @@ async def _soak(url: str, pid: int, traffic: Traffic, *, warm_s: float, seed: in
     before_5xx = server_5xx(metrics_before)
     return {
         "drained_after_s": round(drained_at, 2), "drain_timed_out": timed_out,
+        "healthz": healthz,
         "server_died_at_s": died_at,
         "memory": memory_report(start, end, peak, limit_pct=RSS_LIMIT_PCT),
         "rss_timeline_mib": [{"t": round(s.t, 1), **{k: round(v / 2**20, 1)
@@ -285,15 +297,18 @@ def run_soak(*, minutes: float, model: str = "builtin:tiny", device: str = "cpu"
                                     for i in range(STABLE)},
                             churn={f"{name}-churn-{i}": True for i in range(CHURNED)})
                      for k, (name, key) in enumerate(names)]
-            _upload_all(server.url, state, variants)
-            asyncio.run(_warm_up(server.url, state))
+            hostile = Tenant(HOSTILE[0], HOSTILE[1],
+                             stable={f"{HOSTILE[0]}-stable-0": VIRTUAL_TOKENS[2]}, churn={})
+            _upload_all(server.url, [*state, hostile], variants)
+            asyncio.run(_warm_up(server.url, [*state, hostile]))
             t0 = time.monotonic()
             traffic = Traffic(base_url=server.url, model=model, tenants=state,
                               variants=variants, deadline=t0 + duration, t0=t0,
                               max_new_tokens=max_new_tokens)
             proc = server.proc
-            measured = asyncio.run(_soak(server.url, proc.pid, traffic, warm_s=warm_s,
-                                         seed=seed, alive=lambda: proc.poll() is None))
+            measured = asyncio.run(_soak(server.url, proc.pid, traffic, hostile=hostile,
+                                         warm_s=warm_s, seed=seed,
+                                         alive=lambda: proc.poll() is None))
         finally:
             server.stop()
         exit_status = server.proc.returncode
@@ -318,6 +333,7 @@ def run_soak(*, minutes: float, model: str = "builtin:tiny", device: str = "cpu"
                    "virtual_tokens": list(VIRTUAL_TOKENS), "server_flags": flags},
         "summary": summary, **measured, "device_memory": dev,
         "ops_on_busy": {t.name: dict(t.ops_on_busy) for t in state},
+        "hostile_tenant": HOSTILE[0],
         "server_exit": exit_status, "server_log": str(kept_log) if kept_log else None,
         "server_log_errors": log_errors, "passed": passed,
     }

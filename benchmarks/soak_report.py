@@ -240,6 +240,11 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"after the drain: in flight {left['in_flight']:g}, queued {left['queue_depth']:g}, "
           f"parked {left['parked']:g} (target 0); server exit status {r['server_exit']}")
     print(f"busy adapters hit by the uploader: {r['ops_on_busy']}")
+    h = r["healthz"]
+    if h["max_ms"] is not None:
+        print(f"/healthz while the hostile tenant ran: {h['probes']} probes, {h['failures']} "
+              f"failed, p99 {h['p99_ms']:.1f} ms, slowest {h['max_ms']:.1f} ms (target under "
+              f"{h['target_ms']:g} ms: {'met' if h['within_target'] else 'MISSED'})")
     if r["server_died_at_s"] is not None:
         print(f"THE SERVER DIED at {r['server_died_at_s']:.1f} s (see its log)")
     if r["drain_timed_out"]:

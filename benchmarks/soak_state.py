@@ -28,6 +28,7 @@ class Kind(StrEnum):
     CONFLICT = "conflict"
     DELETE = "delete"
     LIST = "list"
+    HOSTILE = "hostile"
 
 
 ENDPOINTS = {Kind.GENERATE: "POST /v1/generate", Kind.STREAM: "POST /v1/generate (SSE)",
@@ -39,7 +40,8 @@ ENDPOINTS = {Kind.GENERATE: "POST /v1/generate", Kind.STREAM: "POST /v1/generate
              Kind.CROSS_TENANT: "POST /v1/generate (other tenant's adapter)",
              Kind.UPLOAD: "POST /v1/adapters", Kind.OVERWRITE: "POST /v1/adapters?overwrite=true",
              Kind.CONFLICT: "POST /v1/adapters (id exists)",
-             Kind.DELETE: "DELETE /v1/adapters/{id}", Kind.LIST: "GET /v1/adapters"}
+             Kind.DELETE: "DELETE /v1/adapters/{id}", Kind.LIST: "GET /v1/adapters",
+             Kind.HOSTILE: "the hostile mix (benchmarks.soak_hostile)"}
 INFERENCE = frozenset({Kind.GENERATE, Kind.STREAM, Kind.COMPLETIONS, Kind.COMPLETIONS_STREAM,
                        Kind.CHAT, Kind.CHAT_STREAM})
 # In-stream error types that stand for an expected refusal (the 404/409/429 of a stream).

@@ -27,7 +27,7 @@ SUCCESS = {Kind.GENERATE: {"200"}, Kind.STREAM: {"200"}, Kind.DISCONNECT: {"200"
            Kind.COMPLETIONS: {"200"}, Kind.COMPLETIONS_STREAM: {"200"}, Kind.CHAT: {"200"},
            Kind.CHAT_STREAM: {"200"}, Kind.CROSS_TENANT: {"404"}, Kind.UPLOAD: {"201"},
            Kind.OVERWRITE: {"201"}, Kind.CONFLICT: {"409"}, Kind.DELETE: {"204"},
-           Kind.LIST: {"200"}}
+           Kind.LIST: {"200"}, Kind.HOSTILE: {"400", "422"}}
 
 
 @pytest.mark.slow
@@ -52,6 +52,11 @@ def test_a_short_soak_makes_every_kind_of_request_without_a_5xx(tmp_path, capsys
     assert r["memory"]["server"]["start_mib"] > 0 and "growth_pct" in r["memory"]["total"]
     assert r["device_memory"] == "n/a (cpu)"
     assert r["after_drain"] == {"in_flight": 0, "queue_depth": 0, "parked": 0}
+    assert r["hostile_tenant"] == "tenant-hostile"
+    assert "200" in s["counts"][Kind.HOSTILE.value]  # its heavy but valid requests are served
+    health = r["healthz"]
+    assert health["probes"] > 0 and health["failures"] == 0 and health["max_ms"] > 0
+    assert "/healthz while the hostile tenant ran" in printed
     assert r["server_exit"] == 0 and r["passed"] is True
     assert "5xx: 0" in printed and "verdict: PASS" in printed
 
