@@ -53,6 +53,12 @@ class Batching(StrEnum):
     STATIC = "static"
 
 
+class EngineKind(StrEnum):
+    AUTO = "auto"
+    BUILTIN = "builtin"
+    VLLM = "vllm"
+
+
 class LogLevel(StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -126,6 +132,24 @@ class Settings(BaseSettings):
                                        "other tenants' tokens where a step's cost grows with "
                                        "its rows (a GPU decode step mostly does not). 0 (the "
                                        "default) or --max-batch-size and more: no cap.")
+    engine: EngineKind = Field(EngineKind.AUTO, description="Which engine runs the model: "
+                               "builtin (exact, any device, T5 and BLOOM too), vllm (vLLM's "
+                               "engine, for GPUs and models that need several; install the "
+                               "vllm extra), or auto: vllm when it is installed, the device "
+                               "is CUDA and vLLM serves the model, builtin otherwise. The "
+                               "startup log says which and why.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm engine: GPUs each layer is "
+                                      "split across (tensor parallelism).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vllm engine: stages the layers "
+                                        "are split into (pipeline parallelism; across nodes "
+                                        "with Ray).")
+    data_parallel_size: int = Field(1, ge=1, description="vllm engine: replicas of the model "
+                                    "behind this one server.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm engine: the "
+                                          "share of each GPU's memory vLLM may use (weights, "
+                                          "activations and KV cache).")
+    enforce_eager: bool = Field(False, description="vllm engine: run eagerly, without CUDA "
+                                "graphs or compilation (slower; starts sooner).")
     engine_process: bool = Field(False, description="Run the model and the scheduler in a "
                                  "child process of their own, so the HTTP server's Python "
                                  "work (parsing, tokenizing, writing responses) does not take "
@@ -196,7 +220,7 @@ class Settings(BaseSettings):
                               "server closes first, a request sent on the connection at that "
                               "moment fails with a connection error.")
 
-    @field_validator("device", "dtype", "batching", "log_level", mode="before")
+    @field_validator("device", "dtype", "batching", "log_level", "engine", mode="before")
     @classmethod
     def _lowercase_choice(cls, value: object) -> object:
         """INFO, CPU and Float32 mean what their lowercase spelling means."""
@@ -244,6 +268,15 @@ class Settings(BaseSettings):
             raise ValueError("--max-input-tokens must be at least 1")
         if self.api_keys is not None and not self.api_keys.is_file():
             raise ValueError(f"--api-keys {self.api_keys}: no such file")
+        parallel = [f"--{name.replace('_', '-')} {getattr(self, name)}"
+                    for name in ("tensor_parallel_size", "pipeline_parallel_size",
+                                 "data_parallel_size") if getattr(self, name) > 1]
+        if parallel and self.engine is EngineKind.BUILTIN:
+            raise ValueError(f"{', '.join(parallel)} needs --engine vllm: the builtin engine "
+                             "runs on one device")
+        if self.engine is EngineKind.VLLM and self.engine_process:
+            raise ValueError("--engine-process is for the builtin engine: --engine vllm runs "
+                             "its engine core in a process of its own already")
         return self
 
     @property

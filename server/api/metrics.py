@@ -8,6 +8,7 @@ engine.stats() at scrape time by a custom collector, so they can never drift fro
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
 
@@ -68,6 +69,22 @@ def method_label(method: str) -> str:
 
 def status_label(status: int) -> str:
     return str(status) if status in _STATUSES else OTHER
+
+
+class VllmMetricsCollector(Collector):
+    """vLLM's own metrics (prefix-cache hits, KV cache usage, preemptions, queue times), which
+    it registers in the process's default registry when the vllm engine runs, exported beside
+    ours. Their labels are vLLM's bounded ones (model name, engine index); nothing without
+    that engine."""
+
+    def collect(self) -> Iterator:
+        if "vllm" not in sys.modules:
+            return
+        from prometheus_client import REGISTRY
+
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                yield family
 
 
 class EngineStatsCollector(Collector):
@@ -171,6 +188,7 @@ class ApiMetrics:
     def bind_engine(self, engine: EngineClient) -> None:
         """Register the scrape-time collector; once, when the app gets its engine."""
         self.registry.register(EngineStatsCollector(engine, lambda: float(self.http_in_flight)))
+        self.registry.register(VllmMetricsCollector())
 
     # ---- recorded by the HTTP layer -----------------------------------------------------------
 

@@ -25,8 +25,9 @@ from adapters_store.errors import (
 )
 from adapters_store.records import AdapterRecord, Limits, ModelSpec, validate_adapter_id
 from adapters_store.store import AdapterStore
-from server.config import Batching, Settings
+from server.config import Settings
 from server.engine.chat import render_chat
+from server.engine.core_client import IDLE_STATS, CoreClient, Submission
 from server.engine.detokenizer import DECODE_KWARGS
 from server.engine.errors import (
     EngineNotReadyError,
@@ -43,17 +44,15 @@ from server.engine.interface import (
     GenerationResult,
     ModelInfo,
 )
-from server.engine.model_loader import LoadedModel, load_model
+from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver, GuardedObserver, NullObserver
 from server.engine.output_processor import OutputStream, RequestOutput
 from server.engine.prompt_layout import anchor_tokens, compiled_pieces, template_anchors
 from server.engine.prompt_table import version_of
-from server.engine.runtime import Runtime, build_runtime, runtime_stats
+from server.engine.runtime import Runtime, build_runtime
 from server.engine.sampling import validate_params
-from server.engine.scheduler import Scheduler
 from server.engine.store_refresh import StoreRefresher, count_stored
 from server.engine.stores import open_store
-from server.engine.tickets import DeltaStream, Ticket
 from server.engine.upload_slots import UploadSlots
 
 if TYPE_CHECKING:
@@ -94,20 +93,19 @@ class Engine:
 
     def _load(self) -> None:
         try:
-            loaded = load_model(self.settings)
             self._policy = self._policy or self._fair_policy()
-            runtime = build_runtime(self.settings, loaded, self.store, observer=self._observer,
+            runtime = build_runtime(self.settings, self.store, observer=self._observer,
                                     policy=self._policy)
-            scheduler = runtime.scheduler
+            core = runtime.core
             self._count_stored()
-            scheduler.start()
-            self._refresher = StoreRefresher(self.store, runtime.table,
+            core.start()
+            self._refresher = StoreRefresher(self.store, core,
                                              period_s=self.settings.store_refresh_s,
                                              on_count=self._set_count)
             self._refresher.start()
             self._runtime = runtime
             if self._closing:  # shutdown() was called while the model was loading
-                scheduler.stop(0)
+                core.stop(0)
         except BaseException as e:  # noqa: BLE001 - reported through wait_until_ready/is_ready
             self._load_error = e
             log.error("engine failed to start: %s: %s", type(e).__name__, e, exc_info=True)
@@ -130,8 +128,9 @@ class Engine:
         self._weight_of = weight_of
 
     @property
-    def batching(self) -> Batching | None:
-        """What the engine runs (None until the model is loaded)."""
+    def batching(self) -> str | None:
+        """What runs the requests: the built-in engine's "core" or "static" loop, or "vllm"
+        (None until the model is loaded)."""
         return None if self._runtime is None else self._runtime.batching
 
     def _count_stored(self) -> None:
@@ -162,9 +161,10 @@ class Engine:
         """Model loaded, store reachable, engine thread alive and not stalled (requests
         waiting on it longer than --engine-stall-timeout-s without a step), not shutting
         down."""
-        if self._closing or self._scheduler is None or not self._scheduler.alive:
+        core = self._core
+        if self._closing or core is None or not core.alive:
             return False
-        if self._scheduler.stalled(self.settings.engine_stall_timeout_s):
+        if core.stalled(self.settings.engine_stall_timeout_s):
             return False
         try:
             self.store.ping()
@@ -175,10 +175,8 @@ class Engine:
     def progress(self) -> EngineProgress:
         """Requests waiting on the engine thread and how long it has shown no progress, for
         /readyz's reason and the stall gauge."""
-        scheduler = self._scheduler
-        if scheduler is None:
-            return EngineProgress(waiting=0, stalled_s=0.0)
-        return scheduler.heartbeat.progress(scheduler.in_flight)
+        core = self._core
+        return EngineProgress(waiting=0, stalled_s=0.0) if core is None else core.progress()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Refuse new requests (EngineNotReadyError), finish in-flight ones, stop the threads."""
@@ -187,8 +185,8 @@ class Engine:
             self._loader.join(timeout)
         if self._refresher is not None:
             self._refresher.stop()
-        if self._scheduler is not None:
-            self._scheduler.stop(timeout)
+        if self._core is not None:
+            self._core.stop(timeout)
 
     async def aclose(self, timeout: float = 30.0) -> None:
         await asyncio.to_thread(self.shutdown, timeout)
@@ -196,8 +194,8 @@ class Engine:
     # ---- model ---------------------------------------------------------------------------------
 
     @property
-    def _scheduler(self) -> Scheduler | None:
-        return None if self._runtime is None else self._runtime.scheduler
+    def _core(self) -> CoreClient | None:
+        return None if self._runtime is None else self._runtime.core
 
     def _model(self) -> LoadedModel:
         """The loaded model; still usable (tokenize, info) while draining."""
@@ -244,28 +242,23 @@ class Engine:
         adapter's record is looked up off the event loop when the store would block (S3)."""
         return await self._open(request, stream=True)
 
-    async def open_deltas(self, request: GenerationRequest, *, stream: bool) -> DeltaStream:
+    async def open_deltas(self, request: GenerationRequest, *, stream: bool) -> Submission:
         """The request's deltas of token ids as the engine hands them out, for a frontend in
         another process (server.engine.worker); `stream`: it wants every step's."""
-        return DeltaStream(await self._submit(request, stream=stream), self._abort)
+        return await self._submit(request, stream=stream)
 
     async def _open(self, request: GenerationRequest, *, stream: bool) -> OutputStream:
         deltas = await self.open_deltas(request, stream=stream)
-        ticket = deltas.ticket
         output = RequestOutput(request, self._model().tokenizer, stream=stream,
-                               prompt_tokens=ticket.prompt_tokens,
-                               virtual_tokens=ticket.virtual_tokens)
+                               prompt_tokens=deltas.prompt_tokens,
+                               virtual_tokens=deltas.virtual_tokens)
         return OutputStream(deltas, output)
 
     async def abort(self, request_id: str) -> None:
-        if self._scheduler is not None:
-            self._scheduler.abort_id(request_id)
+        if self._core is not None:
+            self._core.abort(request_id)
 
-    def _abort(self, ticket: Ticket) -> None:
-        if self._scheduler is not None:
-            self._scheduler.abort(ticket)
-
-    async def _submit(self, request: GenerationRequest, *, stream: bool) -> Ticket:
+    async def _submit(self, request: GenerationRequest, *, stream: bool) -> Submission:
         self._require()  # not ready: 503 before any store traffic
         record = None
         if request.adapter_id is not None:  # fast 404, and the version to serve
@@ -276,17 +269,17 @@ class Engine:
         return self._enqueue(request, record, stream=stream)
 
     def _enqueue(self, request: GenerationRequest, record: AdapterRecord | None, *,
-                 stream: bool) -> Ticket:
+                 stream: bool) -> Submission:
         runtime = self._require()
-        loaded, scheduler = runtime.loaded, runtime.scheduler
+        loaded, core = runtime.loaded, runtime.core
         version, virtual, layout = None, 0, None
         if record is not None:
             self._check_compatible(record, loaded)
             version, virtual = version_of(record), record.num_virtual_tokens
-            if virtual > runtime.table.capacity:  # stored under a larger --max-virtual-tokens
+            if virtual > core.prompt_capacity:  # stored under a larger --max-virtual-tokens
                 raise InvalidRequestError(
                     f"adapter {record.adapter_id!r} has {virtual} virtual tokens; this server "
-                    f"holds at most {runtime.table.capacity} (--prompt-cache-bytes, "
+                    f"holds at most {core.prompt_capacity} (--prompt-cache-bytes, "
                     "--max-virtual-tokens)")
             if record.template is not None:
                 layout = runtime.layouts.get(record.template, virtual)
@@ -295,8 +288,8 @@ class Engine:
             request = self._fit(request, loaded, virtual + anchors)
         self._validate(request, loaded, virtual, anchors)
         runtime.bounds.check_all(compiled_pieces(request.prompt_ids, layout))
-        return scheduler.submit(request, version=version, virtual_tokens=virtual, stream=stream,
-                                layout=layout)
+        return core.submit(request, version=version, virtual_tokens=virtual, stream=stream,
+                           layout=layout)
 
     @staticmethod
     def _check_compatible(record: AdapterRecord, loaded: LoadedModel) -> None:
@@ -361,7 +354,7 @@ class Engine:
             parsed = await asyncio.to_thread(self._parse, upload, runtime)
         record = await asyncio.to_thread(self.store.put, namespace, adapter_id, parsed,
                                          overwrite=overwrite)
-        runtime.table.invalidate(namespace, adapter_id)
+        runtime.core.invalidate(namespace, adapter_id)
         if not existed:
             with self._count_lock:
                 self._stored_count += 1
@@ -410,22 +403,23 @@ class Engine:
     async def delete_adapter(self, namespace: str, adapter_id: str) -> None:
         await asyncio.to_thread(self.store.delete, namespace, adapter_id)
         if self._runtime is not None:
-            self._runtime.table.invalidate(namespace, adapter_id)
+            self._runtime.core.invalidate(namespace, adapter_id)
         with self._count_lock:
             self._stored_count = max(0, self._stored_count - 1)
 
     # ---- gauges --------------------------------------------------------------------------------
 
     def tenant_stats(self) -> dict[str, dict[str, int]]:
-        scheduler = self._scheduler
-        return scheduler.tenant_counts() if scheduler is not None else {}
+        core = self._core
+        return core.tenant_counts() if core is not None else {}
 
     def stats(self) -> dict[str, float]:
+        core = self._core
         return {
             "queue_capacity": float(self.settings.max_queue),
             "cache_capacity_bytes": float(self.settings.prompt_cache_bytes),
             "stored_adapters": float(self._stored_count),
-            **runtime_stats(self._runtime),
+            **(IDLE_STATS if core is None else core.stats()),
         }
 
 

@@ -1,5 +1,6 @@
-"""What the engine runs once its model is loaded: the prompt table, the step loop's core and
-the scheduler, chosen and wired here; and the gauges they report.
+"""What the engine runs once its model is loaded: the engine --engine picks (server.engine.
+engine_choice), and for the built-in one the prompt table, the step loop's core and the
+scheduler, chosen and wired here.
 
 The engine core runs decoder-only models whose attention goes through transformers' attention
 interface; seq2seq models, BLOOM (ALiBi) and `--batching static` run static batching. The log
@@ -15,15 +16,17 @@ from dataclasses import dataclass, replace
 import torch
 
 from adapters_store.store import AdapterStore
-from server.config import Batching, Settings
+from server.config import Batching, EngineKind, Settings
 from server.engine.core.engine_core import EngineCore
 from server.engine.core.kv_budget import KVBudgetError
 from server.engine.core.loop import build_core
+from server.engine.core_client import BuiltinCore, CoreClient
+from server.engine.engine_choice import choose_engine
 from server.engine.fairness import BatchPolicy
-from server.engine.model_loader import LoadedModel
+from server.engine.model_loader import LoadedModel, load_model
 from server.engine.observer import EngineObserver
 from server.engine.prompt_layout import Layouts
-from server.engine.prompt_table import PromptTable, table_for
+from server.engine.prompt_table import table_for
 from server.engine.scheduler import Scheduler
 from server.engine.tickets import Ticket
 from server.engine.token_bounds import TokenBounds
@@ -34,20 +37,34 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Runtime:
     loaded: LoadedModel
-    table: PromptTable
-    scheduler: Scheduler
+    core: CoreClient  # what runs the requests (server.engine.core_client)
     layouts: Layouts  # templated adapters' layouts, parsed once per template
     bounds: TokenBounds  # which ids a request's text and anchors may hold
 
     @property
-    def batching(self) -> Batching:
-        return Batching.CORE if self.scheduler.core is not None else Batching.STATIC
+    def batching(self) -> str:
+        return self.core.name
 
 
-def build_runtime(settings: Settings, loaded: LoadedModel, store: AdapterStore, *,
-                  observer: EngineObserver, policy: BatchPolicy) -> Runtime:
-    """The table (installed in the model), the core where the model allows it, and a
-    scheduler over them; the scheduler's thread is not started yet."""
+def build_runtime(settings: Settings, store: AdapterStore, *, observer: EngineObserver,
+                  policy: BatchPolicy) -> Runtime:
+    """Load the model and wire the core that --engine picks; nothing runs yet (start() the
+    core)."""
+    if choose_engine(settings) is EngineKind.VLLM:
+        from server.engine.vllm.runtime import build_vllm_core
+
+        loaded, core = build_vllm_core(settings, store, observer=observer,
+                                       weight_of=getattr(policy, "weight_of", lambda _t: 1.0))
+    else:
+        loaded = load_model(settings)
+        loaded, core = _builtin(settings, loaded, store, observer=observer, policy=policy)
+    return Runtime(loaded, core, Layouts(loaded.tokenizer), _token_bounds(loaded))
+
+
+def _builtin(settings: Settings, loaded: LoadedModel, store: AdapterStore, *,
+             observer: EngineObserver, policy: BatchPolicy) -> tuple[LoadedModel, BuiltinCore]:
+    """The table (installed in the model), the engine core where the model allows it, and a
+    scheduler over them."""
     table = table_for(loaded.model, budget_bytes=settings.prompt_cache_bytes,
                       min_rows=settings.max_virtual_tokens, dtype=loaded.dtype,
                       device=loaded.device, observer=observer)
@@ -64,8 +81,7 @@ def build_runtime(settings: Settings, loaded: LoadedModel, store: AdapterStore, 
         loaded, store=store, table=table, observer=observer,
         max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000.0,
         max_queue=settings.max_queue, policy=policy, core=core)
-    return Runtime(loaded, table, scheduler, Layouts(loaded.tokenizer),
-                   _token_bounds(loaded))
+    return loaded, BuiltinCore(scheduler, table)
 
 
 def _token_bounds(loaded: LoadedModel) -> TokenBounds:
@@ -124,47 +140,3 @@ def _free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def runtime_stats(runtime: Runtime | None) -> dict[str, float]:
-    """The scheduler's, the prompt table's and the core's gauges; zeros before the load."""
-    if runtime is None:
-        return {"queue_depth": 0.0, "in_flight": 0.0, "parked": 0.0,
-                "cache_resident_adapters": 0.0, "cache_resident_bytes": 0.0,
-                "cache_bytes": 0.0, "cache_hits": 0.0, "cache_misses": 0.0,
-                "cache_evictions": 0.0}
-    scheduler, ts = runtime.scheduler, runtime.table.stats()
-    stats = {
-        "queue_depth": float(scheduler.queue_depth),
-        "in_flight": float(scheduler.in_flight),
-        "parked": float(scheduler.parked),
-        "cache_resident_adapters": float(ts.resident_adapters),
-        "cache_resident_bytes": float(ts.resident_bytes),
-        "cache_bytes": float(ts.resident_bytes),  # alias named in interface.py
-        "cache_capacity_bytes": float(runtime.table.capacity_bytes),
-        "cache_hits": float(ts.hits),
-        "cache_misses": float(ts.misses),
-        "cache_evictions": float(ts.evictions),
-    }
-    core = scheduler.core
-    if core is not None:
-        graphs = core.decode_graphs
-        stats |= {
-            "kv_slots": float(core.max_rows),
-            "kv_slots_free": float(core.kv.free_slots),
-            "kv_cache_bytes": float(core.kv.nbytes),
-            "graph_captured_buckets": float(graphs.captured if graphs else 0),
-            "graph_eager_buckets": float(len(graphs.eager_buckets) if graphs else 0),
-        }
-        if core.prefixes is not None:
-            ps = core.prefixes.stats()
-            stats |= {
-                "prefix_hits": float(ps.hits),
-                "prefix_misses": float(ps.misses),
-                "prefix_evictions": float(ps.evictions),
-                "prefix_tokens_saved": float(ps.tokens_saved),
-                "prefix_entries": float(ps.entries),
-                "prefix_capacity_tokens": float(ps.capacity_tokens),
-                "prefix_used_tokens": float(ps.used_tokens),
-            }
-    return stats

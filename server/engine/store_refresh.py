@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from adapters_store.errors import AdapterNotFoundError, AdapterStoreError
 from adapters_store.records import AdapterRecord
 from adapters_store.store import AdapterStore
-from server.engine.prompt_table import PromptTable, version_of
+from server.engine.prompt_table import version_of
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,20 @@ def count_stored(store: AdapterStore) -> int:
     return int(count()) if callable(count) else len(store.list())
 
 
+class ResidentPrompts(Protocol):
+    """Where soft prompts are resident: a core (server.engine.core_client) or a table."""
+
+    def resident_versions(self) -> dict[tuple[str, str], str]: ...
+
+    def invalidate(self, namespace: str, adapter_id: str, *,
+                   version: str | None = None) -> bool: ...
+
+
 class StoreRefresher:
-    def __init__(self, store: AdapterStore, table: PromptTable, *, period_s: float,
+    def __init__(self, store: AdapterStore, cache: ResidentPrompts, *, period_s: float,
                  on_count: Callable[[int], None]) -> None:
         self._store = store
-        self._cache = table
+        self._cache = cache
         self._period_s = period_s
         self._on_count = on_count
         self._stop = threading.Event()

@@ -155,6 +155,14 @@ class DeltaStream(QueueStream):
         super().__init__(ticket.queue, lambda: abort(ticket))
         self.ticket = ticket
 
+    @property
+    def prompt_tokens(self) -> int:
+        return self.ticket.prompt_tokens
+
+    @property
+    def virtual_tokens(self) -> int:
+        return self.ticket.virtual_tokens
+
     def _unpack(self, item: object) -> tuple[RowDelta, bool]:
         if isinstance(item, Failure):
             raise item.error

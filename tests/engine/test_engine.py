@@ -96,8 +96,8 @@ def request(engine: Engine, text: str, adapter_id: str | None, *, namespace: str
                              params=SamplingParams(**params))
 
 
-async def until(predicate, timeout: float = 10.0) -> None:
-    """Poll (the engine thread updates gauges asynchronously)."""
+async def until(predicate, timeout: float = 60.0) -> None:
+    """Poll (the engine thread updates gauges asynchronously); the bound is for a hang only."""
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
@@ -318,11 +318,11 @@ async def test_stream_yields_chunks_then_one_result_matching_generate(engine) ->
 async def test_new_upload_is_served_on_the_next_request_and_overwrite_replaces(
         engine, tiny_model_dirs, llama_adapters) -> None:
     first = await engine.generate(request(engine, "Hi!", "pt3"))
-    assert engine._runtime.table.contains("t1", "pt3")
+    assert engine._runtime.core.table.contains("t1", "pt3")
     with pytest.raises(AdapterExistsError):
         await engine.add_adapter("t1", "pt3", upload_of(llama_adapters["pt5"]))
     await engine.add_adapter("t1", "pt3", upload_of(llama_adapters["pt5"]), overwrite=True)
-    assert not engine._runtime.table.contains("t1", "pt3")  # invalidated at once
+    assert not engine._runtime.core.table.contains("t1", "pt3")  # invalidated at once
     second = await engine.generate(request(engine, "Hi!", "pt3"))
     ref = load_peft_reference(tiny_model_dirs["llama"], llama_adapters["pt5"])
     assert list(second.token_ids) == reference_greedy(ref, engine.tokenize("Hi!"), 8)
@@ -338,7 +338,7 @@ async def test_overwrite_by_another_process_is_not_served_stale(engine, llama_ad
     other.put("t1", "pt3", parsed, overwrite=True)
     result = await engine.generate(request(engine, "Hi!", "pt3"))
     assert result.virtual_tokens == 5
-    entry = engine._runtime.table.lookup("t1", "pt3", _version(other, "pt3"))
+    entry = engine._runtime.core.table.lookup("t1", "pt3", _version(other, "pt3"))
     assert entry is not None and len(entry.ids) == 5
 
 
@@ -351,7 +351,7 @@ async def test_delete_evicts_and_later_requests_get_not_found(engine) -> None:
     await engine.generate(request(engine, "Hi!", "mlp6"))
     before = engine.stats()
     await engine.delete_adapter("t1", "mlp6")
-    assert not engine._runtime.table.contains("t1", "mlp6")
+    assert not engine._runtime.core.table.contains("t1", "mlp6")
     with pytest.raises(AdapterNotFoundError):
         await engine.generate(request(engine, "Hi!", "mlp6"))
     with pytest.raises(AdapterNotFoundError):
@@ -394,7 +394,7 @@ async def test_a_request_whose_rows_were_evicted_while_it_waited_is_loaded_again
     # and then mlp6 loads (6 rows), which evicts pt3's unpinned rows before pt3 starts.
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, prompt_cache_bytes=12 * 256,
                       max_batch_size=1, max_virtual_tokens=6, max_wait_ms=0, batching=batching)
-    table = eng._runtime.table
+    table = eng._runtime.core.table
     try:
         for name in ("pt3", "pt5", "mlp6"):
             await eng.add_adapter("t1", name, upload_of(llama_adapters[name]))
@@ -432,7 +432,7 @@ async def test_a_request_waits_while_running_requests_hold_the_whole_table(
         long = asyncio.create_task(eng.generate(request(eng, "a", "pt5", max_new_tokens=80,
                                                         ignore_eos=True)))
         await until(lambda: eng.stats()["in_flight"] == 1
-                    and eng._runtime.table.contains("t1", "pt5"))
+                    and eng._runtime.core.table.contains("t1", "pt5"))
         short = await eng.generate(request(eng, "Hi!", "pt3"))
         assert long.done()  # pt3 started only once pt5's rows were free
         base = load_base(tiny_model_dirs["llama"])
