@@ -43,6 +43,10 @@ def tiny_config(arch: str):
         return LlamaConfig(vocab_size=v, hidden_size=64, intermediate_size=128,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            max_position_embeddings=512, **_IDS)
+    if arch == "llama-hd32":  # vLLM's CPU attention takes heads of 32 dimensions and up
+        return LlamaConfig(vocab_size=v, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=32, max_position_embeddings=512, **_IDS)
     if arch == "qwen2":
         return Qwen2Config(vocab_size=v, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
