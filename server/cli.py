@@ -249,6 +249,13 @@ def check_startup(parser: argparse.ArgumentParser, settings: Settings) -> None:
         check_model_source(settings.model)
     except ModelSourceError as e:
         parser.exit(2, f"{PROG} serve: error: {e}\n")
+    if settings.engine == "vllm":
+        from server.engine.engine_choice import INSTALL_HINT, vllm_installed
+
+        if not vllm_installed():
+            parser.exit(2, f"{PROG} serve: error: --engine vllm needs vLLM: {INSTALL_HINT} "
+                           "(a CPU machine: bash .ci/vllm-env); --engine builtin needs "
+                           "nothing more\n")
     if settings.store.startswith("s3://"):
         try:
             import boto3  # noqa: F401
