@@ -301,3 +301,47 @@ def test_softprompt_metrics_keep_their_names(client):
                  "softprompt_prompt_cache_hits_total", "softprompt_queue_depth",
                  "vllm:prefix_cache_queries_total"):
         assert name in text, name
+
+
+def test_a_second_tenant_goes_before_the_first_tenants_backlog(served):
+    """8 places (--max-batch-size 8): tenant a fills them and queues two more; tenant b's
+    request, queued after those, starts first when a place frees."""
+    order: list[str] = []
+
+    async def stream(ac: httpx.AsyncClient, tenant: str, name: str, tokens: int,
+                     started: asyncio.Event | None = None) -> None:
+        body = {"adapter_id": None, "text": name, "max_new_tokens": tokens, "ignore_eos": True,
+                "stream": True}
+        async with ac.stream("POST", "/v1/generate", json=body, headers=auth(tenant)) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and name not in order:
+                    order.append(name)
+                    if started is not None:
+                        started.set()
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=served[0].url, timeout=PATIENCE_S) as ac:
+            first = [asyncio.Event() for _ in range(8)]
+            running = [asyncio.create_task(stream(ac, "tenant-a", f"a{i}", 200, first[i]))
+                       for i in range(8)]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first)), PATIENCE_S)
+            backlog = [asyncio.create_task(stream(ac, "tenant-a", f"a{i}", 4))
+                       for i in (8, 9)]
+            await _until_queued(ac, "tenant-a", 2)  # a8 and a9 wait before b arrives
+            late = asyncio.create_task(stream(ac, "tenant-b", "b0", 4))
+            await asyncio.wait_for(asyncio.gather(*running, *backlog, late), PATIENCE_S)
+
+    asyncio.run(run())
+    assert order.index("b0") < order.index("a8") and order.index("b0") < order.index("a9"), \
+        order
+
+
+async def _until_queued(ac: httpx.AsyncClient, tenant: str, count: int) -> None:
+    labels = {"tenant": tenant, "state": "queued"}
+    for _ in range(int(PATIENCE_S / 0.05)):
+        text = (await ac.get("/metrics")).text
+        if metric(text, "softprompt_tenant_requests", labels) >= count:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{tenant} never had {count} requests queued")
