@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server import __version__
 from server.api.deps import EngineDep, MetricsDep
 from server.api.errors import ErrorKind, envelope, error_responses
 from server.api.schemas import HealthResponse
@@ -33,6 +34,21 @@ async def readyz(request: Request, engine: EngineDep) -> Response:
         return JSONResponse(envelope(_NOT_READY, _not_ready_reason(engine, bound_s)),
                             status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+@router.get("/health", summary="Serving (vLLM's health path)", responses=error_responses(503))
+async def health(request: Request, engine: EngineDep) -> Response:
+    """Where tools made for vLLM look (guidellm validates a backend here): 200 with an empty
+    body while serving, 503 with the reason while loading, draining or stalled."""
+    answer = await readyz(request, engine)
+    return Response(status_code=200) if answer.status_code == 200 else answer
+
+
+@router.get("/version", summary="Server version and engine")
+async def version(engine: EngineDep) -> dict[str, str | None]:
+    """vLLM's /version shape ({"version": ...}), with the engine running the model ("core" or
+    "static" for the built-in engine's loops, "vllm"; null while the model loads)."""
+    return {"version": __version__, "engine": getattr(engine, "batching", None)}
 
 
 def _not_ready_reason(engine: EngineClient, bound_s: float) -> str:

@@ -96,6 +96,8 @@ async def test_not_ready_until_the_model_is_loaded(tiny_model_dirs, tmp_path):
     async with asgi_client(app) as c:
         assert (await c.get("/healthz")).status_code == 200
         assert_envelope(await c.get("/readyz"), 503, "not_ready")
+        assert_envelope(await c.get("/health"), 503, "not_ready")
+        assert (await c.get("/version")).json()["engine"] is None
         assert_envelope(await c.post("/v1/generate", json={"text": "x"}), 503, "not_ready")
         metrics = await c.get("/metrics")
         assert metrics.status_code == 200 and "softprompt_ready 0.0" in metrics.text

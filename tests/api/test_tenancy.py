@@ -134,7 +134,7 @@ async def test_admin_with_an_unknown_tenant_is_refused(tclient):
 
 
 async def test_health_and_metrics_need_no_key(tclient):
-    for path in ("/healthz", "/readyz", "/metrics"):
+    for path in ("/healthz", "/readyz", "/health", "/version", "/metrics"):
         assert (await tclient.get(path)).status_code == 200, path
 
 
