@@ -148,8 +148,21 @@ class QueueStream:
             self._close()
 
 
-class DeltaStream(QueueStream):
-    """A ticket's deltas, up to the one that finishes its row; close() aborts."""
+class RowDeltaStream(QueueStream):
+    """A request's deltas, up to the one that finishes its row: a Failure raises its error,
+    None (aborted) raises CancelledError."""
+
+    def _unpack(self, item: object) -> tuple[RowDelta, bool]:
+        if isinstance(item, Failure):
+            raise item.error
+        if item is None:
+            raise asyncio.CancelledError()
+        assert isinstance(item, RowDelta)
+        return item, item.finish_reason is not None
+
+
+class DeltaStream(RowDeltaStream):
+    """A ticket's deltas; close() aborts."""
 
     def __init__(self, ticket: Ticket, abort: Callable[[Ticket], None]) -> None:
         super().__init__(ticket.queue, lambda: abort(ticket))
@@ -162,11 +175,3 @@ class DeltaStream(QueueStream):
     @property
     def virtual_tokens(self) -> int:
         return self.ticket.virtual_tokens
-
-    def _unpack(self, item: object) -> tuple[RowDelta, bool]:
-        if isinstance(item, Failure):
-            raise item.error
-        if item is None:
-            raise asyncio.CancelledError()
-        assert isinstance(item, RowDelta)
-        return item, item.finish_reason is not None

@@ -48,7 +48,8 @@ def tar_gz(adapter_dir: Path, out: Path) -> Path:
 
 
 def upload(client: httpx.Client, adapter_id: str, adapter_dir: Path, *,
-           overwrite: bool = False) -> httpx.Response:
+           overwrite: bool = False, template: str | None = None,
+           headers: dict[str, str] | None = None) -> httpx.Response:
     files = {
         "config": ("adapter_config.json", (adapter_dir / "adapter_config.json").read_bytes(),
                    "application/json"),
@@ -57,8 +58,10 @@ def upload(client: httpx.Client, adapter_id: str, adapter_dir: Path, *,
                     "application/octet-stream"),
     }
     params = {"overwrite": "true"} if overwrite else None
-    return client.post("/v1/adapters", data={"adapter_id": adapter_id}, files=files,
-                       params=params)
+    data = {"adapter_id": adapter_id}
+    if template is not None:
+        data["template"] = template
+    return client.post("/v1/adapters", data=data, files=files, params=params, headers=headers)
 
 
 def upload_archive(client: httpx.Client, adapter_id: str, archive: Path) -> httpx.Response:

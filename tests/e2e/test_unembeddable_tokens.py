@@ -16,7 +16,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from tests.e2e.conftest import ENGINE_MODES, SERVER_FLAGS
+from tests.e2e.conftest import ENGINE_MODES, SERVER_FLAGS, upload
 from tests.e2e.server_process import ServerProcess
 from tests.factories import (
     UNEMBEDDABLE_TOKENS,
@@ -38,13 +38,7 @@ def _auth(tenant: str) -> dict[str, str]:
 
 def _upload(client: httpx.Client, tenant: str, adapter_id: str, adapter_dir, *,
             template: str | None = None) -> httpx.Response:
-    files = {"config": ("adapter_config.json", (adapter_dir / "adapter_config.json").read_bytes()),
-             "weights": ("adapter_model.safetensors",
-                         (adapter_dir / "adapter_model.safetensors").read_bytes())}
-    data = {"adapter_id": adapter_id}
-    if template is not None:
-        data["template"] = template
-    return client.post("/v1/adapters", data=data, files=files, headers=_auth(tenant))
+    return upload(client, adapter_id, adapter_dir, template=template, headers=_auth(tenant))
 
 
 @pytest.fixture(scope="module")

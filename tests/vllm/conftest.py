@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.conftest import upload as upload_as
 from tests.e2e.server_process import ServerProcess
 
 if importlib.util.find_spec("vllm") is None:
@@ -47,14 +48,8 @@ def vllm_server(model_dir: Path, root: Path, *flags: str) -> ServerProcess:
 
 def upload(client: httpx.Client, tenant: str, adapter_id: str, adapter_dir: Path, *,
            template: str | None = None, overwrite: bool = False) -> httpx.Response:
-    files = {"config": ("adapter_config.json", (adapter_dir / "adapter_config.json").read_bytes()),
-             "weights": ("adapter_model.safetensors",
-                         (adapter_dir / "adapter_model.safetensors").read_bytes())}
-    data = {"adapter_id": adapter_id}
-    if template is not None:
-        data["template"] = template
-    return client.post("/v1/adapters", data=data, files=files, headers=auth(tenant),
-                       params={"overwrite": "true"} if overwrite else None)
+    return upload_as(client, adapter_id, adapter_dir, template=template, overwrite=overwrite,
+                     headers=auth(tenant))
 
 
 @pytest.fixture(scope="module")

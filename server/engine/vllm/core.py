@@ -25,8 +25,7 @@ from server.engine.heartbeat import Heartbeat
 from server.engine.interface import EngineProgress, GenerationRequest
 from server.engine.observer import EngineObserver
 from server.engine.prompt_layout import Layout, anchor_tokens
-from server.engine.row_progress import RowDelta
-from server.engine.tickets import Failure, QueueStream
+from server.engine.tickets import Failure, RowDeltaStream
 from server.engine.vllm.admission import Admission
 from server.engine.vllm.prompts import (
     compile_prompt,
@@ -143,7 +142,7 @@ class VllmCore:
         return counts
 
 
-class VllmRequest(QueueStream):
+class VllmRequest(RowDeltaStream):
     """A submitted request: the Submission the frontend reads, and the task that runs it."""
 
     def __init__(self, core: VllmCore, request: GenerationRequest, *, version: str | None,
@@ -161,14 +160,6 @@ class VllmRequest(QueueStream):
         self._submitted = time.monotonic()
         self._ended = False
         self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def _unpack(self, item: object) -> tuple[RowDelta, bool]:
-        if isinstance(item, Failure):
-            raise item.error
-        if item is None:
-            raise asyncio.CancelledError()
-        assert isinstance(item, RowDelta)
-        return item, item.finish_reason is not None
 
     def abort(self) -> None:
         """Stop it (no-op once it ended); a reader waiting on it gets CancelledError."""
