@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -31,15 +32,20 @@ from benchmarks.harness.results import (
     write_json,
 )
 from benchmarks.harness.server_log import exit_on_signal, show_log
-from benchmarks.harness.workloads import SCENARIOS, WORKLOADS, Workload
+from benchmarks.harness.workloads import SCENARIOS, VLLM_CPU_KV_CACHE, WORKLOADS, Workload
 
 MODES = ("engine", "http")
-BASELINES = ("plain", "hf-static-compile", "peft-sequential", "peft-batched")
+BASELINES = ("plain", "hf-static-compile", "peft-sequential", "peft-batched", "vllm-peer")
+ENGINES = ("builtin", "vllm")
 LABELS = {"engine": "engine (in process)", "http": "HTTP server, concurrent clients",
           "plain": "plain HF generate, no adapters",
           "hf-static-compile": "HF static cache + torch.compile, no adapters",
           "peft-sequential": "PEFT one at a time",
-          "peft-batched": "PEFT batched, single adapter"}
+          "peft-batched": "PEFT batched, single adapter",
+          "vllm-peer": "vLLM OpenAI server, prompt_embeds"}
+HTTP_VLLM_LABEL = "HTTP server, vllm engine"
+# vLLM's CPU attention takes no smaller heads.
+VLLM_MIN_HEAD_DIM = 32
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload", choices=[*WORKLOADS, *SCENARIOS, "soak", "list"],
                    help="what to run; 'list' prints the workloads; 'soak' has options of its "
                         "own (python -m benchmarks soak --help)")
-    p.add_argument("--modes", default="engine,http",
-                   help="server systems to measure: engine, http or both (default both)")
+    p.add_argument("--engine", choices=ENGINES, default="builtin",
+                   help="the engine the http system's server runs (its --engine; default "
+                        "builtin). vllm: on the CPU, --kv-cache-memory "
+                        f"{VLLM_CPU_KV_CACHE}; measures the http system against the "
+                        "vllm-peer baseline by default")
+    p.add_argument("--modes", default=None,
+                   help="server systems to measure: engine, http or both (default both; "
+                        "with --engine vllm, http)")
     p.add_argument("--baselines", default=None,
-                   help="comma-separated subset of plain,peft-sequential,peft-batched "
-                        "(default: the workload's)")
+                   help="comma-separated subset of plain,hf-static-compile,peft-sequential,"
+                        "peft-batched,vllm-peer (default: the workload's; with --engine "
+                        "vllm, vllm-peer)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per system, interleaved; the best is reported "
                         "(default 2; 1 for many-adapters, whose first run is the cold one)")
@@ -145,16 +158,65 @@ def _workload(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if w.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"{w.name} runs on CUDA and this machine has none; pass --device cpu "
                          "(and a smaller --layers/--requests) to try the code path here")
-    modes = [m for m in args.modes.split(",") if m]
-    baselines = args.baselines.split(",") if args.baselines is not None else list(w.baselines)
+    vllm = args.engine == "vllm"
+    modes_arg = args.modes if args.modes is not None else ("http" if vllm else "engine,http")
+    modes = [m for m in modes_arg.split(",") if m]
+    baselines = args.baselines.split(",") if args.baselines is not None else (
+        ["vllm-peer"] if vllm else list(w.baselines))
     unknown = sorted(set(modes) - set(MODES)) + sorted(set(baselines) - set(BASELINES) - {""})
     if unknown:
         raise SystemExit(f"unknown system(s): {', '.join(unknown)}")
+    _check_vllm(w, args, modes, baselines)
     repeats = args.repeats or (1 if w.zipf_s is not None else 2)
     with tempfile.TemporaryDirectory(prefix="softprompt-bench-") as tmp:
         work = args.work_dir or Path(tmp)
         return _measure(w, work, modes, [b for b in baselines if b], repeats, args, overrides,
                         out)
+
+
+def _check_vllm(w: Workload, args: argparse.Namespace, modes: list[str],
+                baselines: list[str]) -> None:
+    """What the vLLM systems cannot run, refused before anything is built."""
+    from benchmarks.harness.vllm_peer import require_vllm
+
+    if args.engine == "vllm":
+        if "engine" in modes:
+            raise SystemExit("--engine vllm measures the real server (--modes http); the "
+                             "engine system is the builtin engine in this process")
+        if args.engine_process:
+            raise SystemExit("--engine-process is for the builtin engine: the vllm engine "
+                             "runs its core in a process of its own already")
+    if args.engine == "vllm" or "vllm-peer" in baselines:
+        if w.device != "cpu":
+            raise SystemExit("the vLLM systems are measured on the CPU workloads only: two "
+                             "vLLM servers and the baselines' model would share one GPU; "
+                             "pass --device cpu")
+        head_dim = w.shape.hidden // w.shape.heads
+        if head_dim < VLLM_MIN_HEAD_DIM:
+            raise SystemExit(f"{w.name}'s model has {head_dim}-dimension heads; vLLM's CPU "
+                             f"attention needs at least {VLLM_MIN_HEAD_DIM}")
+        require_vllm("--engine vllm" if args.engine == "vllm" else "the vllm-peer baseline")
+
+
+def _even_vllm_startups() -> None:
+    """The vLLM servers start one after the other; without this the first would pay for
+    reading vLLM's files from disk and the second find them in the page cache, and the second
+    could load the torch.compile artifacts the first saved for the same model. So vLLM is
+    imported once in a throwaway process first, and neither server uses the compile cache:
+    both compile, as on a first start."""
+    os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
+    say("reading vLLM's files once, so that neither server's startup pays for it ...")
+    subprocess.run([sys.executable, "-c", "import vllm.entrypoints.openai.api_server, "
+                    "vllm.v1.engine.async_llm"], check=True, capture_output=True)
+
+
+def model_line(w: Workload) -> str:
+    """The model the run serves, as printed and recorded: with vLLM in the run, that its
+    heads suit vLLM's CPU attention and that both engines serve the same model."""
+    s = w.shape
+    return (f"{s.arch} shape, {s.layers} layers, hidden {s.hidden}, {s.heads} heads of "
+            f"{s.hidden // s.heads}, vocab {s.vocab}, {w.dtype}, {w.device}: the same model "
+            "for --engine builtin and --engine vllm")
 
 
 def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], repeats: int,
@@ -166,6 +228,7 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
     from benchmarks.harness.baselines import Baselines
     from benchmarks.harness.engine_runner import EngineRunner, settings_for
     from benchmarks.harness.http_runner import HttpRunner
+    from benchmarks.harness.vllm_peer import VllmPeerRunner
 
     model_dir = work / "model"
     if not (model_dir / "config.json").exists():
@@ -177,7 +240,12 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
               file=sys.stderr, leave=False) as bar:
         fixtures.populate_store(w, store_dir, progress=bar)
     requests = fixtures.make_requests(w)
-    settings = settings_for(w, model_dir, store_dir, args.max_wait_ms, args.batching)
+    settings = settings_for(w, model_dir, store_dir, args.max_wait_ms, args.batching,
+                            engine=args.engine)
+    with_vllm = args.engine == "vllm" or "vllm-peer" in baselines
+    if with_vllm:
+        say(f"model: {model_line(w)}")
+        _even_vllm_startups()
     warm_adapters = w.zipf_s is None  # many-adapters measures the cold cache too
 
     runners: dict[str, Any] = {}
@@ -188,15 +256,23 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
             say("starting the engine ...")
             runners["engine"] = EngineRunner(settings, requests)
         if "http" in modes:
-            say("starting the server ...")
+            say(f"starting the server (--engine {args.engine}) ...")
             runners["http"] = HttpRunner(settings, requests, work / "server.log",
                                          engine_process=args.engine_process)
         for name in runners:
-            systems.append(SystemResult(name, "server", LABELS[name]))
-        if baselines:
+            label = HTTP_VLLM_LABEL if name == "http" and args.engine == "vllm" \
+                else LABELS[name]
+            systems.append(SystemResult(name, "server", label))
+        if "vllm-peer" in baselines:
+            say("starting vLLM's OpenAI server (the vllm-peer baseline) ...")
+            runners["vllm-peer"] = VllmPeerRunner(w, settings, model_dir, requests,
+                                                  work / "vllm-peer.log")
+            systems.append(SystemResult("vllm-peer", "baseline", LABELS["vllm-peer"]))
+        in_process = [b for b in baselines if b != "vllm-peer"]
+        if in_process:
             say("loading the baselines' model ...")
             base = Baselines(w, model_dir, work / "peft-adapters", requests)
-            for name in baselines:
+            for name in in_process:
                 runners[name] = _BaselineRunner(base.runner(name),
                                                 functools.partial(base.warm_up, name))
                 systems.append(SystemResult(name, "baseline", LABELS[name]))
@@ -208,23 +284,46 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
                 s.runs.append(_timed(runners[s.name], s.label, k, repeats, len(requests), w,
                                      args.no_progress))
                 write_json(report(w.to_json(), systems, overrides=overrides, env=env,
-                                  extra={"batching": args.batching, "partial": True}), out)
-        extra = {"batching": args.batching, **_extras(w, systems, requests)}
+                                  extra={"batching": args.batching, "engine": args.engine,
+                                         "partial": True}), out)
+        extra = {"batching": args.batching, "engine": args.engine,
+                 **_extras(w, systems, requests)}
         if "http" in runners:
             extra["engine_process"] = args.engine_process
+        if with_vllm:
+            extra.update(_wire_extras(w, systems, runners))
         if args.overhead_requests and "http" in runners:
             say("measuring the HTTP layer's overhead ...")
             extra["http_overhead"] = runners["http"].overhead(args.overhead_requests)
     except BaseException:
         if "http" in runners:
             show_log(runners["http"].server, "the http system")
+        if "vllm-peer" in runners:
+            show_log(runners["vllm-peer"].server, "the vllm-peer baseline")
         raise
     finally:
         for runner in runners.values():
             runner.close()
     result = report(w.to_json(), systems, extra=extra, overrides=overrides, env=env)
     print_table(result)
+    if "http/vllm-peer" in result["ratios"]:
+        print(f"  this server (--engine {args.engine}) / vllm-peer: "
+              f"{result['ratios']['http/vllm-peer']:.2f}x tokens/s (target >= 1.0x)")
     return result
+
+
+def _wire_extras(w: Workload, systems: list[SystemResult],
+                 runners: dict[str, Any]) -> dict[str, Any]:
+    """Beside vLLM's own server: which model both served, each server's time from start to
+    ready, and what a request costs on the wire (the peer's carries every embedding)."""
+    extra: dict[str, Any] = {"model": model_line(w), "startup_s": {}, "request_bytes": {},
+                             "response_bytes": {}}
+    for s in systems:
+        if s.name in ("http", "vllm-peer") and s.runs:
+            extra["startup_s"][s.name] = round(runners[s.name].startup_s, 1)
+            extra["request_bytes"][s.name] = round(s.best.extra["request_bytes"])
+            extra["response_bytes"][s.name] = round(s.best.extra["response_bytes"])
+    return extra
 
 
 class _BaselineRunner:

@@ -15,7 +15,7 @@ from pathlib import Path
 from adapters_store import LocalAdapterStore
 from benchmarks.harness.fixtures import NAMESPACE, RequestSpec, dtype_of, warm_up_requests
 from benchmarks.harness.results import Run, percentiles_ms
-from benchmarks.harness.workloads import Workload
+from benchmarks.harness.workloads import VLLM_CPU_KV_CACHE, Workload
 from server.config import Settings
 from server.engine import Engine
 from server.engine.interface import GenerationRequest, SamplingParams
@@ -73,13 +73,15 @@ class Recorder(NullObserver):
 
 
 def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
-                 max_wait_ms: float, batching: str = "core") -> Settings:
+                 max_wait_ms: float, batching: str = "core", *,
+                 engine: str = "builtin") -> Settings:
     """The same settings for the in-process engine and the HTTP server.
 
     `--max-model-len` is the workload's longest request rounded up to a power of two, as an
     operator would set it: each KV slot then holds what a row needs rather than the model's
     whole context, so the engine, the server and the baselines' model fit on one GPU together
-    (three copies of the 8B shape's weights, and two KV caches)."""
+    (three copies of the 8B shape's weights, and two KV caches). The engine is named rather
+    than left to auto, which would pick vllm on a GPU host where it is installed."""
     longest = workload.virtual_tokens + workload.prompt_tokens + max(
         workload.new_tokens, workload.new_tokens_max or 0)
     # The prompt table holds the workload's adapters twice over (many-adapters: the number it
@@ -94,7 +96,8 @@ def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
                     prompt_cache_bytes=cache_bytes,
                     tenant_max_concurrent_requests=max(256, 2 * workload.requests),
                     max_virtual_tokens=workload.virtual_tokens,
-                    max_model_len=1 << (longest - 1).bit_length())
+                    max_model_len=1 << (longest - 1).bit_length(), engine=engine,
+                    kv_cache_memory=VLLM_CPU_KV_CACHE if engine == "vllm" else "auto")
 
 
 class EngineRunner:

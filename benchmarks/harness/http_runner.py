@@ -2,7 +2,9 @@
 
 Every request is its own client connection, all started at t=0, streaming (Server-Sent Events)
 so the time to first token is what a client sees. The server shares the engine runner's store
-directory and settings.
+directory and settings (`--engine` among them). Each run also records the bytes a request sends
+and receives, and the runner the server's startup time (start to `/readyz`), to set beside
+other servers of the same workload.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -22,7 +24,8 @@ from server.config import Settings
 from tests.e2e.server_process import ServerProcess
 
 _FLAGS = ("device", "dtype", "max_batch_size", "max_wait_ms", "max_queue", "prompt_cache_bytes",
-          "tenant_max_concurrent_requests", "max_virtual_tokens", "max_model_len", "batching")
+          "tenant_max_concurrent_requests", "max_virtual_tokens", "max_model_len", "batching",
+          "engine", "kv_cache_memory")
 
 
 class HttpRunner:
@@ -36,7 +39,9 @@ class HttpRunner:
             value = getattr(settings, name)
             flags += ["--" + name.replace("_", "-"), str(getattr(value, "value", value))]
         self.server = ServerProcess(Path(settings.model), Path(settings.store), log_path, *flags)
+        started = time.monotonic()
         self.server.start(timeout=1800)
+        self.startup_s = time.monotonic() - started
         self.loop = asyncio.new_event_loop()
         self.client = httpx.AsyncClient(
             base_url=self.server.url, timeout=httpx.Timeout(3600, connect=60),
@@ -53,16 +58,21 @@ class HttpRunner:
     async def _round(self, requests: list[RequestSpec], tick: Callable[[int], None]) -> Run:
         latencies = [0.0] * len(requests)
         ttfts = [0.0] * len(requests)
+        sent = [0] * len(requests)
+        received = [0] * len(requests)
         t0 = time.perf_counter()
 
         async def one(k: int, spec: RequestSpec) -> int:
-            body = {"adapter_id": spec.adapter_id, "text": spec.text,
-                    "max_new_tokens": spec.new_tokens, "ignore_eos": True, "stream": True}
+            content = json.dumps({"adapter_id": spec.adapter_id, "text": spec.text,
+                                  "max_new_tokens": spec.new_tokens, "ignore_eos": True,
+                                  "stream": True}, separators=(",", ":")).encode()
+            sent[k] = len(content)
             final = None
-            async with self.client.stream("POST", "/v1/generate", json=body) as r:
+            async with self.client.stream("POST", "/v1/generate", content=content,
+                                          headers={"content-type": "application/json"}) as r:
                 if r.status_code != 200:
                     raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:500]!r}")
-                async for line in r.aiter_lines():
+                async for line in counted_lines(r, received, k):
                     if not line.startswith("data: "):
                         continue
                     if not ttfts[k]:
@@ -81,7 +91,9 @@ class HttpRunner:
 
         tokens = sum(await asyncio.gather(*(one(k, s) for k, s in enumerate(requests))))
         return Run(seconds=time.perf_counter() - t0, tokens=tokens, requests=len(requests),
-                   latencies_s=latencies, ttft_s=ttfts)
+                   latencies_s=latencies, ttft_s=ttfts,
+                   extra={"request_bytes": sum(sent) / len(sent),
+                          "response_bytes": sum(received) / len(received)})
 
     def overhead(self, count: int) -> dict[str, float]:
         """Sequential 1-token requests: client latency minus the engine time the server reports
@@ -108,3 +120,17 @@ class HttpRunner:
         self.loop.run_until_complete(self.client.aclose())
         self.loop.close()
         self.server.stop()
+
+
+async def counted_lines(response: httpx.Response, received: list[int],
+                        k: int) -> AsyncIterator[str]:
+    """The response's lines, adding its body's bytes to `received[k]` as they arrive."""
+    pending = b""
+    async for chunk in response.aiter_bytes():
+        received[k] += len(chunk)
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.decode().rstrip("\r")
+    if pending:
+        yield pending.decode()

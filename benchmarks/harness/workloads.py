@@ -94,6 +94,12 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              prompt_tokens=32, new_tokens=8, new_tokens_max=256, peft_sample=4),
 )}
 
+# --engine vllm's KV cache (the harness runs that engine on the CPU only): every row of the
+# CPU workloads at its longest (cpu-ref: 32 rows of 128 positions, 0.3 GiB for GPT-2 small)
+# with room to spare, and below the 2 GiB the server takes by default on a CPU, since two
+# vLLM servers (this one and the vllm-peer baseline) run side by side.
+VLLM_CPU_KV_CACHE = "1GiB"
+
 # Not a workload of its own: the fairness scenario (tenant A's backlog vs tenant B) has its
 # own runner in harness/fairness_run.py and is listed here for the CLI.
 SCENARIOS = ("fairness",)

@@ -1,0 +1,218 @@
+"""Plain vLLM serving soft prompts the way a vLLM user does today: its OpenAI server with
+`--enable-prompt-embeds`, and a client that builds every request's input embeddings itself.
+
+The client holds the model's word-embedding table and each adapter's rows (as PEFT saved
+them), and sends `[adapter rows ; word embeddings of the text]` (`[virtual + prompt, hidden]`,
+float32) as `prompt_embeds` on `/v1/completions`: the base64 of `torch.save`'s bytes, which is
+what vLLM's completions endpoint decodes (`vllm/renderers/embed_utils.py`,
+`safe_load_prompt_embeds`). Building the tensor is part of each timed request, as it is part
+of a real client's work. The server runs with the settings this server's vllm engine gets
+(batch size, model length, batched tokens, KV cache bytes, dtype, seed, the same environment),
+so the two differ in what goes over the wire and what the server does with it, not in vLLM's
+configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors import safe_open
+
+from benchmarks.harness.fixtures import RequestSpec, adapter_embeddings, warm_up_requests
+from benchmarks.harness.http_runner import counted_lines
+from benchmarks.harness.results import Run
+from benchmarks.harness.workloads import Workload
+from server.config import Settings, parse_kv_cache_memory
+from tests.e2e.server_process import free_port
+
+# Where each architecture's checkpoint keeps the input embedding table.
+_EMBEDDING_KEYS = ("transformer.wte.weight", "model.embed_tokens.weight")
+
+
+def require_vllm(what: str) -> None:
+    """Fail before anything starts, with the line that installs what is missing."""
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit(f"{what} needs vLLM installed in this environment: "
+                         "pip install -c constraints-vllm.txt -e \".[vllm]\" "
+                         "(on a CPU, vLLM's CPU build)")
+
+
+def input_embeddings(model_dir: Path) -> torch.Tensor:
+    """The model's word-embedding table (`[vocab, hidden]`), read from its safetensors
+    without loading the model: all a client needs to embed text."""
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in _EMBEDDING_KEYS:
+                if key in f.keys():  # noqa: SIM118 - safe_open has keys(), not __contains__
+                    return f.get_tensor(key).float()
+    raise FileNotFoundError(f"no input embedding ({', '.join(_EMBEDDING_KEYS)}) in {model_dir}")
+
+
+def completion_body(model: str, spec: RequestSpec, word_embeddings: torch.Tensor,
+                    adapter_rows: dict[int, torch.Tensor]) -> bytes:
+    """The request as a vLLM user's client sends it: the adapter's rows before the text's
+    word embeddings (`[virtual + prompt, hidden]`, what PEFT's prompt tuning feeds the model),
+    serialized with torch.save and base64-encoded; greedy, `ignore_eos`, streamed."""
+    embeds = word_embeddings[list(spec.prompt_ids)]  # [prompt, hidden]
+    if spec.adapter is not None:
+        embeds = torch.cat([adapter_rows[spec.adapter], embeds])
+    buffer = io.BytesIO()
+    torch.save(embeds.contiguous(), buffer)
+    return json.dumps({
+        "model": model, "prompt_embeds": base64.b64encode(buffer.getvalue()).decode("ascii"),
+        "max_tokens": spec.new_tokens, "ignore_eos": True, "temperature": 0.0,
+        "stream": True, "stream_options": {"include_usage": True}},
+        separators=(",", ":")).encode()
+
+
+class VllmPeerServer:
+    """`python -m vllm.entrypoints.openai.api_server` as a subprocess on a free loopback port
+    (`vllm serve` is not installed under the name the CPU build's package has)."""
+
+    def __init__(self, model_dir: Path, settings: Settings, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model = str(model_dir)
+        self.log_path = log_path
+        kv = parse_kv_cache_memory(settings.kv_cache_memory)
+        self.args = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+            "--enable-prompt-embeds", "--dtype", str(getattr(settings.dtype, "value",
+                                                            settings.dtype)),
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--max-model-len", str(settings.max_model_len),
+            "--max-num-seqs", str(settings.max_batch_size),
+            # As this server's vllm engine sets it (server/engine/vllm/runtime.py).
+            "--max-num-batched-tokens", str(max(settings.max_batch_tokens,
+                                                settings.max_model_len)),
+            "--seed", "0", "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
+        if isinstance(kv, int):
+            self.args += ["--kv-cache-memory-bytes", str(kv)]
+        self.proc: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+
+    def start(self, timeout: float = 1800.0) -> None:
+        """Until `/health` answers 200; the time that took is `startup_s`."""
+        # The environment this server's vllm engine sets up for itself on a CPU.
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        started = time.monotonic()
+        self.proc = subprocess.Popen(self.args, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited with {self.proc.returncode}:\n"
+                                   f"{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.startup_s = time.monotonic() - started
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"vLLM's server not ready after {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+class VllmPeerRunner:
+    """The `vllm-peer` baseline: one streaming client per request, all started at t=0, as the
+    http system's clients are."""
+
+    def __init__(self, workload: Workload, settings: Settings, model_dir: Path,
+                 requests: list[RequestSpec], log_path: Path) -> None:
+        require_vllm("the vllm-peer baseline")
+        self.requests = requests
+        self.word_embeddings = input_embeddings(model_dir)  # [vocab, hidden]
+        self.adapter_rows = {i: adapter_embeddings(workload, i)  # [virtual, hidden] each
+                             for i in sorted({r.adapter for r in requests} - {None})}
+        self.server = VllmPeerServer(model_dir, settings, log_path)
+        self.server.start()
+        self.loop = asyncio.new_event_loop()
+        self.client = httpx.AsyncClient(
+            base_url=self.server.url, timeout=httpx.Timeout(3600, connect=60),
+            limits=httpx.Limits(max_connections=len(requests) + 8,
+                                max_keepalive_connections=len(requests) + 8))
+
+    @property
+    def startup_s(self) -> float | None:
+        return self.server.startup_s
+
+    def warm_up(self, *, with_adapters: bool) -> None:
+        self.loop.run_until_complete(self._round(warm_up_requests(self.requests, with_adapters),
+                                                 lambda _: None))
+
+    def run(self, tick: Callable[[int], None]) -> Run:
+        return self.loop.run_until_complete(self._round(self.requests, tick))
+
+    async def _round(self, requests: list[RequestSpec], tick: Callable[[int], None]) -> Run:
+        latencies = [0.0] * len(requests)
+        ttfts = [0.0] * len(requests)
+        sent = [0] * len(requests)
+        received = [0] * len(requests)
+        t0 = time.perf_counter()
+
+        async def one(k: int, spec: RequestSpec) -> int:
+            content = completion_body(self.server.model, spec, self.word_embeddings,
+                                      self.adapter_rows)
+            sent[k] = len(content)
+            usage = None
+            async with self.client.stream("POST", "/v1/completions", content=content,
+                                          headers={"content-type": "application/json"}) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:500]!r}")
+                async for line in counted_lines(r, received, k):
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line.removeprefix("data: "))
+                    if chunk.get("choices") and not ttfts[k]:
+                        ttfts[k] = time.perf_counter() - t0
+                    usage = chunk.get("usage") or usage
+            latencies[k] = time.perf_counter() - t0
+            tick(1)
+            virtual = 0 if spec.adapter is None else len(self.adapter_rows[spec.adapter])
+            if usage is None:
+                raise RuntimeError("vLLM's stream ended without usage")
+            assert usage["prompt_tokens"] == virtual + len(spec.prompt_ids), usage
+            assert usage["completion_tokens"] == spec.new_tokens, usage
+            return spec.new_tokens
+
+        tokens = sum(await asyncio.gather(*(one(k, s) for k, s in enumerate(requests))))
+        return Run(seconds=time.perf_counter() - t0, tokens=tokens, requests=len(requests),
+                   latencies_s=latencies, ttft_s=ttfts,
+                   extra={"request_bytes": sum(sent) / len(sent),
+                          "response_bytes": sum(received) / len(received)})
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.aclose())
+        self.loop.close()
+        self.server.stop()
+
