@@ -249,7 +249,7 @@ async def test_the_server_runs_the_core_with_captured_graphs_on_cuda(cuda_graphs
     eng.start()
     eng.wait_until_ready(120)
     try:
-        core = eng._scheduler.core
+        core = eng._runtime.core.scheduler.core
         assert core is not None
         graphs = core.decode_graphs
         if cuda_graphs:

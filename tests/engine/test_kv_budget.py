@@ -105,7 +105,7 @@ async def test_a_long_context_model_gets_every_row_and_a_shorter_context(
     with caplog.at_level(logging.WARNING):
         eng = make_engine(model, tmp_path, max_batch_size=4, kv_cache_memory="8MB")
     try:
-        core = eng._scheduler.core
+        core = eng._runtime.core.scheduler.core
         assert (core.kv.slots, core.kv.max_len, core.max_rows) == (5, 2560, 4)
         assert eng.model_info.max_context == 2560
         assert "each row may use at most 2560 positions" in caplog.text
@@ -123,7 +123,7 @@ async def test_a_small_budget_runs_fewer_rows_and_max_model_len_bounds_requests(
     eng = make_engine(tiny_model_dirs["llama"], tmp_path, max_batch_size=8,
                       max_model_len=64, kv_cache_memory=str(4 * 512 * 64))
     try:
-        core = eng._scheduler.core
+        core = eng._runtime.core.scheduler.core
         assert (core.kv.slots, core.kv.max_len, core.max_rows) == (4, 64, 3)
         assert eng.model_info.max_context == 64
         assert eng.stats()["kv_slots"] == 3
@@ -154,7 +154,7 @@ async def test_a_core_given_up_at_startup_gives_its_kv_memory_back(
     try:
         eng = make_engine(tiny_model_dirs["bloom"], tmp_path)
         try:
-            assert eng._scheduler.core is None  # static batching serves BLOOM
+            assert eng._runtime.core.scheduler.core is None  # static batching serves BLOOM
             assert caches and all(ref() is None for ref in caches)
         finally:
             await eng.aclose(10)
