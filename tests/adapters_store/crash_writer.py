@@ -1,8 +1,12 @@
 """Writer for the crash test: a zygote that forks store writers on request.
 
 Importing torch takes most of a second, so it happens once here; each forked child runs a
-put/overwrite loop until the test SIGKILLs it. Protocol on stdin/stdout, one line each:
-``go <seed>`` -> prints the child's pid; ``reap <pid>`` -> waits for it, prints ``done``.
+put/overwrite loop until the test SIGKILLs it. The child stops at a step of its writes chosen
+by its seed (the n-th file-system step: an fsync, symlink, rename or replace of the store, or
+the write of an ack), says so, and waits there for the kill: where the kill lands depends on
+the seed, never on how fast the machine runs. Protocol on stdin/stdout, one line each:
+``go <seed>`` -> prints ``<pid> stopped`` once the child waits at its step (``<pid> exited``
+if it died first); ``reap <pid>`` -> waits for it, prints ``done``.
 Each child appends ``<namespace> <adapter_id> <sha256>`` to <root>.acks after each put returns.
 """
 
@@ -12,6 +16,7 @@ import json
 import os
 import random
 import sys
+import threading
 
 import torch
 
@@ -30,8 +35,37 @@ def _parsed(rng: random.Random) -> ParsedAdapter:
     )
 
 
-def write_forever(root: str, seed: int) -> None:
+# The store's steps whose order makes a put crash-safe, and the ack written after it returns.
+STEPS = ("fsync", "symlink", "rename", "replace", "write")
+
+
+def stop_at_step(n: int, stopped: int) -> None:
+    """Make the n-th call of STEPS (from any thread) write a byte to the fd `stopped`, then
+    block, with every later call, until the process is killed: the step has not run."""
+    calls = 0
+    lock = threading.Lock()
+    real_write = os.write
+
+    def hooked(real):
+        def step(*args, **kwargs):
+            nonlocal calls
+            with lock:
+                calls += 1
+                reached = calls == n
+            if reached:
+                real_write(stopped, b"x")
+            if calls >= n:
+                threading.Event().wait()  # until SIGKILL
+            return real(*args, **kwargs)
+        return step
+
+    for name in STEPS:
+        setattr(os, name, hooked(getattr(os, name)))
+
+
+def write_forever(root: str, seed: int, stopped: int) -> None:
     rng = random.Random(seed)
+    stop_at_step(rng.randrange(1, 60), stopped)
     store = LocalAdapterStore(root)
     acks = os.open(root + ".acks", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     n = 0
@@ -51,13 +85,18 @@ def main() -> None:
     for line in sys.stdin:
         cmd, arg = line.split()
         if cmd == "go":
+            stopped_r, stopped_w = os.pipe()
             pid = os.fork()
             if pid == 0:
                 try:
-                    write_forever(root, int(arg))
+                    os.close(stopped_r)
+                    write_forever(root, int(arg), stopped_w)
                 finally:
                     os._exit(1)
-            print(pid, flush=True)
+            os.close(stopped_w)
+            reached = os.read(stopped_r, 1)  # b"" once the child has exited without stopping
+            os.close(stopped_r)
+            print(pid, "stopped" if reached else "exited", flush=True)
         elif cmd == "reap":
             os.waitpid(int(arg), 0)
             print("done", flush=True)

@@ -1,15 +1,14 @@
-"""Kill -9 a writer at random moments: what remains is always whole, and nothing acked is lost."""
+"""Kill -9 a writer at steps of its writes chosen at random: what remains is always whole, and
+nothing acked is lost. The writer says when it has reached its step; the kill follows."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from adapters_store import LocalAdapterStore
@@ -41,16 +40,15 @@ def test_killed_writer_never_leaves_a_partial_adapter(tmp_path):
     repo = Path(__file__).resolve().parents[2]
     zygote = subprocess.Popen([sys.executable, str(WRITER), str(root)], cwd=repo,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    rng = random.Random(1234)
     acked: set[tuple[str, str]] = set()
     interrupted = 0  # kills that left a half-done put behind (proof they hit mid-write)
     try:
         for seed in range(KILLS):
             zygote.stdin.write(f"go {seed}\n")
             zygote.stdin.flush()
-            pid = int(zygote.stdout.readline())
-            time.sleep(rng.uniform(0.005, 0.08))
-            os.kill(pid, signal.SIGKILL)
+            pid, state = zygote.stdout.readline().split()
+            assert state == "stopped", f"writer {seed} exited before its step"
+            os.kill(int(pid), signal.SIGKILL)
             zygote.stdin.write(f"reap {pid}\n")
             zygote.stdin.flush()
             assert zygote.stdout.readline().strip() == "done"

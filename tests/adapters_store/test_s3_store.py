@@ -8,9 +8,9 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +21,7 @@ from adapters_store import (
     AdapterStore,
     StoreUnavailableError,
 )
+from adapters_store import s3 as s3_module
 from adapters_store.s3 import S3AdapterStore, parse_s3_url
 from tests.adapters_store.helpers import make_parsed
 from tests.moto_s3 import moto_s3_server
@@ -134,23 +135,36 @@ def test_writer_killed_before_publishing_leaves_the_old_adapter(store, moto, pre
     assert [r.adapter_id for r in fresh.list()] == ["a"]
 
 
-def test_record_ttl_bounds_how_long_another_writer_goes_unseen(moto, prefix):
+@pytest.fixture
+def clock(monkeypatch) -> list[float]:
+    """The stores' clock, moved by hand: a slow request must not age a record."""
+    now = [1000.0]
+    monkeypatch.setattr(s3_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+def test_record_ttl_bounds_how_long_another_writer_goes_unseen(moto, prefix, clock):
     reader = S3AdapterStore("adapters", prefix, client=moto.client(), record_ttl_s=0.5)
     writer = S3AdapterStore("adapters", prefix, client=moto.client())
     with pytest.raises(AdapterNotFoundError):
         reader.get_record("t", "a")
     writer.put("t", "a", make_parsed(seed=1))
+    clock[0] += 0.375
     with pytest.raises(AdapterNotFoundError):  # still within the TTL of the negative answer
         reader.get_record("t", "a")
-    time.sleep(0.6)
-    assert reader.get_record("t", "a").sha256 == writer.get_record("t", "a").sha256
+    clock[0] += 0.125  # the TTL has passed: the next read asks the bucket
+    seen = reader.get_record("t", "a")
+    assert seen.sha256 == writer.get_record("t", "a").sha256
     writer.delete("t", "a")
-    time.sleep(0.6)
+    clock[0] += 0.375
+    assert reader.get_record("t", "a") == seen  # within the TTL: the record it read
+    clock[0] += 0.125
     with pytest.raises(AdapterNotFoundError):
         reader.get_record("t", "a")
 
 
-def test_peek_record_answers_only_from_what_this_replica_read_within_the_ttl(moto, prefix):
+def test_peek_record_answers_only_from_what_this_replica_read_within_the_ttl(moto, prefix,
+                                                                            clock):
     reader = S3AdapterStore("adapters", prefix, client=moto.client(), record_ttl_s=0.5)
     writer = S3AdapterStore("adapters", prefix, client=moto.client())
     assert reader.peek_record("t", "a") is None  # never read: a GET is needed
@@ -159,7 +173,10 @@ def test_peek_record_answers_only_from_what_this_replica_read_within_the_ttl(mot
     with pytest.raises(AdapterNotFoundError):  # the negative answer is remembered too
         reader.peek_record("t", "a")
     record = writer.put("t", "a", make_parsed(seed=1))
-    time.sleep(0.6)
+    clock[0] += 0.375
+    with pytest.raises(AdapterNotFoundError):  # within the TTL: the answer it read
+        reader.peek_record("t", "a")
+    clock[0] += 0.125
     assert reader.peek_record("t", "a") is None  # expired: no stale answer
     assert reader.get_record("t", "a") == record
     assert reader.peek_record("t", "a") == record

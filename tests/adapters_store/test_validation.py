@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -125,12 +124,12 @@ def test_causal_adapter_with_two_submodules_is_invalid(pt):
 
 
 def test_too_many_virtual_tokens_is_rejected_before_reading_weights(pt):
+    """The weights are not a weights file: reading them would raise WeightsFormatError, so
+    this error can only come from the config, checked first."""
     config = config_bytes(pt, num_virtual_tokens=10**9)
-    start = time.perf_counter()
     with pytest.raises(TooManyVirtualTokensError, match="above this server's limit of 512"):
         parse_files(config=config, weights=b"not even a weights file", weights_name=SAFE,
                     spec=GPT2)
-    assert time.perf_counter() - start < 0.1
 
 
 def test_virtual_token_limit_is_configurable(pt):

@@ -1,4 +1,6 @@
-"""SIGTERM drains: readiness drops and new work is refused at once, running work finishes."""
+"""SIGTERM drains: readiness drops and new work is refused while running work still runs, and
+that work finishes. What is asserted is the order of events, not how long they took: every
+wait below is on the event itself, bounded only against a hang."""
 
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from tests.e2e.conftest import ENGINE_MODES
 from tests.e2e.server_process import ServerProcess
 
 TOKENS = 200  # a few seconds of CPU work per row: still running when SIGTERM arrives
+HANG_S = 120  # a bound on each wait that only a hang reaches
 
 
 def _stream(url: str, out: dict) -> None:
     body = {"text": "stream", "max_new_tokens": TOKENS, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", url + "/v1/generate", json=body, timeout=120) as r:
+    with httpx.stream("POST", url + "/v1/generate", json=body, timeout=HANG_S) as r:
         out["status"] = r.status_code
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     out["events"] = events
@@ -26,7 +29,7 @@ def _stream(url: str, out: dict) -> None:
 
 def _plain(url: str, out: dict) -> None:
     body = {"text": "plain", "max_new_tokens": TOKENS, "ignore_eos": True}
-    r = httpx.post(url + "/v1/generate", json=body, timeout=120)
+    r = httpx.post(url + "/v1/generate", json=body, timeout=HANG_S)
     out["status"], out["body"] = r.status_code, r.json()
 
 
@@ -38,7 +41,7 @@ def engine_flags(request) -> tuple[str, ...]:
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(model_dir, tmp_path, engine_flags):
     proc = ServerProcess(model_dir, tmp_path / "store", tmp_path / "server.log",
-                         "--drain-timeout-s", "60", *engine_flags)
+                         "--drain-timeout-s", str(HANG_S), *engine_flags)
     proc.start()
     try:
         streamed, plain = {}, {}
@@ -49,23 +52,23 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(model_dir, tmp_path, e
         _wait_for_in_flight(proc.url, 2)
 
         proc.proc.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
         ready = _poll_until_503(proc.url + "/readyz")
-        assert time.monotonic() - signalled < 1.0
+        refused = httpx.post(proc.url + "/v1/generate", json={"text": "late"}, timeout=HANG_S)
+        # Readiness dropped and new work was refused while the running work still ran: the
+        # drain starts at the signal, not when the work is done.
+        still_running = [w.is_alive() for w in workers]
         assert ready.json()["error"]["type"] == "not_ready"
-        refused = httpx.post(proc.url + "/v1/generate", json={"text": "late"}, timeout=5)
         assert refused.status_code == 503
         assert refused.json()["error"]["type"] == "draining"
 
         for w in workers:
-            w.join(60)
-        code = proc.proc.wait(30)
-        elapsed = time.monotonic() - signalled
+            w.join(HANG_S)
+        code = proc.proc.wait(HANG_S)
     finally:
         proc.stop()
 
-    assert code == 0, proc.log()
-    assert elapsed < 60
+    assert still_running == [True, True], proc.log()
+    assert code == 0, proc.log()  # drained before --drain-timeout-s: nothing was cut off
     assert plain["status"] == 200
     assert plain["body"]["usage"]["completion_tokens"] == TOKENS
     assert plain["body"]["finish_reason"] == "length"
@@ -79,9 +82,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(model_dir, tmp_path, e
 
 def _wait_for_in_flight(url: str, n: int) -> None:
     """Both requests are inside the engine before the signal is sent."""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline:
-        text = httpx.get(url + "/metrics").text
+        text = httpx.get(url + "/metrics", timeout=HANG_S).text
         for line in text.splitlines():
             if line.startswith("softprompt_in_flight_requests ") and float(line.split()[1]) >= n:
                 return
@@ -90,9 +93,9 @@ def _wait_for_in_flight(url: str, n: int) -> None:
 
 
 def _poll_until_503(url: str) -> httpx.Response:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline:
-        r = httpx.get(url, timeout=2)
+        r = httpx.get(url, timeout=HANG_S)
         if r.status_code == 503:
             return r
         time.sleep(0.02)
@@ -103,7 +106,8 @@ def test_work_still_running_at_the_drain_deadline_is_aborted_and_exit_is_3(model
                                                                           engine_flags):
     # Six 400-token requests run one at a time (--max-batch-size 1): together they take
     # several times the 1 s deadline however fast the machine, so some are still queued or
-    # running when it passes.
+    # running when it passes. The exit comes at the deadline, not after the work: the
+    # requests cut off say so, however long the machine took to get there.
     proc = ServerProcess(model_dir, tmp_path / "store", tmp_path / "server.log",
                          "--drain-timeout-s", "1", "--max-batch-size", "1", *engine_flags)
     proc.start()
@@ -114,7 +118,7 @@ def test_work_still_running_at_the_drain_deadline_is_aborted_and_exit_is_3(model
             body = {"text": "long", "max_new_tokens": 400, "ignore_eos": True}
             try:
                 statuses.append(httpx.post(proc.url + "/v1/generate", json=body,
-                                           timeout=60).status_code)
+                                           timeout=HANG_S).status_code)
             except httpx.TransportError as e:
                 statuses.append(type(e).__name__)
 
@@ -122,16 +126,16 @@ def test_work_still_running_at_the_drain_deadline_is_aborted_and_exit_is_3(model
         for worker in workers:
             worker.start()
         _wait_for_in_flight(proc.url, 6)
+        signalled = time.monotonic()  # before the signal: the server's deadline starts later
         proc.proc.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        code = proc.proc.wait(20)
+        code = proc.proc.wait(HANG_S)
         elapsed = time.monotonic() - signalled
         for worker in workers:
-            worker.join(20)
+            worker.join(HANG_S)
     finally:
         proc.stop()
     assert code == 3, proc.log()
-    assert 1.0 <= elapsed < 10  # the deadline, then uvicorn's short grace, then the engine
+    assert elapsed >= 1.0  # not before the deadline
     assert len(statuses) == 6
     assert any(status != 200 for status in statuses), (statuses, proc.log())  # cut off
     assert "drain timeout" in proc.log()

@@ -15,6 +15,8 @@ import httpx
 
 from tests.e2e.server_process import ServerProcess, metric
 
+HANG_S = 60  # a bound on each wait that only a hang reaches
+
 
 def _engine_pid(server_pid: int) -> int:
     """The server's one child process: the engine."""
@@ -34,9 +36,9 @@ def test_engine_metrics_reach_the_scrape_and_signals_leave_the_engine_alone(mode
         for _ in range(3):
             r = httpx.post(server.url + "/v1/generate",
                            json={"text": "hello", "max_new_tokens": 4, "ignore_eos": True},
-                           timeout=60)
+                           timeout=HANG_S)
             assert r.status_code == 200, r.text
-        scrape = httpx.get(server.url + "/metrics").text
+        scrape = httpx.get(server.url + "/metrics", timeout=HANG_S).text
         # Observer events replayed from the engine process...
         assert metric(scrape, "softprompt_batch_size_count") >= 3
         assert metric(scrape, "softprompt_queue_wait_seconds_count", {"tenant": "default"}) == 3
@@ -48,10 +50,10 @@ def test_engine_metrics_reach_the_scrape_and_signals_leave_the_engine_alone(mode
             return (metric(text, "softprompt_queue_capacity") == 77
                     and metric(text, "softprompt_in_flight_requests") == 0)
 
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + HANG_S
         while not settled(scrape) and time.monotonic() < deadline:
             time.sleep(0.1)
-            scrape = httpx.get(server.url + "/metrics").text
+            scrape = httpx.get(server.url + "/metrics", timeout=HANG_S).text
         assert metric(scrape, "softprompt_queue_capacity") == 77
         assert metric(scrape, "softprompt_in_flight_requests") == 0
 
@@ -60,7 +62,8 @@ def test_engine_metrics_reach_the_scrape_and_signals_leave_the_engine_alone(mode
         engine = _engine_pid(server.proc.pid)
         os.kill(engine, signal.SIGTERM)
         os.kill(engine, signal.SIGINT)
-        r = httpx.post(server.url + "/v1/generate", json={"text": "still here"}, timeout=60)
+        r = httpx.post(server.url + "/v1/generate", json={"text": "still here"},
+                       timeout=HANG_S)
         assert r.status_code == 200, r.text
         assert _engine_pid(server.proc.pid) == engine
 
@@ -76,21 +79,21 @@ def test_a_dead_engine_process_fails_waiting_requests_and_stops_the_server(model
         def long_request() -> None:
             body = {"text": "long", "max_new_tokens": 450, "ignore_eos": True}
             try:
-                r = httpx.post(server.url + "/v1/generate", json=body, timeout=60)
+                r = httpx.post(server.url + "/v1/generate", json=body, timeout=HANG_S)
                 answer["status"], answer["body"] = r.status_code, r.json()
             except httpx.TransportError as e:
                 answer["status"] = type(e).__name__
 
         worker = threading.Thread(target=long_request)
         worker.start()
-        deadline = time.monotonic() + 30
-        while metric(httpx.get(server.url + "/metrics").text,
+        deadline = time.monotonic() + HANG_S
+        while metric(httpx.get(server.url + "/metrics", timeout=HANG_S).text,
                      "softprompt_in_flight_requests") < 1:
             assert time.monotonic() < deadline, "the request never reached the engine"
             time.sleep(0.05)
         os.kill(_engine_pid(server.proc.pid), signal.SIGKILL)
-        worker.join(30)
-        code = server.proc.wait(30)
+        worker.join(HANG_S)
+        code = server.proc.wait(HANG_S)
     finally:
         server.stop()
     assert answer["status"] == 503, answer

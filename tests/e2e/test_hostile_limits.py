@@ -2,17 +2,23 @@
 engine modes: numeric fields the engine cannot represent, ids with a trailing newline, chats
 built to stall the event loop, method names that would mint metric series, and bodies that
 trickle in. Each case is a clean 4xx, the server keeps serving, and nobody else's request
-fails because of it."""
+fails because of it.
+
+Nothing here asserts how fast the machine is: a stall of the event loop is measured as the
+CPU time its thread spends (from /proc, untouched by other processes' load), and waits are
+on events, bounded only against a hang."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,7 +29,8 @@ from tests.e2e.conftest import ENGINE_MODES, upload
 from tests.e2e.server_process import ServerProcess
 from tests.factories import make_adapter
 
-BODY_TIMEOUT_S = 1.5
+BODY_TIMEOUT_S = 3.0
+HANG_S = 60  # a bound on each wait that only a hang reaches
 STORED_BYTES_QUOTA = 40_000  # a few tiny adapters; not one with a 45 kB config
 
 
@@ -141,50 +148,70 @@ def test_adapter_ids_with_a_trailing_newline_are_refused_everywhere(lclient, ada
     assert ids == ["newline-ok"]
 
 
-def _healthz_latencies(url: str, stop: threading.Event, out: list[float]) -> None:
-    with httpx.Client(base_url=url, timeout=30) as c:
+def _probe_health(url: str, stop: threading.Event, out: list[int]) -> None:
+    """/healthz, again and again until stopped: the status of each answer."""
+    with httpx.Client(base_url=url, timeout=HANG_S) as c:
         while not stop.is_set():
-            started = time.perf_counter()
-            c.get("/healthz")
-            out.append(time.perf_counter() - started)
+            out.append(c.get("/healthz").status_code)
             time.sleep(0.02)
+
+
+def _cpu_s(pid: int, thread: int | None = None) -> float:
+    """CPU seconds (user + system) a process, or one of its threads, has used (from /proc):
+    what it computed, not how long it waited for a CPU."""
+    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()  # from the state, field 3, on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_chat_of_a_quarter_million_messages_is_refused_without_stalling(lclient,
                                                                          limits_server):
+    """Refused by its message count: the event loop decodes and validates the body and does
+    nothing more (rendering 250k messages took seconds), while health checks are answered."""
     model = lclient.get("/v1/models").json()["data"][0]["id"]
     body = {"model": model, "messages": [{"role": "user", "content": "a"}] * 250_000}
-    stop, latencies = threading.Event(), []
-    prober = threading.Thread(target=_healthz_latencies,
-                              args=(limits_server.url, stop, latencies))
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    started = time.process_time()
+    json.loads(raw)
+    decode_s = time.process_time() - started  # what decoding this body costs this machine
+    loop = limits_server.proc.pid  # the server's main thread runs the event loop
+    stop, statuses = threading.Event(), []
+    prober = threading.Thread(target=_probe_health, args=(limits_server.url, stop, statuses))
     prober.start()
     try:
-        time.sleep(0.2)
-        r = lclient.post("/v1/chat/completions", json=body)
+        before = _cpu_s(loop, loop)
+        r = lclient.post("/v1/chat/completions", content=raw,
+                         headers={"content-type": "application/json"})
+        loop_s = _cpu_s(loop, loop) - before
     finally:
         stop.set()
         prober.join()
     assert r.status_code == 400, r.text
     assert "2048" in r.json()["error"]["message"]
-    assert latencies and max(latencies) < 1.5, max(latencies)
+    assert statuses and set(statuses) == {200}
+    assert loop_s <= 4 * decode_s + 0.05, (loop_s, decode_s)
 
 
 def test_a_large_prompt_is_tokenized_off_the_event_loop(lclient, limits_server):
     """A prompt of half a million characters takes a while to tokenize; health checks are
-    answered meanwhile (the limit still refuses it, after tokenizing)."""
-    stop, latencies = threading.Event(), []
-    prober = threading.Thread(target=_healthz_latencies,
-                              args=(limits_server.url, stop, latencies))
+    answered meanwhile (the limit still refuses it, after tokenizing). The tokenizing runs on
+    another thread: the event loop's thread spends a small share of the CPU the request
+    costs the server."""
+    pid = limits_server.proc.pid  # its main thread runs the event loop
+    stop, statuses = threading.Event(), []
+    prober = threading.Thread(target=_probe_health, args=(limits_server.url, stop, statuses))
     prober.start()
     try:
-        time.sleep(0.2)
+        loop_before, all_before = _cpu_s(pid, pid), _cpu_s(pid)
         r = lclient.post("/v1/generate", json={"text": "ab cd " * 80_000,
                                                "max_new_tokens": 1})
+        loop_s, all_s = _cpu_s(pid, pid) - loop_before, _cpu_s(pid) - all_before
     finally:
         stop.set()
         prober.join()
     assert r.status_code in (200, 422), r.text
-    assert latencies and max(latencies) < 1.0, max(latencies)
+    assert statuses and set(statuses) == {200}
+    assert loop_s <= max(0.01, all_s / 4), (loop_s, all_s)
 
 
 def test_unknown_methods_share_one_metric_label(lclient):
@@ -197,8 +224,9 @@ def test_unknown_methods_share_one_metric_label(lclient):
 
 
 def _raw_request(port: int, head: bytes, body_part: bytes) -> tuple[bytes, float]:
-    """Send a request whose body stops short; the answer and how long it took."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+    """Send a request whose body stops short; the answer and how long it took (a hang ends
+    in the socket's timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_S) as s:
         started = time.perf_counter()
         s.sendall(head + body_part)
         data = b""
@@ -219,7 +247,7 @@ def test_a_stalled_body_is_cut_off_with_408(lclient, limits_server, path, conten
             + b"Content-Type: " + content_type + b"\r\n\r\n")
     answer, seconds = _raw_request(limits_server.port, head, start)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-    assert BODY_TIMEOUT_S - 0.2 < seconds < BODY_TIMEOUT_S + 5
+    assert seconds > BODY_TIMEOUT_S - 0.2  # not before the deadline (timed from before sending)
     assert b"--request-body-timeout-s" in answer
     assert _good(lclient).status_code == 200
     metrics = lclient.get("/metrics").text
@@ -227,13 +255,14 @@ def test_a_stalled_body_is_cut_off_with_408(lclient, limits_server, path, conten
 
 
 def test_a_slow_but_steady_body_within_the_deadline_is_served(lclient, limits_server):
+    """Pieces with pauses between them: about 0.1 s in all, a small part of the deadline."""
     body = json.dumps({"text": "drip", "max_new_tokens": 2}).encode()
-    with socket.create_connection(("127.0.0.1", limits_server.port), timeout=30) as s:
+    with socket.create_connection(("127.0.0.1", limits_server.port), timeout=HANG_S) as s:
         s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                   + f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
         for i in range(0, len(body), 8):
             s.sendall(body[i:i + 8])
-            time.sleep(0.05)
+            time.sleep(0.02)
         answer = b""
         while chunk := s.recv(65536):
             answer += chunk
@@ -331,23 +360,21 @@ UPLOADS = ["unknown-dtype", "meta-tensor-bin", "zero-stride-encoder-bomb", "100k
 
 
 @pytest.mark.parametrize("case", UPLOADS)
-def test_an_upload_that_cannot_be_read_is_a_quick_4xx_naming_the_file(lclient, adapter_dirs,
-                                                                       case):
+def test_an_upload_that_cannot_be_read_is_a_4xx_naming_the_file(lclient, adapter_dirs, case):
+    """Each is refused by a check made before the costly step (tests/adapters_store assert
+    which work is skipped, without timing it); the server keeps serving."""
     files = _hostile_uploads(adapter_dirs)[case]
-    started = time.perf_counter()
     r = lclient.post("/v1/adapters", data={"adapter_id": f"bad-{case}"}, files=files)
-    seconds = time.perf_counter() - started
     message = _assert_4xx(r)
     assert r.status_code in (400, 413), r.text
     assert "adapter_model" in message or "archive" in message, message
-    assert seconds < 5, seconds
     assert lclient.get(f"/v1/adapters/bad-{case}").status_code == 404
     assert _good(lclient).status_code == 200
 
 
 # ---- adapter versions racing overwrites ---------------------------------------------------
 
-RACE_S = 2.0
+OVERWRITES, SERVED = 5, 10  # the race runs until both have happened
 TEXT = "Tweet: I love it. Label:"
 
 
@@ -377,6 +404,8 @@ def test_requests_racing_overwrites_use_one_whole_version(limits_server, version
         assert upload(client, "raced", versions[0]).status_code == 201
 
         stop = threading.Event()
+        overwritten: list[int] = []
+        served: list[httpx.Response] = []
 
         def overwrite() -> int:
             done = 0
@@ -384,18 +413,26 @@ def test_requests_racing_overwrites_use_one_whole_version(limits_server, version
                 r = upload(client, "raced", versions[done % 2], overwrite=True)
                 assert r.status_code == 201, r.text
                 done += 1
+                overwritten.append(done)
             return done
 
         def generate() -> list[httpx.Response]:
             out = []
             while not stop.is_set():
                 out.append(_generate(client, "raced"))
+                if out[-1].status_code == 200:
+                    served.append(out[-1])
             return out
 
         with ThreadPoolExecutor(max_workers=5) as pool:
             writer = pool.submit(overwrite)
             readers = [pool.submit(generate) for _ in range(4)]
-            time.sleep(RACE_S)
+            # Race until enough of both happened, however long that takes (a hang: HANG_S).
+            deadline = time.monotonic() + HANG_S
+            while (len(overwritten) < OVERWRITES or len(served) < SERVED) \
+                    and time.monotonic() < deadline \
+                    and not any(f.done() for f in (writer, *readers)):  # none has failed
+                time.sleep(0.05)
             stop.set()
             overwrites = writer.result()
             responses = [r for f in readers for r in f.result()]
@@ -406,7 +443,7 @@ def test_requests_racing_overwrites_use_one_whole_version(limits_server, version
     assert statuses <= {200, 409}, [(r.status_code, r.text[:200]) for r in responses
                                     if r.status_code not in (200, 409)]
     ok = [r.json() for r in responses if r.status_code == 200]
-    assert overwrites >= 5 and len(ok) >= 10
+    assert overwrites >= OVERWRITES and len(ok) >= SERVED
     for body in ok:
         assert body["token_ids"] == expected[body["usage"]["virtual_tokens"]], body
     for r in responses:

@@ -12,6 +12,7 @@ from tests.e2e.conftest import ENGINE_MODES
 from tests.e2e.server_process import ServerProcess, metric
 
 GAUGES = ("softprompt_in_flight_requests", "softprompt_queue_depth")
+HANG_S = 120  # a bound on each wait that only a hang reaches
 
 
 @pytest.fixture(scope="module", **ENGINE_MODES)
@@ -43,25 +44,30 @@ async def _open_and_leave(client: httpx.AsyncClient, i: int) -> None:
 
 def test_fifty_disconnecting_streams_leave_gauges_at_zero(small_batch_server):
     url = small_batch_server.url
+    generated = ("softprompt_batch_row_steps_total", {"kind": "generated"})
+    before = metric(httpx.get(url + "/metrics", timeout=HANG_S).text, *generated)
 
     async def run() -> None:
         limits = httpx.Limits(max_connections=100)
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=HANG_S, limits=limits) as client:
             await asyncio.gather(*(_open_and_leave(client, i) for i in range(50)))
 
-    started = time.monotonic()
     asyncio.run(run())
-    # Without aborts the engine would run 7 batches of 400 steps (about a minute on 2 CPU
-    # cores: one 400-token row alone takes ~8 s); aborted, it drains in a second or two.
-    deadline = started + 20
+    deadline = time.monotonic() + HANG_S
     while True:
-        text = httpx.get(url + "/metrics").text
+        text = httpx.get(url + "/metrics", timeout=HANG_S).text
         values = [metric(text, g) for g in GAUGES]
         # The scrape itself is the one HTTP request in flight.
         if values == [0.0, 0.0] and metric(text, "softprompt_http_requests_in_flight") == 1.0:
             break
         assert time.monotonic() < deadline, f"gauges stuck at {values}"
         time.sleep(0.1)
+    # Without aborts every stream runs to its 400th token (50 x 400 tokens, about a minute on
+    # 2 CPU cores); aborted, each stops within a few tokens of its client leaving. Counted in
+    # tokens, so a slow machine neither fails this nor lets a missing abort through.
+    made = metric(text, *generated) - before
+    assert made < 50 * 400 // 4, made
     # The server still serves after all that.
-    r = httpx.post(url + "/v1/generate", json={"text": "still there", "max_new_tokens": 3})
+    r = httpx.post(url + "/v1/generate", json={"text": "still there", "max_new_tokens": 3},
+                   timeout=HANG_S)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -9,15 +9,16 @@ import asyncio
 import shutil
 import signal
 import socket
-import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from server.engine import ModelLoadError
+from server.engine import worker as worker_module
 from server.engine.errors import EngineNotReadyError, QueueFullError
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
 from server.engine.remote import RemoteEngine
@@ -75,7 +76,7 @@ async def test_shutdown_drains_the_request_in_flight_then_refuses(spawn, tiny_mo
     pending = asyncio.ensure_future(engine.generate(request(
         engine, "Hi!", None, namespace="drain", max_new_tokens=LONG, ignore_eos=True)))
     await first_token_of(observer, "drain")
-    await engine.aclose(30)
+    await engine.aclose(120)  # returns once drained: a deadline only a hang reaches
     assert (await pending).completion_tokens == LONG  # finished, not aborted
     assert not engine.is_ready()
     assert engine.wait_until_exited(0)
@@ -100,13 +101,14 @@ async def test_a_dead_engine_process_fails_waiting_requests(spawn, tiny_model_di
     await first_token_of(observer, "doomed")
     assert engine._process is not None
     engine._process.kill()
+    # Each bound is for a hang only: the pipe closing is what ends the waits.
     with pytest.raises(EngineNotReadyError, match="exited"):
-        await asyncio.wait_for(waiting, 10)
+        await asyncio.wait_for(waiting, 60)
     with pytest.raises(EngineNotReadyError):
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(60):
             async for _ in stream:
                 pass
-    assert engine.wait_until_exited(10)
+    assert engine.wait_until_exited(60)
     assert not engine.is_ready()
     with pytest.raises(EngineNotReadyError, match="exited"):
         await engine.generate(request(engine, "Hi!", None))
@@ -131,8 +133,8 @@ async def test_the_engine_process_ignores_signals_but_exits_when_its_parent_is_g
         sock.shutdown(socket.SHUT_RDWR)
     finally:
         sock.detach()
-    assert await asyncio.to_thread(process.wait, 15) == 0
-    assert engine.wait_until_exited(10)
+    assert await asyncio.to_thread(process.wait, 60) == 0
+    assert engine.wait_until_exited(60)
 
 
 async def test_a_model_that_cannot_load_reports_model_load_error_from_the_child(
@@ -148,7 +150,7 @@ async def test_a_model_that_cannot_load_reports_model_load_error_from_the_child(
     engine = spawn(tokenizer_only, torch_threads=1)
     with pytest.raises(ModelLoadError, match="model_type"):
         engine.wait_until_ready(60)
-    assert engine.wait_until_exited(15)
+    assert engine.wait_until_exited(60)
     assert not engine.is_ready()
     with pytest.raises(EngineNotReadyError, match="failed to load"):
         await engine.generate(GenerationRequest(request_id="x", prompt_ids=(1,),
@@ -161,25 +163,29 @@ async def test_a_model_that_cannot_load_reports_model_load_error_from_the_child(
 # ---- readiness --------------------------------------------------------------------------------
 
 
-def test_readiness_pings_the_store_once_per_ready_period(tiny_model_dirs, tmp_path) -> None:
+def test_readiness_pings_the_store_once_per_ready_period(tiny_model_dirs, tmp_path,
+                                                        monkeypatch) -> None:
     """Every gauge report carries readiness, and readiness pings the store (a LIST request on
     S3): at 4 reports a second that would be 4 requests a second per replica. The worker
     checks once per READY_PERIOD_S and repeats the answer in between."""
+    clock = [500.0]  # the worker's clock, moved by hand: a slow report must not age the answer
+    monkeypatch.setattr(worker_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     ours, theirs = socket.socketpair()
     worker = Worker(Connection(theirs.detach()),
                     remote_settings(tiny_model_dirs["llama"], tmp_path))
     store = worker.engine.store
     pings: list[float] = []
     ping = store.ping
-    store.ping = lambda: (pings.append(time.monotonic()), ping())[1]  # count, then ping
+    store.ping = lambda: (pings.append(clock[0]), ping())[1]  # count, then ping
     worker.engine.start()
     try:
         worker.engine.wait_until_ready(60)
         reports = [worker._snapshot() for _ in range(5)]
-        assert [r["ready"] for r in reports] == [True] * 5
+        clock[0] += READY_PERIOD_S / 2
+        reports.append(worker._snapshot())
+        assert [r["ready"] for r in reports] == [True] * 6
         assert len(pings) == 1
-        assert worker.ready_at is not None
-        worker.ready_at -= READY_PERIOD_S  # as if the period had passed
+        clock[0] += READY_PERIOD_S / 2  # the period has passed since the ping
         assert worker._snapshot()["ready"] is True
         assert len(pings) == 2
     finally:

@@ -12,7 +12,7 @@ from server.engine.upload_slots import UploadSlots
 
 
 async def test_turns_are_bounded_and_waiters_go_in_when_one_ends() -> None:
-    slots = UploadSlots(2, wait_s=5)
+    slots = UploadSlots(2, wait_s=60)  # a wait bound no turn reaches, however slow the loop
     running, peak = 0, 0
 
     async def parse() -> None:
