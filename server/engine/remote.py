@@ -4,9 +4,10 @@ With --engine-process the model, scheduler, prompt cache and adapter store work 
 child process (server.engine.worker) and this side keeps only the tokenizer, so the event
 loop's Python work and the decode loop's no longer share a GIL. Requests, aborts, adapter
 calls and shutdown go down one pipe; token-id deltas, metric events and gauges come back up
-it (server.engine.wire) to a reader thread, which hands them to each request's event loop
-through its Mailbox. Text is made here, by the frontend (server.engine.output_processor):
-the engine process only computes tokens, and a stop string found here aborts the row there.
+it (server.engine.wire) to a reader thread, which decodes them (deltas into RowDeltas) and
+hands them to each request's event loop through its Mailbox. Text is made here, by the
+frontend (server.engine.output_processor): the engine process only computes tokens, and a
+stop string found here aborts the row there.
 Gauges (/metrics) are as of the engine's last report, at most
 server.engine.worker.STATS_PERIOD_S old; readiness (/readyz) at most READY_PERIOD_S.
 Every message from the engine process is a heartbeat (it reports at least every
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -52,6 +54,16 @@ from server.engine.output_processor import OutputStream, RequestOutput
 from server.engine.remote_requests import Pending, RemoteDeltas
 
 log = logging.getLogger(__name__)
+
+
+def _freeze_heap() -> None:
+    """Leave what this process has loaded (torch, transformers, the tokenizer: hundreds of
+    thousands of objects that live as long as it does) out of the garbage collector's full
+    passes. A pass holds the interpreter lock from start to end, whichever thread it falls
+    on, and tracing them all takes hundreds of ms: the event loop stood still whenever a
+    large answer's allocations (n echoed choices with top logprobs) made one due."""
+    gc.collect()
+    gc.freeze()
 
 
 class RemoteEngine:
@@ -115,6 +127,8 @@ class RemoteEngine:
         except BaseException as e:  # noqa: BLE001 - reported through wait_until_ready
             self._load_error = self._load_error or e
         self._engine_ready.wait()
+        if self._load_error is None:
+            _freeze_heap()
         self._loaded_event.set()
 
     def wait_until_ready(self, timeout: float | None = None) -> None:

@@ -25,7 +25,14 @@ class Pending:
     request_id: str | None = None  # requests: what abort(request_id) names
 
     def deliver(self, item: Any) -> None:
-        """From the reader thread: `item` (a message dict or an exception) onto the loop."""
+        """From the reader thread: `item` (a message dict or an exception) onto the loop. A
+        delta's RowDelta (thousands of TokenLogprobs for a prompt's logprobs) is built here,
+        so the loop only queues ready objects."""
+        if isinstance(item, dict) and item.get("op") == "delta":
+            try:
+                item = {**item, "delta": wire.delta_from_wire(item["delta"])}
+            except Exception as e:  # noqa: BLE001 - this request fails, not the whole pipe
+                item = e
         mailbox_for(self.loop).post(self._on_loop, item)
 
     def _on_loop(self, item: Any) -> None:
@@ -69,8 +76,8 @@ class RemoteDeltas(QueueStream):
             raise item
         assert isinstance(item, dict)
         op = item["op"]
-        if op == "delta":
-            delta = wire.delta_from_wire(item["delta"])
+        if op == "delta":  # decoded by Pending.deliver, off the loop
+            delta: RowDelta = item["delta"]
             return delta, delta.finish_reason is not None
         if op == "error":
             raise wire.error_from_wire(item["error"])

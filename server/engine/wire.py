@@ -1,7 +1,11 @@
 """What crosses the pipe between the HTTP process and the engine process (--engine-process).
 
 Messages are JSON objects, sent in batches (one JSON array per write), never pickles: the
-engine process only ever decodes data it could have received from anyone. Exceptions cross
+engine process only ever decodes data it could have received from anyone. A batch is cut
+into frames of about FRAME_BYTES, and logprobs travel as flat arrays of numbers: one
+json.loads holds the reading process's GIL from start to end, and nested lists by the
+hundred thousand would also wake its garbage collector for full passes, so a large answer
+(n echoed choices with top logprobs) must arrive as many short decodes. Exceptions cross
 as their class name and message and are rebuilt on the other side from a fixed table of the
 engine's and the store's error classes, so the HTTP layer maps them to the same status codes
 as in process.
@@ -12,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import adapters_store.errors as store_errors
@@ -41,10 +46,29 @@ def _error_classes() -> dict[str, type[Exception]]:
 ERRORS = _error_classes()
 
 
+FRAME_BYTES = 1 << 18  # a frame's size, past which frames() starts another
+
+
 def dumps(messages: list[dict[str, Any]]) -> bytes:
     """ASCII with escapes and NaN/Infinity allowed: whatever the engine accepts in process
     (a lone surrogate in a stop string, an infinite temperature) must cross too."""
     return json.dumps(messages, separators=(",", ":")).encode()
+
+
+def frames(messages: list[dict[str, Any]], *, limit: int = FRAME_BYTES) -> Iterator[bytes]:
+    """`messages` as consecutive writes (each a JSON array, as dumps makes), in order, each
+    of about `limit` bytes at most: a message larger than that goes alone in its own."""
+    batch: list[bytes] = []
+    size = 1  # the frame's length: its brackets, and a comma before each message but one
+    for message in messages:
+        data = json.dumps(message, separators=(",", ":")).encode()
+        if batch and size + len(data) + 1 > limit:
+            yield b"[" + b",".join(batch) + b"]"
+            batch, size = [], 1
+        batch.append(data)
+        size += len(data) + 1
+    if batch:
+        yield b"[" + b",".join(batch) + b"]"
 
 
 def loads(data: bytes) -> list[dict[str, Any]]:
@@ -71,19 +95,51 @@ def request_from_wire(data: dict[str, Any]) -> GenerationRequest:
                              fit_context=bool(data.get("fit_context", False)))
 
 
-def _logprobs_to_wire(values: tuple[TokenLogprob | None, ...] | None) -> list | None:
-    """[token_id, logprob, [[id, logprob], ...]] per token (null for a token without one)."""
+def _logprobs_to_wire(values: tuple[TokenLogprob | None, ...] | None) -> dict | None:
+    """Five flat arrays: each token's id, logprob and count of top entries (null for a token
+    without a logprob, whose id and logprob are then 0), and all top entries' ids and
+    logprobs end to end. Decoding them makes a few lists, not one per token and per entry."""
     if values is None:
         return None
-    return [None if v is None else [v.token_id, v.logprob, [list(t) for t in v.top]]
-            for v in values]
+    ids: list[int] = []
+    logprobs: list[float] = []
+    counts: list[int | None] = []
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+    for value in values:
+        if value is None:
+            ids.append(0)
+            logprobs.append(0.0)
+            counts.append(None)
+            continue
+        ids.append(value.token_id)
+        logprobs.append(value.logprob)
+        counts.append(len(value.top))
+        for token_id, logprob in value.top:
+            top_ids.append(token_id)
+            top_logprobs.append(logprob)
+    return {"ids": ids, "logprobs": logprobs, "counts": counts, "top_ids": top_ids,
+            "top_logprobs": top_logprobs}
 
 
-def _logprobs_from_wire(data: list | None) -> tuple[TokenLogprob | None, ...] | None:
+def _logprobs_from_wire(data: dict | None) -> tuple[TokenLogprob | None, ...] | None:
+    """On the reader thread. No per-entry conversion: JSON keeps ints and floats apart (a
+    float is written with a point or an exponent), so each value is the engine's own."""
     if data is None:
         return None
-    return tuple(None if v is None else TokenLogprob(int(v[0]), float(v[1]), tuple(
-        (int(i), float(lp)) for i, lp in v[2])) for v in data)
+    top_ids, top_logprobs = data["top_ids"], data["top_logprobs"]
+    values: list[TokenLogprob | None] = []
+    start = 0
+    for token_id, logprob, count in zip(data["ids"], data["logprobs"], data["counts"],
+                                        strict=True):
+        if count is None:
+            values.append(None)
+            continue
+        end = start + count
+        top = tuple(zip(top_ids[start:end], top_logprobs[start:end], strict=True))
+        values.append(TokenLogprob(token_id, logprob, top))
+        start = end
+    return tuple(values)
 
 
 def delta_to_wire(delta: RowDelta) -> dict[str, Any]:

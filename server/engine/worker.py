@@ -125,7 +125,8 @@ class Worker:
     # ---- out ----------------------------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
-        """Queued and written once per loop pass: one write carries a step's worth."""
+        """Queued and written once per loop pass: a step's worth goes in as few writes as
+        server.engine.wire.frames allows."""
         self.outbox.append(message)
         if len(self.outbox) == 1:
             self.loop.call_soon(self._flush)
@@ -143,7 +144,8 @@ class Worker:
         if not messages:
             return
         try:
-            self.conn.send_bytes(wire.dumps(messages))
+            for frame in wire.frames(messages):  # the reader decodes each in one short hold
+                self.conn.send_bytes(frame)
         except OSError:  # the HTTP process is gone
             self._lost()
 

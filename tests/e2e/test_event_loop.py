@@ -148,6 +148,33 @@ def test_n_echoed_choices_with_top_logprobs_leave_health_checks_answered(roomy, 
         assert choice["logprobs"]["top_logprobs"][-1]  # the last token's top logprobs
 
 
+@pytest.mark.slow
+def test_rows_from_the_engine_process_leave_health_checks_answered(roomy, loop_server):
+    """Under --engine-process the rows cross a pipe, several MB for 32 echoed rows with 21
+    logprobs per token, and this process decodes them: over the whole request, not only
+    while its answer is written, health checks are answered. With one new token the
+    engine's own work is a small part of the request, so a loop blocked while the rows
+    arrive and are decoded (for about a tenth of it or more) shows."""
+    if "--engine-process" not in loop_server.args:
+        pytest.skip("in process, no rows cross a pipe")
+    model = roomy.get("/v1/models").json()["data"][0]["id"]
+    prompt = "the quick brown fox " * 24  # 480 byte tokens
+    request = {"model": model, "prompt": prompt, "max_tokens": 1, "n": 32, "echo": True,
+               "logprobs": 20, "temperature": 1.0, "seed": 5, "ignore_eos": True}
+    with HealthProbe(loop_server.url) as probe:
+        started = time.perf_counter()
+        r = roomy.post("/v1/completions", json=request)
+        ended = time.perf_counter()
+    assert r.status_code == 200, r.text[:500]
+    silence = probe.longest_silence(started, ended)
+    assert silence < (ended - started) / 20, (silence, ended - started)
+    choices = r.json()["choices"]
+    assert len(choices) == 32
+    for choice in choices:
+        assert len(choice["logprobs"]["top_logprobs"]) == 1 + 480 + 1
+        assert choice["logprobs"]["top_logprobs"][1]  # a prompt token's top logprobs
+
+
 def _limit_error(r: httpx.Response, param: str) -> str:
     assert r.status_code == 400, r.text[:500]
     error = r.json()["error"]

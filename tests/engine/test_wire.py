@@ -128,6 +128,66 @@ def test_logprobs_round_trip_in_deltas() -> None:
     assert wire.delta_from_wire(_trip(wire.delta_to_wire(delta))) == delta
 
 
+def _prompt_logprobs(tokens: int, top: int) -> tuple[TokenLogprob | None, ...]:
+    return (None, *(TokenLogprob(i % 7, -0.125 * i, tuple((j, -1.0 / (j + 1) - i)
+                                                          for j in range(top)))
+                    for i in range(1, tokens)))
+
+
+def test_logprobs_travel_as_flat_arrays_of_numbers() -> None:
+    """A prompt's logprobs decode as a few long lists, not one list per token and entry."""
+    sent = _trip(wire.delta_to_wire(RowDelta(token_ids=(1,),
+                                             prompt_logprobs=_prompt_logprobs(50, 20))))
+    compact = sent["prompt_logprobs"]
+    assert all(isinstance(v, list) for v in compact.values())
+    assert all(not isinstance(x, list) for v in compact.values() for x in v)
+    assert len(compact["top_ids"]) == len(compact["top_logprobs"]) == 49 * 20
+
+
+@pytest.mark.parametrize("logprobs", [
+    (),
+    (None,),
+    (TokenLogprob(3, -0.0),),  # no top entries
+    (TokenLogprob(3, float("-inf"), ((3, float("-inf")), (4, -1e-300))), None,
+     TokenLogprob(0, 0.0, ((0, 0.0),)), TokenLogprob(2**40, -123.456789, ((1, -2.5),))),
+    _prompt_logprobs(500, 20),
+], ids=["empty", "only-none", "no-top", "edge-values", "long-prompt"])
+def test_logprobs_round_trip_exactly_with_their_types(
+        logprobs: tuple[TokenLogprob | None, ...]) -> None:
+    delta = RowDelta(token_ids=(1, 2), logprobs=tuple(v for v in logprobs if v is not None),
+                     prompt_logprobs=logprobs, finish_reason=FinishReason.LENGTH)
+    back = wire.delta_from_wire(_trip(wire.delta_to_wire(delta)))
+    assert back == delta
+    assert repr(back) == repr(delta)  # -0.0 stays -0.0; ints stay ints, floats floats
+    for value in back.prompt_logprobs or ():
+        assert value is None or isinstance(value.top, tuple)
+
+
+def test_frames_carry_every_message_in_order_in_bounded_writes() -> None:
+    messages = [{"op": "delta", "key": str(i), "payload": "x" * (i % 7)} for i in range(60)]
+    for limit in range(40, 400):
+        frames = list(wire.frames(messages, limit=limit))
+        assert len(frames) > 1
+        assert [m for frame in frames for m in wire.loads(frame)] == messages
+        assert all(len(frame) <= limit or len(wire.loads(frame)) == 1 for frame in frames)
+        # Full: the next frame's first message would not have fitted in it.
+        assert all(len(a) + len(wire.dumps(wire.loads(b)[:1])) - 1 > limit
+                   for a, b in zip(frames, frames[1:], strict=False))
+
+
+def test_a_message_larger_than_a_frame_goes_alone() -> None:
+    big = {"op": "delta", "key": "1", "payload": "y" * 5000}
+    frames = list(wire.frames([{"op": "beat"}, big, {"op": "beat"}], limit=1000))
+    assert [wire.loads(frame) for frame in frames] == [[{"op": "beat"}], [big],
+                                                       [{"op": "beat"}]]
+
+
+def test_frames_are_what_dumps_writes() -> None:
+    """One frame of small messages is the very bytes dumps makes of them."""
+    messages = [{"op": "chunk", "text": "naïve 🙂", "t": float("inf")}, {"op": "stats"}]
+    assert list(wire.frames(messages)) == [wire.dumps(messages)]
+
+
 def test_model_info_round_trips() -> None:
     info = ModelInfo(name="builtin:tiny", architecture="LlamaForCausalLM", is_seq2seq=False,
                      hidden_size=64, device="cpu", dtype="float32", max_context=512)
