@@ -55,6 +55,9 @@ def build_vllm_core(settings: Settings, store: AdapterStore, *, observer: Engine
     cuda = settings.device is not Device.CPU and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = resolve_dtype(settings.dtype, device)
+    # vLLM reports usage to its authors unless told not to; a server does not phone home
+    # unless its operator says so (set VLLM_NO_USAGE_STATS=0 to allow it).
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     if not cuda:
         # One NUMA node and few cores (a laptop, a CI machine): vLLM's default binding would
         # reserve a core; let its threads run where the OS puts them unless told otherwise.
@@ -90,6 +93,10 @@ def _start(settings: Settings, source: str, *, dtype: torch.dtype, cuda: bool) -
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    world = settings.tensor_parallel_size * settings.pipeline_parallel_size
+    # More workers than this node has GPUs: the rest are on other nodes, which vLLM reaches
+    # through a Ray cluster only (docs/scaling.md).
+    backend = "ray" if cuda and world > torch.cuda.device_count() else None
     kv = parse_kv_cache_memory(settings.kv_cache_memory)
     kv_bytes = kv if isinstance(kv, int) else (None if cuda else CPU_KV_CACHE_BYTES)
     args = AsyncEngineArgs(
@@ -104,6 +111,7 @@ def _start(settings: Settings, source: str, *, dtype: torch.dtype, cuda: bool) -
         data_parallel_size=settings.data_parallel_size,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         kv_cache_memory_bytes=kv_bytes, enforce_eager=settings.enforce_eager,
+        distributed_executor_backend=backend,
         seed=0, disable_log_stats=False)
     try:
         return AsyncLLM.from_engine_args(args)
