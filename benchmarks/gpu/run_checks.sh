@@ -1,72 +1,145 @@
 #!/usr/bin/env bash
-# Run on a GPU host, from the repo root. Where the host's Python lacks this project's packages,
-# first put their wheels in .whl (benchmarks/gpu/fetch_wheels.sh, on a machine with network
-# access): they are installed into /tmp/site. Then runs the GPU checks named in STEPS in order,
-# each under its own time limit. Every printout goes to $OUT/checks.log and the harness JSONs
-# to $OUT (rewritten after each timed run, so a step cut short by its limit still leaves what
-# it measured, marked "partial"). See docs/benchmarks.md ("GPU checks in one go").
+# The GPU checks, in two calls that each end within BUDGET_S (default 270 s, the wheel install
+# included), from the repository root on any CUDA host:
 #
-#   STEPS="env parity overhead gpu1b" (default; the limits add up to 540 s) or
-#   STEPS="bf16 gpu8b" (550 s); optional: fairness (120 s),
-#   fairlong (fairness with 400-token prompts, 150 s),
-#   fairhttp (fairness through the real server over HTTP, 150 s), fairproc (the same with
-#   --engine-process, 150 s), faircap (fairness with the contended cap, which is off by
-#   default, set to --contended-tenant-rows 8: does a GPU need it? 120 s),
-#   longprompts (256-token soft prompts through HTTP, prefix cache on and off, 240 s)
-#   QUICK=1 DEVICE=cpu: shrunken runs on the CPU, to try the script itself without a GPU.
+#   CALL=1 bash benchmarks/gpu/run_checks.sh   the most important figures: env, parity
+#       (pytest -m gpu), gpu-1b's engine against hf-static-compile (one timed run), and gpu-1b
+#       on the vllm engine (--engine vllm) where vLLM is installed (skipped, and said, where not)
+#   CALL=2 bash benchmarks/gpu/run_checks.sh   the rest: gpu-8b's engine, bf16 agreement,
+#       gpu-1b's HTTP server, plain generate and PEFT one request at a time, the host overhead
+#       per decode step
+#
+# STEPS="..." runs the named steps instead (output tagged "steps"); besides the above:
+# fairness, fairlong (400-token prompts), fairhttp (the real server over HTTP), fairproc (the
+# same with --engine-process), faircap (--contended-tenant-rows 8), longprompts (256-token soft
+# prompts over HTTP, prefix cache on and off), gpu8bfull (gpu-8b with every system and
+# baseline; give it BUDGET_S=500).
+#
+# Where .whl holds wheels (benchmarks/gpu/fetch_wheels.sh: what the GPU image lacks), they are
+# installed into /tmp/site, which goes ahead of the host's packages on PYTHONPATH.
+#
+# Output in $OUT (default benchmarks/results): gpu-checks-<call>.log (every printout),
+# gpu-checks-<call>.json (each step's command, limit, exit status, seconds and the tail of its
+# output, rewritten after every step), gpu-env.json, and the harness JSONs, rewritten after
+# each timed run and marked "partial" until the run completes, so a step cut short still leaves
+# what it measured. Each step has its own limit, cut to what is left of the budget; a step
+# with under MIN_STEP_S left is skipped and recorded as skipped.
+#
+# QUICK=1 DEVICE=cpu: every step shrunken, on the CPU, to try the script without a GPU (output
+# by default in /tmp/gpu-checks-quick, budget 900 s).
 set -uo pipefail
+[[ -n ${OUT:-} ]] && OUT=$(realpath -m -- "$OUT")
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-OUT=${OUT:-/tmp/gpu-checks}
+CALL=${CALL:-1}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-STEPS=${STEPS:-env parity overhead gpu1b}
+MIN_STEP_S=${MIN_STEP_S:-20}
+KILL_S=10  # a step stopped at its limit gets this long to unwind before it is killed
+if [[ $QUICK == 1 ]]; then
+    OUT=${OUT:-/tmp/gpu-checks-quick} BUDGET_S=${BUDGET_S:-900}
+else
+    OUT=${OUT:-$PWD/benchmarks/results} BUDGET_S=${BUDGET_S:-270}
+fi
+DEADLINE=$(( $(date +%s) + BUDGET_S ))
+if [[ -n ${STEPS:-} ]]; then
+    TAG=steps
+else
+    case $CALL in
+        1) STEPS="env parity gpu1b gpu1bvllm" ;;
+        2) STEPS="gpu8b bf16 gpu1bmore overhead" ;;
+        *) echo "run_checks: CALL is 1 or 2, not '$CALL'" >&2; exit 2 ;;
+    esac
+    TAG=call$CALL
+fi
 mkdir -p "$OUT"
-LOG=$OUT/checks.log
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=$PWD
+LOG=$OUT/gpu-checks-$TAG.log
+REC=$OUT/gpu-checks-$TAG.json
+STEP_OUT=$OUT/.gpu-checks-$TAG.step
+: > "$LOG"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
+
+record() { python3 benchmarks/gpu/record.py "$REC" "$@"; }
+
+skip() {  # skip NAME REASON
+    echo "===== $1: skipped: $2" | tee -a "$LOG"
+    record skip "$1" "$2"
+}
+
+step() {  # step NAME LIMIT_S COMMAND...: runs it under min(LIMIT_S, what the budget leaves)
+    local name=$1 limit=$2 left started rc
+    shift 2
+    left=$(( DEADLINE - $(date +%s) - KILL_S ))
+    if (( left < MIN_STEP_S )); then
+        skip "$name" "${left}s of the call's ${BUDGET_S}s budget left"
+        return 1
+    fi
+    (( limit > left )) && limit=$left
+    echo "===== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    started=$(date +%s)
+    timeout -k "$KILL_S" "$limit" "$@" 2>&1 | grep -v --line-buffered "Loading weights" \
+        | tee "$STEP_OUT" | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    echo "===== $name: rc=$rc after $(( $(date +%s) - started ))s" | tee -a "$LOG"
+    record step "$name" --limit "$limit" --rc "$rc" --seconds "$(( $(date +%s) - started ))" \
+        --output "$STEP_OUT" --command "$*"
+    return "$rc"
+}
+
+has_vllm() { python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)'; }
+
+record start --call "$TAG" --device "$DEVICE" --quick "$QUICK" --budget "$BUDGET_S"
+echo "run_checks: $TAG, steps: $STEPS; budget ${BUDGET_S}s; output in $OUT" | tee -a "$LOG"
 
 if [[ $QUICK != 1 ]] && compgen -G ".whl/*.whl" >/dev/null; then  # QUICK: this venv's packages
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || { echo "run_checks: wheel install failed" | tee -a "$LOG"; exit 1; }
+    if ! step install 90 python3 -m pip install -q --no-index --no-deps --no-compile \
+            --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+        echo "run_checks: wheel install failed" | tee -a "$LOG"
+        record done
+        exit 1
+    fi
     export PYTHONPATH=/tmp/site:$PWD
 fi
 
-step() {  # step NAME LIMIT_S COMMAND...
-    local name=$1 limit=$2 started rc
-    shift 2
-    echo "===== $name (limit ${limit}s): $*" | tee -a "$LOG"
-    started=$(date +%s)
-    timeout -k 20 "$limit" "$@" 2>&1 | grep -v --line-buffered "Loading weights" | tee -a "$LOG"
-    rc=${PIPESTATUS[0]}
-    echo "===== $name: rc=$rc after $(( $(date +%s) - started ))s" | tee -a "$LOG"
-}
-
 if [[ $QUICK == 1 ]]; then
-    harness=(--layers 1 --requests 4 --adapters 4 --new-tokens 4 --modes engine
-             --baselines plain --no-progress)
+    shrink=(--layers 1 --requests 4 --adapters 4 --new-tokens 4)
     overhead=(--steps 20 --rows 16)
     fair=(--rounds 2 --cycles 1 --backlog 20)
     bf16=(--rows 4 --new-tokens 4)
     long=(--layers 1 --virtual-tokens 16 --adapters 2 --requests 8 --samples 2 --new-tokens 2
           --modes prefix-cache)
 else
-    harness=(--no-progress)
+    shrink=()
     overhead=()
     fair=(--rounds 20)
     bf16=()
     long=()
 fi
 if [[ $DEVICE == cuda ]]; then DTYPE=bfloat16; else DTYPE=float32; fi
+h=(--device "$DEVICE" "${shrink[@]}" --no-progress --repeats 1)  # the harness runs' flags
 
 for s in $STEPS; do
     case $s in
-        env) step env 60 bash -c 'nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; git log -1 --format="commit %h %s" 2>/dev/null; python3 -c "
-import torch, transformers, peft, fastapi, pydantic
-print(\"python torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version(), torch.cuda.is_available(),
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"-\")
-print(\"transformers\", transformers.__version__, \"peft\", peft.__version__, \"fastapi\", fastapi.__version__, \"pydantic\", pydantic.__version__)"' ;;
-        parity) step parity 120 python3 -m pytest -q -p no:cacheprovider -m gpu \
-                    tests/engine/test_generation_parity.py tests/engine/test_engine_core.py ;;
-        overhead) step overhead 60 python3 -m benchmarks.step_overhead --device "$DEVICE" \
+        env) step env 45 python3 benchmarks/gpu/env_report.py --json "$OUT/gpu-env.json" ;;
+        parity) step parity 100 python3 -m pytest -q -p no:cacheprovider -m gpu \
+                    tests/engine/test_generation_parity.py tests/engine/test_engine_core.py \
+                    tests/engine/test_sampling_near_one.py ;;
+        gpu1b) step gpu1b 150 python3 -m benchmarks gpu-1b "${h[@]}" --modes engine \
+                   --baselines hf-static-compile --json "$OUT/gpu-1b.json" ;;
+        gpu1bvllm)
+            if has_vllm; then
+                step gpu1bvllm 120 python3 -m benchmarks gpu-1b "${h[@]}" --engine vllm \
+                    --modes http --baselines "" --json "$OUT/gpu-1b-vllm.json"
+            else
+                skip gpu1bvllm "vLLM is not installed on this host, so gpu-1b on the vllm engine is not measured (a vLLM wheel is far too big to carry)"
+            fi ;;
+        gpu1bmore) step gpu1bmore 120 python3 -m benchmarks gpu-1b "${h[@]}" --modes http \
+                       --baselines plain,peft-sequential --json "$OUT/gpu-1b-more.json" ;;
+        gpu8b) step gpu8b 120 python3 -m benchmarks gpu-8b "${h[@]}" --modes engine \
+                   --baselines "" --json "$OUT/gpu-8b.json" ;;
+        gpu8bfull) step gpu8bfull 400 python3 -m benchmarks gpu-8b "${h[@]}" \
+                       --json "$OUT/gpu-8b-full.json" ;;
+        bf16) step bf16 90 python3 -m benchmarks.bf16_agreement --device "$DEVICE" "${bf16[@]}" ;;
+        overhead) step overhead 45 python3 -m benchmarks.step_overhead --device "$DEVICE" \
                       "${overhead[@]}" ;;
         fairness) step fairness 120 python3 -m benchmarks fairness --device "$DEVICE" \
                       "${fair[@]}" --json "$OUT/fairness.json" ;;
@@ -78,15 +151,12 @@ print(\"transformers\", transformers.__version__, \"peft\", peft.__version__, \"
                       "${fair[@]}" --contended-tenant-rows 8 --json "$OUT/faircap.json" ;;
         fairlong) step fairlong 150 python3 benchmarks/fairness.py --device "$DEVICE" \
                       "${fair[@]}" --prompt-tokens 400 ;;
-        gpu1b) step gpu1b 300 python3 -m benchmarks gpu-1b --device "$DEVICE" "${harness[@]}" \
-                   --batching core --json "$OUT/gpu-1b.json" ;;
         longprompts) step longprompts 240 python3 benchmarks/long_prompts.py --device "$DEVICE" \
                          --dtype "$DTYPE" "${long[@]}" --json "$OUT/long-prompts.json" ;;
-        bf16) step bf16 150 python3 -m benchmarks.bf16_agreement --device "$DEVICE" "${bf16[@]}" ;;
-        gpu8b) step gpu8b 400 python3 -m benchmarks gpu-8b --device "$DEVICE" "${harness[@]}" \
-                   --batching core --repeats 1 \
-                   --json "$OUT/gpu-8b.json" ;;
-        *) echo "run_checks: unknown step $s" | tee -a "$LOG" ;;
+        *) skip "$s" "unknown step" ;;
     esac
 done
-echo "run_checks: done; files in $OUT" | tee -a "$LOG"
+rm -f "$STEP_OUT"
+record done
+echo "run_checks: $TAG done in $(( $(date +%s) - DEADLINE + BUDGET_S ))s; files in $OUT" \
+    | tee -a "$LOG"

@@ -187,10 +187,10 @@ def _check_vllm(w: Workload, args: argparse.Namespace, modes: list[str],
             raise SystemExit("--engine-process is for the builtin engine: the vllm engine "
                              "runs its core in a process of its own already")
     if args.engine == "vllm" or "vllm-peer" in baselines:
-        if w.device != "cpu":
-            raise SystemExit("the vLLM systems are measured on the CPU workloads only: two "
-                             "vLLM servers and the baselines' model would share one GPU; "
-                             "pass --device cpu")
+        if w.device != "cpu" and baselines:  # --engine vllm alone fits a GPU
+            raise SystemExit("on a GPU, --engine vllm runs alone (--baselines \"\"): two "
+                             "vLLM servers, or one and the baselines' model, would share one "
+                             "GPU; pass --device cpu to measure them side by side")
         head_dim = w.shape.hidden // w.shape.heads
         if head_dim < VLLM_MIN_HEAD_DIM:
             raise SystemExit(f"{w.name}'s model has {head_dim}-dimension heads; vLLM's CPU "
