@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ LABELS = {"engine": "engine (in process)", "http": "HTTP server, concurrent clie
 HTTP_VLLM_LABEL = "HTTP server, vllm engine"
 # vLLM's CPU attention takes no smaller heads.
 VLLM_MIN_HEAD_DIM = 32
+# Between timed runs beside a vLLM server: its worker busy-polls its input queue for a second
+# after its last step (vLLM's shm_broadcast), which would take cores from the next run.
+VLLM_SETTLE_S = 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'soak':<15} the real server for --minutes N under mixed multi-tenant load "
               "with adapter churn and disconnects: 5xx, latency over time, RSS growth")
         return 0
-    out = args.json or Path(__file__).resolve().parents[1] / "results" / f"{args.workload}.json"
+    # A run on the vllm engine keeps the builtin engine's figures for the same workload.
+    name = args.workload + ("-vllm" if args.engine == "vllm" else "")
+    out = args.json or Path(__file__).resolve().parents[1] / "results" / f"{name}.json"
     result = _fairness(args) if args.workload == "fairness" else _workload(args, out)
     write_json(result, out)
     print(f"\nJSON: {out}")
@@ -281,6 +287,8 @@ def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], re
             runner.warm_up(with_adapters=warm_adapters)
         for k in range(repeats):  # interleaved: a burst of outside load hits all alike
             for s in systems:
+                if with_vllm:  # a vLLM worker polls for a second after its last step
+                    time.sleep(VLLM_SETTLE_S)
                 s.runs.append(_timed(runners[s.name], s.label, k, repeats, len(requests), w,
                                      args.no_progress))
                 write_json(report(w.to_json(), systems, overrides=overrides, env=env,
