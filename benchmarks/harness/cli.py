@@ -33,7 +33,7 @@ from benchmarks.harness.results import (
     write_json,
 )
 from benchmarks.harness.server_log import exit_on_signal, show_log
-from benchmarks.harness.workloads import SCENARIOS, VLLM_CPU_KV_CACHE, WORKLOADS, Workload
+from benchmarks.harness.workloads import SCENARIOS, WORKLOADS, Workload
 
 MODES = ("engine", "http")
 BASELINES = ("plain", "hf-static-compile", "peft-sequential", "peft-batched", "vllm-peer")
@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "own (python -m benchmarks soak --help)")
     p.add_argument("--engine", choices=ENGINES, default="builtin",
                    help="the engine the http system's server runs (its --engine; default "
-                        "builtin). vllm: on the CPU, --kv-cache-memory "
-                        f"{VLLM_CPU_KV_CACHE}; measures the http system against the "
+                        "builtin). vllm: --kv-cache-memory twice what the workload's rows "
+                        "take (cpu-ref: 1GiB); measures the http system against the "
                         "vllm-peer baseline by default")
     p.add_argument("--modes", default=None,
                    help="server systems to measure: engine, http or both (default both; "

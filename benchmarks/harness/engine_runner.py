@@ -15,7 +15,7 @@ from pathlib import Path
 from adapters_store import LocalAdapterStore
 from benchmarks.harness.fixtures import NAMESPACE, RequestSpec, dtype_of, warm_up_requests
 from benchmarks.harness.results import Run, percentiles_ms
-from benchmarks.harness.workloads import VLLM_CPU_KV_CACHE, Workload
+from benchmarks.harness.workloads import Workload, vllm_kv_cache
 from server.config import Settings
 from server.engine import Engine
 from server.engine.interface import GenerationRequest, SamplingParams
@@ -84,6 +84,7 @@ def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
     than left to auto, which would pick vllm on a GPU host where it is installed."""
     longest = workload.virtual_tokens + workload.prompt_tokens + max(
         workload.new_tokens, workload.new_tokens_max or 0)
+    max_len = 1 << (longest - 1).bit_length()
     # The prompt table holds the workload's adapters twice over (many-adapters: the number it
     # names), and so bounds the prefix cache, which takes what the slots leave on a GPU.
     cached = workload.cache_adapters or 2 * workload.adapters
@@ -96,8 +97,9 @@ def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
                     prompt_cache_bytes=cache_bytes,
                     tenant_max_concurrent_requests=max(256, 2 * workload.requests),
                     max_virtual_tokens=workload.virtual_tokens,
-                    max_model_len=1 << (longest - 1).bit_length(), engine=engine,
-                    kv_cache_memory=VLLM_CPU_KV_CACHE if engine == "vllm" else "auto")
+                    max_model_len=max_len, engine=engine,
+                    kv_cache_memory=vllm_kv_cache(workload, max_len) if engine == "vllm"
+                    else "auto")
 
 
 class EngineRunner:

