@@ -34,7 +34,7 @@ from safetensors import safe_open
 from benchmarks.harness.fixtures import RequestSpec, adapter_embeddings, warm_up_requests
 from benchmarks.harness.http_runner import counted_lines
 from benchmarks.harness.results import Run
-from benchmarks.harness.workloads import Workload
+from benchmarks.harness.workloads import Workload, vllm_kv_cache
 from server.config import Settings, parse_kv_cache_memory
 from tests.e2e.server_process import free_port
 
@@ -82,12 +82,12 @@ class VllmPeerServer:
     """`python -m vllm.entrypoints.openai.api_server` as a subprocess on a free loopback port
     (`vllm serve` is not installed under the name the CPU build's package has)."""
 
-    def __init__(self, model_dir: Path, settings: Settings, log_path: Path) -> None:
+    def __init__(self, model_dir: Path, settings: Settings, log_path: Path, *,
+                 kv_cache_bytes: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = str(model_dir)
         self.log_path = log_path
-        kv = parse_kv_cache_memory(settings.kv_cache_memory)
         self.args = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
             "--enable-prompt-embeds", "--dtype", str(getattr(settings.dtype, "value",
@@ -98,9 +98,9 @@ class VllmPeerServer:
             # As this server's vllm engine sets it (server/engine/vllm/runtime.py).
             "--max-num-batched-tokens", str(max(settings.max_batch_tokens,
                                                 settings.max_model_len)),
+            # A byte size also spares the CPU build's check that 92% of the RAM is free.
+            "--kv-cache-memory-bytes", str(kv_cache_bytes),
             "--seed", "0", "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
-        if isinstance(kv, int):
-            self.args += ["--kv-cache-memory-bytes", str(kv)]
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
@@ -154,7 +154,10 @@ class VllmPeerRunner:
         self.word_embeddings = input_embeddings(model_dir)  # [vocab, hidden]
         self.adapter_rows = {i: adapter_embeddings(workload, i)  # [virtual, hidden] each
                              for i in sorted({r.adapter for r in requests} - {None})}
-        self.server = VllmPeerServer(model_dir, settings, log_path)
+        # The KV cache --engine vllm gets for this workload, whichever engine the server runs.
+        kv = parse_kv_cache_memory(vllm_kv_cache(workload, settings.max_model_len))
+        assert isinstance(kv, int)
+        self.server = VllmPeerServer(model_dir, settings, log_path, kv_cache_bytes=kv)
         self.server.start()
         self.loop = asyncio.new_event_loop()
         self.client = httpx.AsyncClient(
