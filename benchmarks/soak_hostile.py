@@ -7,7 +7,8 @@ within it with every token's text, and completions that are heavy to answer (n=3
 top logprobs). Each must get its documented answer (a 4xx, or a 200 for the heavy but valid
 ones), never a 5xx, while the other tenants stream. Beside it a prober asks `/healthz` every
 50 ms; the report gives the slowest answer seen over the run (target under 100 ms): a request
-whose work runs on the server's event loop shows there.
+whose work runs on the server's event loop shows there. The prober runs in a process of its
+own, so the clients' work never delays it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -127,12 +129,24 @@ async def _send(traffic: Traffic, tenant: Tenant, http: httpx.AsyncClient,
 
 
 async def probe_health(traffic: Traffic) -> dict[str, Any]:
-    """`/healthz` every HEALTH_PERIOD_S until the deadline, on a connection of its own; the
-    slowest answer is what a kubelet's probe could have waited."""
+    """`/healthz` every HEALTH_PERIOD_S until the deadline, from a process of its own: in this
+    one, the clients' event loop (parsing a multi-megabyte answer) would delay the probe and
+    count its own stall as the server's. The slowest answer is what a kubelet's probe could
+    have waited."""
+    seconds = max(0.0, traffic.deadline - time.monotonic())
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.soak_hostile", traffic.base_url, f"{seconds:.3f}",
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await child.communicate()
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def _probe(base_url: str, seconds: float) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
     latencies: list[float] = []
     failures = 0
-    async with httpx.AsyncClient(base_url=traffic.base_url, timeout=30) as http:
-        while time.monotonic() < traffic.deadline:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        while time.monotonic() < deadline:
             started = time.monotonic()
             try:
                 ok = (await http.get("/healthz")).status_code == 200
@@ -147,3 +161,7 @@ async def probe_health(traffic: Traffic) -> dict[str, Any]:
             "p99_ms": ordered[int(0.99 * (len(ordered) - 1))] * 1000 if ordered else None,
             "target_ms": HEALTH_TARGET_MS,
             "within_target": worst is not None and worst < HEALTH_TARGET_MS}
+
+
+if __name__ == "__main__":  # the prober's process: URL and seconds in, one JSON line out
+    print(json.dumps(asyncio.run(_probe(sys.argv[1], float(sys.argv[2])))))
