@@ -13,16 +13,15 @@ only, so zeros keep equal requests equal).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from adapters_store.template import Soft, Text
 from server.engine.errors import InvalidRequestError
 from server.engine.interface import FinishReason, SamplingParams, TokenLogprob
-from server.engine.prompt_layout import Layout
+from server.engine.prompt_layout import Layout, assemble, text_start
 from server.engine.row_progress import RowDelta
 
 
@@ -36,33 +35,17 @@ class CompiledPrompt:
 
 def compile_prompt(text_ids: Sequence[int], virtual: int, layout: Layout | None, *,
                    placeholder: int) -> CompiledPrompt:
-    """Rows before the text (no template), or rows, anchors and text in template order."""
-    ids: list[int] = []
-    is_token: list[bool] = []
-    soft_at: list[int] = []
-    start = 0
-    for piece in _pieces(virtual, layout):
-        if isinstance(piece, Soft):
-            soft_at += [len(ids) + i for i in range(piece.count)]
-            ids += [placeholder] * piece.count
-            is_token += [False] * piece.count
-        elif isinstance(piece, Text):
-            start = len(ids)
-            ids += text_ids
-            is_token += [True] * len(text_ids)
-        else:
-            ids += piece
-            is_token += [True] * len(piece)
-    return CompiledPrompt(ids, is_token, soft_at, (start, start + len(text_ids)))
-
-
-def _pieces(virtual: int, layout: Layout | None) -> Iterator[Any]:
-    if layout is not None:
-        yield from layout
-        return
-    if virtual:
-        yield Soft(0, virtual)
-    yield Text()
+    """Rows before the text (no template), or rows, anchors and text in template order: the
+    layout is assembled as for the built-in engine, with each row's position marked by a
+    negative id (-1 - row) that the placeholder then replaces."""
+    markers = [-1 - row for row in range(virtual)]
+    if layout is None:
+        marked, start = [*markers, *text_ids], virtual
+    else:
+        marked, start = assemble(layout, markers, text_ids), text_start(layout)
+    soft_at = sorted((i for i, t in enumerate(marked) if t < 0), key=lambda i: -marked[i])
+    return CompiledPrompt([placeholder if t < 0 else t for t in marked],
+                          [t >= 0 for t in marked], soft_at, (start, start + len(text_ids)))
 
 
 def vllm_prompt(compiled: CompiledPrompt, rows: torch.Tensor | None, *,
