@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from tests.e2e.server_process import metric
 from tests.factories import (
     greedy_by_recomputation,
+    greedy_from_embeddings,
     load_base,
     make_adapter,
     make_encoder_checkpoint,
@@ -115,8 +116,6 @@ def test_a_template_places_the_rows_around_the_text(client, base, tokenizer, pro
         ids = tokenizer(text)["input_ids"]
         embeds = spliced_embeddings(base, [rows[:2], anchor(" Review: "), ids, anchor(" "),
                                            rows[2:], anchor(" Sentiment:")])
-        from tests.factories import greedy_from_embeddings
-
         r = client.post("/v1/generate", headers=auth("tenant-a"),
                         json={"adapter_id": "templated", "text": text, "max_new_tokens": 8})
         assert r.status_code == 200, r.text
@@ -261,31 +260,27 @@ def test_an_adapter_version_shares_the_prefix_cache_and_a_new_version_does_not(
     assert upload(client, "tenant-a", "long-prompt", big).status_code == 201
 
     def hits_after(text: str) -> float:
+        """The hits counter once vLLM has counted this request's prefix lookup: its queries
+        counter has grown by the soft prompt at least (both come in the same stats record)."""
+        queried = total(client.get("/metrics").text, "vllm:prefix_cache_queries_total")
         r = client.post("/v1/generate", headers=auth("tenant-a"), json={
             "adapter_id": "long-prompt", "text": text, "max_new_tokens": 2})
         assert r.status_code == 200, r.text
-        return _settled_hits(client)
+        deadline = time.monotonic() + PATIENCE_S
+        while time.monotonic() < deadline:
+            scrape = client.get("/metrics").text
+            if total(scrape, "vllm:prefix_cache_queries_total") >= queried + 160:
+                return total(scrape, "vllm:prefix_cache_hits_total")
+            time.sleep(0.1)
+        pytest.fail("vLLM never counted the request's prefix-cache lookup")
 
-    start = _settled_hits(client)
     first = hits_after("one")
     second = hits_after("two")
-    assert second - first >= 128, (start, first, second)
+    assert second - first >= 128, (first, second)
     assert upload(client, "tenant-a", "long-prompt", other, overwrite=True).status_code == 201
     third = hits_after("three")
     assert third == second  # the new version's rows are new bytes: no old block matches
     assert hits_after("four") - third >= 128
-
-
-def _settled_hits(client: httpx.Client) -> float:
-    """vLLM updates its counters after each step: read until two reads agree."""
-    last = None
-    for _ in range(50):
-        value = total(client.get("/metrics").text, "vllm:prefix_cache_hits_total")
-        if value == last:
-            return value
-        last = value
-        time.sleep(0.1)
-    return last or 0.0
 
 
 def test_tenants_stay_apart(client):
