@@ -47,7 +47,7 @@ from server.engine.interface import (
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver, GuardedObserver, NullObserver
 from server.engine.output_processor import OutputStream, RequestOutput
-from server.engine.prompt_layout import anchor_tokens, compiled_pieces, template_anchors
+from server.engine.prompt_layout import anchor_tokens, compiled_pieces
 from server.engine.prompt_table import version_of
 from server.engine.runtime import Runtime, build_runtime
 from server.engine.sampling import validate_params
@@ -351,7 +351,9 @@ class Engine:
             raise AdapterExistsError(f"adapter {adapter_id!r} exists in namespace "
                                      f"{namespace!r}; pass overwrite to replace it")
         async with self._upload_slots.turn():
-            parsed = await asyncio.to_thread(self._parse, upload, runtime)
+            parsed = await asyncio.to_thread(self._parse, upload, runtime.loaded)
+        if parsed.template is not None:
+            self._check_anchors(runtime, parsed.template, parsed.num_virtual_tokens)
         record = await asyncio.to_thread(self.store.put, namespace, adapter_id, parsed,
                                          overwrite=overwrite)
         runtime.core.invalidate(namespace, adapter_id)
@@ -362,8 +364,7 @@ class Engine:
                  record.peft_type, record.num_virtual_tokens)
         return record
 
-    def _parse(self, upload: AdapterUpload, runtime: Runtime):
-        loaded = runtime.loaded
+    def _parse(self, upload: AdapterUpload, loaded: LoadedModel):
         spec = ModelSpec(token_dim=loaded.info.hidden_size, task_type=loaded.task_type)
         limits = Limits(max_virtual_tokens=self.settings.max_virtual_tokens,
                         max_file_bytes=self.settings.max_upload_bytes,
@@ -375,24 +376,19 @@ class Engine:
         else:
             parsed = parse_paths(upload.config_path, upload.weights_path,
                                  weights_name=upload.weights_name, spec=spec, limits=limits)
-        # The store checks the template against the rows before it writes anything; its
-        # anchors are checked here against the model, which the store does not know.
-        if upload.template is not None:
-            self._check_anchors(upload.template, parsed.num_virtual_tokens, runtime)
+        # The store checks the template against the rows before it writes anything.
         return dataclasses.replace(parsed, template=upload.template)
 
     @staticmethod
-    def _check_anchors(template: str, rows: int, runtime: Runtime) -> None:
+    def _check_anchors(runtime: Runtime, template: str, rows: int) -> None:
         """A template whose anchor text tokenizes to an id the embedding lacks would make its
-        requests read another adapter's rows; it is refused at upload, naming the token."""
-        tokenizer = runtime.loaded.tokenizer
-        anchors = template_anchors(
-            template, rows, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"])
-        for text, ids in anchors:
-            try:
-                runtime.bounds.check(ids, source=f"the template's anchor {text!r}")
-            except InvalidRequestError as e:
-                raise InvalidTemplateError(str(e)) from e
+        requests read another adapter's rows; it is refused at upload, naming the token, by
+        the layout and the check its requests go through (on the event loop, as theirs)."""
+        layout = runtime.layouts.get(template, rows)
+        try:
+            runtime.bounds.check_all(compiled_pieces((), layout))
+        except InvalidRequestError as e:
+            raise InvalidTemplateError(str(e)) from e
 
     async def get_adapter(self, namespace: str, adapter_id: str) -> AdapterRecord:
         return await asyncio.to_thread(self.store.get_record, namespace, adapter_id)

@@ -62,18 +62,12 @@ def anchor_tokens(layout: Layout) -> int:
     return sum(len(p) for p in layout if isinstance(p, tuple))
 
 
-def template_anchors(template: str, rows: int,
-                     tokenize: Callable[[str], list[int]]) -> list[tuple[str, list[int]]]:
-    """A template's anchors as (text, ids) without an engine's Layouts; `tokenize` takes text
-    without special tokens, as Layouts does."""
-    return [(s.text, tokenize(s.text)) for s in parse_template(template, rows)
-            if isinstance(s, Anchor)]
-
-
 def template_anchor_tokens(template: str, rows: int,
                            tokenize: Callable[[str], list[int]]) -> int:
-    """What a request of the template adds to its text and rows."""
-    return sum(len(ids) for _, ids in template_anchors(template, rows, tokenize))
+    """A template's anchor tokens without an engine's Layouts (what a request of it adds to
+    its text and rows); `tokenize` takes text without special tokens, as Layouts does."""
+    return sum(len(tokenize(s.text)) for s in parse_template(template, rows)
+               if isinstance(s, Anchor))
 
 
 def assemble(layout: Layout, virtual_ids: Sequence[int], text_ids: Sequence[int]) -> list[int]:
