@@ -39,9 +39,8 @@ class HttpRunner:
             value = getattr(settings, name)
             flags += ["--" + name.replace("_", "-"), str(getattr(value, "value", value))]
         self.server = ServerProcess(Path(settings.model), Path(settings.store), log_path, *flags)
-        started = time.monotonic()
         self.server.start(timeout=1800)
-        self.startup_s = time.monotonic() - started
+        self.startup_s = self.server.startup_s
         self.loop = asyncio.new_event_loop()
         self.client = httpx.AsyncClient(
             base_url=self.server.url, timeout=httpx.Timeout(3600, connect=60),

@@ -19,9 +19,6 @@ import base64
 import importlib.util
 import io
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +33,7 @@ from benchmarks.harness.http_runner import counted_lines
 from benchmarks.harness.results import Run
 from benchmarks.harness.workloads import Workload, vllm_kv_cache
 from server.config import Settings, parse_kv_cache_memory
-from tests.e2e.server_process import free_port
+from tests.e2e.server_process import LoopbackProcess
 
 # Where each architecture's checkpoint keeps the input embedding table.
 _EMBEDDING_KEYS = ("transformer.wte.weight", "model.embed_tokens.weight")
@@ -78,16 +75,18 @@ def completion_body(model: str, spec: RequestSpec, word_embeddings: torch.Tensor
         separators=(",", ":")).encode()
 
 
-class VllmPeerServer:
+class VllmPeerServer(LoopbackProcess):
     """`python -m vllm.entrypoints.openai.api_server` as a subprocess on a free loopback port
-    (`vllm serve` is not installed under the name the CPU build's package has)."""
+    (`vllm serve` is not installed under the name the CPU build's package has); ready when
+`/health` answers."""
+
+    ready_path = "/health"
+    stop_wait_s = 60.0
 
     def __init__(self, model_dir: Path, settings: Settings, log_path: Path, *,
                  kv_cache_bytes: int) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(log_path)
         self.model = str(model_dir)
-        self.log_path = log_path
         self.args = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
             "--enable-prompt-embeds", "--dtype", str(getattr(settings.dtype, "value",
@@ -101,46 +100,12 @@ class VllmPeerServer:
             # A byte size also spares the CPU build's check that 92% of the RAM is free.
             "--kv-cache-memory-bytes", str(kv_cache_bytes),
             "--seed", "0", "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
-        self.proc: subprocess.Popen | None = None
-        self.startup_s: float | None = None
 
-    def start(self, timeout: float = 1800.0) -> None:
-        """Until `/health` answers 200; the time that took is `startup_s`."""
-        # The environment this server's vllm engine sets up for itself on a CPU.
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def env(self) -> dict[str, str]:
+        """The environment this server's vllm engine sets up for itself on a CPU."""
+        env = super().env()
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        started = time.monotonic()
-        self.proc = subprocess.Popen(self.args, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited with {self.proc.returncode}:\n"
-                                   f"{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    self.startup_s = time.monotonic() - started
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"vLLM's server not ready after {timeout}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
+        return env
 
 
 class VllmPeerRunner:
@@ -158,7 +123,7 @@ class VllmPeerRunner:
         kv = parse_kv_cache_memory(vllm_kv_cache(workload, settings.max_model_len))
         assert isinstance(kv, int)
         self.server = VllmPeerServer(model_dir, settings, log_path, kv_cache_bytes=kv)
-        self.server.start()
+        self.server.start(timeout=1800.0)
         self.loop = asyncio.new_event_loop()
         self.client = httpx.AsyncClient(
             base_url=self.server.url, timeout=httpx.Timeout(3600, connect=60),

@@ -21,48 +21,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """Starts on __enter__ (waiting for /readyz), stops with SIGTERM on __exit__."""
+class LoopbackProcess:
+    """A server as a subprocess on a free loopback port: started (waiting until `ready_path`
+    answers 200, `startup_s` says how long that took), stopped with SIGTERM. Subclasses give
+    the command line in `args`, built with `self.port`."""
 
-    def __init__(self, model_dir: Path, store: Path, log_path: Path, *extra: str) -> None:
+    ready_path = "/readyz"
+    stop_wait_s = 30.0
+
+    def __init__(self, log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.args = [sys.executable, "-m", "server", "serve", "--model", str(model_dir),
-                     "--store", str(store), "--host", "127.0.0.1", "--port", str(self.port),
-                     "--device", "cpu", "--dtype", "float32", *extra]
+        self.args: list[str] = []
         self.proc: subprocess.Popen | None = None
+        self.startup_s: float | None = None
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> LoopbackProcess:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, PYTHONUNBUFFERED="1")
+
     def start(self, timeout: float = 120.0) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.args, cwd=REPO_ROOT, env=env, stdout=self._log,
+        started = time.monotonic()
+        self.proc = subprocess.Popen(self.args, cwd=REPO_ROOT, env=self.env(), stdout=self._log,
                                      stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() - started < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{self.args[2]} exited with {self.proc.returncode}:\n"
+                                   f"{self.log()}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    self.startup_s = time.monotonic() - started
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+        raise RuntimeError(f"{self.args[2]} not ready after {timeout}s:\n{self.log()}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(self.stop_wait_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
@@ -72,6 +80,20 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
+
+
+class ServerProcess(LoopbackProcess):
+    """`python -m server serve`; starts on __enter__ (waiting for /readyz)."""
+
+    def __init__(self, model_dir: Path, store: Path, log_path: Path, *extra: str) -> None:
+        super().__init__(log_path)
+        self.args = [sys.executable, "-m", "server", "serve", "--model", str(model_dir),
+                     "--store", str(store), "--host", "127.0.0.1", "--port", str(self.port),
+                     "--device", "cpu", "--dtype", "float32", *extra]
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
 
 
 def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
