@@ -102,6 +102,7 @@ def serve(settings: Settings) -> int:
 
     from server.api.app import build_app
     from server.drain import DrainingServer
+    from server.heap import freeze_startup_heap
 
     app = build_app(settings)
     keyring = app.state.keyring
@@ -126,6 +127,7 @@ def serve(settings: Settings) -> int:
             failed.set()
             server.should_exit = True
             return
+        freeze_startup_heap()
         # --engine-process: an engine process that dies leaves nothing to serve with; exit
         # so the orchestrator restarts the replica rather than route to a 503-only one.
         wait_until_exited = getattr(engine, "wait_until_exited", None)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import json
 import logging
@@ -54,16 +53,6 @@ from server.engine.output_processor import OutputStream, RequestOutput
 from server.engine.remote_requests import Pending, RemoteDeltas
 
 log = logging.getLogger(__name__)
-
-
-def _freeze_heap() -> None:
-    """Leave what this process has loaded (torch, transformers, the tokenizer: hundreds of
-    thousands of objects that live as long as it does) out of the garbage collector's full
-    passes. A pass holds the interpreter lock from start to end, whichever thread it falls
-    on, and tracing them all takes hundreds of ms: the event loop stood still whenever a
-    large answer's allocations (n echoed choices with top logprobs) made one due."""
-    gc.collect()
-    gc.freeze()
 
 
 class RemoteEngine:
@@ -127,8 +116,6 @@ class RemoteEngine:
         except BaseException as e:  # noqa: BLE001 - reported through wait_until_ready
             self._load_error = self._load_error or e
         self._engine_ready.wait()
-        if self._load_error is None:
-            _freeze_heap()
         self._loaded_event.set()
 
     def wait_until_ready(self, timeout: float | None = None) -> None:

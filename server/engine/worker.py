@@ -32,6 +32,7 @@ from server.engine import wire
 from server.engine.engine import Engine
 from server.engine.interface import GenerationRequest
 from server.engine.stores import open_store
+from server.heap import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class Worker:
             self.send({"op": "load_failed", "error": wire.error_to_wire(e)})
             self._flush()
             return
+        await asyncio.to_thread(freeze_startup_heap)  # the engine thread's steps, unstalled
         batching = self.engine.batching
         self.send({"op": "ready", "info": wire.info_to_wire(self.engine.model_info),
                    "batching": str(batching) if batching is not None else None})
