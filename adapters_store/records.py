@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
-
-import torch
+from typing import TYPE_CHECKING
 
 from adapters_store.errors import InvalidAdapterIdError
+
+if TYPE_CHECKING:  # records carry tensors, but reading one needs no torch
+    import torch
 
 ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _ADAPTER_ID_RE = re.compile(ADAPTER_ID_PATTERN)

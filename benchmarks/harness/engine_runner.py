@@ -17,7 +17,7 @@ from benchmarks.harness.fixtures import NAMESPACE, RequestSpec, dtype_of, warm_u
 from benchmarks.harness.results import Run, percentiles_ms
 from benchmarks.harness.workloads import Workload, vllm_kv_cache
 from server.config import Settings
-from server.engine import Engine
+from server.engine.engine import Engine
 from server.engine.interface import GenerationRequest, SamplingParams
 from server.engine.observer import CacheEvent, NullObserver
 

@@ -20,7 +20,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine import InvalidRequestError as EngineInvalidRequestError
 from server.engine.errors import (
     AdapterChangedError,
     AdapterExistsError,
@@ -39,6 +38,7 @@ from server.engine.errors import (
     UnembeddableTokenError,
     UnsupportedAdapterTypeError,
 )
+from server.engine.errors import InvalidRequestError as EngineInvalidRequestError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The engine: one frozen base model, a prompt cache and a scheduler thread behind EngineClient."""
+"""The engine: one frozen base model serving many tenants' soft prompts.
 
-from server.engine.engine import Engine, build_engine
-from server.engine.errors import InvalidRequestError
-from server.engine.model_loader import ModelLoadError
-
-__all__ = ["Engine", "InvalidRequestError", "ModelLoadError", "build_engine"]
+Data flow: an HTTP request's schema -> `GenerationRequest` (interface.py) -> the core's record
+(a ticket, then a row of a batch) -> per-step row deltas -> `TokenChunk`s and one
+`GenerationResult` (output_processor.py). Import what you use from its module: this package
+imports nothing, so the HTTP layer can answer errors and health checks without loading torch.
+"""

@@ -11,7 +11,7 @@ import pytest
 from server.api.app import create_app
 from server.api.errors import classify
 from server.config import Settings
-from server.engine import build_engine
+from server.engine.engine import build_engine
 from server.engine.errors import (
     AdapterNotFoundError,
     FileTooLargeError,

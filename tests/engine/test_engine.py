@@ -16,8 +16,8 @@ import pytest
 from adapters_store import LocalAdapterStore
 from adapters_store.errors import AdapterExistsError, AdapterNotFoundError
 from server.config import Device, Settings
-from server.engine import Engine, InvalidRequestError, build_engine
-from server.engine.errors import EngineNotReadyError, RequestTooLongError
+from server.engine.engine import Engine, build_engine
+from server.engine.errors import EngineNotReadyError, InvalidRequestError, RequestTooLongError
 from server.engine.interface import (
     AdapterUpload,
     FinishReason,
