@@ -2,7 +2,7 @@
 
 The frontend (server.engine.engine: validation, adapters, templates, the output processor)
 is written once. Behind it a core takes a validated request and hands back its deltas of
-token ids (server.engine.row_progress.RowDelta); the frontend turns them into text, stop
+token ids (server.engine.rows.RowDelta); the frontend turns them into text, stop
 strings, logprobs and usage, so answers read the same on every core.
 
 Two cores implement this: the built-in one (BuiltinCore below: the scheduler thread, the
@@ -144,7 +144,7 @@ def builtin_stats(scheduler: Scheduler, table: PromptTable) -> dict[str, float]:
         graphs = core.decode_graphs
         stats |= {
             "kv_slots": float(core.max_rows),
-            "kv_slots_free": float(core.kv.free_slots),
+            "kv_slots_free": float(core.free_rows),  # of kv_slots, never more
             "kv_cache_bytes": float(core.kv.nbytes),
             "graph_captured_buckets": float(graphs.captured if graphs else 0),
             "graph_eager_buckets": float(len(graphs.eager_buckets) if graphs else 0),

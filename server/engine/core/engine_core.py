@@ -42,20 +42,20 @@ from server.engine.core.kv_cache import SlotKVCache, StepLayout
 from server.engine.core.prefill_batches import Prefill, prefill_batches
 from server.engine.core.prefix_cache import PrefixCache
 from server.engine.core.row_sampler import RowSampler
-from server.engine.generation import (
+from server.engine.interface import FinishReason
+from server.engine.logprobs import scoring_span, token_logprobs
+from server.engine.penalties import has_penalties
+from server.engine.rows import (
     ABORTED,
     BatchRow,
     InvalidRowError,
     RowOutput,
+    RowProgress,
     aborted_before_start,
     eos_ids_of,
     row_error,
     row_output,
 )
-from server.engine.interface import FinishReason
-from server.engine.logprobs import scoring_span, token_logprobs
-from server.engine.penalties import has_penalties
-from server.engine.row_progress import RowProgress
 from server.engine.uploads import upload
 
 H = TypeVar("H")  # the caller's handle for a row
@@ -146,6 +146,13 @@ class EngineCore(Generic[H]):
     def kv(self) -> SlotKVCache:
         """The KV cache the rows run in (its slots, positions per slot, bytes), for gauges."""
         return self._cache
+
+    @property
+    def free_rows(self) -> int:
+        """Slots a joining row may still take: `max_rows` less the running rows. The cache's
+        own free count is larger by the slot it keeps spare (padding rows' scratch, or the
+        plan's margin), which no row ever holds, so gauges read this one."""
+        return self.max_rows - len(self.running)
 
     @property
     def handles(self) -> list[H]:
