@@ -2,7 +2,8 @@
 
 `model` picks the adapter as on the OpenAI routes, so `count` is the positions a prompt takes
 in the model's context: its text's tokens plus the adapter's virtual tokens and its template's
-anchor tokens (`virtual_tokens` says how many of the count are not text). `tokens` are the
+anchor tokens. `virtual_tokens` is the adapter's rows only, as /v1/generate's usage counts
+them (anchors are real tokens, which usage counts as prompt tokens). `tokens` are the
 text's ids only: the virtual ones are this server's, not the tokenizer's. Errors are
 OpenAI-shaped, as vLLM's are. Both routes have generation's input limit (the tenant's
 max_input_tokens), and large work runs off the event loop (submission.off_loop).
@@ -56,8 +57,8 @@ class TokenizeResponse(BaseModel):
     max_model_len: int
     tokens: list[int] = Field(..., description="The text's token ids.")
     token_strs: list[str] | None = None
-    virtual_tokens: int = Field(0, description="How many of count are the adapter's (virtual "
-                                "and anchor tokens).")
+    virtual_tokens: int = Field(0, description="How many of count are the adapter's virtual "
+                                "tokens (its rows; a template's anchor tokens are not).")
 
 
 class DetokenizeRequest(BaseModel):
@@ -72,18 +73,19 @@ class DetokenizeResponse(BaseModel):
 
 
 async def _adapter_tokens(model: str | None, *, engine: EngineClient, names: list[str],
-                          namespace: str) -> int:
-    """The positions an adapter adds to a prompt (0 for the base model); 404 if unknown."""
+                          namespace: str) -> tuple[int, int]:
+    """The positions an adapter adds to a prompt, as (virtual rows, template anchor tokens);
+    (0, 0) for the base model; 404 if unknown."""
     adapter_id = None if model is None else adapter_for(model, names)
     if adapter_id is None:
-        return 0
+        return 0, 0
     record = await engine.get_adapter(namespace, adapter_id)
     if record.template is None:
-        return record.num_virtual_tokens
+        return record.num_virtual_tokens, 0
     anchors = template_anchor_tokens(
         record.template, record.num_virtual_tokens,
         lambda text: engine.tokenize(text, add_special_tokens=False))
-    return record.num_virtual_tokens + anchors
+    return record.num_virtual_tokens, anchors
 
 
 async def _bounded(run: Callable[[], list[int]], *, chars: int, messages: int, quotas: Quotas,
@@ -98,13 +100,13 @@ async def _bounded(run: Callable[[], list[int]], *, chars: int, messages: int, q
         raise OpenAIParamError(str(e), param=param) from e
 
 
-def _tokenize_response(ids: list[int], *, engine: EngineClient, virtual: int,
+def _tokenize_response(ids: list[int], *, engine: EngineClient, virtual: int, anchors: int,
                        token_strs: bool) -> JSONResponse:
     """The response, built where the caller runs it (off the loop when it is large). Each
     token's text is decoded once per distinct id, which gives what decoding each id alone
     gives; the lists go in as they are rather than validated item by item."""
     strs = TokenText(engine.detokenize).each(ids) if token_strs else None
-    response = TokenizeResponse(count=len(ids) + virtual,
+    response = TokenizeResponse(count=len(ids) + virtual + anchors,
                                 max_model_len=engine.model_info.max_context, tokens=[],
                                 token_strs=None, virtual_tokens=virtual)
     return PiecewiseJSONResponse(response.model_dump(mode="json")
@@ -118,8 +120,9 @@ async def tokenize(body: TokenizeRequest, request: Request, engine: EngineDep,
     if (body.prompt is None) == (body.messages is None):
         raise OpenAIParamError("give prompt or messages (one of them)", param="prompt")
     _, quotas = quotas_for(request, namespace)
-    virtual = await _adapter_tokens(body.model, engine=engine,
-                                    names=base_names(settings, engine), namespace=namespace)
+    virtual, anchors = await _adapter_tokens(body.model, engine=engine,
+                                             names=base_names(settings, engine),
+                                             namespace=namespace)
     if body.prompt is not None:
         prompt = body.prompt
         special = True if body.add_special_tokens is None else body.add_special_tokens
@@ -144,7 +147,7 @@ async def tokenize(body: TokenizeRequest, request: Request, engine: EngineDep,
     ids = await _bounded(run, chars=chars, messages=count, quotas=quotas, param=param)
     strs = body.return_token_strs
     return await off_loop(lambda: _tokenize_response(ids, engine=engine, virtual=virtual,
-                                                     token_strs=strs),
+                                                     anchors=anchors, token_strs=strs),
                           tokens=len(ids) * (2 if strs else 1))
 
 

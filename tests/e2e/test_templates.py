@@ -135,6 +135,22 @@ def test_generate_splices_rows_anchors_and_text_in_template_order(client, served
     assert r.json()["usage"]["prompt_tokens"] == len(tokenizer(TEXTS[0])["input_ids"])
 
 
+def test_tokenize_counts_rows_as_virtual_and_anchors_as_prompt_tokens_as_generate_does(
+        client, served):
+    """/tokenize and /v1/generate agree: virtual_tokens is the rows, the anchors are counted
+    with the text, and count is every position the request takes."""
+    _, _, adapter = served
+    assert _upload(client, "tok", adapter, TEMPLATE, overwrite=True).status_code == 201
+    tokenized = client.post("/tokenize", json={"model": "tok", "prompt": TEXTS[0]})
+    generated = client.post("/v1/generate", json={"adapter_id": "tok", "text": TEXTS[0],
+                                                  "max_new_tokens": 1})
+    assert tokenized.status_code == 200 and generated.status_code == 200, tokenized.text
+    usage, body = generated.json()["usage"], tokenized.json()
+    assert body["virtual_tokens"] == usage["virtual_tokens"] == ROWS
+    assert body["count"] == usage["prompt_tokens"] + usage["virtual_tokens"]
+    assert body["count"] > len(body["tokens"]) + ROWS  # the anchors are in the count
+
+
 def test_chat_puts_the_rendered_messages_where_text_stands(client, served, arch):
     model_dir, _, adapter = served
     assert _upload(client, "chat", adapter, TEMPLATE, overwrite=True).status_code == 201
