@@ -166,8 +166,10 @@ class Settings(BaseSettings):
                                           "Keep it above the longest single step (a large "
                                           "prefill on a slow CPU). 0: off.")
     torch_threads: int = Field(0, ge=0, description="Threads torch computes with on the "
-                               "CPU, in the process that runs the model. 0: torch's default "
-                               "(one per core).")
+                               "CPU, in the process that runs the model. 0: automatic, the "
+                               "cores this process may use (scheduler affinity, cgroup CPU "
+                               "quota) less one for the HTTP process; OMP_NUM_THREADS when "
+                               "set.")
     max_queue: int = Field(1024, ge=1, description="Queued requests before 429.")
     prompt_cache_bytes: int = Field(1 << 30, ge=0, description="Byte budget of resident prompts.")
     api_keys: Path | None = Field(None, description="JSON file of tenants and API keys.")

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from adapters_store.records import TaskType
 from server.config import Device, DType, Settings
 from server.engine.builtin import BUILTIN_PREFIX, ensure_builtin
+from server.engine.cpu_threads import apply_torch_threads
 from server.engine.errors import EngineError
 from server.engine.interface import ModelInfo
 
@@ -98,10 +99,9 @@ def model_source(settings: Settings) -> str | Path:
 
 
 def load_model(settings: Settings) -> LoadedModel:
-    """Load --model on --device in --dtype."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    log.info("torch computes with %d CPU thread(s) (--torch-threads)", torch.get_num_threads())
+    """Load --model on --device in --dtype, with torch's CPU threads sized first
+    (server.engine.cpu_threads)."""
+    apply_torch_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     return load_pretrained(model_source(settings), name=settings.model, device=device,
