@@ -1,15 +1,19 @@
 """The documents say what the product does: the configuration page lists exactly the flags of
-`serve --help`, the README's groups name every flag, and relative links lead to files."""
+`serve --help`, the README's groups name every flag, every finish_reason a route can answer is
+documented with that route, and relative links lead to files."""
 
 from __future__ import annotations
 
 import argparse
 import re
+import typing
 from pathlib import Path
 
 import pytest
 
+from server.api.openai_schemas import FinishReason as OpenAIFinishReason
 from server.cli import build_parser
+from server.engine.interface import FinishReason
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
@@ -39,6 +43,21 @@ def test_the_readme_groups_name_every_flag():
     missing = {f for f in _serve_flags() if not f.startswith("--no-") and f not in named
                and not any(f.startswith(w) for w in wildcards)}
     assert not missing
+
+
+def test_every_generate_finish_reason_is_documented():
+    text = (REPO_ROOT / "docs" / "api.md").read_text()
+    table = set(re.findall(r'^\| `"([a-z]+)"` \|', text, flags=re.MULTILINE))
+    assert table == {r.value for r in FinishReason}
+
+
+def test_the_openai_page_names_only_openais_finish_reasons():
+    text = (REPO_ROOT / "docs" / "openai.md").read_text()
+    [sentence] = [p for p in text.split("\n\n") if p.startswith("`finish_reason`")]
+    named = set(re.findall(r'`"([a-z]+)"`', sentence))
+    openai = set(typing.get_args(OpenAIFinishReason))
+    assert openai <= named and named - openai == {"eos"}  # eos only as what maps to "stop"
+    assert '`"stop"` (an end-of-sequence token' in sentence
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO_ROOT)))

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import typing
+from types import SimpleNamespace
+
+import pytest
 
 from server.api.errors import AuthError, RequestQuotaError, TooManyRequestsError
 from server.api.openai_errors import openai_error
+from server.api.openai_schemas import FinishReason as OpenAIFinishReason
+from server.api.openai_stream import finish_reason
+from server.engine.interface import FinishReason
 from tests.api.conftest import assert_envelope
 
 
@@ -143,3 +150,12 @@ async def test_the_access_line_counts_every_choice(client, caplog):
                  if rec.name == "softprompt.access"]
         assert len(lines) == 1
         assert lines[0]["completion_tokens"] == 9 and lines[0]["prompt_tokens"] == 3 * 7
+
+
+@pytest.mark.parametrize("reason", list(FinishReason))
+@pytest.mark.parametrize("score_only", [False, True])
+def test_every_engine_finish_reason_is_an_openai_one(reason, score_only):
+    got = finish_reason(SimpleNamespace(finish_reason=reason),
+                        SimpleNamespace(score_only=score_only))
+    assert got in typing.get_args(OpenAIFinishReason)
+    assert got == ("length" if score_only or reason is FinishReason.LENGTH else "stop")
