@@ -169,11 +169,17 @@ def error_event(exc: BaseException) -> str:
 
 
 def validation_message(exc: RequestValidationError) -> str:
-    """Each problem as `field: what is wrong`; a body that is not JSON says where it breaks."""
+    """Each problem as `field: what is wrong`; a body that is not JSON says where it breaks,
+    and one left unparsed because its content-type is not JSON says to send that header."""
     parts = []
     for err in exc.errors():
         if err.get("type") == "json_invalid":
             return _json_message(exc.body, err)
+        if tuple(err.get("loc", ())) == ("body",) and isinstance(exc.body, bytes):
+            # FastAPI reads a body as JSON only when its content-type says JSON (or is absent);
+            # otherwise the model sees the raw bytes, which no field of it can match.
+            return (f"body: not read as JSON (send the header content-type: "
+                    f"application/json): {err.get('msg', 'invalid')}")
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{loc or 'body'}: {message}")

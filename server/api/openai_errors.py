@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import typing
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -30,6 +32,7 @@ from server.api.errors import (
     error_response,
     validation_message,
 )
+from server.api.schemas import unknown_fields_message
 from server.engine.errors import AdapterNotFoundError
 
 log = logging.getLogger(__name__)
@@ -73,14 +76,64 @@ async def send_route_error(send: Any, path: str, kind: ErrorKind, message: str, 
     await send({"type": "http.response.body", "body": body})
 
 
-def openai_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
-    """(status, body, headers) of exc in OpenAI's shape."""
+def _model_at(model: type[BaseModel], path: list[str | int]) -> type[BaseModel] | None:
+    """The pydantic model a validation error's location points into (list indexes and union
+    members pass through), or None where the path leaves models."""
+    for step in path:
+        if isinstance(step, int) or _UNION_MEMBER.fullmatch(step):
+            continue
+        field = model.model_fields.get(step)
+        found = None if field is None else _first_model(field.annotation)
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds (`M`, `list[M]`, `M | None`, ...), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _first_model(arg)) is not None:
+            return found
+    return None
+
+
+def _validation_message(exc: RequestValidationError, body: type[BaseModel] | None) -> str:
+    """validation_message, with each unknown field named as /v1/generate names its own
+    (schemas.unknown_fields_message: 'did you mean ...?' and the fields there are)."""
+    extra = [e for e in exc.errors() if e.get("type") == "extra_forbidden"]
+    if body is None or not extra:
+        return validation_message(exc)
+    by_parent: dict[tuple[str | int, ...], list[str]] = {}
+    for err in extra:
+        *parent, name = [p for p in err.get("loc", ()) if p != "body"] or [""]
+        by_parent.setdefault(tuple(parent), []).append(str(name))
+    parts = []
+    for parent, names in by_parent.items():
+        model = _model_at(body, list(parent))
+        if model is None:
+            return validation_message(exc)
+        where = ".".join(str(p) for p in parent if not _UNION_MEMBER.fullmatch(str(p)))
+        known = unknown_fields_message(names, list(model.model_fields))
+        parts.append(f"{where}: {known}" if where else known)
+    rest = [e for e in exc.errors() if e.get("type") != "extra_forbidden"]
+    if rest:
+        parts.append(validation_message(RequestValidationError(rest, body=exc.body)))
+    return "; ".join(parts)
+
+
+def openai_error(exc: BaseException, *,
+                 body: type[BaseModel] | None = None) -> tuple[int, dict, dict[str, str]]:
+    """(status, body, headers) of exc in OpenAI's shape; `body`, the route's request model,
+    lets a validation error suggest the field an unknown one meant."""
     if isinstance(exc, RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         # A union's member (`prompt.list[int]`) is not part of the parameter's name.
         loc = [str(p) for p in first.get("loc", ())
                if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
-        message = validation_message(exc)
+        message = _validation_message(exc, body)
         if first.get("type") == "json_invalid":
             loc = []
         return 400, openai_body(400, message, param=".".join(loc) or None,
@@ -102,9 +155,10 @@ def openai_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     return status, openai_body(status, message, param=param, code=code), headers
 
 
-def openai_error_response(exc: BaseException) -> JSONResponse:
-    status, body, headers = openai_error(exc)
-    return JSONResponse(body, status_code=status, headers=headers or None)
+def openai_error_response(exc: BaseException, *,
+                          body: type[BaseModel] | None = None) -> JSONResponse:
+    status, content, headers = openai_error(exc, body=body)
+    return JSONResponse(content, status_code=status, headers=headers or None)
 
 
 def openai_error_event(exc: BaseException) -> str:
@@ -121,6 +175,8 @@ class OpenAIRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        body = None if self.body_field is None else _first_model(
+            self.body_field.field_info.annotation)
 
         async def handle(request: Request) -> Response:
             try:
@@ -131,6 +187,6 @@ class OpenAIRoute(APIRoute):
                 if classify(exc) is None and not isinstance(
                         exc, RequestValidationError | StarletteHTTPException):
                     log.exception("unhandled %s on %s", type(exc).__name__, request.url.path)
-                return openai_error_response(exc)
+                return openai_error_response(exc, body=body)
 
         return handle
