@@ -11,7 +11,7 @@ Prompt logprobs (decoder-only models only) are one forward over the prompt befor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import LogitsProcessor
@@ -20,7 +20,9 @@ from server.engine.batch import RowInput, build_batch_inputs
 from server.engine.interface import SamplingParams, TokenLogprob
 from server.engine.logprobs import scoring_span, token_logprobs
 from server.engine.penalties import apply_penalties, has_penalties, penalty_tensors
-from server.engine.rows import BatchRow
+
+if TYPE_CHECKING:
+    from server.engine.generation import BatchRow
 
 
 class PenaltiesAndLogprobs(LogitsProcessor):
