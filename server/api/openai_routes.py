@@ -101,7 +101,32 @@ def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, *,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=body.min_tokens or 0,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        include_stop_str_in_output=bool(body.include_stop_str_in_output),
+        skip_special_tokens=body.skip_special_tokens is not False)
+
+
+def _check_extensions(body: CompletionRequest | ChatCompletionRequest, *, max_tokens: int,
+                      vocab_size: int) -> None:
+    """vLLM's extensions, checked as vLLM checks them, each named when wrong."""
+    if body.min_tokens and body.min_tokens > max_tokens:
+        raise OpenAIParamError(f"min_tokens={body.min_tokens} is more than max_tokens="
+                               f"{max_tokens}", param="min_tokens")
+    if vocab_size and any(not 0 <= t < vocab_size for t in body.stop_token_ids or ()):
+        raise OpenAIParamError(f"stop_token_ids must be token ids in [0, {vocab_size})",
+                               param="stop_token_ids")
+
+
+def _token_text(body: CompletionRequest | ChatCompletionRequest,
+                engine: EngineClient) -> TokenText:
+    return TokenText(engine.detokenize, engine.token_bytes,
+                     as_ids=bool(body.return_tokens_as_token_ids))
+
+
+def _continuous_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    """Usage on every chunk: asked alone, or with include_usage as vLLM's clients ask."""
+    return bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
 
 def _check_max_tokens(max_tokens: int, quotas: Quotas) -> None:
@@ -150,9 +175,10 @@ def _choices(prompts: list[tuple[list[int], str]], n: int, *, adapter_id: str | 
 
 
 async def _prompt_ids(prompt: str | list[int], engine: EngineClient, *, quotas: Quotas,
-                      max_new_tokens: int) -> list[int]:
+                      max_new_tokens: int, add_special_tokens: bool) -> list[int]:
     if isinstance(prompt, str):
-        return await tokenize_text(engine, prompt, quotas=quotas, max_new_tokens=max_new_tokens)
+        return await tokenize_text(engine, prompt, quotas=quotas, max_new_tokens=max_new_tokens,
+                                   add_special_tokens=add_special_tokens)
     check_generation(quotas, max_new_tokens=max_new_tokens, input_tokens=len(prompt))
     vocab = engine.model_info.vocab_size
     if vocab and await off_loop(lambda: any(not 0 <= t < vocab for t in prompt),
@@ -183,17 +209,20 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
                      prompt_logprobs=echo_logprobs)
     check_params(params, settings=settings, quotas=quotas,
                  vocab_size=engine.model_info.vocab_size)
+    _check_extensions(body, max_tokens=max_tokens, vocab_size=engine.model_info.vocab_size)
     prompts = []
     for prompt in _prompts(body.prompt):
         ids = await _prompt_ids(prompt, engine, quotas=quotas,
-                                max_new_tokens=params.max_new_tokens)
+                                max_new_tokens=params.max_new_tokens,
+                                add_special_tokens=body.add_special_tokens is not False)
         text = prompt if isinstance(prompt, str) else await off_loop(
             partial(engine.detokenize, ids), tokens=len(ids))
         prompts.append((ids, text))
     choices = _choices(prompts, body.n or 1, adapter_id=adapter_id, namespace=namespace,
                        params=params, echo=bool(body.echo), score_only=max_tokens == 0)
     fmt = CompletionFormat(choices[0].request.request_id, body.model,
-                           TokenText(engine.detokenize), logprobs=body.logprobs)
+                           _token_text(body, engine), logprobs=body.logprobs,
+                           continuous_usage=_continuous_usage(body))
     return await _submit(request, engine, body, fmt, choices, namespace=namespace,
                          quotas=quotas, metrics=metrics)
 
@@ -258,16 +287,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                      logprobs=logprobs)
     check_params(params, settings=settings, quotas=quotas,
                  vocab_size=engine.model_info.vocab_size)
+    _check_extensions(body, max_tokens=params.max_new_tokens,
+                      vocab_size=engine.model_info.vocab_size)
     messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
                 for m in body.messages]
-    prompt_ids = await tokenize_within(lambda: engine.apply_chat_template(messages),
+    specials = bool(body.add_special_tokens)
+    prompt_ids = await tokenize_within(lambda: engine.apply_chat_template(
+                                           messages, add_special_tokens=specials),
                                        chars=sum(len(m["content"]) for m in messages),
                                        items=len(messages), quotas=quotas,
                                        max_new_tokens=params.max_new_tokens)
     choices = _choices([(prompt_ids, "")], body.n or 1, adapter_id=adapter_id,
                        namespace=namespace, params=params, fit_context=given is None)
-    fmt = ChatFormat(choices[0].request.request_id, body.model, TokenText(engine.detokenize),
-                     logprobs=logprobs)
+    fmt = ChatFormat(choices[0].request.request_id, body.model, _token_text(body, engine),
+                     logprobs=logprobs, continuous_usage=_continuous_usage(body))
     return await _submit(request, engine, body, fmt, choices, namespace=namespace,
                          quotas=quotas, metrics=metrics)
 

@@ -27,6 +27,7 @@ MAX_CHOICES = 128  # choices of one request: prompts times n (OpenAI's largest n
 # tiny messages fit in an 8 MB body and cost seconds of template rendering.
 MAX_CHAT_MESSAGES = 2048
 MAX_CONTENT_PARTS = 256  # text parts of one message
+MAX_STOP_TOKEN_IDS = 256  # stop_token_ids of one request
 
 
 # Every request model's config: unknown fields refused, no infinities, no lenient coercion.
@@ -38,6 +39,8 @@ class StreamOptions(BaseModel):
 
     include_usage: bool = Field(False, description="One more chunk before [DONE]: usage, "
                                                    "no choices.")
+    continuous_usage_stats: bool = Field(False, description="Extension (as vLLM): every "
+                                         "chunk carries its choice's usage so far.")
 
 
 class _SamplingFields(BaseModel):
@@ -73,8 +76,24 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = Field(None, description="Only empty.")
     top_k: int | None = Field(None, ge=0, le=MAX_INT, description="Extension (as vLLM): 0 "
                               "disables; at most the vocabulary size.")
-    ignore_eos: bool | None = Field(None, description="Extension (as vLLM): keep generating "
-                                                      "to max_tokens.")
+    ignore_eos: bool | None = Field(None, description="Extension (as vLLM): the "
+                                    "end-of-sequence token does not end the output (it may "
+                                    "still be drawn); generation goes on to max_tokens.")
+    min_tokens: int | None = Field(None, ge=0, le=MAX_INT, description="Extension (as "
+                                   "vLLM): neither end-of-sequence, stop_token_ids nor stop "
+                                   "strings end the output before this many new tokens.")
+    stop_token_ids: list[StrictInt] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS, description="Extension (as vLLM): token ids "
+        f"that end the output as end-of-sequence does (at most {MAX_STOP_TOKEN_IDS}).")
+    include_stop_str_in_output: bool | None = Field(None, description="Extension (as "
+                                                    "vLLM): the stop string (or the ending "
+                                                    "token's text) stays in the text.")
+    skip_special_tokens: bool | None = Field(None, description="Extension (as vLLM): "
+                                             "special tokens' text is left out of the text "
+                                             "(default true).")
+    return_tokens_as_token_ids: bool | None = Field(None, description="Extension (as "
+                                                    "vLLM): logprobs name each token "
+                                                    "'token_id:N' instead of its text.")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -116,6 +135,9 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = Field(None, ge=-MAX_INT, le=MAX_INT, description="Only 1.")
     suffix: TokenizableText | None = Field(None, description="Not supported: only null or "
                                            "empty.")
+    add_special_tokens: bool | None = Field(True, description="Extension (as vLLM): the "
+                                            "tokenizer's special tokens (BOS) are added to a "
+                                            "text prompt.")
 
 
 class TextPart(BaseModel):
@@ -164,6 +186,10 @@ class ChatCompletionRequest(_SamplingFields):
     functions: list[Any] | None = Field(None, description="Not supported.")
     function_call: Any | None = Field(None, description="Not supported.")
     parallel_tool_calls: bool | None = None
+    add_special_tokens: bool | None = Field(False, description="Extension (as vLLM): the "
+                                            "rendered chat is tokenized with the tokenizer's "
+                                            "special tokens too (the template usually writes "
+                                            "its own).")
 
 
 FinishReason = Literal["stop", "length"]

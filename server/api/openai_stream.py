@@ -3,7 +3,8 @@
 One HTTP request may run several engine requests: `n` choices of each of its prompts, each a
 Choice with its index. They run at once (submission.complete_all / open_streams, shared with
 /v1/generate's path), and a Format decides how a choice's text, logprobs, finish and the
-usage look on the wire.
+usage look on the wire. With vLLM's stream_options.continuous_usage_stats every chunk also
+carries its choice's usage so far (its prompt, its tokens up to that chunk).
 """
 
 from __future__ import annotations
@@ -71,8 +72,21 @@ def usage(choices: list[Choice], results: list[GenerationResult]) -> dict:
                  if c.counts_prompt)
     completion = sum(0 if c.score_only else r.completion_tokens
                      for c, r in zip(choices, results, strict=True))
+    return _usage(prompt, completion)
+
+
+def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
+
+
+def _tokens_so_far(choice: Choice, item: TokenChunk | GenerationResult, sent: int) -> int:
+    """A choice's completion tokens once `item` is out (`sent`: in its earlier chunks)."""
+    if choice.score_only:
+        return 0
+    if isinstance(item, GenerationResult):
+        return item.completion_tokens
+    return sent + len(item.token_ids)
 
 
 @dataclass
@@ -81,6 +95,7 @@ class CompletionFormat:
     model: str
     text: TokenText
     logprobs: int | None = None  # the request's top N; None: no logprobs
+    continuous_usage: bool = False  # every streamed chunk carries its choice's usage
     created: int = field(default_factory=lambda: int(time.time()))
     _writers: dict[int, CompletionLogprobsWriter] = field(default_factory=dict)
     _sent: dict[int, tuple[str, int]] = field(default_factory=dict)  # text, tokens so far
@@ -145,10 +160,14 @@ class CompletionFormat:
             tokens += len(choice.request.prompt_ids)
         return tokens if self.logprobs is None else tokens * (1 + self.logprobs)
 
+    def _so_far(self, prompt: int, completion: int) -> dict:
+        """A chunk's `usage` field: the choice's usage so far, when asked for."""
+        return {"usage": _usage(prompt, completion)} if self.continuous_usage else {}
+
     def chunk(self, choice: Choice, text: str, logprobs: dict | None,
-              finish: str | None) -> dict:
+              finish: str | None, usage: dict | None = None) -> dict:
         return self._envelope([{"index": choice.index, "text": text, "logprobs": logprobs,
-                                "finish_reason": finish}])
+                                "finish_reason": finish}], **(usage or {}))
 
     def stream_item(self, choice: Choice, item: TokenChunk | GenerationResult) -> list[dict]:
         """The chunks one engine item of a choice becomes (none when it carries nothing)."""
@@ -157,21 +176,24 @@ class CompletionFormat:
             self._sent[choice.index] = ("", 0)
             echo, prompt = self._prompt_part(choice, item.prompt_logprobs)
             if echo:
-                out.append(self.chunk(choice, echo, prompt, None))
+                out.append(self.chunk(choice, echo, prompt, None,
+                                      self._so_far(item.prompt_tokens, 0)))
         sent_text, sent_ids = self._sent[choice.index]
+        usage = self._so_far(item.prompt_tokens, _tokens_so_far(choice, item, sent_ids))
         if isinstance(item, TokenChunk):
             if choice.score_only or not (item.text or self.logprobs is not None):
                 return out
             self._sent[choice.index] = (sent_text + item.text, sent_ids + len(item.token_ids))
             out.append(self.chunk(choice, item.text,
-                                  self._generated(choice, item.token_ids, item.logprobs), None))
+                                  self._generated(choice, item.token_ids, item.logprobs), None,
+                                  usage))
             return out
         # Whatever the chunks did not carry yet (normally nothing) goes in the last one.
         rest = unsent(item.text, sent_text)
         values = item.logprobs[sent_ids:] if item.logprobs is not None else None
         out.append(self.chunk(choice, "" if choice.score_only else rest,
                               self._generated(choice, item.token_ids[sent_ids:], values),
-                              finish_reason(item, choice)))
+                              finish_reason(item, choice), usage))
         return out
 
     def usage_chunk(self, choices: list[Choice], results: list[GenerationResult]) -> dict:
@@ -199,30 +221,43 @@ class ChatFormat(CompletionFormat):
         return self._envelope(out, usage=usage(choices, results))
 
     def _delta(self, choice: Choice, delta: dict, logprobs: dict | None,
-               finish: str | None) -> dict:
+               finish: str | None, usage: dict | None = None) -> dict:
         chunk = self._envelope([{"index": choice.index, "delta": delta, "logprobs": logprobs,
-                                 "finish_reason": finish}])
+                                 "finish_reason": finish}], **(usage or {}))
         chunk["object"] = "chat.completion.chunk"
         return chunk
 
+    def _role(self, choice: Choice, usage: dict | None = None) -> dict:
+        return self._delta(choice, {"role": "assistant", "content": ""}, None, None, usage)
+
     def opening(self, choices: list[Choice]) -> list[dict]:
-        """OpenAI's first chat chunk of each choice names the role, with empty content."""
-        return [self._delta(c, {"role": "assistant", "content": ""}, None, None)
-                for c in choices]
+        """OpenAI's first chat chunk of each choice names the role, with empty content. With
+        continuous usage it waits for the choice's first item, which knows the prompt's
+        size (a template's anchors count)."""
+        if self.continuous_usage:
+            return []
+        return [self._role(c) for c in choices]
 
     def stream_item(self, choice: Choice, item: TokenChunk | GenerationResult) -> list[dict]:
-        sent_text, sent_ids = self._sent.get(choice.index, ("", 0))
+        out = []
+        if choice.index not in self._sent:
+            self._sent[choice.index] = ("", 0)
+            if self.continuous_usage:
+                out.append(self._role(choice, self._so_far(item.prompt_tokens, 0)))
+        sent_text, sent_ids = self._sent[choice.index]
+        usage = self._so_far(item.prompt_tokens, _tokens_so_far(choice, item, sent_ids))
         if isinstance(item, TokenChunk):
             if not (item.text or self.logprobs is not None):
-                return []
+                return out
             self._sent[choice.index] = (sent_text + item.text, sent_ids + len(item.token_ids))
             delta = {"content": item.text} if item.text else {}
-            return [self._delta(choice, delta, self._chat_logprobs(item.logprobs), None)]
+            return [*out, self._delta(choice, delta, self._chat_logprobs(item.logprobs), None,
+                                      usage)]
         rest = unsent(item.text, sent_text)
         values = item.logprobs[sent_ids:] if item.logprobs is not None else None
         logprobs = self._chat_logprobs(values) if values else None
-        return [self._delta(choice, {"content": rest} if rest else {}, logprobs,
-                            finish_reason(item, choice))]
+        return [*out, self._delta(choice, {"content": rest} if rest else {}, logprobs,
+                                  finish_reason(item, choice), usage)]
 
     def usage_chunk(self, choices: list[Choice], results: list[GenerationResult]) -> dict:
         chunk = self._envelope([], usage=usage(choices, results))

@@ -138,9 +138,12 @@ def check_params(params: SamplingParams, *, settings: Settings, quotas: Quotas,
 
 
 async def tokenize_text(engine: EngineClient, text: str, *, quotas: Quotas,
-                        max_new_tokens: int) -> list[int]:
-    """Text tokenized with the tokenizer's defaults, within the tenant's max_input_tokens."""
-    return await tokenize_within(lambda: engine.tokenize(text), chars=len(text),
+                        max_new_tokens: int, add_special_tokens: bool = True) -> list[int]:
+    """Text tokenized with the tokenizer's defaults (special tokens added unless told not
+    to), within the tenant's max_input_tokens."""
+    return await tokenize_within(lambda: engine.tokenize(text,
+                                                         add_special_tokens=add_special_tokens),
+                                 chars=len(text),
                                  quotas=quotas, max_new_tokens=max_new_tokens)
 
 

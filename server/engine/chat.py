@@ -18,9 +18,12 @@ class ChatTemplateError(InvalidRequestError):
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], *, model_name: str,
-                add_generation_prompt: bool = True) -> list[int]:
+                add_generation_prompt: bool = True,
+                add_special_tokens: bool = False) -> list[int]:
     """Token ids of `messages` followed by the template's generation prompt (the assistant's
-    turn is what the model writes next; without it for counting a conversation alone)."""
+    turn is what the model writes next; without it for counting a conversation alone).
+    `add_special_tokens` tokenizes the rendered text with the tokenizer's special tokens too
+    (vLLM's chat option of that name, for templates that write none)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
             f"the served model {model_name!r} has no chat template, so chat messages cannot "
@@ -31,4 +34,4 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], *, model_name: s
     except Exception as e:  # jinja2 TemplateError and the template's own raise_exception()
         raise ChatTemplateError(f"the chat template of {model_name!r} rejected the messages: "
                                 f"{e}") from e
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])

@@ -28,7 +28,7 @@ from adapters_store.store import AdapterStore
 from server.config import Settings
 from server.engine.chat import render_chat
 from server.engine.core_client import IDLE_STATS, CoreClient, Submission
-from server.engine.detokenizer import DECODE_KWARGS
+from server.engine.detokenizer import decode_kwargs, token_bytes
 from server.engine.errors import (
     EngineNotReadyError,
     InvalidRequestError,
@@ -220,15 +220,21 @@ class Engine:
         return list(self._model().tokenizer(
             text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def detokenize(self, token_ids: list[int]) -> str:
-        return self._model().tokenizer.decode(token_ids, **DECODE_KWARGS)
+    def detokenize(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        return self._model().tokenizer.decode(
+            token_ids, **decode_kwargs(skip_special_tokens=skip_special_tokens))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return token_bytes(self._model().tokenizer, token_id)
 
     def apply_chat_template(self, messages: list[dict[str, str]], *,
-                            add_generation_prompt: bool = True) -> list[int]:
+                            add_generation_prompt: bool = True,
+                            add_special_tokens: bool = False) -> list[int]:
         """Prompt ids of chat messages via the tokenizer's template (server.engine.chat)."""
         loaded = self._model()
         return render_chat(loaded.tokenizer, messages, model_name=loaded.info.name,
-                           add_generation_prompt=add_generation_prompt)
+                           add_generation_prompt=add_generation_prompt,
+                           add_special_tokens=add_special_tokens)
 
     # ---- generation ----------------------------------------------------------------------------
 

@@ -40,6 +40,16 @@ class SamplingParams:
     # step (None: none); `prompt_logprobs`: the same for each token of the prompt's text.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # vLLM's extensions. Until `min_tokens` new tokens exist, the end-of-sequence ids and
+    # `stop_token_ids` are masked and stop strings are not looked for, so nothing ends the
+    # output sooner (max_new_tokens aside). A stop token ends the output as an eos does (its
+    # id is the last one). `ignore_eos` only keeps eos from ending it: eos may be drawn.
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    # Text only (the frontend's): keep the stop string, or the ending eos / stop token's
+    # text, at the end of the text; and whether special tokens' text is left out.
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class TokenChunk:
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when asked
     # The prompt's, when asked, in a row's first chunk (see GenerationResult).
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    prompt_tokens: int = 0  # as GenerationResult's, so a chunk can carry usage so far
 
 
 @dataclass(frozen=True)
@@ -144,12 +155,19 @@ class EngineClient(Protocol):
 
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
 
-    def detokenize(self, token_ids: list[int]) -> str: ...
+    def detokenize(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for, even when they are part of one character (its text
+        alone would be U+FFFD): what chat logprobs' `bytes` report."""
+        ...
 
     def apply_chat_template(self, messages: list[dict[str, str]], *,
-                            add_generation_prompt: bool = True) -> list[int]:
+                            add_generation_prompt: bool = True,
+                            add_special_tokens: bool = False) -> list[int]:
         """Chat messages rendered by the tokenizer's chat template with (by default) the
-        generation prompt, as ids (no special tokens added beyond what the template writes). Raises
+        generation prompt, as ids (no special tokens added beyond what the template writes,
+        unless `add_special_tokens`, as vLLM's chat option does). Raises
         ChatTemplateError (an InvalidRequestError) when there is no template."""
         ...
 

@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from server.engine.detokenizer import DECODE_KWARGS, IncrementalDetokenizer, StopStringFilter
+from server.engine.detokenizer import IncrementalDetokenizer, StopStringFilter, decode_kwargs
 from server.engine.interface import (
     FinishReason,
     GenerationRequest,
@@ -42,9 +42,16 @@ class RequestOutput:
         self._virtual_tokens = virtual_tokens
         # Text is tracked token by token only where it is needed before the end: where the
         # engine hands tokens out every step.
-        tracks = is_live(stream, request.params)
-        self._detok = IncrementalDetokenizer(tokenizer) if tracks else None
-        self._filter = StopStringFilter(request.params.stop) if tracks else None
+        params = request.params
+        tracks = is_live(stream, params)
+        self._decode = decode_kwargs(skip_special_tokens=params.skip_special_tokens)
+        self._detok = IncrementalDetokenizer(
+            tokenizer, skip_special_tokens=params.skip_special_tokens) if tracks else None
+        self._filter = StopStringFilter(
+            params.stop, include=params.include_stop_str_in_output) if tracks else None
+        # The eos or stop token that ends the output: its text is kept only when asked.
+        self._keep_end = params.include_stop_str_in_output
+        self._min_tokens = params.min_tokens
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = (
             None if request.params.logprobs is None else [])
@@ -72,9 +79,11 @@ class RequestOutput:
                 self.logprobs.append(delta.logprobs[i])
             if self._filter is None or self._detok is None:
                 continue
-            if delta.finish_reason is FinishReason.EOS and i == len(ids) - 1:
+            if (delta.finish_reason is FinishReason.EOS and i == len(ids) - 1
+                    and not self._keep_end):
                 break  # the eos token's text is not the request's
-            more, stopped = self._filter.feed(self._detok.push(token))
+            more, stopped = self._filter.feed(self._detok.push(token),
+                                              may_stop=self._may_stop())
             released += more
             if stopped:
                 return self._finish(FinishReason.STOP, released)
@@ -90,7 +99,7 @@ class RequestOutput:
         if reason is not FinishReason.STOP and self._filter is not None:
             assert self._detok is not None
             # A partial character or a held stop-string prefix is final text now.
-            more, stopped = self._filter.feed(self._detok.flush())
+            more, stopped = self._filter.feed(self._detok.flush(), may_stop=self._may_stop())
             released += more
             if stopped:
                 reason = FinishReason.STOP
@@ -99,8 +108,9 @@ class RequestOutput:
         if self._filter is not None:
             text = self._filter.text
         else:
-            ids = self.token_ids[:-1] if reason is FinishReason.EOS else self.token_ids
-            text = self._tokenizer.decode(ids, **DECODE_KWARGS)
+            drop_end = reason is FinishReason.EOS and not self._keep_end
+            ids = self.token_ids[:-1] if drop_end else self.token_ids
+            text = self._tokenizer.decode(ids, **self._decode)
         self.finished = True
         out: list[TokenChunk | GenerationResult] = []
         if released or self._sent < len(self.token_ids):
@@ -115,6 +125,11 @@ class RequestOutput:
             prompt_logprobs=self.prompt_logprobs))
         return out
 
+    def _may_stop(self) -> bool:
+        """Stop strings end the output only once more than min_tokens tokens exist (as
+        vLLM: a match completed by one of the first min_tokens tokens does not count)."""
+        return len(self.token_ids) > self._min_tokens
+
     def _chunk(self, text: str) -> list[TokenChunk]:
         start, self._sent = self._sent, len(self.token_ids)
         if not self._stream:
@@ -125,7 +140,7 @@ class RequestOutput:
         return [TokenChunk(token_ids=tuple(self.token_ids[start:]), text=text,
                            logprobs=None if self.logprobs is None
                            else tuple(self.logprobs[start:]),
-                           prompt_logprobs=prompt)]
+                           prompt_logprobs=prompt, prompt_tokens=self._prompt_tokens)]
 
 
 class DeltaSource(Protocol):

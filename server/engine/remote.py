@@ -37,7 +37,7 @@ from adapters_store.records import AdapterRecord
 from server.config import Batching, Settings
 from server.engine import wire
 from server.engine.chat import render_chat
-from server.engine.detokenizer import DECODE_KWARGS
+from server.engine.detokenizer import decode_kwargs, token_bytes
 from server.engine.errors import EngineNotReadyError, InvalidRequestError
 from server.engine.heartbeat import Heartbeat
 from server.engine.interface import (
@@ -290,15 +290,22 @@ class RemoteEngine:
         self._require_loaded()
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def detokenize(self, token_ids: list[int]) -> str:
+    def detokenize(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str:
         self._require_loaded()
-        return self._tokenizer.decode(token_ids, **DECODE_KWARGS)
+        return self._tokenizer.decode(
+            token_ids, **decode_kwargs(skip_special_tokens=skip_special_tokens))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        self._require_loaded()
+        return token_bytes(self._tokenizer, token_id)
 
     def apply_chat_template(self, messages: list[dict[str, str]], *,
-                            add_generation_prompt: bool = True) -> list[int]:
+                            add_generation_prompt: bool = True,
+                            add_special_tokens: bool = False) -> list[int]:
         self._require_loaded()
         return render_chat(self._tokenizer, messages, model_name=self.settings.model,
-                           add_generation_prompt=add_generation_prompt)
+                           add_generation_prompt=add_generation_prompt,
+                           add_special_tokens=add_special_tokens)
 
     # ---- generation ---------------------------------------------------------------------------
 

@@ -56,6 +56,12 @@ def validate_params(params: SamplingParams, *, vocab_size: int = 0) -> None:
             and 0 < params.repetition_penalty <= MAX_REPETITION_PENALTY):
         raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got "
                          f"{params.repetition_penalty}")
+    if not 0 <= params.min_tokens <= _MAX_INT:
+        raise ValueError(f"min_tokens must be in [0, {_MAX_INT}], got {params.min_tokens}")
+    id_max = vocab_size or _MAX_INT
+    if any(not 0 <= t < id_max for t in params.stop_token_ids):
+        raise ValueError(f"stop_token_ids must be in [0, {id_max}), got "
+                         f"{list(params.stop_token_ids)}")
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(params, name)
         if value is not None and not 0 <= value <= MAX_LOGPROBS:
@@ -77,11 +83,29 @@ class RowSampler:
             self.generator = torch.Generator(device="cpu").manual_seed(seed & _SEED_MASK)
 
 
-def mask_eos(scores: torch.Tensor, rows: Sequence[int], eos_ids: torch.Tensor) -> None:
-    """-inf on the eos ids of `rows` (their ignore_eos), in place; scores [batch, vocab]."""
-    if rows and eos_ids.numel():
-        index = torch.tensor(rows, dtype=torch.long, device=scores.device)
-        scores[index[:, None], eos_ids.to(scores.device)[None, :]] = float("-inf")
+def stop_ids_to_mask(params: Sequence[SamplingParams], drawn: Sequence[int],
+                     eos_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(rows, ids) to mask this step: the eos and stop token ids of each row that has drawn
+    fewer than its min_tokens tokens (`drawn[i]` so far), so nothing ends it sooner."""
+    rows: list[int] = []
+    ids: list[int] = []
+    for i, (p, n) in enumerate(zip(params, drawn, strict=True)):
+        if n < p.min_tokens:
+            banned = sorted({*eos_ids, *p.stop_token_ids})
+            rows += [i] * len(banned)
+            ids += banned
+    return rows, ids
+
+
+def mask_ids(scores: torch.Tensor, rows: Sequence[int], ids: Sequence[int]) -> torch.Tensor:
+    """`scores` [batch, vocab] with -inf at each (rows[j], ids[j]): a copy when any, so the
+    raw logits stay what logprobs report."""
+    if not rows:
+        return scores
+    scores = scores.clone()
+    at = torch.tensor([list(rows), list(ids)], dtype=torch.long, device=scores.device)
+    scores[at[0], at[1]] = float("-inf")
+    return scores
 
 
 def sample_rows(scores: torch.Tensor, samplers: Sequence[RowSampler]) -> torch.Tensor:
@@ -143,7 +167,7 @@ def _sample_with(scores: torch.Tensor, params: Sequence[SamplingParams],
 
 
 class PerRowLogitsProcessor(LogitsProcessor):
-    """Applies each row's ignore_eos, temperature, top-k, top-p and seeded sampling.
+    """Applies each row's min_tokens, temperature, top-k, top-p and seeded sampling.
 
     `finished` is shared with the stopping criteria (same row order): rows already finished
     are skipped, so a finished row costs nothing here while generate pads the batch.
@@ -161,14 +185,18 @@ class PerRowLogitsProcessor(LogitsProcessor):
     ) -> None:
         self._finished = finished
         self._on_error = on_error  # a row whose sampling failed: (row index, error)
-        self._ignore_eos_rows = [i for i, p in enumerate(params) if p.ignore_eos]
-        self._eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+        self._params = list(params)
+        self._eos_ids = sorted(set(eos_ids))
+        self._step = 0  # tokens each row has drawn: generate draws one per row per call
         self._sampled = [(i, RowSampler(p)) for i, p in enumerate(params) if p.temperature > 0]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # scores: [batch, vocab], float32 (generate upcasts); modified in place, it is a copy.
         scores = scores.float()
-        mask_eos(scores, self._ignore_eos_rows, self._eos_ids)
+        rows, ids = stop_ids_to_mask(self._params, [self._step] * len(self._params),
+                                     self._eos_ids)
+        scores = mask_ids(scores, rows, ids)
+        self._step += 1
         active = [(i, s) for i, s in self._sampled if not self._finished[i]]
         if active:
             rows = torch.tensor([i for i, _ in active], dtype=torch.long,

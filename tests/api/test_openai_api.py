@@ -113,7 +113,7 @@ async def test_draining_refusal_is_openai_shaped(app, client):
 
 async def test_chat_stream_final_delta_is_empty(app, client, monkeypatch):
     engine = app.state.engine  # the plain tiny model has no template: render "hi" instead
-    monkeypatch.setattr(engine, "apply_chat_template", lambda messages: engine.tokenize("hi"))
+    monkeypatch.setattr(engine, "apply_chat_template", lambda messages, **_: engine.tokenize("hi"))
     r = await client.post("/v1/chat/completions", json={
         "model": await base_name(client), "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 3, "ignore_eos": True, "stream": True})

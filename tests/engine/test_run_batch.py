@@ -47,8 +47,7 @@ def test_eos_finishes_the_row_unless_ignore_eos(llama, run) -> None:
     assert list(stops.token_ids) == ids[: k + 1]  # the eos id included
     assert stops.text == tok.decode(ids[:k], skip_special_tokens=True)  # but not its text
     assert ignores.finish_reason is FinishReason.LENGTH
-    assert len(ignores.token_ids) == 16
-    assert ids[k] not in ignores.token_ids
+    assert list(ignores.token_ids) == ids  # the plain greedy continuation, eos drawn
 
 
 def _decode(tok, ids) -> str:

@@ -50,15 +50,19 @@ def test_greedy_rows_are_untouched_and_sampled_rows_become_one_hot() -> None:
     assert torch.isinf(out[1]).sum() == 9
 
 
-def test_ignore_eos_masks_eos_only_for_its_row() -> None:
-    proc = _processor(SamplingParams(ignore_eos=True), SamplingParams())
+def test_min_tokens_masks_eos_and_stop_ids_only_for_its_row_and_only_until_then() -> None:
+    proc = _processor(SamplingParams(min_tokens=2, stop_token_ids=(3,)),
+                      SamplingParams(ignore_eos=True, stop_token_ids=(3,)))
     scores = torch.zeros(2, 5)
-    scores[:, EOS] = 10.0
+    scores[:, EOS] = scores[:, 3] = 10.0
+    ids = torch.zeros(2, 0, dtype=torch.long)
 
-    out = proc(torch.zeros(2, 0, dtype=torch.long), scores)
-
-    assert out[0, EOS] == float("-inf")
-    assert out[1, EOS] == 10.0
+    for _ in range(2):
+        out = proc(ids, scores.clone())
+        assert out[0, EOS] == out[0, 3] == float("-inf")
+        assert out[1, EOS] == out[1, 3] == 10.0  # ignore_eos masks nothing: eos may be drawn
+    out = proc(ids, scores.clone())
+    assert out[0, EOS] == out[0, 3] == 10.0
 
 
 def test_finished_rows_are_not_sampled() -> None:

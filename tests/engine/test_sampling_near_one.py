@@ -60,14 +60,13 @@ def test_the_seed_draws_the_largest_float64_below_one():
     assert float(u.float()) == 1.0  # the rounding the samplers must survive
 
 
-def _batch(device: str, *, top_k: int = 0, top_p: float = 1.0,
-           ban_eos: bool = False) -> SamplingBatch:
+def _batch(device: str, *, top_k: int = 0, top_p: float = 1.0) -> SamplingBatch:
     def full(value, dtype):
         return torch.tensor([value], dtype=dtype, device=device)
 
     return SamplingBatch(temperature=full(1.0, torch.float32), top_k=full(top_k, torch.long),
                          top_p=full(top_p, torch.float32), seeds=full(SEED, torch.long),
-                         counters=full(0, torch.long), ban_eos=full(ban_eos, torch.bool))
+                         counters=full(0, torch.long))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -75,12 +74,12 @@ def _batch(device: str, *, top_k: int = 0, top_p: float = 1.0,
     ({"top_k": 2}, {1, 2}),
     ({"top_p": 0.5}, {1, 2}),
     ({"top_k": 3, "top_p": 0.9}, {1, 2, 3}),
-    ({"ban_eos": True}, {0, 1, 2, 3}),  # temperature alone: anything but the banned eos
+    ({}, {0, 1, 2, 3}),  # temperature alone: anything but the masked eos
 ])
 def test_a_device_draw_at_the_top_stays_inside_the_kept_tokens(device, params, allowed):
     logits = torch.tensor([LOGITS], device=device)
-    eos = torch.tensor([EOS], device=device)
-    drawn = int(sample(logits, _batch(device, **params), eos)[0])
+    logits[0, EOS] = float("-inf")  # as min_tokens masks it
+    drawn = int(sample(logits, _batch(device, **params))[0])
     assert drawn in allowed
 
 
@@ -98,7 +97,7 @@ def test_the_engine_cores_sampler_keeps_a_seeded_row_in_its_top_k(device):
 @pytest.mark.parametrize(("params", "allowed"), [
     ({"top_k": 2}, {1, 2}),
     ({"top_p": 0.5}, {1, 2}),
-    ({}, {0, 1, 2, 3}),  # the whole vocabulary, the eos masked as ignore_eos does
+    ({}, {0, 1, 2, 3}),  # the whole vocabulary, the eos masked as min_tokens does
 ])
 def test_static_batchings_draw_at_the_top_stays_inside_the_kept_tokens(device, u, params,
                                                                         allowed):

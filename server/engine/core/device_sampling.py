@@ -47,16 +47,15 @@ class SamplingBatch:
     top_p: torch.Tensor  # float32
     seeds: torch.Tensor  # long
     counters: torch.Tensor  # long: tokens the row has drawn so far
-    ban_eos: torch.Tensor  # bool: ignore_eos rows
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, eos: torch.Tensor) -> torch.Tensor:
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """The next token of each row [rows] from its logits [rows, vocab] (float32 internally).
 
     Semantics as Hugging Face's warpers: temperature divides the logits, top-k keeps the k
     best, top-p keeps the smallest set of best tokens whose probability reaches p (at least
     one); the draw is inverse-CDF on the kept, renormalised distribution."""
-    scores = _without_eos(logits.float(), batch.ban_eos, eos)
+    scores = logits.float()
     greedy = scores.argmax(dim=-1)
     hot = batch.temperature > 0
     scaled = scores / torch.where(hot, batch.temperature, 1.0)[:, None]
@@ -91,7 +90,6 @@ class SlotSampling:
         self.top_k = torch.zeros(slots, dtype=torch.long, device=device)
         self.top_p = torch.ones(slots, dtype=torch.float32, device=device)
         self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
-        self.ban_eos = torch.zeros(slots, dtype=torch.bool, device=device)
 
     def assign(self, slots: Sequence[int], params: Sequence[SamplingParams],
                seeds: Sequence[int]) -> None:
@@ -107,28 +105,14 @@ class SlotSampling:
         self.top_p[at] = torch.tensor([p.top_p for p in params], dtype=torch.float32,
                                       device=device)
         self.seeds[at] = torch.tensor(list(seeds), dtype=torch.long, device=device)
-        self.ban_eos[at] = torch.tensor([p.ignore_eos for p in params], dtype=torch.bool,
-                                        device=device)
 
     def batch(self, slots: torch.Tensor, counters: torch.Tensor) -> SamplingBatch:
         """The parameters of the rows in these slots ([rows] long each)."""
         return SamplingBatch(temperature=self.temperature[slots], top_k=self.top_k[slots],
                              top_p=self.top_p[slots], seeds=self.seeds[slots],
-                             counters=counters, ban_eos=self.ban_eos[slots])
+                             counters=counters)
 
 
-def greedy(logits: torch.Tensor, ban_eos: torch.Tensor | None, eos: torch.Tensor) -> torch.Tensor:
-    """Every row's argmax [rows] (float32 comparison); `ban_eos` [rows] bool or None."""
-    scores = logits.float()
-    if ban_eos is not None:
-        scores = _without_eos(scores, ban_eos, eos)
-    return scores.argmax(dim=-1)
-
-
-def _without_eos(scores: torch.Tensor, ban_eos: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
-    """`scores` [rows, vocab] with the eos ids at -inf in the rows `ban_eos` [rows] marks."""
-    if not eos.numel():
-        return scores
-    banned = torch.zeros_like(scores, dtype=torch.bool)
-    banned[:, eos] = True
-    return scores.masked_fill(banned & ban_eos[:, None], float("-inf"))
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Every row's argmax [rows] (float32 comparison)."""
+    return logits.float().argmax(dim=-1)

@@ -4,7 +4,8 @@ A row's sampling parameters and seed live in its KV slot's entries of persistent
 tensors (server.engine.core.device_sampling.SlotSampling), its penalty counts in a pool row
 (server.engine.penalties), both assigned when it joins and dropped when it leaves; a step's
 draw then gathers them by slot. What the host already knows picks the path: all greedy (the
-usual case) is one argmax.
+usual case) is one argmax. A row short of its min_tokens has its eos and stop token ids
+masked (server.engine.sampling.stop_ids_to_mask), in a copy of the logits.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from server.engine.core.device_sampling import SlotSampling, greedy, sample
 from server.engine.interface import SamplingParams
 from server.engine.penalties import PenaltyPool
+from server.engine.sampling import mask_ids, stop_ids_to_mask
 from server.engine.uploads import upload
 
 
@@ -25,7 +27,7 @@ class RowSampler:
     def __init__(self, slots: int, vocab: int, eos_ids: Sequence[int],
                  device: torch.device) -> None:
         self._device = device
-        self._eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+        self._eos = sorted(eos_ids)
         self._slots = SlotSampling(slots, device)
         self._penalties = PenaltyPool(vocab, device)
 
@@ -46,6 +48,7 @@ class RowSampler:
         """Each row's next token [rows] on the device; `drawn`: how many tokens each row drew
         before (a seeded draw is indexed by token, not step). Penalized rows' logits are
         penalized first, in a copy: the raw logits are what logprobs report."""
+        logits = mask_ids(logits, *stop_ids_to_mask(params, drawn, self._eos))
         which = [i for i, p in enumerate(penalized) if p]
         if not which:
             return self._choose(logits, params, slots, drawn)
@@ -60,9 +63,6 @@ class RowSampler:
     def _choose(self, logits: torch.Tensor, params: list[SamplingParams], slots: list[int],
                 drawn: list[int]) -> torch.Tensor:
         if all(p.temperature == 0 for p in params):
-            ban = None
-            if any(p.ignore_eos for p in params):
-                ban = upload([p.ignore_eos for p in params], self._device, torch.bool)
-            return greedy(logits, ban, self._eos)
+            return greedy(logits)
         index = upload([slots, drawn], self._device)
-        return sample(logits, self._slots.batch(index[0], index[1]), self._eos)
+        return sample(logits, self._slots.batch(index[0], index[1]))

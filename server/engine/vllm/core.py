@@ -46,14 +46,12 @@ class VllmCore:
     name = "vllm"
 
     def __init__(self, llm: Any, *, prompts: SoftPrompts, admission: Admission,
-                 observer: EngineObserver, vocab_size: int, eos_ids: tuple[int, ...],
-                 prompt_capacity: int) -> None:
+                 observer: EngineObserver, vocab_size: int, prompt_capacity: int) -> None:
         self.llm = llm
         self.prompts = prompts
         self.admission = admission
         self.observer = observer
         self.vocab_size = vocab_size
-        self.eos_ids = eos_ids
         self.prompt_capacity = prompt_capacity
         self.heartbeat = Heartbeat("the vllm engine")
         self.heartbeat.rest()
@@ -214,7 +212,7 @@ class VllmRequest(RowDeltaStream):
         compiled = compile_prompt(request.prompt_ids, self.virtual_tokens, self._layout,
                                   placeholder=placeholder_for(params, core.vocab_size))
         prompt = vllm_prompt(compiled, rows, cache_salt=request.namespace)
-        vparams = sampling_params(params, eos_ids=core.eos_ids, seed=params.seed)
+        vparams = sampling_params(params, seed=params.seed)
         first = True
         async for output in core.llm.generate(prompt, vparams, request_id=self._vllm_id):
             core.heartbeat.beat()

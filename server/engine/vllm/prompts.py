@@ -62,21 +62,22 @@ def vllm_prompt(compiled: CompiledPrompt, rows: torch.Tensor | None, *,
                         is_token_ids=list(compiled.is_token), cache_salt=cache_salt)
 
 
-def sampling_params(params: SamplingParams, *, eos_ids: Sequence[int], seed: int | None) -> Any:
-    """Our parameters as vLLM's. Text is ours (stop strings, detokenizing), so vLLM returns
-    ids only; `ignore_eos` keeps generating to max_new_tokens with the end-of-sequence ids
-    banned, as the built-in engine does."""
+def sampling_params(params: SamplingParams, *, seed: int | None) -> Any:
+    """Our parameters as vLLM's. Text is ours (stop strings, detokenizing, special tokens'
+    text), so vLLM returns ids only; what ends a row on ids is vLLM's, with the same meaning
+    as the built-in engine's: its end-of-sequence ids (which `ignore_eos` keeps from ending
+    the row, still drawable), `stop_token_ids`, and `min_tokens` masking both until then."""
     from vllm import SamplingParams as VllmParams
     from vllm.sampling_params import RequestOutputKind
 
-    bias = {int(i): -100.0 for i in eos_ids} if params.ignore_eos else None
     return VllmParams(
-        n=1, max_tokens=params.max_new_tokens, temperature=params.temperature,
-        top_p=params.top_p, top_k=params.top_k, seed=seed,
+        n=1, max_tokens=params.max_new_tokens, min_tokens=params.min_tokens,
+        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=seed,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty, ignore_eos=params.ignore_eos,
-        logit_bias=bias, logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
-        detokenize=False, skip_special_tokens=False, output_kind=RequestOutputKind.DELTA)
+        stop_token_ids=list(params.stop_token_ids), logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs, detokenize=False, skip_special_tokens=False,
+        output_kind=RequestOutputKind.DELTA)
 
 
 def refuse_unsupported(params: SamplingParams, *, virtual: int) -> None:

@@ -84,8 +84,7 @@ def build_vllm_core(settings: Settings, store: AdapterStore, *, observer: Engine
                                  observer=observer),
         admission=Admission(max_in_flight=settings.max_batch_size,
                             max_queue=settings.max_queue, weight_of=weight_of),
-        observer=observer, vocab_size=vocab, eos_ids=_eos_ids(source, config, tokenizer),
-        prompt_capacity=settings.max_virtual_tokens)
+        observer=observer, vocab_size=vocab, prompt_capacity=settings.max_virtual_tokens)
     return loaded, core
 
 
@@ -119,22 +118,3 @@ def _start(settings: Settings, source: str, *, dtype: torch.dtype, cuda: bool) -
         raise ModelLoadError(f"--engine vllm could not start --model {settings.model!r}: "
                              f"{type(e).__name__}: {e}; --engine builtin serves every model "
                              "this server loads") from e
-
-
-def _eos_ids(source: Any, config: Any, tokenizer: Any) -> tuple[int, ...]:
-    """What ends a row: the generation config's end-of-sequence ids and the tokenizer's."""
-    from transformers import GenerationConfig
-
-    ids: set[int] = set()
-    try:
-        generation = GenerationConfig.from_pretrained(source)
-        found = generation.eos_token_id
-    except (OSError, ValueError):
-        found = getattr(config, "eos_token_id", None)
-    if isinstance(found, int):
-        ids.add(found)
-    elif isinstance(found, list):
-        ids.update(int(i) for i in found)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return tuple(sorted(ids))
