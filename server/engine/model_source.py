@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from server.engine.builtin import BUILTIN_PREFIX, builtin_names
 
 # What the Hugging Face Hub accepts as a repo id: "name" or "owner/name".
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")
+# The whole hub check, wall clock: httpx's timeouts bound each connect and read, not a name
+# lookup without DNS nor a hub (or proxy) that trickles bytes, which could hold startup minutes.
 _HUB_TIMEOUT_S = 10.0
 
 
@@ -48,13 +52,14 @@ def _check_hub_id(model: str) -> None:
 
     if isinstance(try_to_load_from_cache(model, "config.json"), str):
         return  # downloaded before: loads offline
-    hint = ("give a local directory written by save_pretrained, or fetch it where the hub is "
-            "reachable (hf download) and copy the Hugging Face cache here")
+    hint = (f"download it first where the hub is reachable (hf download {model}), copy the "
+            "Hugging Face cache here (HF_HUB_CACHE) and set HF_HUB_OFFLINE=1 so that nothing "
+            "waits on the network; or give a local directory written by save_pretrained")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise ModelSourceError(f"--model {model}: not a local directory and not in the Hugging "
                                f"Face cache, and HF_HUB_OFFLINE is set; {hint}")
     try:
-        HfApi().model_info(model, timeout=_HUB_TIMEOUT_S)
+        _within_deadline(lambda: HfApi().model_info(model, timeout=_HUB_TIMEOUT_S))
     except RepositoryNotFoundError as e:
         raise ModelSourceError(f"--model {model}: no such local directory or Hugging Face "
                                "model (a private one needs HF_TOKEN)") from e
@@ -66,3 +71,24 @@ def _check_hub_id(model: str) -> None:
         raise ModelSourceError(f"--model {model}: not a local directory, not in the Hugging "
                                f"Face cache, and the hub cannot be reached ({reason}); "
                                f"{hint}") from e
+
+
+def _within_deadline(call: Callable[[], object]) -> None:
+    """Run `call` in a daemon thread and give up after _HUB_TIMEOUT_S: raises what it raised,
+    or TimeoutError. A call still stalled is left behind; the process is about to exit."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, name="hub-check", daemon=True)
+    thread.start()
+    thread.join(_HUB_TIMEOUT_S)
+    if not outcome:
+        raise TimeoutError(f"no answer within {_HUB_TIMEOUT_S:.0f} s")
+    if outcome[0] is not None:
+        raise outcome[0]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
+import threading
 
 import httpx
 import pytest
@@ -91,6 +93,49 @@ def test_a_model_that_cannot_be_found_stops_before_binding(tmp_path, model, says
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--model" in lines[0] and says in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and "Uvicorn running" not in proc.stderr
+
+
+@pytest.fixture()
+def trickling_hub():
+    """An HF_ENDPOINT that accepts every connection and answers one byte a second, forever:
+    each read gets a byte before any read timeout, as through a stalled proxy."""
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+
+    def trickle(conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Pad: ")
+            while not stop.wait(1.0):
+                conn.sendall(b"a")
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    listener.close()
+
+
+def test_a_hub_id_not_cached_fails_fast_naming_the_fix_when_the_hub_stalls(tmp_path,
+                                                                          trickling_hub):
+    """Without HF_HUB_OFFLINE, a stalled hub is given a bounded time, then the process ends
+    before binding, saying how to run without the network. (Unbounded, this call never ends:
+    the subprocess' limit would fail the test.)"""
+    env = {"HF_HUB_CACHE": str(tmp_path / "empty-cache"), "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": trickling_hub, "HF_HUB_OFFLINE": "", "NO_PROXY": "127.0.0.1",
+           "no_proxy": "127.0.0.1"}
+    proc = _serve(tmp_path, "--model", "some-org/not-downloaded", env=env)
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "--model some-org/not-downloaded" in line and "hub cannot be reached" in line
+    assert "HF_HUB_OFFLINE=1" in line and "hf download some-org/not-downloaded" in line
 
 
 def test_a_model_that_fails_to_load_stops_the_server(tmp_path):
