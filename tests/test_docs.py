@@ -60,10 +60,33 @@ def test_the_openai_page_names_only_openais_finish_reasons():
     assert '`"stop"` (an end-of-sequence token' in sentence
 
 
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's anchors for a Markdown file's headings (outside code blocks)."""
+    anchors, fenced = set(), False
+    for line in doc.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"#{1,6} (.+)", line)):
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            anchors.add(slug)
+    return anchors
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
-def test_relative_links_lead_to_files(doc):
+def test_relative_links_lead_to_files_and_their_sections(doc):
     text = doc.read_text()
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
         if re.match(r"[a-z]+://", target) or target.startswith("mailto:"):
             continue
-        assert (doc.parent / target).exists(), f"{doc.name}: {target}"
+        path = doc.parent / target if target else doc
+        assert path.exists(), f"{doc.name}: {target}"
+        if anchor and path.suffix == ".md":
+            assert anchor in _anchors(path), f"{doc.name}: {target}#{anchor}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_sections_named_in_the_top_level_readme_are_there(doc):
+    """Prose like 'see "Scaling out" in the top-level README' names a heading the README has."""
+    readme = {h.replace("-", " ") for h in _anchors(REPO_ROOT / "README.md")}
+    for name in re.findall(r'"([^"]+)"\s+in\s+the\s+top-level\s+README', doc.read_text()):
+        assert name.lower() in readme, f"{doc.name}: \"{name}\" is not a README section"

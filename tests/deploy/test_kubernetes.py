@@ -262,3 +262,21 @@ def test_service_and_pdb_select_the_deployments_pods(built, overlay):
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
     # maxUnavailable (not minAvailable): a single dev replica must not block node drains.
     assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+
+
+def test_a_gpu_rollout_needs_no_spare_gpu(built):
+    """Every GPU of the pool may be taken by a replica: a rollout must stop an old pod before
+    it starts a new one (no surge), and still keep a replica serving (the HPA's floor)."""
+    strategy = one(built["gpu"], "Deployment")["spec"]["strategy"]
+    if strategy["type"] == "RollingUpdate":
+        rolling = strategy["rollingUpdate"]
+        assert rolling["maxSurge"] == 0 and rolling["maxUnavailable"] >= 1, rolling
+    else:
+        assert strategy["type"] == "Recreate"
+    assert one(built["gpu"], "HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
+
+
+def test_the_gpu_overlay_sets_max_model_len_below_the_models_context(built):
+    """As the README advises: the KV slots hold the longest request, not the whole context."""
+    max_len = int(config(built["gpu"])["SOFTPROMPT_MAX_MODEL_LEN"])
+    assert 0 < max_len < 32768  # Qwen2.5's context
