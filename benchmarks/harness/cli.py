@@ -54,9 +54,11 @@ VLLM_SETTLE_S = 2.0
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("workload", choices=[*WORKLOADS, *SCENARIOS, "soak", "list"],
-                   help="what to run; 'list' prints the workloads; 'soak' has options of its "
-                        "own (python -m benchmarks soak --help)")
+    p.add_argument("workload", choices=[*WORKLOADS, *SCENARIOS, "soak", "cpu-contention",
+                                        "list"],
+                   help="what to run; 'list' prints the workloads; 'soak' and "
+                        "'cpu-contention' have options of their own (python -m benchmarks "
+                        "soak --help)")
     p.add_argument("--engine", choices=ENGINES, default="builtin",
                    help="the engine the http system's server runs (its --engine; default "
                         "builtin). vllm: --kv-cache-memory twice what the workload's rows "
@@ -113,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.soak import main as soak
 
         return soak(argv[1:])
+    if argv[:1] == ["cpu-contention"]:  # the real server quiet and beside a busy core
+        from benchmarks.cpu_contention import main as contention
+
+        return contention(argv[1:])
     args = build_parser().parse_args(argv)
     # A time limit's SIGTERM unwinds like an error: the servers stop and their log is shown.
     signal.signal(signal.SIGTERM, exit_on_signal)
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
               "B's median latency against an idle server (builtin:tiny, engine in process)")
         print(f"{'soak':<15} the real server for --minutes N under mixed multi-tenant load "
               "with adapter churn and disconnects: 5xx, latency over time, RSS growth")
+        print(f"{'cpu-contention':<15} the real server's cpu-ref throughput beside a busy core, "
+              "as a ratio to a quiet run, per --torch-threads setting")
         return 0
     # A run on the vllm engine keeps the builtin engine's figures for the same workload.
     name = args.workload + ("-vllm" if args.engine == "vllm" else "")
