@@ -139,9 +139,26 @@ def serve(settings: Settings) -> int:
     if hasattr(engine, "wait_until_ready"):
         threading.Thread(target=watch_model_load, name="load-watch", daemon=True).start()
     server.run()
-    if failed.is_set():
-        return 1
-    return 3 if server.drain_expired else 0  # 3: requests were aborted at the drain deadline
+    code = 1 if failed.is_set() else 3 if server.drain_expired else 0  # 3: aborted at the deadline
+    exit_past_lingering_threads(code)
+    return code
+
+
+def exit_past_lingering_threads(code: int) -> None:
+    """End the process now if a non-daemon thread is left, which the interpreter would wait
+    for at exit: an adapter-loader worker still reading from the store, a library's background
+    thread (a hub download or conversion check). The drain and the engine's close are done by
+    then, so nothing left is the server's work, and an orchestrator waiting on the exit (a
+    rollout, the grace period) should not wait on them. The log names them."""
+    left = [t.name for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not left:
+        return
+    log.info("exiting with %d; not waiting for thread(s) %s", code, ", ".join(left))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def make_sample_adapter(args: argparse.Namespace) -> int:

@@ -139,3 +139,24 @@ def test_work_still_running_at_the_drain_deadline_is_aborted_and_exit_is_3(model
     assert len(statuses) == 6
     assert any(status != 200 for status in statuses), (statuses, proc.log())  # cut off
     assert "drain timeout" in proc.log()
+
+
+# The server with a non-daemon thread that would hold the interpreter for an hour at exit, as
+# a library's background thread or a store read in an adapter-loader worker can.
+_WITH_LINGERING_THREAD = (
+    "import sys, threading, time; "
+    "threading.Thread(target=time.sleep, args=(3600,), name='lingering', daemon=False).start(); "
+    "from server.cli import main; sys.exit(main())")
+
+
+def test_the_process_exits_once_drained_whatever_threads_are_left(model_dir, tmp_path):
+    proc = ServerProcess(model_dir, tmp_path / "store", tmp_path / "server.log")
+    proc.args[1:3] = ["-c", _WITH_LINGERING_THREAD]  # in place of `-m server`
+    proc.start()
+    try:
+        proc.proc.send_signal(signal.SIGTERM)
+        code = proc.proc.wait(HANG_S)  # the thread would hold a plain exit for an hour
+    finally:
+        proc.stop()
+    assert code == 0, proc.log()
+    assert "not waiting for thread(s) lingering" in proc.log()
