@@ -26,8 +26,9 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters_store import ModelSpec, parse_directory
-from server.engine.generation import BatchRow, run_batch
+from server.engine.generation import run_batch
 from server.engine.interface import SamplingParams
+from server.engine.rows import BatchRow
 from tests.factories import (
     ARCHS,
     build_tiny_model,

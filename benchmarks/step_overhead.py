@@ -36,9 +36,9 @@ from server.engine.byte_tokenizer import (  # noqa: E402
 )
 from server.engine.core.engine_core import EngineCore  # noqa: E402
 from server.engine.core.kv_cache import SlotKVCache, cache_shape  # noqa: E402
-from server.engine.generation import BatchRow  # noqa: E402
 from server.engine.interface import SamplingParams  # noqa: E402
 from server.engine.prompt_table import PromptTable, install  # noqa: E402
+from server.engine.rows import BatchRow  # noqa: E402
 
 PROMPT = "Tweet: I love it. Label:"
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, Tag
 
 from server.api.schemas import MAX_INT, MAX_SEED
 from server.api.text import StopStrings, TokenizableText, by_json_type
-from server.engine.sampling import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
+from server.engine.sampling_limits import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_CHOICES = 128  # choices of one request: prompts times n (OpenAI's largest n)

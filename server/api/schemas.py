@@ -25,7 +25,7 @@ from pydantic import (
 
 from server.api.text import TokenizableText
 from server.engine.interface import FinishReason, GenerationResult, TokenLogprob
-from server.engine.sampling import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
+from server.engine.sampling_limits import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
 
 ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_STOP_CHARS = 256  # one stop string

@@ -8,9 +8,8 @@ request run alone; each row's sampled output depends only on its own seed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,53 +20,22 @@ from transformers import (
 )
 
 from server.engine.batch import RowInput, build_batch_inputs
-from server.engine.interface import FinishReason, SamplingParams, TokenLogprob
-from server.engine.row_progress import RowDelta, RowProgress
-from server.engine.sampling import PerRowLogitsProcessor, validate_params
+from server.engine.rows import (
+    ABORTED,
+    BatchRow,
+    InvalidRowError,
+    RowOutput,
+    RowProgress,
+    aborted_before_start,
+    eos_ids_of,
+    invalid_rows,
+    row_output,
+)
+from server.engine.sampling import PerRowLogitsProcessor
 from server.engine.static_extras import PenaltiesAndLogprobs, prompt_logprobs
 from server.engine.stopping import RowStoppingCriteria
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchRow:
-    prompt_ids: Sequence[int]
-    # [num_virtual_tokens, hidden] on the model's device and dtype (seq2seq: only the first
-    # num_virtual_tokens rows), or None for the bare model.
-    prompt_embeds: torch.Tensor | None
-    params: SamplingParams
-    # Where the row's new tokens go (server.engine.row_progress): each step when `live`,
-    # otherwise once, when the row finishes. A row that finishes is handed out there, from
-    # inside the step that finished it: a short row's caller need not wait for the batch.
-    on_delta: Callable[[RowDelta], None] | None = None
-    live: bool = False
-    # Polled each step; an aborted row stops generating (its output is discarded by the caller).
-    is_aborted: Callable[[], bool] | None = None
-    # Called once when the row's first token exists (time-to-first-token metric).
-    on_first_token: Callable[[], None] | None = None
-    # Where the request's text lies in prompt_ids [start, end), for its prompt logprobs.
-    text_span: tuple[int, int] = (0, 0)
-
-
-@dataclass(frozen=True)
-class RowOutput:
-    """A row as it left the engine: its ids, not its text (the frontend decodes)."""
-
-    # Generated ids, the eos id included when finish_reason is eos.
-    token_ids: tuple[int, ...]
-    finish_reason: FinishReason
-    # True when the row was aborted (is_aborted, or one of its callbacks raised) or failed;
-    # its output is partial and finish_reason is meaningless.
-    aborted: bool = False
-    # Why this row alone failed (invalid parameters, its sampling raised); its batch mates
-    # are unaffected. InvalidRowError: the row's own input was invalid.
-    error: Exception | None = None
-    logprobs: tuple[TokenLogprob, ...] | None = None  # per generated id, when asked
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # per text token, when asked
-
-
-ABORTED = RowOutput(token_ids=(), finish_reason=FinishReason.LENGTH, aborted=True)
 
 
 def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow], *,
@@ -138,64 +106,6 @@ def run_batch(model: Any, tokenizer: Any, rows: list[BatchRow], *,
             raise RuntimeError(f"row {i} ended without a finish reason")
         outputs[i] = row_output(state)
     return outputs
-
-
-class InvalidRowError(ValueError):
-    """A row no batch can run, found before it is computed: its own input is at fault."""
-
-
-def row_error(row: BatchRow) -> InvalidRowError | None:
-    """Why no batch can run this row (no tokens at all, out-of-range parameters), or None."""
-    if not row.prompt_ids and (row.prompt_embeds is None or row.prompt_embeds.shape[0] == 0):
-        return InvalidRowError("no prompt tokens and no virtual tokens")
-    try:
-        validate_params(row.params)
-    except ValueError as e:
-        return InvalidRowError(str(e))
-    return None
-
-
-def invalid_rows(rows: Sequence[BatchRow]) -> dict[int, RowOutput]:
-    """The failed outputs of the rows no batch can run, by index: they are left out, so one
-    request's bad input never fails the requests it would have shared a batch with."""
-    failed = {}
-    for i, row in enumerate(rows):
-        if (error := row_error(row)) is not None:
-            failed[i] = RowOutput((), FinishReason.LENGTH, aborted=True, error=error)
-    return failed
-
-
-def aborted_before_start(row: BatchRow) -> bool:
-    """Whether a row was aborted before it ran: it is not computed at all."""
-    if row.is_aborted is None:
-        return False
-    try:
-        return bool(row.is_aborted())
-    except Exception:
-        logger.exception("is_aborted failed; aborting its row")
-        return True
-
-
-def row_output(state: RowProgress) -> RowOutput:
-    """A row's output as it leaves: finished, or aborted or failed (then partial)."""
-    return RowOutput(tuple(state.token_ids), state.finish_reason or FinishReason.LENGTH,
-                     aborted=state.aborted, error=state.error,
-                     logprobs=None if state.logprobs is None else tuple(state.logprobs),
-                     prompt_logprobs=(None if state.prompt_logprobs is None
-                                      else tuple(state.prompt_logprobs)))
-
-
-def eos_ids_of(model: Any, tokenizer: Any) -> frozenset[int]:
-    """The ids that end a row: what PEFT's generate would stop on (model first, then tokenizer)."""
-    candidates = (
-        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-        getattr(model.config, "eos_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-    )
-    for eos in candidates:
-        if eos is not None:
-            return frozenset([int(eos)] if isinstance(eos, int) else (int(e) for e in eos))
-    return frozenset()
 
 
 def _generation_config(

@@ -1,6 +1,6 @@
 """The frontend's half of a request: its deltas of token ids become text, chunks and a result.
 
-The engine's step loop hands out token ids only (server.engine.row_progress). Here, on the
+The engine's step loop hands out token ids only (server.engine.rows). Here, on the
 event loop of the client that waits for the request (the HTTP process, also under
 --engine-process), each request's ids are detokenized, its stop strings looked for and its
 stream chunks and final GenerationResult built. When a stop string completes, the request is
@@ -26,7 +26,7 @@ from server.engine.interface import (
     TokenChunk,
     TokenLogprob,
 )
-from server.engine.row_progress import RowDelta, is_live
+from server.engine.rows import RowDelta, is_live
 
 
 class RequestOutput:

@@ -9,22 +9,18 @@ reads.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from server.engine.errors import InvalidRequestError
+from server.engine.loop_host import LoopHost
 from server.engine.prompt_layout import assemble, compiled_pieces
 from server.engine.prompt_table import PromptTable, TableEntry
 from server.engine.tickets import Ticket
 from server.engine.token_bounds import first_outside
 
-if TYPE_CHECKING:
-    from server.engine.scheduler import Scheduler
-
 
 class PromptPins:
     """Owned by the engine thread."""
 
-    def __init__(self, scheduler: Scheduler, table: PromptTable) -> None:
+    def __init__(self, scheduler: LoopHost, table: PromptTable) -> None:
         self._s = scheduler
         self._table = table
         self._held: dict[int, TableEntry] = {}  # id(ticket) -> its pinned entry

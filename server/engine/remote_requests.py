@@ -11,7 +11,7 @@ from typing import Any
 
 from server.engine import wire
 from server.engine.mailbox import mailbox_for
-from server.engine.row_progress import RowDelta
+from server.engine.rows import RowDelta
 from server.engine.tickets import QueueStream
 
 

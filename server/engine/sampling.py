@@ -19,6 +19,7 @@ import torch
 from transformers import LogitsProcessor
 
 from server.engine.interface import SamplingParams
+from server.engine.sampling_limits import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,6 @@ _SEED_MASK = (1 << 63) - 1
 # What the engine can represent: counts go into int64 tensors, seeds into 64-bit generators.
 _MAX_INT = 2**31 - 1
 _MAX_SEED = 2**63 - 1
-MAX_PENALTY = 2.0  # presence and frequency, as OpenAI
-MAX_REPETITION_PENALTY = 10.0
-MAX_LOGPROBS = 20  # most likely tokens reported per position, as OpenAI
 
 
 def validate_params(params: SamplingParams, *, vocab_size: int = 0) -> None:

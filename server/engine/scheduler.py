@@ -15,7 +15,7 @@ and run_batch runs them to the longest row. Either way, an idle engine waits at 
 after the oldest ready request arrived for batch mates.
 
 Each step's output travels back through the loop's Mailbox as one batch of token-id deltas
-(server.engine.row_progress), to each request's queue, where the frontend
+(server.engine.rows), to each request's queue, where the frontend
 (server.engine.output_processor) detokenizes them and looks for stop strings. The thread
 never blocks on the event loop and vice versa.
 """
@@ -28,11 +28,9 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from adapters_store.store import AdapterStore
-from server.engine import generation
 from server.engine.adapter_loader import AdapterLoader
 from server.engine.core.loop import CoreLoop
 from server.engine.errors import (
@@ -44,24 +42,16 @@ from server.engine.errors import (
 from server.engine.fairness import BatchPolicy, RoundRobinPolicy
 from server.engine.heartbeat import Heartbeat
 from server.engine.interface import GenerationRequest
+from server.engine.loop_host import Plan
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver
 from server.engine.prompt_layout import Layout, text_start
 from server.engine.prompt_table import PromptTable
-from server.engine.row_progress import RowDelta
+from server.engine.rows import BatchRow, InvalidRowError, RowDelta, RowOutput
 from server.engine.static_loop import StaticLoop
 from server.engine.tickets import Failure, Ticket, TicketState, deliver_deltas
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What the engine thread does before its next step."""
-
-    park: list[Ticket]  # running rows to take out of the steps (fair preemption)
-    resume: list[Ticket]  # preempted rows to put back
-    admit: list[Ticket]  # queued requests to start
 
 
 class Scheduler:
@@ -234,7 +224,7 @@ class Scheduler:
             raise
 
     def next_plan(self, running: Sequence[Ticket] = (),
-                   parked: Sequence[Ticket] = ()) -> _Plan | None:
+                   parked: Sequence[Ticket] = ()) -> Plan | None:
         """What to park, resume and admit before the next step; None when stopping and
         nothing is left to do.
 
@@ -260,7 +250,7 @@ class Scheduler:
                     break
                 self._rest(wait)
             if len(running) >= self._max_batch_size and self._arrivals == self._planned_arrivals:
-                return _Plan([], [], [])
+                return Plan([], [], [])
             self._planned_arrivals = self._arrivals
             waiting = [*self._ready, *(t for t in parked if t.state is TicketState.RUNNING)]
             park: list[Ticket] = []
@@ -277,7 +267,7 @@ class Scheduler:
             for ticket in admit:
                 ticket.state = TicketState.RUNNING
             self._queued -= len(admit)
-            return _Plan(park, resume, admit)
+            return Plan(park, resume, admit)
 
     def _rest(self, timeout: float | None) -> None:
         """Under the lock: wait for work (or batch mates); not a stall, however long."""
@@ -304,20 +294,20 @@ class Scheduler:
                 f"generation failed for the batch holding this request: "
                 f"{type(error).__name__}: {error}"))
 
-    def end_aborted(self, ticket: Ticket, out: generation.RowOutput) -> None:
+    def end_aborted(self, ticket: Ticket, out: RowOutput) -> None:
         """An aborted row ends quietly; a row that failed alone gets its own error."""
         if out.error is None:
             self.abort(ticket)
             return
         log.warning("request %s failed alone: %s: %s", ticket.request.request_id,
                     type(out.error).__name__, out.error)
-        if isinstance(out.error, generation.InvalidRowError):
+        if isinstance(out.error, InvalidRowError):
             self.fail(ticket, InvalidRequestError(str(out.error)))
         else:
             self.fail(ticket, GenerationError(f"generation failed for this request: "
                                                f"{type(out.error).__name__}: {out.error}"))
 
-    def row(self, ticket: Ticket, ids: Sequence[int]) -> generation.BatchRow:
+    def row(self, ticket: Ticket, ids: Sequence[int]) -> BatchRow:
         """The ticket as a model row reading `ids` (virtual ids, then the text's)."""
         def on_first_token() -> None:
             self.observer.first_token(time.monotonic() - ticket.submitted_at,
@@ -331,7 +321,7 @@ class Scheduler:
 
         text = len(ticket.request.prompt_ids)
         start = len(ids) - text if ticket.layout is None else text_start(ticket.layout)
-        return generation.BatchRow(
+        return BatchRow(
             prompt_ids=ids, prompt_embeds=None, text_span=(start, start + text),
             params=ticket.request.params, on_delta=on_delta, live=ticket.live,
             is_aborted=ticket.is_aborted, on_first_token=on_first_token)

@@ -11,7 +11,7 @@ Prompt logprobs (decoder-only models only) are one forward over the prompt befor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import LogitsProcessor
@@ -20,9 +20,7 @@ from server.engine.batch import RowInput, build_batch_inputs
 from server.engine.interface import SamplingParams, TokenLogprob
 from server.engine.logprobs import scoring_span, token_logprobs
 from server.engine.penalties import apply_penalties, has_penalties, penalty_tensors
-
-if TYPE_CHECKING:
-    from server.engine.generation import BatchRow
+from server.engine.rows import BatchRow
 
 
 class PenaltiesAndLogprobs(LogitsProcessor):

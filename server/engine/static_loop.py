@@ -9,21 +9,18 @@ finishes early is answered then.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from server.engine import generation
+from server.engine.loop_host import LoopHost
 from server.engine.prompt_pins import PromptPins
 from server.engine.prompt_table import PromptTable
 from server.engine.tickets import Ticket
-
-if TYPE_CHECKING:
-    from server.engine.scheduler import Scheduler
 
 
 class StaticLoop:
     """Owned by the engine thread."""
 
-    def __init__(self, scheduler: Scheduler, table: PromptTable) -> None:
+    def __init__(self, scheduler: LoopHost, table: PromptTable) -> None:
         self._s = scheduler
         self._pins = PromptPins(scheduler, table)
 

@@ -16,7 +16,7 @@ import torch
 from transformers import StoppingCriteria
 
 from server.engine.interface import TokenLogprob
-from server.engine.row_progress import RowProgress
+from server.engine.rows import RowProgress
 
 
 class RowStoppingCriteria(StoppingCriteria):

@@ -25,7 +25,7 @@ from server.engine.interface import GenerationRequest
 from server.engine.mailbox import Mailbox, mailbox_for
 from server.engine.prompt_layout import Layout, anchor_tokens
 from server.engine.prompt_table import TableEntry
-from server.engine.row_progress import RowDelta, is_live
+from server.engine.rows import RowDelta, is_live
 
 
 class TicketState(StrEnum):

@@ -31,7 +31,7 @@ from server.engine.interface import (
     TokenLogprob,
 )
 from server.engine.model_loader import ModelLoadError
-from server.engine.row_progress import RowDelta
+from server.engine.rows import RowDelta
 
 
 def _error_classes() -> dict[str, type[Exception]]:

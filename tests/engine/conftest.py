@@ -16,11 +16,11 @@ from transformers import AutoTokenizer
 from server.engine.core.engine_core import EngineCore, StepStats
 from server.engine.core.kv_cache import SlotKVCache, cache_shape
 from server.engine.core.prefix_cache import PrefixCache
-from server.engine.generation import BatchRow, RowOutput, run_batch
+from server.engine.generation import run_batch
 from server.engine.interface import GenerationRequest, GenerationResult, SamplingParams, TokenChunk
 from server.engine.output_processor import RequestOutput
 from server.engine.prompt_table import PromptTable, install
-from server.engine.row_progress import is_live
+from server.engine.rows import BatchRow, RowOutput, is_live
 from tests.factories import load_base
 
 

@@ -23,8 +23,8 @@ from server.engine.core.decode_graphs import row_bucket, width_bucket
 from server.engine.core.kv_cache import CacheShape, SlotKVCache
 from server.engine.core.loop import _probe as probe
 from server.engine.engine import Engine
-from server.engine.generation import BatchRow, InvalidRowError
 from server.engine.interface import FinishReason, SamplingParams
+from server.engine.rows import BatchRow, InvalidRowError
 from tests.engine.conftest import make_core
 from tests.engine.test_engine import request
 from tests.factories import greedy_by_recomputation, load_base, make_adapter, peft_prompt

@@ -16,8 +16,9 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters_store import ModelSpec, parse_directory
-from server.engine.generation import BatchRow, RowOutput, run_batch
+from server.engine.generation import run_batch
 from server.engine.interface import FinishReason, SamplingParams
+from server.engine.rows import BatchRow, RowOutput
 from tests.engine.conftest import run_core
 from tests.factories import (
     ARCHS,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.engine.generation import BatchRow
 from server.engine.interface import SamplingParams
+from server.engine.rows import BatchRow
 from tests.engine.conftest import make_core, run_core
 from tests.factories import load_base, penalized_greedy
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from server.config import Device, DType, Settings
 from server.engine.builtin import ensure_builtin
-from server.engine.generation import BatchRow, run_batch
+from server.engine.generation import run_batch
 from server.engine.interface import SamplingParams
 from server.engine.model_loader import (
     DEFAULT_MAX_CONTEXT,
@@ -19,6 +19,7 @@ from server.engine.model_loader import (
     resolve_device,
     resolve_dtype,
 )
+from server.engine.rows import BatchRow
 
 
 def settings_for(model: str | Path, tmp_path: Path, **kw) -> Settings:

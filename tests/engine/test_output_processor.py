@@ -15,7 +15,7 @@ from server.engine.interface import (
     TokenLogprob,
 )
 from server.engine.output_processor import RequestOutput
-from server.engine.row_progress import RowDelta
+from server.engine.rows import RowDelta
 
 TEXT = "Tweet: I love it. Label: complaint, and more after that"
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.generation import BatchRow, run_batch
+from server.engine.generation import run_batch
 from server.engine.interface import FinishReason, SamplingParams
-from server.engine.row_progress import RowDelta
+from server.engine.rows import BatchRow, RowDelta
 from tests.engine.conftest import make_row, run_one, served
 
 TEXTS = ("Tweet: I love it. Label:", "a", "The quick brown fox", "Hi")

@@ -6,8 +6,9 @@ from collections import Counter
 
 import torch
 
-from server.engine.generation import BatchRow, run_batch
+from server.engine.generation import run_batch
 from server.engine.interface import SamplingParams
+from server.engine.rows import BatchRow
 from server.engine.sampling import (
     PerRowLogitsProcessor,
     RowSampler,
@@ -201,7 +202,7 @@ def test_a_row_whose_sampling_fails_mid_batch_fails_alone(llama, monkeypatch) ->
     run = run_batch
     mate = make_row(tok, TEXTS[0], max_new_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
     alone = run(model, tok, [mate])[0]
-    monkeypatch.setattr("server.engine.generation.validate_params", lambda params: None)
+    monkeypatch.setattr("server.engine.rows.validate_params", lambda params: None)
     bad = make_row(tok, TEXTS[2], max_new_tokens=6, temperature=1.0, top_k=10**22)
 
     failed, ok = run(model, tok, [bad, mate])

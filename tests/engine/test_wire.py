@@ -32,7 +32,7 @@ from server.engine.interface import (
     TokenLogprob,
 )
 from server.engine.model_loader import ModelLoadError
-from server.engine.row_progress import RowDelta
+from server.engine.rows import RowDelta
 
 
 def _trip(message: dict[str, Any]) -> dict[str, Any]:

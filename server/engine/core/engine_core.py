@@ -42,20 +42,20 @@ from server.engine.core.kv_cache import SlotKVCache, StepLayout
 from server.engine.core.prefill_batches import Prefill, prefill_batches
 from server.engine.core.prefix_cache import PrefixCache
 from server.engine.core.row_sampler import RowSampler
-from server.engine.generation import (
+from server.engine.interface import FinishReason
+from server.engine.logprobs import scoring_span, token_logprobs
+from server.engine.penalties import has_penalties
+from server.engine.rows import (
     ABORTED,
     BatchRow,
     InvalidRowError,
     RowOutput,
+    RowProgress,
     aborted_before_start,
     eos_ids_of,
     row_error,
     row_output,
 )
-from server.engine.interface import FinishReason
-from server.engine.logprobs import scoring_span, token_logprobs
-from server.engine.penalties import has_penalties
-from server.engine.row_progress import RowProgress
 from server.engine.uploads import upload
 
 H = TypeVar("H")  # the caller's handle for a row

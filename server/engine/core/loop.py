@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -19,14 +19,12 @@ from server.engine.core.engine_core import CoreRow, EngineCore
 from server.engine.core.kv_budget import kv_plan
 from server.engine.core.kv_cache import SlotKVCache, cache_shape
 from server.engine.core.prefix_cache import PrefixCache
-from server.engine.generation import BatchRow, RowOutput
 from server.engine.interface import SamplingParams
+from server.engine.loop_host import LoopHost
 from server.engine.prompt_pins import PromptPins
 from server.engine.prompt_table import PromptTable
+from server.engine.rows import BatchRow, RowOutput
 from server.engine.tickets import Ticket, TicketState
-
-if TYPE_CHECKING:
-    from server.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +32,7 @@ log = logging.getLogger(__name__)
 class CoreLoop:
     """Owned by the engine thread."""
 
-    def __init__(self, scheduler: Scheduler, core: EngineCore[Ticket], table: PromptTable) -> None:
+    def __init__(self, scheduler: LoopHost, core: EngineCore[Ticket], table: PromptTable) -> None:
         self._s = scheduler
         self._core = core
         self._pins = PromptPins(scheduler, table)

@@ -22,7 +22,7 @@ import torch
 from server.engine.errors import InvalidRequestError
 from server.engine.interface import FinishReason, SamplingParams, TokenLogprob
 from server.engine.prompt_layout import Layout, assemble, text_start
-from server.engine.row_progress import RowDelta
+from server.engine.rows import RowDelta
 
 
 @dataclass(frozen=True)
