@@ -30,6 +30,7 @@ from server.engine.errors import (
     GenerationError,
     InvalidAdapterError,
     InvalidAdapterIdError,
+    InvalidRequestError,
     InvalidTemplateError,
     LimitExceededError,
     QueueFullError,
@@ -38,7 +39,6 @@ from server.engine.errors import (
     UnembeddableTokenError,
     UnsupportedAdapterTypeError,
 )
-from server.engine.errors import InvalidRequestError as EngineInvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,6 @@ class InvalidUploadError(ApiError):
 
 class UploadTooLargeError(ApiError):
     """A part, the body or the number of parts exceeds the configured limit (413)."""
-
-
-class InvalidRequestError(ApiError):
-    """A well-formed request whose values are out of range for this server (422)."""
 
 
 class AuthError(ApiError):
@@ -93,7 +89,6 @@ class ErrorKind:
 ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     InvalidUploadError: ErrorKind(400, "invalid_upload"),
     UploadTooLargeError: ErrorKind(413, "payload_too_large"),
-    InvalidRequestError: ErrorKind(422, "validation_error"),
     AuthError: ErrorKind(401, "unauthorized"),
     TooManyRequestsError: ErrorKind(429, "rate_limited"),
     StorageQuotaError: ErrorKind(413, "quota_exceeded"),
@@ -111,7 +106,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     QueueFullError: ErrorKind(429, "queue_full"),
     RequestTooLongError: ErrorKind(422, "request_too_long"),
     UnembeddableTokenError: ErrorKind(400, "unembeddable_token"),
-    EngineInvalidRequestError: ErrorKind(422, "validation_error"),
+    InvalidRequestError: ErrorKind(422, "validation_error"),
     AdapterChangedError: ErrorKind(409, "adapter_changed"),
     GenerationError: ErrorKind(500, "generation_error"),
     EngineError: ErrorKind(500, "engine_error"),

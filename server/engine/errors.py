@@ -31,9 +31,10 @@ class QueueFullError(EngineError):
 
 
 class InvalidRequestError(EngineError, ValueError):
-    """A request the model cannot run (empty, out-of-vocabulary ids, bad parameters) (HTTP 422).
-
-    Checked at submit so one bad row never fails a whole batch.
+    """A request the model cannot run (empty, out-of-vocabulary ids, bad parameters), or whose
+    values are out of range for this server or its tenant (HTTP 422). The one class for both:
+    the HTTP layer raises it for what it checks itself, the engine for what it checks at
+    submit, so one bad row never fails a whole batch.
     """
 
 
