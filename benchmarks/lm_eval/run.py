@@ -5,6 +5,13 @@ Starts the server (or uses a running one with --url), uploads a PEFT soft-prompt
 `local-completions` model on the tasks in benchmarks/lm_eval/tasks with the adapter id as the
 OpenAI `model`, lets lm-eval print its results table, and stops the server it started.
 
+lm-eval's `local-completions` sends token ids it tokenizes itself, without special tokens
+unless `add_bos_token=True`, while its `hf` model keeps the tokenizer's default. So that both
+score the same tokens, add_bos_token=True is passed whenever the served model's tokenizer
+prepends a beginning-of-sequence token (asked of the tokenizer with the Python that runs
+lm-eval; `add_bos_token` in --model-args overrides it). agreement.py, next to this file,
+checks that lm-eval through the server and lm-eval's own `hf` + `peft` model agree.
+
 Standard library only: it runs with any Python 3.11+. lm-eval lives in an environment of its
 own (see README.md next to this file); give its command with --lm-eval or $LM_EVAL (default:
 `lm_eval` on PATH). The server's command comes from --server-cmd or $SERVER_CMD (default:
@@ -33,6 +40,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -173,11 +181,84 @@ def base_model_name(url: str, api_key: str | None) -> str:
     return json.loads(body)["data"][0]["id"]
 
 
+def offline_env() -> dict[str, str]:
+    """This environment, with the Hub off unless set: local task data and tokenizer."""
+    env = dict(os.environ)
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.setdefault(name, "1")
+    return env
+
+
+def lm_eval_python(lm_eval: str) -> list[str] | None:
+    """The Python that runs lm-eval: `PY -m lm_eval` names it; a console script's `#!` line
+    does; else a `python` beside the script. None if none is found."""
+    words = shlex.split(lm_eval)
+    if len(words) >= 3 and words[1:3] == ["-m", "lm_eval"]:
+        return [words[0]]
+    script = shutil.which(words[0]) if words else None
+    if script is None:
+        return None
+    try:
+        with open(script, "rb") as f:
+            first = f.readline().decode(errors="replace").strip()
+    except OSError:
+        return None
+    if first.startswith("#!") and "python" in first:
+        return shlex.split(first[2:])
+    beside = Path(script).parent / "python"
+    return [str(beside)] if beside.exists() else None
+
+
+_BOS_PROBE = """
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+bos = tok.bos_token_id
+default = tok("a").input_ids
+plain = tok("a", add_special_tokens=False).input_ids
+adds = bos is not None and default[:1] == [bos] and plain[:1] != [bos]
+print(json.dumps({"adds_bos": adds, "bos_token": tok.bos_token}))
+"""
+
+
+def tokenizer_adds_bos(python: list[str], tokenizer: str) -> tuple[bool, str | None]:
+    """Whether `tokenizer` prepends its BOS token by default (as lm-eval's `hf` model encodes),
+    and that token's text."""
+    proc = subprocess.run([*python, "-c", _BOS_PROBE, tokenizer], env=offline_env(),
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"could not load the tokenizer {tokenizer!r} with "
+                           f"{shlex.join(python)}:\n{proc.stderr[-2000:]}")
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    return bool(answer["adds_bos"]), answer["bos_token"]
+
+
+def bos_model_args(lm_eval: str, tokenizer: str, model_args: str) -> list[str]:
+    """["add_bos_token=True"] when the tokenizer prepends BOS, else []; says which, and why.
+    An `add_bos_token` in model_args is left as given."""
+    if re.search(r"(^|,)\s*add_bos_token\s*=", model_args):
+        print("add_bos_token: as given in --model-args", flush=True)
+        return []
+    python = lm_eval_python(lm_eval)
+    if python is None:
+        raise RuntimeError(f"cannot tell which Python runs {lm_eval!r}, so cannot ask the "
+                           "tokenizer whether it adds a BOS token; pass --model-args "
+                           "add_bos_token=True (it does) or add_bos_token=False")
+    adds, token = tokenizer_adds_bos(python, tokenizer)
+    if adds:
+        print(f"add_bos_token=True: the tokenizer prepends {token!r}, as lm-eval's hf model "
+              "would", flush=True)
+        return ["add_bos_token=True"]
+    print("add_bos_token left out: the tokenizer prepends no BOS token", flush=True)
+    return []
+
+
 def lm_eval_command(args: argparse.Namespace, *, url: str, model: str, tokenizer: str,
-                    extra: list[str]) -> list[str]:
+                    extra: list[str], bos_args: Sequence[str] = ()) -> list[str]:
     model_args = [f"model={model}", f"base_url={url}/v1/completions",
                   f"tokenizer={tokenizer}", "tokenizer_backend=huggingface",
-                  f"num_concurrent={args.num_concurrent}", f"max_retries={args.max_retries}"]
+                  f"num_concurrent={args.num_concurrent}", f"max_retries={args.max_retries}",
+                  *bos_args]
     if args.model_args:
         model_args.append(args.model_args)
     return [*shlex.split(args.lm_eval), "run", "--model", "local-completions",
@@ -275,11 +356,11 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = (str(builtin_dir(args.model, model_cache))
                          if args.model.startswith(BUILTIN_PREFIX) else args.model)
 
-        cmd = lm_eval_command(args, url=url, model=model, tokenizer=tokenizer, extra=extra)
+        bos_args = bos_model_args(args.lm_eval, tokenizer, args.model_args)
+        cmd = lm_eval_command(args, url=url, model=model, tokenizer=tokenizer, extra=extra,
+                              bos_args=bos_args)
         print("running: " + shlex.join(cmd), flush=True)
-        env = dict(os.environ)
-        for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-            env.setdefault(name, "1")  # local task data and tokenizer: nothing to download
+        env = offline_env()
         if args.api_key:
             env["OPENAI_API_KEY"] = args.api_key
         # The task files name their data relative to the repository root.
