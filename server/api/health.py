@@ -67,3 +67,11 @@ def _not_ready_reason(engine: EngineClient, bound_s: float) -> str:
                              "description": "Prometheus text exposition format"}})
 async def metrics(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# HEAD wherever GET is (RFC 9110 asks it of every GET resource): monitoring and load tools
+# probe with it (aiperf looks for the Prometheus scrape with HEAD /metrics). The same handler
+# answers, with the body left off; kept out of the OpenAPI schema.
+for _route in list(router.routes):
+    router.add_api_route(_route.path, _route.endpoint, methods=["HEAD"],
+                         include_in_schema=False)
