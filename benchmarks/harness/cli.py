@@ -55,10 +55,10 @@ VLLM_SETTLE_S = 2.0
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("workload", choices=[*WORKLOADS, *SCENARIOS, "soak", "cpu-contention",
-                                        "list"],
-                   help="what to run; 'list' prints the workloads; 'soak' and "
-                        "'cpu-contention' have options of their own (python -m benchmarks "
-                        "soak --help)")
+                                        "tools", "list"],
+                   help="what to run; 'list' prints the workloads; 'soak', "
+                        "'cpu-contention' and 'tools' have options of their own (python -m "
+                        "benchmarks soak --help)")
     p.add_argument("--engine", choices=ENGINES, default="builtin",
                    help="the engine the http system's server runs (its --engine; default "
                         "builtin). vllm: --kv-cache-memory twice what the workload's rows "
@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.cpu_contention import main as contention
 
         return contention(argv[1:])
+    if argv[:1] == ["tools"]:  # guidellm, aiperf, litellm unchanged against the real server
+        from benchmarks.tools.cli import main as tools
+
+        return tools(argv[1:])
     args = build_parser().parse_args(argv)
     # A time limit's SIGTERM unwinds like an error: the servers stop and their log is shown.
     signal.signal(signal.SIGTERM, exit_on_signal)
@@ -131,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
               "with adapter churn and disconnects: 5xx, latency over time, RSS growth")
         print(f"{'cpu-contention':<15} the real server's cpu-ref throughput beside a busy core, "
               "as a ratio to a quiet run, per --torch-threads setting")
+        print(f"{'tools':<15} guidellm, aiperf and litellm, unchanged, against the real server "
+              "with a small request count: every request must succeed")
         return 0
     # A run on the vllm engine keeps the builtin engine's figures for the same workload.
     name = args.workload + ("-vllm" if args.engine == "vllm" else "")
