@@ -15,6 +15,11 @@ for the real server (a subprocess on loopback) with the prefix cache on and with
                                       [--virtual-tokens 256] [--adapters 8] [--requests 256]
                                       [--samples 24] [--new-tokens 16] [--json PATH]
                                       [--template TEMPLATE] [--modes prefix-cache,...]
+                                      [--engine builtin|vllm]
+
+`--engine vllm` runs the same requests on the vLLM engine (vLLM installed; its prefix cache is
+vLLM's own) and adds the mean time the server took to build a request's prompt embeddings
+(`softprompt_prompt_build_seconds`).
 
 `--template` uploads the adapters with a P-tuning template instead of as prefixes (the same
 rows, spliced around the text with anchors), to compare what templated adapters cost.
@@ -56,6 +61,7 @@ WORKLOAD = Workload(
 
 
 MODES = {"prefix-cache": [], "no-prefix-cache": ["--no-prefix-cache"]}
+ENGINES = {"builtin": [], "vllm": ["--engine", "vllm"]}
 
 
 def populate(workload: Workload, store_dir: Path, template: str | None) -> None:
@@ -136,12 +142,25 @@ async def measure(url: str, args: argparse.Namespace, vocab: int) -> dict:
                                args.new_tokens)
     with httpx.Client(base_url=url) as sync:
         counters = prefix_counters(sync)
+        build = prompt_build(sync)
     med = statistics.median
     return {"ttft_ms": {"cold_p50": round(1000 * med(cold), 2),
                         "warm_p50": round(1000 * med(warm), 2),
                         "bare_p50": round(1000 * med(bare), 2),
                         "warm_over_bare": round(med(warm) / med(bare), 3)},
-            "throughput": run, "prefix_metrics": counters}
+            "throughput": run, "prefix_metrics": counters, "prompt_build": build}
+
+
+def prompt_build(client: httpx.Client) -> dict[str, float] | None:
+    """The mean and count of softprompt_prompt_build_seconds (vLLM engine only), or None."""
+    found: dict[str, float] = {}
+    for line in client.get("/metrics").text.splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f"softprompt_prompt_build_seconds_{part} "):
+                found[part] = float(line.rsplit(" ", 1)[1])
+    if not found.get("count"):
+        return None
+    return {"requests": found["count"], "mean_ms": round(1000 * found["sum"] / found["count"], 4)}
 
 
 def main() -> None:
@@ -158,6 +177,8 @@ def main() -> None:
                         help="upload the adapters with this P-tuning template")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="comma-separated: prefix-cache, no-prefix-cache")
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="builtin",
+                        help="the server's engine (vllm: vLLM installed)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -167,7 +188,8 @@ def main() -> None:
     workload = WORKLOAD.with_overrides(shape=shape, dtype=args.dtype, device=args.device,
                                        adapters=args.adapters,
                                        virtual_tokens=args.virtual_tokens)
-    results: dict = {"workload": workload.to_json(), "template": args.template, "runs": {}}
+    results: dict = {"workload": workload.to_json(), "template": args.template,
+                     "engine": args.engine, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = build_model(shape, root / "model", dtype=args.dtype, device=args.device)
@@ -179,7 +201,7 @@ def main() -> None:
                                    "--max-virtual-tokens", str(args.virtual_tokens),
                                    "--max-wait-ms", "0", "--max-queue", str(4 * args.requests),
                                    "--tenant-max-concurrent-requests", str(4 * args.requests),
-                                   "--log-level", "warning", *flags)
+                                   "--log-level", "warning", *ENGINES[args.engine], *flags)
             server.args[server.args.index("--device") + 1] = args.device
             server.args[server.args.index("--dtype") + 1] = args.dtype
             server.start(timeout=180)  # within run_checks.sh's limit for this step
@@ -192,7 +214,7 @@ def main() -> None:
     runs = results["runs"]
     shape_of = "prefix" if args.template is None else f"template {args.template!r}"
     print(f"\nlong-prompts ({args.virtual_tokens} virtual tokens as {shape_of}, {args.device}, "
-          f"{args.dtype})")
+          f"{args.dtype}, engine {args.engine})")
     print(f"{'':>18} {'warm TTFT':>10} {'bare TTFT':>10} {'warm/bare':>10} {'cold TTFT':>10} "
           f"{'tok/s':>8}")
     for mode, run in runs.items():
@@ -200,6 +222,10 @@ def main() -> None:
         print(f"{mode:>18} {t['warm_p50']:>8.1f}ms {t['bare_p50']:>8.1f}ms "
               f"{t['warm_over_bare']:>9.2f}x {t['cold_p50']:>8.1f}ms "
               f"{run['throughput']['tokens_per_s']:>8.1f}")
+    for mode, run in runs.items():
+        if run["prompt_build"] is not None:
+            print(f"{mode:>18} prompt embeddings built in {run['prompt_build']['mean_ms']:.3f} ms "
+                  f"on average ({run['prompt_build']['requests']:.0f} requests)")
     if len(runs) == 2:
         on, off = runs["prefix-cache"], runs["no-prefix-cache"]
         speedup = on["throughput"]["tokens_per_s"] / off["throughput"]["tokens_per_s"]

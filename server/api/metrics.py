@@ -27,6 +27,8 @@ PREFIX = "softprompt_"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# A prompt's embeddings are built in tens of microseconds to a few milliseconds.
+_BUILD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 # engine.stats() key -> (metric name without prefix, help). Unknown keys are exported too,
 # as softprompt_engine_<key>, so a new engine gauge shows up without an API change.
@@ -183,6 +185,10 @@ class ApiMetrics:
         self.adapter_load = Histogram(PREFIX + "adapter_load_seconds",
                                       "Loading one adapter from the store onto the device.",
                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_build = Histogram(
+            PREFIX + "prompt_build_seconds", "Building one request's prompt embeddings from its "
+            "adapter's resident rows and its text (--engine vllm only).",
+            buckets=_BUILD_BUCKETS, registry=r)
         self.http_in_flight = 0  # changed on the event loop only, by EdgeMiddleware
 
     def bind_engine(self, engine: EngineClient) -> None:
@@ -225,3 +231,6 @@ class ApiMetrics:
 
     def adapter_loaded(self, seconds: float) -> None:
         self.adapter_load.observe(seconds)
+
+    def prompt_built(self, seconds: float) -> None:
+        self.prompt_build.observe(seconds)

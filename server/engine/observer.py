@@ -45,6 +45,12 @@ class EngineObserver(Protocol):
         """Time to load one adapter from the store onto the model's device (cache miss)."""
         ...
 
+    def prompt_built(self, seconds: float) -> None:
+        """Time to build one request's prompt embeddings from its adapter's resident rows and
+        its text (the vLLM engine, which takes prompts as embeddings; the built-in engine
+        reads the rows in place and reports none)."""
+        ...
+
 
 class NullObserver:
     """Default when nobody listens."""
@@ -65,6 +71,9 @@ class NullObserver:
         pass
 
     def adapter_loaded(self, seconds: float) -> None:
+        pass
+
+    def prompt_built(self, seconds: float) -> None:
         pass
 
 
@@ -102,3 +111,6 @@ class GuardedObserver:
 
     def adapter_loaded(self, seconds: float) -> None:
         self._call("adapter_loaded", seconds)
+
+    def prompt_built(self, seconds: float) -> None:
+        self._call("prompt_built", seconds)

@@ -296,6 +296,8 @@ def test_softprompt_metrics_keep_their_names(client):
                  "softprompt_prompt_cache_hits_total", "softprompt_queue_depth",
                  "vllm:prefix_cache_queries_total"):
         assert name in text, name
+    # Every request of an adapter served so far had its prompt embeddings built and timed.
+    assert total(text, "softprompt_prompt_build_seconds_count") >= 1
 
 
 def test_a_second_tenant_goes_before_the_first_tenants_backlog(served):

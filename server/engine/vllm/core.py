@@ -209,9 +209,11 @@ class VllmRequest(RowDeltaStream):
         if request.adapter_id is not None:
             assert self._version is not None
             rows = await core.prompts.get(request.namespace, request.adapter_id, self._version)
+        building = time.perf_counter()
         compiled = compile_prompt(request.prompt_ids, self.virtual_tokens, self._layout,
                                   placeholder=placeholder_for(params, core.vocab_size))
         prompt = vllm_prompt(compiled, rows, cache_salt=request.namespace)
+        core.observer.prompt_built(time.perf_counter() - building)
         vparams = sampling_params(params, seed=params.seed)
         first = True
         async for output in core.llm.generate(prompt, vparams, request_id=self._vllm_id):

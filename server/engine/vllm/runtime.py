@@ -63,7 +63,8 @@ def build_vllm_core(settings: Settings, store: AdapterStore, *, observer: Engine
         # reserve a core; let its threads run where the OS puts them unless told otherwise.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     started = time.monotonic()
-    llm = _start(settings, str(source), dtype=dtype, cuda=cuda)
+    llm = _start(settings, str(source), dtype=dtype, cuda=cuda,
+                 context=settings.max_model_len or max_context_of(text, tokenizer))
     vocab = int(text.vocab_size)
     max_len = int(getattr(getattr(llm, "model_config", None), "max_model_len", 0) or
                   min(max_context_of(text, tokenizer), settings.max_model_len or 1 << 30))
@@ -88,7 +89,8 @@ def build_vllm_core(settings: Settings, store: AdapterStore, *, observer: Engine
     return loaded, core
 
 
-def _start(settings: Settings, source: str, *, dtype: torch.dtype, cuda: bool) -> Any:
+def _start(settings: Settings, source: str, *, dtype: torch.dtype, cuda: bool,
+           context: int) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -98,13 +100,17 @@ def _start(settings: Settings, source: str, *, dtype: torch.dtype, cuda: bool) -
     backend = "ray" if cuda and world > torch.cuda.device_count() else None
     kv = parse_kv_cache_memory(settings.kv_cache_memory)
     kv_bytes = kv if isinstance(kv, int) else (None if cuda else CPU_KV_CACHE_BYTES)
+    # On a CPU, whole prefills only. A prompt prefilled in chunks draws a token at each chunk
+    # that is thrown away, and vLLM then winds a seeded request's generator back, which a CPU
+    # generator cannot do: the engine core dies, failing every tenant's request. Without
+    # chunking the step budget must hold the longest prompt.
+    budget = max(settings.max_batch_tokens, (settings.max_model_len or 0) if cuda else context)
     args = AsyncEngineArgs(
         model=source, tokenizer=source, served_model_name=settings.model,
         dtype=str(dtype).removeprefix("torch."), enable_prompt_embeds=True,
         enable_prefix_caching=settings.prefix_cache,
         max_model_len=settings.max_model_len or None, max_num_seqs=settings.max_batch_size,
-        max_num_batched_tokens=max(settings.max_batch_tokens, settings.max_model_len or 0)
-        or None,
+        max_num_batched_tokens=budget, enable_chunked_prefill=cuda,
         tensor_parallel_size=settings.tensor_parallel_size,
         pipeline_parallel_size=settings.pipeline_parallel_size,
         data_parallel_size=settings.data_parallel_size,
