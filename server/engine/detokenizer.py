@@ -50,8 +50,10 @@ def token_bytes(tokenizer: Any, token_id: int) -> bytes:
     """The bytes one token stands for. Its text decoded alone, encoded, whenever that text is
     whole; a token holding part of a character (its text alone is U+FFFD) gives its own
     bytes instead: a byte-fallback piece `<0xE2>`, or a byte-level (GPT-2 style) piece's
-    characters mapped back to their bytes. Anything else falls back to the text's bytes."""
-    text = tokenizer.decode([token_id], **DECODE_KWARGS)
+    characters mapped back to their bytes. Anything else falls back to the text's bytes. A
+    special token gives its own text's bytes too: these are the bytes of the token a logprob
+    names, whatever a request's skip_special_tokens does to the output text."""
+    text = tokenizer.decode([token_id], **decode_kwargs(skip_special_tokens=False))
     if _REPLACEMENT not in text:
         return text.encode()
     piece = tokenizer.convert_ids_to_tokens(token_id)

@@ -1,7 +1,14 @@
-"""One real server per test module, on the tiny Llama-shaped model, plus PEFT-made adapters."""
+"""One real server per test module, on the tiny Llama-shaped model, plus PEFT-made adapters.
+
+Modules that take ENGINE_MODES run against the built-in engine in process and in its own
+process and, where vLLM is installed (the environment `.ci/vllm-env` builds), against
+`--engine vllm` too: the same requests, the same expected answers. Select those with
+`pytest -k onvllm tests/e2e`.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import tarfile
 from pathlib import Path
 
@@ -11,7 +18,9 @@ import pytest
 from tests.e2e.server_process import ServerProcess
 from tests.factories import make_adapter, make_encoder_checkpoint, with_chat_template
 
-ARCH = "llama"
+# Heads of 32 dimensions: vLLM's CPU attention takes no smaller, and the built-in engine
+# does not care, so one model serves every engine mode.
+ARCH = "llama-hd32"
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +80,17 @@ def upload_archive(client: httpx.Client, adapter_id: str, archive: Path) -> http
 
 
 SERVER_FLAGS = ("--max-batch-size", "32", "--max-wait-ms", "10", "--max-upload-bytes", "1000000")
-# A module overrides `server` with these params to run its tests against both engine modes.
-ENGINE_MODES = {"params": [(), ("--engine-process",)], "ids": ["in-process", "engine-process"]}
+# vLLM's engine on a CPU: a small KV cache and context, so a module's engine starts in about a
+# minute; flags given after SERVER_FLAGS win.
+VLLM_MODE = ("--engine", "vllm", "--kv-cache-memory", "128MiB", "--max-model-len", "512",
+             "--max-batch-size", "8")
+VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
+# A module overrides its server fixture with these params to run its tests against every
+# engine: the built-in one in process and in a process of its own, and vLLM where installed.
+ENGINE_MODES = {
+    "params": [(), ("--engine-process",), *([VLLM_MODE] if VLLM_INSTALLED else [])],
+    "ids": ["in-process", "engine-process", *(["onvllm"] if VLLM_INSTALLED else [])],
+}
 
 
 @pytest.fixture(scope="module")

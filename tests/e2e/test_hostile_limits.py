@@ -215,12 +215,17 @@ def test_a_large_prompt_is_tokenized_off_the_event_loop(lclient, limits_server):
 
 
 def test_unknown_methods_share_one_metric_label(lclient):
+    reached_the_app = []
     for i in range(5):
         r = lclient.request(f"BREW{i}", "/v1/generate")
         assert 400 <= r.status_code < 500
+        reached_the_app.append(r.headers.get("content-type", "").startswith("application/json"))
     text = lclient.get("/metrics").text
     assert "BREW" not in text
-    assert 'method="other"' in text
+    # uvicorn's httptools parser (installed beside vLLM) refuses an unknown method before the
+    # app sees it, so nothing is counted; where the app sees them, they share one label.
+    if any(reached_the_app):
+        assert 'method="other"' in text
 
 
 def _raw_request(port: int, head: bytes, body_part: bytes) -> tuple[bytes, float]:

@@ -312,7 +312,8 @@ def test_tokenize_counts_virtual_tokens_and_detokenize_inverts(http, adapter, re
     assert with_adapter["token_strs"] == [ref.text(i) for i in ids]
     bare = http.post("/tokenize", json={"prompt": PROMPT, "add_special_tokens": False}).json()
     assert bare["tokens"] == ref.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    # A templated adapter: its anchors count too, as usage.prompt_tokens counts them.
+    # A templated adapter: its anchors count in `count`, as usage.prompt_tokens counts them;
+    # `virtual_tokens` is the adapter's rows alone, as /v1/generate's usage says.
     template = "{soft:2} Review: {text}{soft}"
     files = {name: (name, (adapter_dirs["prompt_tuning"][0] / name).read_bytes())
              for name in ("adapter_config.json", "adapter_model.safetensors")}
@@ -322,7 +323,7 @@ def test_tokenize_counts_virtual_tokens_and_detokenize_inverts(http, adapter, re
     assert r.status_code == 201, r.text
     anchors = len(ref.tokenizer(" Review: ", add_special_tokens=False)["input_ids"])
     templated = http.post("/tokenize", json={"model": "feat-tpl", "prompt": PROMPT}).json()
-    assert templated["virtual_tokens"] == 4 + anchors
+    assert templated["virtual_tokens"] == 4
     assert templated["count"] == len(ids) + 4 + anchors
     # Chat messages: the ids chat completions would send, with or without the assistant turn.
     messages = [{"role": "user", "content": "Hi"}]

@@ -1,8 +1,9 @@
-"""vLLM's request extensions on the built-in engine, through HTTP, in process and with
---engine-process (the parameters cross the pipe): ignore_eos, min_tokens, stop_token_ids,
-include_stop_str_in_output, skip_special_tokens, add_special_tokens,
-stream_options.continuous_usage_stats, return_tokens_as_token_ids and chat logprobs' bytes.
-The checks are tests/e2e/vllm_extensions.py's, shared with the vllm engine's tests."""
+"""vLLM's request extensions on every engine, through HTTP: the built-in one in process and
+with --engine-process (the parameters cross the pipe), and vLLM where installed: ignore_eos,
+min_tokens, stop_token_ids, include_stop_str_in_output, skip_special_tokens,
+add_special_tokens, stream_options.continuous_usage_stats, return_tokens_as_token_ids and
+chat logprobs' bytes.
+The checks are tests/e2e/vllm_extensions.py's."""
 
 from __future__ import annotations
 

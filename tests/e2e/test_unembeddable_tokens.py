@@ -16,7 +16,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from tests.e2e.conftest import ENGINE_MODES, SERVER_FLAGS, upload
+from tests.e2e.conftest import ARCH, ENGINE_MODES, SERVER_FLAGS, upload
 from tests.e2e.server_process import ServerProcess
 from tests.factories import (
     UNEMBEDDABLE_TOKENS,
@@ -46,7 +46,7 @@ def setup(tiny_model_dirs, tmp_path_factory):
     """(the model whose tokenizer outgrew its embedding, a keys file, a store written while the
     tokenizer was the plain one, the adapter dir)."""
     root = tmp_path_factory.mktemp("unembeddable")
-    plain = with_chat_template(tiny_model_dirs["llama"], root / "plain")
+    plain = with_chat_template(tiny_model_dirs[ARCH], root / "plain")
     grown = with_unembeddable_tokens(plain, root / "grown")
     keys = root / "keys.json"
     keys.write_text(json.dumps({"tenants": [{"name": n, "keys": [k]} for n, k in KEYS.items()]}))

@@ -1,7 +1,7 @@
 """vLLM's request extensions, checked through HTTP the same way on either engine.
 
-tests/e2e/test_openai_vllm_extensions.py runs these against the built-in engine and
-tests/vllm/test_vllm_extensions.py against the vllm engine. The served model is a copy of a
+tests/e2e/test_openai_vllm_extensions.py runs these against every engine (the built-in one in
+process and in its own process, and vLLM where installed). The served model is a copy of a
 tiny model whose generation config names a second end-of-sequence id, T: a printable byte
 that the adapter's greedy continuation of PROMPT reaches at step K, and that the tokenizer
 treats as a special token (as real models' eos is). So plain greedy output ends at step K,
