@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
+import torch
 
 from benchmarks.harness.fixtures import RequestSpec, warm_up_requests
 from benchmarks.harness.results import Run
@@ -38,6 +39,10 @@ class HttpRunner:
         for name in _FLAGS:
             value = getattr(settings, name)
             flags += ["--" + name.replace("_", "-"), str(getattr(value, "value", value))]
+        # The same compute threads as the baselines that run in this process (plain generate,
+        # the in-process engine): the comparison is of engines, not of thread policies (the
+        # server's own default leaves a core to its HTTP process).
+        flags += ["--torch-threads", str(settings.torch_threads or torch.get_num_threads())]
         self.server = ServerProcess(Path(settings.model), Path(settings.store), log_path, *flags)
         self.server.start(timeout=1800)
         self.startup_s = self.server.startup_s
