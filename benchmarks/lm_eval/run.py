@@ -266,11 +266,16 @@ def lm_eval_command(args: argparse.Namespace, *, url: str, model: str, tokenizer
             "--include_path", str(TASKS_DIR), *extra]
 
 
+def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    """This script's arguments, and after a `--` those passed through to lm-eval."""
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+    argv, extra = split_extra(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--lm-eval", default=os.environ.get("LM_EVAL", "lm_eval"),
