@@ -14,23 +14,19 @@ configuration.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import importlib.util
 import io
 import json
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import httpx
 import torch
 from safetensors import safe_open
 
-from benchmarks.harness.fixtures import RequestSpec, adapter_embeddings, warm_up_requests
-from benchmarks.harness.http_runner import counted_lines
-from benchmarks.harness.results import Run
+from benchmarks.harness.fixtures import RequestSpec, adapter_embeddings
+from benchmarks.harness.http_runner import StreamingRunner
 from benchmarks.harness.workloads import Workload, vllm_kv_cache
 from server.config import Settings, parse_kv_cache_memory
 from tests.e2e.server_process import LoopbackProcess
@@ -108,14 +104,15 @@ class VllmPeerServer(LoopbackProcess):
         return env
 
 
-class VllmPeerRunner:
+class VllmPeerRunner(StreamingRunner):
     """The `vllm-peer` baseline: one streaming client per request, all started at t=0, as the
     http system's clients are."""
+
+    path = "/v1/completions"
 
     def __init__(self, workload: Workload, settings: Settings, model_dir: Path,
                  requests: list[RequestSpec], log_path: Path) -> None:
         require_vllm("the vllm-peer baseline")
-        self.requests = requests
         self.word_embeddings = input_embeddings(model_dir)  # [vocab, hidden]
         self.adapter_rows = {i: adapter_embeddings(workload, i)  # [virtual, hidden] each
                              for i in sorted({r.adapter for r in requests} - {None})}
@@ -124,63 +121,18 @@ class VllmPeerRunner:
         assert isinstance(kv, int)
         self.server = VllmPeerServer(model_dir, settings, log_path, kv_cache_bytes=kv)
         self.server.start(timeout=1800.0)
-        self.loop = asyncio.new_event_loop()
-        self.client = httpx.AsyncClient(
-            base_url=self.server.url, timeout=httpx.Timeout(3600, connect=60),
-            limits=httpx.Limits(max_connections=len(requests) + 8,
-                                max_keepalive_connections=len(requests) + 8))
+        self._connect(requests)
 
-    @property
-    def startup_s(self) -> float | None:
-        return self.server.startup_s
+    def body(self, spec: RequestSpec) -> bytes:
+        return completion_body(self.server.model, spec, self.word_embeddings, self.adapter_rows)
 
-    def warm_up(self, *, with_adapters: bool) -> None:
-        self.loop.run_until_complete(self._round(warm_up_requests(self.requests, with_adapters),
-                                                 lambda _: None))
+    def is_token(self, event: dict[str, Any]) -> bool:
+        return bool(event.get("choices"))
 
-    def run(self, tick: Callable[[int], None]) -> Run:
-        return self.loop.run_until_complete(self._round(self.requests, tick))
-
-    async def _round(self, requests: list[RequestSpec], tick: Callable[[int], None]) -> Run:
-        latencies = [0.0] * len(requests)
-        ttfts = [0.0] * len(requests)
-        sent = [0] * len(requests)
-        received = [0] * len(requests)
-        t0 = time.perf_counter()
-
-        async def one(k: int, spec: RequestSpec) -> int:
-            content = completion_body(self.server.model, spec, self.word_embeddings,
-                                      self.adapter_rows)
-            sent[k] = len(content)
-            usage = None
-            async with self.client.stream("POST", "/v1/completions", content=content,
-                                          headers={"content-type": "application/json"}) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:500]!r}")
-                async for line in counted_lines(r, received, k):
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line.removeprefix("data: "))
-                    if chunk.get("choices") and not ttfts[k]:
-                        ttfts[k] = time.perf_counter() - t0
-                    usage = chunk.get("usage") or usage
-            latencies[k] = time.perf_counter() - t0
-            tick(1)
-            virtual = 0 if spec.adapter is None else len(self.adapter_rows[spec.adapter])
-            if usage is None:
-                raise RuntimeError("vLLM's stream ended without usage")
-            assert usage["prompt_tokens"] == virtual + len(spec.prompt_ids), usage
-            assert usage["completion_tokens"] == spec.new_tokens, usage
-            return spec.new_tokens
-
-        tokens = sum(await asyncio.gather(*(one(k, s) for k, s in enumerate(requests))))
-        return Run(seconds=time.perf_counter() - t0, tokens=tokens, requests=len(requests),
-                   latencies_s=latencies, ttft_s=ttfts,
-                   extra={"request_bytes": sum(sent) / len(sent),
-                          "response_bytes": sum(received) / len(received)})
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.client.aclose())
-        self.loop.close()
-        self.server.stop()
-
+    def check(self, spec: RequestSpec, events: list[dict[str, Any]]) -> None:
+        usage = next((e["usage"] for e in reversed(events) if e.get("usage")), None)
+        if usage is None:
+            raise RuntimeError("vLLM's stream ended without usage")
+        virtual = 0 if spec.adapter is None else len(self.adapter_rows[spec.adapter])
+        assert usage["prompt_tokens"] == virtual + len(spec.prompt_ids), usage
+        assert usage["completion_tokens"] == spec.new_tokens, usage
