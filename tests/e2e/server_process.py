@@ -111,3 +111,14 @@ def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
         if sample_name == name and got == want:
             return float(value)
     return 0.0
+
+
+def summed_metric(text: str, name: str) -> float:
+    """The sum of a metric's samples over every label set (vLLM labels by model and engine);
+    0 when absent."""
+    found = 0.0
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if not line.startswith("#") and sample.partition("{")[0] == name:
+            found += float(value)
+    return found

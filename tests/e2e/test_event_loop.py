@@ -122,17 +122,34 @@ def test_token_strings_of_a_long_prompt_leave_health_checks_answered(roomy, loop
     assert body["token_strs"] == [alone[i] for i in ids]  # each id decoded alone
 
 
-@pytest.mark.slow
-def test_n_echoed_choices_with_top_logprobs_leave_health_checks_answered(roomy, loop_server):
-    model = roomy.get("/v1/models").json()["data"][0]["id"]
-    prompt = "the quick brown fox " * 24  # 480 byte tokens; with 20 new, 501 of 512
-    request = {"model": model, "prompt": prompt, "max_tokens": 20, "n": 32, "echo": True,
-               "logprobs": 20, "temperature": 1.0, "seed": 3, "ignore_eos": True}
-    with HealthProbe(loop_server.url) as probe:
+ECHO_PROMPT = "the quick brown fox " * 24  # 480 byte tokens
+ECHOED_CHOICES = 32
+
+
+def _probed_echo(client: httpx.Client, url: str, *, new_tokens: int,
+                 seed: int) -> tuple[httpx.Response, HealthProbe, float, float]:
+    """32 echoed choices of ECHO_PROMPT with 20 top logprobs per token, sent while health
+    checks are probed: (the answer, the probe, when it was sent, when it was answered)."""
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    request = {"model": model, "prompt": ECHO_PROMPT, "max_tokens": new_tokens,
+               "n": ECHOED_CHOICES, "echo": True, "logprobs": 20, "temperature": 1.0,
+               "seed": seed, "ignore_eos": True}
+    with HealthProbe(url) as probe:
         started = time.perf_counter()
-        r = roomy.post("/v1/completions", json=request)
+        r = client.post("/v1/completions", json=request)
         ended = time.perf_counter()
     assert r.status_code == 200, r.text[:500]
+    choices = r.json()["choices"]
+    assert len(choices) == ECHOED_CHOICES
+    for choice in choices:
+        assert len(choice["logprobs"]["top_logprobs"]) == 1 + 480 + new_tokens
+    return r, probe, started, ended
+
+
+@pytest.mark.slow
+def test_n_echoed_choices_with_top_logprobs_leave_health_checks_answered(roomy, loop_server):
+    # 480 prompt tokens and 20 new: 501 of the context's 512.
+    r, probe, started, ended = _probed_echo(roomy, loop_server.url, new_tokens=20, seed=3)
     # The engine's part (generating, and under --engine-process receiving the rows) is not
     # what is checked here: the window is what came after it, writing 32 choices of 501
     # tokens with 21 logprobs each.
@@ -140,11 +157,8 @@ def test_n_echoed_choices_with_top_logprobs_leave_health_checks_answered(roomy, 
     assert ended > window_start
     silence = probe.longest_silence(window_start, ended)
     assert silence < (ended - window_start) / 2, (silence, ended - window_start)
-    choices = r.json()["choices"]
-    assert len(choices) == 32
-    for choice in choices:
-        assert choice["text"].startswith(prompt)
-        assert len(choice["logprobs"]["top_logprobs"]) == 1 + 480 + 20
+    for choice in r.json()["choices"]:
+        assert choice["text"].startswith(ECHO_PROMPT)
         assert choice["logprobs"]["top_logprobs"][-1]  # the last token's top logprobs
 
 
@@ -157,21 +171,10 @@ def test_rows_from_the_engine_process_leave_health_checks_answered(roomy, loop_s
     arrive and are decoded (for about a tenth of it or more) shows."""
     if "--engine-process" not in loop_server.args:
         pytest.skip("in process, no rows cross a pipe")
-    model = roomy.get("/v1/models").json()["data"][0]["id"]
-    prompt = "the quick brown fox " * 24  # 480 byte tokens
-    request = {"model": model, "prompt": prompt, "max_tokens": 1, "n": 32, "echo": True,
-               "logprobs": 20, "temperature": 1.0, "seed": 5, "ignore_eos": True}
-    with HealthProbe(loop_server.url) as probe:
-        started = time.perf_counter()
-        r = roomy.post("/v1/completions", json=request)
-        ended = time.perf_counter()
-    assert r.status_code == 200, r.text[:500]
+    r, probe, started, ended = _probed_echo(roomy, loop_server.url, new_tokens=1, seed=5)
     silence = probe.longest_silence(started, ended)
     assert silence < (ended - started) / 20, (silence, ended - started)
-    choices = r.json()["choices"]
-    assert len(choices) == 32
-    for choice in choices:
-        assert len(choice["logprobs"]["top_logprobs"]) == 1 + 480 + 1
+    for choice in r.json()["choices"]:
         assert choice["logprobs"]["top_logprobs"][1]  # a prompt token's top logprobs
 
 

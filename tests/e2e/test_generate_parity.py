@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.e2e.conftest import ENGINE_MODES, SERVER_FLAGS, tar_gz, upload, upload_archive
-from tests.e2e.server_process import ServerProcess, metric
+from tests.e2e.server_process import ServerProcess, metric, summed_metric
 from tests.factories import load_peft_reference, reference_greedy
 
 PROMPTS = ["Tweet: I love it. Label:", "hello", "The quick brown fox", "a", "2 + 2 =",
@@ -106,7 +106,7 @@ def test_generated_tokens_counter_rises_by_completion_tokens(client, server):
     if "vllm" in server.args:
         # The batch histograms are the built-in engine's; vLLM counts its own steps' tokens.
         after = _wait_for_rise(client, before, "vllm:generation_tokens_total", total)
-        assert _summed(after, "vllm:generation_tokens_total") - _summed(
+        assert summed_metric(after, "vllm:generation_tokens_total") - summed_metric(
             before, "vllm:generation_tokens_total") == total
     else:
         assert (metric(after, "softprompt_batch_size_count")
@@ -129,22 +129,13 @@ def test_generated_tokens_counter_rises_by_completion_tokens(client, server):
     assert 'adapter_id="' not in after and "par-" not in after  # no adapter-id labels
 
 
-def _summed(text: str, name: str) -> float:
-    """A metric's samples summed over their label sets (vLLM labels by model and engine)."""
-    found = 0.0
-    for line in text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        if not line.startswith("#") and sample.partition("{")[0] == name:
-            found += float(value)
-    return found
-
-
 def _wait_for_rise(client: httpx.Client, before: str, name: str, by: float) -> str:
     """The scrape once `name` rose by `by` (vLLM's stats reach its counters a moment after the
     answers); the bound is for a hang only."""
     deadline = time.monotonic() + 60
     while True:
         after = client.get("/metrics").text
-        if _summed(after, name) - _summed(before, name) >= by or time.monotonic() > deadline:
+        rose = summed_metric(after, name) - summed_metric(before, name)
+        if rose >= by or time.monotonic() > deadline:
             return after
         time.sleep(0.05)

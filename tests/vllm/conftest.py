@@ -55,15 +55,3 @@ def upload(client: httpx.Client, tenant: str, adapter_id: str, adapter_dir: Path
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs[ARCH]
-
-
-def total(text: str, name: str) -> float:
-    """The sum of a metric's samples over every label set (vLLM labels by model and engine)."""
-    found = 0.0
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        sample, _, value = line.rpartition(" ")
-        if sample.partition("{")[0] == name:
-            found += float(value)
-    return found

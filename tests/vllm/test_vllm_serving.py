@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.e2e.server_process import metric
+from tests.e2e.server_process import metric, summed_metric
 from tests.factories import (
     greedy_by_recomputation,
     greedy_from_embeddings,
@@ -27,7 +27,7 @@ from tests.factories import (
     penalized_greedy,
     spliced_embeddings,
 )
-from tests.vllm.conftest import auth, total, upload, vllm_server
+from tests.vllm.conftest import auth, upload, vllm_server
 
 TEXTS = ["Tweet: I love it. Label:", "hello", "The quick brown fox", "a", "2 + 2 =",
          "Once upon a time"]
@@ -237,12 +237,12 @@ def test_an_aborted_stream_leaves_vllm(client, served):
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break
-        running = total(client.get("/metrics").text, "vllm:num_requests_running")
+        running = summed_metric(client.get("/metrics").text, "vllm:num_requests_running")
         assert running >= 1
     deadline = time.monotonic() + PATIENCE_S
     while time.monotonic() < deadline:
         text = client.get("/metrics").text
-        if (total(text, "vllm:num_requests_running") == 0
+        if (summed_metric(text, "vllm:num_requests_running") == 0
                 and metric(text, "softprompt_in_flight_requests") == 0):
             break
         time.sleep(0.2)
@@ -262,15 +262,15 @@ def test_an_adapter_version_shares_the_prefix_cache_and_a_new_version_does_not(
     def hits_after(text: str) -> float:
         """The hits counter once vLLM has counted this request's prefix lookup: its queries
         counter has grown by the soft prompt at least (both come in the same stats record)."""
-        queried = total(client.get("/metrics").text, "vllm:prefix_cache_queries_total")
+        queried = summed_metric(client.get("/metrics").text, "vllm:prefix_cache_queries_total")
         r = client.post("/v1/generate", headers=auth("tenant-a"), json={
             "adapter_id": "long-prompt", "text": text, "max_new_tokens": 2})
         assert r.status_code == 200, r.text
         deadline = time.monotonic() + PATIENCE_S
         while time.monotonic() < deadline:
             scrape = client.get("/metrics").text
-            if total(scrape, "vllm:prefix_cache_queries_total") >= queried + 160:
-                return total(scrape, "vllm:prefix_cache_hits_total")
+            if summed_metric(scrape, "vllm:prefix_cache_queries_total") >= queried + 160:
+                return summed_metric(scrape, "vllm:prefix_cache_hits_total")
             time.sleep(0.1)
         pytest.fail("vLLM never counted the request's prefix-cache lookup")
 
@@ -297,7 +297,7 @@ def test_softprompt_metrics_keep_their_names(client):
                  "vllm:prefix_cache_queries_total"):
         assert name in text, name
     # Every request of an adapter served so far had its prompt embeddings built and timed.
-    assert total(text, "softprompt_prompt_build_seconds_count") >= 1
+    assert summed_metric(text, "softprompt_prompt_build_seconds_count") >= 1
 
 
 def test_a_second_tenant_goes_before_the_first_tenants_backlog(served):
