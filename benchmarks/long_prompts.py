@@ -52,7 +52,7 @@ from benchmarks.harness.fixtures import (  # noqa: E402
 )
 from benchmarks.harness.server_log import log_on_failure  # noqa: E402
 from benchmarks.harness.workloads import GPT2_SMALL, Workload  # noqa: E402
-from tests.e2e.server_process import ServerProcess  # noqa: E402
+from tests.e2e.server_process import ServerProcess, metric  # noqa: E402
 
 WORKLOAD = Workload(
     "long-prompts", "GPT-2-small shape: adapters of 256 virtual tokens, texts of 3 to 16 tokens",
@@ -119,9 +119,9 @@ async def throughput(client: httpx.AsyncClient, adapters: int, prompts: list[str
             "tokens_per_s": round(tokens / wall, 1)}
 
 
-def prefix_counters(client: httpx.Client) -> dict[str, float]:
+def prefix_counters(scrape: str) -> dict[str, float]:
     out = {}
-    for line in client.get("/metrics").text.splitlines():
+    for line in scrape.splitlines():
         if line.startswith("softprompt_prefix_cache_") and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             out[name.removeprefix("softprompt_")] = float(value)
@@ -141,26 +141,23 @@ async def measure(url: str, args: argparse.Namespace, vocab: int) -> dict:
         run = await throughput(client, args.adapters, texts(args.requests, 3, vocab),
                                args.new_tokens)
     with httpx.Client(base_url=url) as sync:
-        counters = prefix_counters(sync)
-        build = prompt_build(sync)
+        scrape = sync.get("/metrics").text
     med = statistics.median
     return {"ttft_ms": {"cold_p50": round(1000 * med(cold), 2),
                         "warm_p50": round(1000 * med(warm), 2),
                         "bare_p50": round(1000 * med(bare), 2),
                         "warm_over_bare": round(med(warm) / med(bare), 3)},
-            "throughput": run, "prefix_metrics": counters, "prompt_build": build}
+            "throughput": run, "prefix_metrics": prefix_counters(scrape),
+            "prompt_build": prompt_build(scrape)}
 
 
-def prompt_build(client: httpx.Client) -> dict[str, float] | None:
+def prompt_build(scrape: str) -> dict[str, float] | None:
     """The mean and count of softprompt_prompt_build_seconds (vLLM engine only), or None."""
-    found: dict[str, float] = {}
-    for line in client.get("/metrics").text.splitlines():
-        for part in ("sum", "count"):
-            if line.startswith(f"softprompt_prompt_build_seconds_{part} "):
-                found[part] = float(line.rsplit(" ", 1)[1])
-    if not found.get("count"):
+    count = metric(scrape, "softprompt_prompt_build_seconds_count")
+    if not count:
         return None
-    return {"requests": found["count"], "mean_ms": round(1000 * found["sum"] / found["count"], 4)}
+    total = metric(scrape, "softprompt_prompt_build_seconds_sum")
+    return {"requests": count, "mean_ms": round(1000 * total / count, 4)}
 
 
 def main() -> None:

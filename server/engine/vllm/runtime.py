@@ -62,12 +62,13 @@ def build_vllm_core(settings: Settings, store: AdapterStore, *, observer: Engine
         # One NUMA node and few cores (a laptop, a CI machine): vLLM's default binding would
         # reserve a core; let its threads run where the OS puts them unless told otherwise.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    model_context = max_context_of(text, tokenizer)
     started = time.monotonic()
     llm = _start(settings, str(source), dtype=dtype, cuda=cuda,
-                 context=settings.max_model_len or max_context_of(text, tokenizer))
+                 context=settings.max_model_len or model_context)
     vocab = int(text.vocab_size)
     max_len = int(getattr(getattr(llm, "model_config", None), "max_model_len", 0) or
-                  min(max_context_of(text, tokenizer), settings.max_model_len or 1 << 30))
+                  min(model_context, settings.max_model_len or 1 << 30))
     info = ModelInfo(
         name=settings.model,
         architecture=(getattr(config, "architectures", None) or ["?"])[0],
