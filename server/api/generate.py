@@ -19,7 +19,13 @@ from fastapi.responses import StreamingResponse
 from server.api.deps import EngineDep, MetricsDep, SettingsDep, TenantDep
 from server.api.errors import error_event, error_responses
 from server.api.quotas import Quotas, quotas_for
-from server.api.schemas import GenerateRequest, GenerateResponse, StreamEvent, logprobs_out
+from server.api.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    StreamEvent,
+    logprobs_out,
+    usage_of,
+)
 from server.api.submission import (
     PiecewiseJSONResponse,
     StreamItem,
@@ -143,8 +149,7 @@ async def _frames(items: AsyncIterator[StreamItem], adapter_id: str | None) -> A
             continue
         # Whatever the chunks did not carry yet (normally nothing) goes in the final event.
         rest = unsent(item.text, sent_text)
-        usage = {"prompt_tokens": item.prompt_tokens, "virtual_tokens": item.virtual_tokens,
-                 "completion_tokens": item.completion_tokens}
+        usage = usage_of(item).model_dump()
         rest_logprobs = None if item.logprobs is None else item.logprobs[sent_ids:]
         yield _event(adapter_id, rest, item.token_ids[sent_ids:], rest_logprobs,
                      finish_reason=str(item.finish_reason), usage=usage)

@@ -195,12 +195,23 @@ class ChatCompletionRequest(_SamplingFields):
 FinishReason = Literal["stop", "length"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(..., description=(
+        "Prompt positions whose keys and values came from the prefix cache instead of being "
+        "computed, each prompt once. They include the adapter's virtual tokens (the soft "
+        "prompt is what is shared), which `prompt_tokens` does not count, so this may exceed "
+        "it."))
+
+
 class Usage(BaseModel):
     prompt_tokens: int = Field(..., description="Text tokens of the prompts, each prompt once "
                                                 "(an adapter's virtual tokens are not "
                                                 "counted).")
     completion_tokens: int = Field(..., description="Tokens of every choice.")
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        None, description="On the response's usage and a stream's usage chunk; not in the "
+                          "per-chunk usage of `continuous_usage_stats`.")
 
 
 class CompletionLogprobs(BaseModel):

@@ -72,7 +72,9 @@ def usage(choices: list[Choice], results: list[GenerationResult]) -> dict:
                  if c.counts_prompt)
     completion = sum(0 if c.score_only else r.completion_tokens
                      for c, r in zip(choices, results, strict=True))
-    return _usage(prompt, completion)
+    cached = sum(r.cached_tokens for c, r in zip(choices, results, strict=True)
+                 if c.counts_prompt)
+    return _usage(prompt, completion) | {"prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _usage(prompt: int, completion: int) -> dict:

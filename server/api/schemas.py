@@ -98,6 +98,9 @@ class Usage(BaseModel):
     prompt_tokens: int
     virtual_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(0, description=(
+        "Prompt positions (virtual tokens included) whose keys and values came from the prefix "
+        "cache instead of being computed."))
 
 
 class TopToken(BaseModel):
@@ -166,7 +169,7 @@ class StreamEvent(BaseModel):
 
 def usage_of(result: GenerationResult) -> Usage:
     return Usage(prompt_tokens=result.prompt_tokens, virtual_tokens=result.virtual_tokens,
-                 completion_tokens=result.completion_tokens)
+                 completion_tokens=result.completion_tokens, cached_tokens=result.cached_tokens)
 
 
 class AdapterResponse(BaseModel):

@@ -99,6 +99,9 @@ class GenerationResult:
     prompt_tokens: int
     virtual_tokens: int
     completion_tokens: int
+    # Positions of the prompt (virtual tokens included) whose keys and values were reused
+    # from the prefix cache rather than computed.
+    cached_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated id, when asked
     # One per token of the prompt's text, when asked; None for a token nothing precedes.
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None

@@ -56,6 +56,7 @@ class RequestOutput:
         self.logprobs: list[TokenLogprob] | None = (
             None if request.params.logprobs is None else [])
         self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+        self.cached_tokens = 0
         self.finished = False  # the result is out; later deltas are ignored
         self._sent = 0  # token ids already in a chunk
         self._sent_prompt = False
@@ -67,6 +68,8 @@ class RequestOutput:
             return []
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
+        if delta.cached_tokens is not None:
+            self.cached_tokens = delta.cached_tokens
         ids = delta.token_ids
         if self.logprobs is not None and (delta.logprobs is None
                                           or len(delta.logprobs) != len(ids)):
@@ -120,7 +123,7 @@ class RequestOutput:
             request_id=request.request_id, adapter_id=request.adapter_id, text=text,
             token_ids=tuple(self.token_ids), finish_reason=reason,
             prompt_tokens=self._prompt_tokens, virtual_tokens=self._virtual_tokens,
-            completion_tokens=len(self.token_ids),
+            completion_tokens=len(self.token_ids), cached_tokens=self.cached_tokens,
             logprobs=None if self.logprobs is None else tuple(self.logprobs),
             prompt_logprobs=self.prompt_logprobs))
         return out

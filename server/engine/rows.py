@@ -76,6 +76,9 @@ class RowDelta:
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when asked
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # in a row's first delta
     finish_reason: FinishReason | None = None
+    # In a row's first delta: positions of the prompt (virtual ids included) whose keys and
+    # values came from the prefix cache instead of being computed.
+    cached_tokens: int | None = None
 
 
 def is_live(stream: bool, params: SamplingParams) -> bool:
@@ -102,6 +105,7 @@ class RowProgress:
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self._sent = 0  # token ids already handed out in a delta
         self._sent_prompt = False
+        self.cached_tokens = 0  # the prompt's positions the prefix cache gave the row
 
     @property
     def done(self) -> bool:
@@ -144,7 +148,8 @@ class RowProgress:
         return RowDelta(
             token_ids=tuple(self.token_ids[start:]),
             logprobs=None if self.logprobs is None else tuple(self.logprobs[start:]),
-            prompt_logprobs=prompt, finish_reason=self.finish_reason)
+            prompt_logprobs=prompt, finish_reason=self.finish_reason,
+            cached_tokens=self.cached_tokens if start == 0 else None)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a caller's callback; one that raises aborts this row only, never the batch."""

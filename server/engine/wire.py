@@ -148,7 +148,8 @@ def delta_to_wire(delta: RowDelta) -> dict[str, Any]:
     """A row's new token ids (and logprobs), and its finish reason on its last delta."""
     return {"token_ids": list(delta.token_ids), "logprobs": _logprobs_to_wire(delta.logprobs),
             "prompt_logprobs": _logprobs_to_wire(delta.prompt_logprobs),
-            "finish_reason": None if delta.finish_reason is None else str(delta.finish_reason)}
+            "finish_reason": None if delta.finish_reason is None else str(delta.finish_reason),
+            "cached_tokens": delta.cached_tokens}
 
 
 def delta_from_wire(data: dict[str, Any]) -> RowDelta:
@@ -156,7 +157,12 @@ def delta_from_wire(data: dict[str, Any]) -> RowDelta:
     return RowDelta(token_ids=tuple(int(t) for t in data["token_ids"]),
                     logprobs=_logprobs_from_wire(data.get("logprobs")),  # type: ignore[arg-type]
                     prompt_logprobs=_logprobs_from_wire(data.get("prompt_logprobs")),
-                    finish_reason=None if reason is None else FinishReason(reason))
+                    finish_reason=None if reason is None else FinishReason(reason),
+                    cached_tokens=_optional_int(data.get("cached_tokens")))
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def info_to_wire(info: ModelInfo) -> dict[str, Any]:

@@ -28,6 +28,7 @@ class LoopbackProcess:
 
     ready_path = "/readyz"
     stop_wait_s = 30.0
+    start_bound_s = 120.0
 
     def __init__(self, log_path: Path) -> None:
         self.port = free_port()
@@ -47,7 +48,8 @@ class LoopbackProcess:
     def env(self) -> dict[str, str]:
         return dict(os.environ, PYTHONUNBUFFERED="1")
 
-    def start(self, timeout: float = 120.0) -> None:
+    def start(self, timeout: float | None = None) -> None:
+        timeout = self.start_bound_s if timeout is None else timeout
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         started = time.monotonic()
         self.proc = subprocess.Popen(self.args, cwd=REPO_ROOT, env=self.env(), stdout=self._log,
@@ -79,7 +81,12 @@ class LoopbackProcess:
             self._log = None
 
     def log(self) -> str:
+        """The log's tail, for a failure's message."""
         return self.log_path.read_text(errors="replace")[-6000:]
+
+    def full_log(self) -> str:
+        """The whole log, to look for a line in (vLLM's shutdown alone can fill the tail)."""
+        return self.log_path.read_text(errors="replace")
 
 
 class ServerProcess(LoopbackProcess):
@@ -90,6 +97,10 @@ class ServerProcess(LoopbackProcess):
         self.args = [sys.executable, "-m", "server", "serve", "--model", str(model_dir),
                      "--store", str(store), "--host", "127.0.0.1", "--port", str(self.port),
                      "--device", "cpu", "--dtype", "float32", *extra]
+        if "vllm" in extra:
+            # vLLM compiles its model at every start (75 to 100 s on a quiet 2-core machine, far
+            # more while another suite runs): the bound is generous, and the wait ends on /readyz.
+            self.start_bound_s = 480.0
 
     def __enter__(self) -> ServerProcess:
         self.start()

@@ -99,4 +99,4 @@ def test_a_dead_engine_process_fails_waiting_requests_and_stops_the_server(model
     assert answer["status"] == 503, answer
     assert "engine process exited" in answer["body"]["error"]["message"]
     assert code == 1, server.log()
-    assert "the engine process died; exiting" in server.log()
+    assert "the engine process died; exiting" in server.full_log()

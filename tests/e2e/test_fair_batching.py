@@ -76,7 +76,7 @@ async def test_a_full_batch_makes_room_for_another_tenant_over_http(model_dir, t
             scrape = (await client.get("/metrics")).text
             assert metric(scrape, "softprompt_parked_requests") == 0
             assert metric(scrape, "softprompt_in_flight_requests") == 0
-        assert "batching: core" in server.log()
+        assert "batching: core" in server.full_log()
     finally:
         server.stop()
 
@@ -172,6 +172,6 @@ async def test_beside_another_tenant_a_flood_is_held_to_the_contended_cap_over_h
                 stream.cancel()
             b_task.cancel()
             await asyncio.gather(*streams, b_task, return_exceptions=True)
-        assert "one starts at most 2 row(s)" in server.log()
+        assert "one starts at most 2 row(s)" in server.full_log()
     finally:
         server.stop()

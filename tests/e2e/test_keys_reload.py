@@ -79,7 +79,7 @@ def test_api_keys_reload_on_sighup_on_mtime_and_survive_a_broken_file(model_dir,
             server.proc.send_signal(signal.SIGHUP)
             assert _poll(lambda: _status(client, NEW_KEY) == 200, HANG_S), server.log()
             _assert_unauthorized(_get(client, OLD_KEY))
-            assert "--api-keys reloaded: 1 tenants" in server.log()
+            assert "--api-keys reloaded: 1 tenants" in server.full_log()
             assert server.proc.poll() is None and server.proc.pid == pid
 
             # 3. The mtime path: a rewrite with a new mtime and no signal is picked up.
@@ -95,11 +95,11 @@ def test_api_keys_reload_on_sighup_on_mtime_and_survive_a_broken_file(model_dir,
             last_good = keys.stat()
             keys.write_text('{"tenants": [{"name": "delta", "keys": ["delta-5"]}')  # cut short
             os.utime(keys, ns=(last_good.st_atime_ns, last_good.st_mtime_ns))
-            assert "reload failed" not in server.log()
+            assert "reload failed" not in server.full_log()
             server.proc.send_signal(signal.SIGHUP)
-            assert _poll(lambda: "--api-keys reload failed" in server.log(), HANG_S), \
+            assert _poll(lambda: "--api-keys reload failed" in server.full_log(), HANG_S), \
                 server.log()
-            assert "not JSON" in server.log()
+            assert "not JSON" in server.full_log()
             assert _status(client, NEWER_KEY) == 200
             _assert_unauthorized(_get(client, "delta-5"))
             _assert_unauthorized(_get(client, NEW_KEY))

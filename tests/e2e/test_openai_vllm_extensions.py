@@ -2,7 +2,7 @@
 with --engine-process (the parameters cross the pipe), and vLLM where installed: ignore_eos,
 min_tokens, stop_token_ids, include_stop_str_in_output, skip_special_tokens,
 add_special_tokens, stream_options.continuous_usage_stats, return_tokens_as_token_ids and
-chat logprobs' bytes.
+chat logprobs' bytes; and usage's cached_tokens.
 The checks are tests/e2e/vllm_extensions.py's."""
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ def test_skip_and_add_special_tokens(http, ref, second_eos):
 
 def test_continuous_usage_stats(http):
     checks.check_continuous_usage(http, ADAPTER)
+
+
+def test_prefix_cache_hits_in_usage(http):
+    checks.check_cached_tokens(http, ADAPTER)
 
 
 def test_logprobs_by_token_id_and_chat_bytes(http, ref):

@@ -472,10 +472,14 @@ async def test_an_adapters_later_requests_reuse_its_prefix_and_the_flag_turns_it
                               prefix_cache=enabled)
         try:
             await eng.add_adapter("t1", "mlp6", upload_of(llama_adapters["mlp6"]))
+            cached = []
             for text in ("Hi!", "The quick brown fox", "a"):
                 result = await eng.generate(request(eng, text, "mlp6"))
                 assert list(result.token_ids) == greedy_by_recomputation(
                     base, prompt, eng.tokenize(text), 8)
+                cached.append(result.cached_tokens)
+            # Each request says what the cache gave it: the 6 virtual tokens after the first.
+            assert cached == ([0, 6, 6] if enabled else [0, 0, 0])
             s = eng.stats()
             if enabled:
                 assert (s["prefix_misses"], s["prefix_hits"]) == (1, 2)

@@ -259,6 +259,8 @@ def test_an_adapter_version_shares_the_prefix_cache_and_a_new_version_does_not(
                          num_virtual_tokens=160, seed=6)
     assert upload(client, "tenant-a", "long-prompt", big).status_code == 201
 
+    cached: list[int] = []
+
     def hits_after(text: str) -> float:
         """The hits counter once vLLM has counted this request's prefix lookup: its queries
         counter has grown by the soft prompt at least (both come in the same stats record)."""
@@ -266,6 +268,7 @@ def test_an_adapter_version_shares_the_prefix_cache_and_a_new_version_does_not(
         r = client.post("/v1/generate", headers=auth("tenant-a"), json={
             "adapter_id": "long-prompt", "text": text, "max_new_tokens": 2})
         assert r.status_code == 200, r.text
+        cached.append(r.json()["usage"]["cached_tokens"])
         deadline = time.monotonic() + PATIENCE_S
         while time.monotonic() < deadline:
             scrape = client.get("/metrics").text
@@ -281,6 +284,8 @@ def test_an_adapter_version_shares_the_prefix_cache_and_a_new_version_does_not(
     third = hits_after("three")
     assert third == second  # the new version's rows are new bytes: no old block matches
     assert hits_after("four") - third >= 128
+    # Each response reports what vLLM's counter counted for it.
+    assert cached == [0, second - first, 0, cached[3]] and cached[3] >= 128, cached
 
 
 def test_tenants_stay_apart(client):

@@ -373,6 +373,8 @@ class EngineCore(Generic[H]):
         if self.prefixes is None or count <= 0:
             return 0
         if self.prefixes.fill(tuple(row.tokens[:row.virtual]), self._cache, slot, count):
+            if row.drawn == 0:  # a row recomputed after preemption keeps its first figure
+                row.state.cached_tokens = count
             return count
         row.share = True
         return 0

@@ -115,8 +115,11 @@ def to_delta(output: Any, *, params: SamplingParams, compiled: CompiledPrompt,
         reason = FinishReason.LENGTH
     elif completion.finish_reason == "stop":
         reason = FinishReason.EOS
+    cached = None
+    if first:  # vLLM counts whole cached blocks, the soft rows' and the text's alike
+        cached = int(getattr(output, "num_cached_tokens", None) or 0)
     return RowDelta(token_ids=ids, logprobs=logprobs, prompt_logprobs=prompt,
-                    finish_reason=reason)
+                    finish_reason=reason, cached_tokens=cached)
 
 
 def _token_logprob(token: int, step: Any, k: int) -> TokenLogprob:
