@@ -84,7 +84,12 @@ def test_stream_matches_non_stream(client, adapter_dirs):
     assert all(e["finish_reason"] is None for e in parsed[:-1])
     final = parsed[-1]
     assert final["finish_reason"] == plain["finish_reason"]
-    assert final["usage"] == plain["usage"]
+    # The same counts; the second request found the adapter's soft prompt in the prefix cache
+    # (vLLM caches whole blocks only, 128 positions on a CPU: none of this prompt).
+    cached = 0 if client.get("/version").json()["engine"] == "vllm" else plain["usage"][
+        "virtual_tokens"]
+    assert plain["usage"]["cached_tokens"] == 0
+    assert final["usage"] == plain["usage"] | {"cached_tokens": cached}
     assert [t for e in parsed for t in e["token_ids"]] == plain["token_ids"]
     assert "".join(e["text"] for e in parsed) == plain["text"]
 
