@@ -15,7 +15,7 @@ from pathlib import Path
 from adapters_store import LocalAdapterStore
 from benchmarks.harness.fixtures import NAMESPACE, RequestSpec, dtype_of, warm_up_requests
 from benchmarks.harness.results import Run, percentiles_ms
-from benchmarks.harness.workloads import Workload, vllm_kv_cache
+from benchmarks.harness.workloads import Workload, max_model_len, vllm_kv_cache
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.interface import GenerationRequest, SamplingParams
@@ -82,9 +82,7 @@ def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
     whole context, so the engine, the server and the baselines' model fit on one GPU together
     (three copies of the 8B shape's weights, and two KV caches). The engine is named rather
     than left to auto, which would pick vllm on a GPU host where it is installed."""
-    longest = workload.virtual_tokens + workload.prompt_tokens + max(
-        workload.new_tokens, workload.new_tokens_max or 0)
-    max_len = 1 << (longest - 1).bit_length()
+    max_len = max_model_len(workload)
     # The prompt table holds the workload's adapters twice over (many-adapters: the number it
     # names), and so bounds the prefix cache, which takes what the slots leave on a GPU.
     cached = workload.cache_adapters or 2 * workload.adapters

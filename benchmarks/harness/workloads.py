@@ -94,6 +94,35 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              prompt_tokens=32, new_tokens=8, new_tokens_max=256, peft_sample=4),
 )}
 
+# vLLM's CPU attention takes no smaller heads.
+VLLM_MIN_HEAD_DIM = 32
+
+
+def check_vllm_shape(workload: Workload) -> None:
+    """Refuse a model vLLM's CPU attention cannot run, before anything is built."""
+    head_dim = workload.shape.hidden // workload.shape.heads
+    if head_dim < VLLM_MIN_HEAD_DIM:
+        raise SystemExit(f"{workload.name}'s model has {head_dim}-dimension heads; vLLM's CPU "
+                         f"attention needs at least {VLLM_MIN_HEAD_DIM}")
+
+
+def model_line(workload: Workload) -> str:
+    """The model the run serves, as printed and recorded: with vLLM in the run, that its
+    heads suit vLLM's CPU attention and that both engines serve the same model."""
+    s = workload.shape
+    return (f"{s.arch} shape, {s.layers} layers, hidden {s.hidden}, {s.heads} heads of "
+            f"{s.hidden // s.heads}, vocab {s.vocab}, {workload.dtype}, {workload.device}: "
+            "the same model for --engine builtin and --engine vllm")
+
+
+def max_model_len(workload: Workload) -> int:
+    """--max-model-len as an operator would set it: the workload's longest request (virtual,
+    prompt and new tokens) rounded up to a power of two."""
+    longest = workload.virtual_tokens + workload.prompt_tokens + max(
+        workload.new_tokens, workload.new_tokens_max or 0)
+    return 1 << (longest - 1).bit_length()
+
+
 def vllm_kv_cache(workload: Workload, max_model_len: int) -> str:
     """--engine vllm's --kv-cache-memory: twice what every row of the workload takes at
     --max-model-len, in whole GiB, at least 1 (cpu-ref: 32 rows of 128 positions need 0.3 GiB,
@@ -105,6 +134,7 @@ def vllm_kv_cache(workload: Workload, max_model_len: int) -> str:
     need = 2 * workload.max_batch_size * max_model_len * per_position
     return f"{max(1, -(-need // 2**30))}GiB"
 
+
 # Not a workload of its own: the fairness scenario (tenant A's backlog vs tenant B) has its
-# own runner in harness/fairness_run.py and is listed here for the CLI.
+# own runner in benchmarks/fairness.py and is listed here for the CLI.
 SCENARIOS = ("fairness",)
