@@ -6,14 +6,17 @@ The idle and loaded phases alternate --cycles times. Runs the real engine in pro
 scheduler is what decides fairness) on builtin:tiny, so it needs no download; `--http` runs
 the real server instead (a subprocess, two tenants in an --api-keys file) with the clients in
 this process on loopback HTTP, where the server's event loop serving A's flood competes with
-its engine thread:
+its engine thread. `--engine vllm` (with `--http`) serves on the vllm engine, whose fairness is
+its admission's weighted fair shares; `--model cpu-ref` serves a harness workload's model
+(random weights built from its shape) instead of builtin:tiny, on either engine:
 
     python benchmarks/fairness.py [--policy round_robin|fifo] [--batching core|static]
                                   [--device cpu|cuda] [--backlog 200] [--rounds 6]
                                   [--cycles 3] [--max-batch-size 32]
                                   [--max-batch-tokens 2048] [--prompt-tokens N] [--http]
-                                  [--engine-process] [--torch-threads N]
-                                  [--contended-tenant-rows N]
+                                  [--engine builtin|vllm] [--model builtin:tiny|WORKLOAD]
+                                  [--layers N] [--engine-process] [--torch-threads N]
+                                  [--contended-tenant-rows N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -28,10 +31,24 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters_store.local import LocalAdapterStore  # noqa: E402
+from benchmarks.fairness_model import (  # noqa: E402
+    ENGINES,
+    MODELS,
+    PROMPT,
+    PROMPT_TOKENS,
+    TINY,
+    ServedModel,
+    check_vllm,
+    fairness_workload,
+    long_prompt,
+    served_model,
+)
+from benchmarks.harness.results import environment, write_json  # noqa: E402
 from benchmarks.harness.server_log import log_on_failure  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
@@ -43,23 +60,13 @@ from server.engine.interface import GenerationRequest, SamplingParams  # noqa: E
 POLICIES = {"round_robin": None, "fifo": FifoPolicy}
 
 
-PROMPT = "Tweet: I love it. Label:"
-
-
-def _long_prompt(tokens: int) -> str:
-    """The prompt's text repeated to at least `tokens` characters (about a token each with
-    builtin:tiny's byte tokenizer)."""
-    return " ".join([PROMPT] * (tokens // len(PROMPT) + 1))
-
-
-def _request(engine, tenant: str, new_tokens: int,
+def _request(engine, tenant: str, new_tokens: int, text: str,
              prompt_tokens: int | None = None) -> GenerationRequest:
-    """Tokenized per request, as a server does. `prompt_tokens`: the prompt's text repeated
-    and cut to that many tokens (longer contexts make the cost of moving KV caches show)."""
-    if prompt_tokens is None:
-        ids = engine.tokenize(PROMPT)
-    else:
-        ids = engine.tokenize(_long_prompt(prompt_tokens))[:prompt_tokens]
+    """Tokenized per request, as a server does. `prompt_tokens`: the ids cut to that many
+    (longer contexts make the cost of moving KV caches show)."""
+    ids = engine.tokenize(text)
+    if prompt_tokens is not None:
+        ids = ids[:prompt_tokens]
     return GenerationRequest(request_id=uuid.uuid4().hex, adapter_id=None, namespace=tenant,
                              prompt_ids=tuple(ids),
                              params=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
@@ -78,10 +85,14 @@ def start_engine(settings: Settings, policy: str) -> Engine:
     return engine
 
 
-def engine_sender(engine, new_tokens: int, prompt_tokens: int | None = None) -> Send:
-    """Requests to the engine in process."""
+def engine_sender(engine, new_tokens: int, prompt_tokens: int | None = None, *,
+                  text: str | None = None) -> Send:
+    """Requests to the engine in process; `text` None: builtin:tiny's tweet prompt."""
+    if text is None:
+        text = PROMPT if prompt_tokens is None else long_prompt(prompt_tokens)
+
     def send(tenant: str) -> Awaitable[object]:
-        return engine.generate(_request(engine, tenant, new_tokens, prompt_tokens))
+        return engine.generate(_request(engine, tenant, new_tokens, text, prompt_tokens))
     return send
 
 
@@ -133,7 +144,9 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
                        max_batch_tokens: int = 2048, batching: str = "core",
                        device: str = "cpu", prompt_tokens: int | None = None,
                        http: bool = False, engine_process: bool = False,
-                       torch_threads: int = 0, contended_tenant_rows: int = 0) -> dict:
+                       torch_threads: int = 0, contended_tenant_rows: int = 0,
+                       engine: str = "builtin", model: str = TINY,
+                       layers: int | None = None) -> dict[str, Any]:
     """B's latencies idle and under A's flood on one engine; the harness reports this dict.
 
     The idle and loaded phases alternate `cycles` times (`rounds` B rounds each) and the
@@ -141,45 +154,72 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
     rather than in one. `http`: through the real server (a subprocess, two tenants in an
     --api-keys file) and loopback HTTP, the clients in this process; `engine_process`: that
     server with --engine-process. `torch_threads`: the engine's --torch-threads (0: torch's
-    default); `contended_tenant_rows`: its --contended-tenant-rows (0: no cap).
+    default); `contended_tenant_rows`: its --contended-tenant-rows (0: no cap). `engine`: the
+    server's --engine (vllm: with `http` only). `model`: builtin:tiny or a harness workload's
+    name, whose model shape is built with random weights; `layers`: that shape with this many
+    layers.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {engine!r}: one of {', '.join(ENGINES)}")
     if engine_process and not http:
         raise ValueError("--engine-process is a server option: use it with --http")
-    with tempfile.TemporaryDirectory() as store:
+    if http and policy != "round_robin":
+        raise ValueError("over HTTP the server runs its default policy: round robin")
+    if model not in MODELS:
+        raise ValueError(f"--model {model!r}: one of {', '.join(MODELS)}")
+    if layers is not None and model == TINY:
+        raise ValueError("--layers shrinks a workload's model: use it with --model WORKLOAD")
+    w = None if model == TINY else fairness_workload(
+        model, device=device, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+        max_batch_size=max_batch_size, layers=layers)
+    if engine == "vllm":
+        check_vllm(w, http=http, engine_process=engine_process, batching=batching,
+                   contended_tenant_rows=contended_tenant_rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        served = served_model(w, root, engine=engine, prompt_tokens=prompt_tokens)
         if http:
-            if policy != "round_robin":
-                raise ValueError("over HTTP the server runs its default policy: round robin")
-            phases = await _http_phases(
-                Path(store), backlog=backlog, rounds=rounds, cycles=cycles,
-                new_tokens=new_tokens, prompt_tokens=prompt_tokens, device=device,
-                flags=["--max-batch-size", str(max_batch_size), "--max-batch-tokens",
-                       str(max_batch_tokens), "--max-wait-ms", "5",
-                       "--torch-threads", str(torch_threads),
-                       "--contended-tenant-rows", str(contended_tenant_rows),
-                       "--batching", batching,
-                       *(["--engine-process"] if engine_process else [])])
+            flags = ["--engine", engine, "--max-batch-size", str(max_batch_size),
+                     "--max-batch-tokens", str(max_batch_tokens),
+                     "--torch-threads", str(torch_threads)]
+            if served.max_model_len:
+                flags += ["--max-model-len", str(served.max_model_len)]
+            if engine == "vllm":
+                flags += ["--kv-cache-memory", served.kv_cache_memory]
+            else:
+                flags += ["--max-wait-ms", "5", "--batching", batching,
+                          "--contended-tenant-rows", str(contended_tenant_rows),
+                          *(["--engine-process"] if engine_process else [])]
+            phases = await _http_phases(root, served, backlog=backlog, rounds=rounds,
+                                        cycles=cycles, new_tokens=new_tokens, device=device,
+                                        flags=flags)
         else:
-            settings = Settings(store=store, device=device, dtype="auto",  # f32 CPU, bf16 CUDA
+            settings = Settings(model=served.path, store=str(root / "adapters"),
+                                device=device, dtype="auto",  # f32 CPU, bf16 CUDA
                                 max_batch_size=max_batch_size,
                                 max_batch_tokens=max_batch_tokens, max_wait_ms=5,
+                                max_model_len=served.max_model_len,
                                 torch_threads=torch_threads,
                                 contended_tenant_rows=contended_tenant_rows,
                                 batching=batching)
-            engine = start_engine(settings, policy)
+            running = start_engine(settings, policy)
             try:
-                phases = await _phases(engine_sender(engine, new_tokens, prompt_tokens),
-                                       backlog=backlog, rounds=rounds, cycles=cycles)
+                phases = await _phases(
+                    engine_sender(running, new_tokens, prompt_tokens, text=served.text),
+                    backlog=backlog, rounds=rounds, cycles=cycles)
             finally:
-                await engine.aclose(30)
+                await running.aclose(30)
     idle, loaded, a_alone, a_beside = phases
     idle_ms, loaded_ms = statistics.median(idle) * 1000, statistics.median(loaded) * 1000
-    return {"policy": policy, "batching": batching, "device": device, "http": http,
+    return {"engine": engine, "model": served.line,
+            "policy": policy, "batching": batching, "device": device, "http": http,
             "engine_process": engine_process, "torch_threads": torch_threads,
             "contended_tenant_rows": contended_tenant_rows,
             "backlog_a": backlog,
             "b_concurrent": 5,
             "rounds": rounds, "cycles": cycles,
             "max_batch_size": max_batch_size, "max_batch_tokens": max_batch_tokens,
+            "max_model_len": served.max_model_len or None,
             "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
             "b_idle_ms": {"p50": idle_ms, "max": max(idle) * 1000},
             "b_loaded_ms": {"p50": loaded_ms, "max": max(loaded) * 1000},
@@ -247,21 +287,23 @@ class _HttpClient:
                 writer.close()
 
 
-async def _http_phases(store: Path, *, backlog: int, rounds: int, cycles: int,
-                       new_tokens: int, prompt_tokens: int | None, device: str,
+async def _http_phases(root: Path, served: ServedModel, *, backlog: int, rounds: int,
+                       cycles: int, new_tokens: int, device: str,
                        flags: list[str]) -> tuple[list[float], ...]:
     """The phases against the real server; every answer must be a 200."""
     from tests.e2e.server_process import ServerProcess
 
     keys = {"tenant-a": "fairness-a-key", "tenant-b": "fairness-b-key"}
-    (store / "keys.json").write_text(json.dumps(
+    (root / "keys.json").write_text(json.dumps(
         {"tenants": [{"name": name, "keys": [key]} for name, key in keys.items()]}))
-    text = PROMPT if prompt_tokens is None else _long_prompt(prompt_tokens)[:prompt_tokens]
-    server = ServerProcess(Path("builtin:tiny"), store / "adapters", store / "server.log",
-                           "--api-keys", str(store / "keys.json"), "--device", device,
+    server = ServerProcess(Path(served.path), root / "adapters", root / "server.log",
+                           "--api-keys", str(root / "keys.json"), "--device", device,
                            "--dtype", "auto", "--log-level", "warning", *flags)
-    server.start(timeout=100)  # within run_checks.sh's limits for these steps
-    client = _HttpClient(server.port, keys, {"text": text, "max_new_tokens": new_tokens,
+    # The builtin engine within run_checks.sh's limits for these steps; vLLM compiles its
+    # model first (ServerProcess's own bound for it).
+    server.start(timeout=100 if "vllm" not in flags else None)
+    client = _HttpClient(server.port, keys, {"text": served.text,
+                                             "max_new_tokens": new_tokens,
                                              "ignore_eos": True})
     try:
         with log_on_failure(server, "fairness over HTTP"):
@@ -271,7 +313,12 @@ async def _http_phases(store: Path, *, backlog: int, rounds: int, cycles: int,
         server.stop()
 
 
-async def main() -> None:
+def fairness_report(r: dict[str, Any]) -> dict[str, Any]:
+    """The JSON a run leaves: its figures and the environment they were measured in."""
+    return {"workload": {"name": "fairness"}, "environment": environment(), "result": r}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", choices=sorted(POLICIES), default="round_robin")
     parser.add_argument("--backlog", type=int, default=200)
@@ -281,12 +328,23 @@ async def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--prompt-tokens", type=int, default=None,
-                        help="prompt length (default: the 25-token tweet prompt)")
+                        help=f"prompt length (default: the {PROMPT_TOKENS}-token tweet prompt; "
+                             f"with a workload's model, {PROMPT_TOKENS} random tokens)")
     parser.add_argument("--batching", choices=("core", "static"), default="core")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--http", action="store_true",
                         help="through the real server over loopback HTTP (clients in this "
                              "process)")
+    parser.add_argument("--engine", choices=ENGINES, default="builtin",
+                        help="the server's --engine (default builtin); vllm: with --http, "
+                             "vLLM installed")
+    parser.add_argument("--model", choices=MODELS, default=TINY,
+                        help=f"{TINY} (the default), or a harness workload's model (python "
+                             "-m benchmarks list), built from its shape with random weights, "
+                             "on either engine")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="a workload's model with this many layers (to try the path on "
+                             "a small machine)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="the engine's --torch-threads (default 0: torch's default)")
     parser.add_argument("--contended-tenant-rows", type=int, default=0,
@@ -294,30 +352,37 @@ async def main() -> None:
     parser.add_argument("--engine-process", action="store_true",
                         help="with --http: the server runs its engine in a child process "
                              "(--engine-process)")
-    args = parser.parse_args()
-    r = await run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
-                           cycles=args.cycles, new_tokens=args.new_tokens,
-                           max_batch_size=args.max_batch_size,
-                           max_batch_tokens=args.max_batch_tokens,
-                           batching=args.batching, device=args.device,
-                           prompt_tokens=args.prompt_tokens, http=args.http,
-                           engine_process=args.engine_process,
-                           torch_threads=args.torch_threads,
-                           contended_tenant_rows=args.contended_tenant_rows)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the figures and the environment here as JSON")
+    args = parser.parse_args(argv)
+    r = asyncio.run(run_fairness(
+        policy=args.policy, backlog=args.backlog, rounds=args.rounds, cycles=args.cycles,
+        new_tokens=args.new_tokens, max_batch_size=args.max_batch_size,
+        max_batch_tokens=args.max_batch_tokens, batching=args.batching, device=args.device,
+        prompt_tokens=args.prompt_tokens, http=args.http, engine_process=args.engine_process,
+        torch_threads=args.torch_threads, contended_tenant_rows=args.contended_tenant_rows,
+        engine=args.engine, model=args.model, layers=args.layers))
+    print(f"engine {r['engine']}, model {r['model']}")
+    scheduling = ("admission: weighted fair shares" if args.engine == "vllm" else
+                  f"policy={args.policy} batching={args.batching} "
+                  f"contended_tenant_rows={args.contended_tenant_rows or 'off'}")
     print(f"{'HTTP, ' if args.http else ''}"
           f"{'engine process, ' if args.engine_process else ''}"
           f"{f'{args.torch_threads} torch thread(s), ' if args.torch_threads else ''}"
-          f"policy={args.policy} batching={args.batching} backlog(A)={args.backlog} "
+          f"{scheduling}, backlog(A)={args.backlog} "
           f"B=5 concurrent x {args.rounds} rounds x {args.cycles} cycles, "
           f"max_batch_size={args.max_batch_size}, "
-          f"contended_tenant_rows={args.contended_tenant_rows or 'off'}, "
-          f"{args.new_tokens} new tokens, prompt {args.prompt_tokens or 25} tokens")
+          f"{args.new_tokens} new tokens, prompt {args.prompt_tokens or PROMPT_TOKENS} tokens")
     print(f"B median latency idle:         {r['b_idle_ms']['p50']:8.1f} ms")
     print(f"B median latency with A flood: {r['b_loaded_ms']['p50']:8.1f} ms")
     a = r["a_requests_per_s"]
     print(f"A's requests/s alone {a['alone']:.0f}, beside B {a['beside_b']:.0f}")
     print(f"ratio: {r['ratio']:.2f}x (target <= 2x) -> {'OK' if r['ratio'] <= 2 else 'OVER'}")
+    if args.json is not None:
+        write_json(fairness_report(r), args.json)
+        print(f"JSON: {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    raise SystemExit(main())

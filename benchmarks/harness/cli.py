@@ -33,7 +33,13 @@ from benchmarks.harness.results import (
     write_json,
 )
 from benchmarks.harness.server_log import exit_on_signal, show_log
-from benchmarks.harness.workloads import SCENARIOS, WORKLOADS, Workload
+from benchmarks.harness.workloads import (
+    SCENARIOS,
+    WORKLOADS,
+    Workload,
+    check_vllm_shape,
+    model_line,
+)
 
 MODES = ("engine", "http")
 BASELINES = ("plain", "hf-static-compile", "peft-sequential", "peft-batched", "vllm-peer")
@@ -45,8 +51,6 @@ LABELS = {"engine": "engine (in process)", "http": "HTTP server, concurrent clie
           "peft-batched": "PEFT batched, single adapter",
           "vllm-peer": "vLLM OpenAI server, prompt_embeds"}
 HTTP_VLLM_LABEL = "HTTP server, vllm engine"
-# vLLM's CPU attention takes no smaller heads.
-VLLM_MIN_HEAD_DIM = 32
 # Between timed runs beside a vLLM server: its worker busy-polls its input queue for a second
 # after its last step (vLLM's shm_broadcast), which would take cores from the next run.
 VLLM_SETTLE_S = 2.0
@@ -148,21 +152,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fairness(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.fairness import run_fairness
+    from benchmarks.fairness import fairness_report, run_fairness
 
     r = asyncio.run(run_fairness(policy=args.policy, backlog=args.backlog, rounds=args.rounds,
                                  cycles=args.cycles, batching=args.batching,
                                  device=args.device or "cpu",
-                                 contended_tenant_rows=args.contended_tenant_rows))
-    env = environment()
-    print(f"\nfairness ({args.policy}, {args.batching} batching, {r['device']}): "
-          f"{env['date']}, commit {env['commit']}")
+                                 contended_tenant_rows=args.contended_tenant_rows,
+                                 engine=args.engine))
+    result = fairness_report(r)
+    env = result["environment"]
+    print(f"\nfairness ({args.policy}, {args.batching} batching, {r['device']}, "
+          f"{r['model']}): {env['date']}, commit {env['commit']}")
     print(f"  B p50 idle {r['b_idle_ms']['p50']:.1f} ms, with A's backlog of {args.backlog} "
           f"{r['b_loaded_ms']['p50']:.1f} ms: ratio {r['ratio']:.2f}x (target <= 2x)")
     a = r["a_requests_per_s"]
     print(f"  A's requests/s alone {a['alone']:.0f}, beside B {a['beside_b']:.0f} "
           f"({r['cycles']} cycles of {r['rounds']} B rounds per phase)")
-    return {"workload": {"name": "fairness"}, "environment": env, "result": r}
+    return result
 
 
 def _workload(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -211,10 +217,7 @@ def _check_vllm(w: Workload, args: argparse.Namespace, modes: list[str],
             raise SystemExit("on a GPU, --engine vllm runs alone (--baselines \"\"): two "
                              "vLLM servers, or one and the baselines' model, would share one "
                              "GPU; pass --device cpu to measure them side by side")
-        head_dim = w.shape.hidden // w.shape.heads
-        if head_dim < VLLM_MIN_HEAD_DIM:
-            raise SystemExit(f"{w.name}'s model has {head_dim}-dimension heads; vLLM's CPU "
-                             f"attention needs at least {VLLM_MIN_HEAD_DIM}")
+        check_vllm_shape(w)
         require_vllm("--engine vllm" if args.engine == "vllm" else "the vllm-peer baseline")
 
 
@@ -228,15 +231,6 @@ def _even_vllm_startups() -> None:
     say("reading vLLM's files once, so that neither server's startup pays for it ...")
     subprocess.run([sys.executable, "-c", "import vllm.entrypoints.openai.api_server, "
                     "vllm.v1.engine.async_llm"], check=True, capture_output=True)
-
-
-def model_line(w: Workload) -> str:
-    """The model the run serves, as printed and recorded: with vLLM in the run, that its
-    heads suit vLLM's CPU attention and that both engines serve the same model."""
-    s = w.shape
-    return (f"{s.arch} shape, {s.layers} layers, hidden {s.hidden}, {s.heads} heads of "
-            f"{s.hidden // s.heads}, vocab {s.vocab}, {w.dtype}, {w.device}: the same model "
-            "for --engine builtin and --engine vllm")
 
 
 def _measure(w: Workload, work: Path, modes: list[str], baselines: list[str], repeats: int,
