@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -17,14 +18,32 @@ def _written(png, out) -> dict:
     return json.loads(out.read_text())
 
 
+ADAPTER_SCALING_SMALL = ["--counts", "1,3", "--requests", "6", "--batch", "4",
+                         "--new-tokens", "2", "--prompt-tokens", "4", "--virtual-tokens", "3",
+                         "--repeats", "1"]
+
+
 def test_adapter_scaling_writes_a_point_per_count(tmp_path):
     png, out = tmp_path / "a.png", tmp_path / "a.json"
-    assert adapter_scaling.main(["--counts", "1,3", "--requests", "6", "--batch", "4",
-                                 "--new-tokens", "2", "--prompt-tokens", "4",
-                                 "--virtual-tokens", "3", "--repeats", "1",
-                                 "--png", str(png), "--json", str(out)]) == 0
+    assert adapter_scaling.main([*ADAPTER_SCALING_SMALL, "--png", str(png),
+                                 "--json", str(out)]) == 0
     data = _written(png, out)
-    assert set(data["tokens_per_s"]) == {"1", "3"} and data["bare_tokens_per_s"] > 0
+    assert set(data["engines"]) == {"builtin"}  # the default
+    curve = data["engines"]["builtin"]
+    assert set(curve["tokens_per_s"]) == {"1", "3"} and curve["bare_tokens_per_s"] > 0
+    assert curve["startup_s"] > 0  # through the real server
+    assert "heads of 32" in data["model"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None,
+                    reason="vLLM is installed here")
+@pytest.mark.parametrize("engine", ["vllm", "both"])
+def test_adapter_scaling_on_vllm_needs_vllm_before_anything_is_built(engine, tmp_path):
+    with pytest.raises(SystemExit, match="pip install"):
+        adapter_scaling.main([*ADAPTER_SCALING_SMALL, "--engine", engine,
+                              "--png", str(tmp_path / "a.png"),
+                              "--json", str(tmp_path / "a.json")])
+    assert not (tmp_path / "a.png").exists()
 
 
 def test_ttft_prompt_length_writes_a_point_per_length(tmp_path):

@@ -1,6 +1,8 @@
-"""`python -m benchmarks cpu-ref --engine vllm` end to end, shrunken: the real server on the
-vllm engine and plain vLLM's OpenAI server with prompt embeddings (the vllm-peer baseline)
-serve every request, and the JSON has what docs/benchmarks.md promises. No speed is asserted.
+"""The benchmarks on the vllm engine end to end, shrunken: `python -m benchmarks cpu-ref
+--engine vllm` (the real server on the vllm engine and plain vLLM's OpenAI server with prompt
+embeddings, the vllm-peer baseline, serve every request), the fairness scenario through the
+real server on the vllm engine, and the adapter-scaling plot with both engines; the JSON has
+what docs/benchmarks.md promises. No speed is asserted.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ import json
 
 import pytest
 
+from benchmarks import fairness
 from benchmarks.harness.cli import main
+from benchmarks.plots import adapter_scaling
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed here (build its environment with .ci/vllm-env)",
                 allow_module_level=True)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two vLLM servers start
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # vLLM servers start
 VIRTUAL, PROMPT, HIDDEN = 20, 32, 768  # cpu-ref's adapters, texts and model width
 
 
@@ -41,3 +45,34 @@ def test_cpu_ref_on_the_vllm_engine_against_vllm_peer(tmp_path, monkeypatch, cap
     assert extra["request_bytes"]["vllm-peer"] >= 4 / 3 * 4 * (VIRTUAL + PROMPT) * HIDDEN
     assert 0 < extra["request_bytes"]["http"] < 1000
     assert "this server (--engine vllm) / vllm-peer" in capsys.readouterr().out
+
+
+def test_fairness_on_the_vllm_engine_serves_both_tenants(tmp_path, capsys) -> None:
+    out = tmp_path / "fairness.json"
+    # A workload's model: what the harness sizes for vLLM (--max-model-len, --kv-cache-memory)
+    # is passed to the server.
+    assert fairness.main(["--http", "--engine", "vllm", "--model", "cpu-ref", "--layers", "1",
+                          "--backlog", "8", "--rounds", "1", "--cycles", "1",
+                          "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["result"]
+    assert result["engine"] == "vllm" and result["http"] is True
+    assert result["model"].startswith("cpu-ref's model: gpt2 shape, 1 layers")
+    assert "heads of 64" in result["model"] and result["max_model_len"] == 64
+    assert result["b_idle_ms"]["p50"] > 0 and result["b_loaded_ms"]["p50"] > 0
+    assert result["a_requests_per_s"]["alone"] > 0
+    assert result["a_requests_per_s"]["beside_b"] > 0
+    assert "engine vllm, model cpu-ref's model" in capsys.readouterr().out
+
+
+def test_adapter_scaling_draws_both_engines_in_one_plot(tmp_path) -> None:
+    png, out = tmp_path / "a.png", tmp_path / "a.json"
+    assert adapter_scaling.main(["--engine", "both", "--counts", "1,3", "--requests", "6",
+                                 "--batch", "4", "--new-tokens", "2", "--prompt-tokens", "4",
+                                 "--virtual-tokens", "3", "--repeats", "1",
+                                 "--png", str(png), "--json", str(out)]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG")
+    engines = json.loads(out.read_text())["engines"]
+    assert list(engines) == ["builtin", "vllm"]
+    for name, curve in engines.items():
+        assert set(curve["tokens_per_s"]) == {"1", "3"}, name
+        assert curve["bare_tokens_per_s"] > 0 and curve["startup_s"] > 0, name
