@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.api.openai_schemas import FinishReason as OpenAIFinishReason
+from server.api.openai.schemas import FinishReason as OpenAIFinishReason
 from server.cli import build_parser
 from server.engine.interface import FinishReason
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api import adapters, generate, health, openai_routes, tokenize
+from server.api import adapters, generate, health, tokenize
 from server.api.auth import KeyRing
 from server.api.body_limit import BodyLimit
 from server.api.body_timeout import BodyTimeout
@@ -22,6 +22,7 @@ from server.api.drain import DrainGate
 from server.api.edge import EdgeMiddleware
 from server.api.errors import install_error_handlers
 from server.api.metrics import ApiMetrics
+from server.api.openai import routes as openai_routes
 from server.api.quotas import QuotaManager
 from server.config import Settings
 from server.engine.interface import EngineClient

@@ -9,7 +9,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import ErrorKind
-from server.api.openai_errors import send_route_error
+from server.api.openai.errors import send_route_error
 
 TOO_LARGE = ErrorKind(413, "payload_too_large")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})

@@ -15,7 +15,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import ErrorKind
-from server.api.openai_errors import send_route_error
+from server.api.openai.errors import send_route_error
 
 TIMED_OUT = ErrorKind(408, "request_timeout")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import ErrorKind
-from server.api.openai_errors import send_route_error
+from server.api.openai.errors import send_route_error
 
 DRAINING = ErrorKind(503, "draining")
 _NEW_WORK_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

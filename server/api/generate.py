@@ -1,9 +1,10 @@
-"""POST /v1/generate: the native shape over the shared engine path (server.api.submission).
+"""POST /v1/generate: the native shape over the shared engine path (server.api.admission, then
+server.api.submission).
 
 The engine does the batching; each handler just awaits its own request, so concurrent HTTP
-requests become batch mates. Validation, quotas, admission, disconnect aborts and metrics live
-in submission.py, which the OpenAI-compatible routes use too; this module only reads
-GenerateRequest and writes GenerateResponse or the native SSE events.
+requests become batch mates. Validation, quotas and admission live in admission.py,
+disconnect aborts and metrics in submission.py, and the OpenAI-compatible routes use both too;
+this module only reads GenerateRequest and writes GenerateResponse or the native SSE events.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from server.api.admission import admit, check_params, to_engine_request, tokenize_text
 from server.api.deps import EngineDep, MetricsDep, SettingsDep, TenantDep
 from server.api.errors import error_event, error_responses
+from server.api.off_loop import PiecewiseJSONResponse, off_loop
 from server.api.quotas import Quotas, quotas_for
 from server.api.schemas import (
     GenerateRequest,
@@ -26,19 +29,7 @@ from server.api.schemas import (
     logprobs_out,
     usage_of,
 )
-from server.api.submission import (
-    PiecewiseJSONResponse,
-    StreamItem,
-    admit,
-    check_params,
-    complete,
-    off_loop,
-    open_stream,
-    sse_events,
-    to_engine_request,
-    tokenize_text,
-    unsent,
-)
+from server.api.submission import StreamItem, complete, open_stream, sse_events, unsent
 from server.config import Settings
 from server.engine.interface import (
     EngineClient,
@@ -68,7 +59,7 @@ async def _to_engine_request(body: GenerateRequest, *, engine: EngineClient,
                              settings: Settings, namespace: str,
                              quotas: Quotas) -> GenerationRequest:
     """The edge's checks (limits that depend on settings and the tenant's quotas) and
-    tokenization, done once (submission.py: the same for the OpenAI routes)."""
+    tokenization, done once (admission.py: the same for the OpenAI routes)."""
     params = SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                             top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                             stop=tuple(body.stop), ignore_eos=body.ignore_eos,

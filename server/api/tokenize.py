@@ -6,7 +6,7 @@ anchor tokens. `virtual_tokens` is the adapter's rows only, as /v1/generate's us
 them (anchors are real tokens, which usage counts as prompt tokens). `tokens` are the
 text's ids only: the virtual ones are this server's, not the tokenizer's. Errors are
 OpenAI-shaped, as vLLM's are. Both routes have generation's input limit (the tenant's
-max_input_tokens), and large work runs off the event loop (submission.off_loop).
+max_input_tokens), and large work runs off the event loop (server.api.off_loop).
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictInt
 
+from server.api.admission import tokenize_within
 from server.api.deps import EngineDep, SettingsDep, TenantDep
 from server.api.errors import InvalidRequestError, RequestQuotaError, error_responses
-from server.api.openai_errors import OpenAIParamError, OpenAIRoute
-from server.api.openai_logprobs import TokenText
-from server.api.openai_routes import adapter_for, base_names
-from server.api.openai_schemas import MAX_CHAT_MESSAGES, STRICT_REQUEST, ChatMessage
+from server.api.off_loop import PiecewiseJSONResponse, off_loop
+from server.api.openai.errors import OpenAIParamError, OpenAIRoute
+from server.api.openai.logprobs import TokenText
+from server.api.openai.routes import adapter_for, base_names
+from server.api.openai.schemas import MAX_CHAT_MESSAGES, STRICT_REQUEST, ChatMessage
 from server.api.quotas import Quotas, quotas_for
-from server.api.submission import PiecewiseJSONResponse, off_loop, tokenize_within
 from server.api.text import TokenizableText
 from server.engine.interface import EngineClient
 from server.engine.prompt_layout import template_anchor_tokens

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from server.api.errors import AuthError, RequestQuotaError, TooManyRequestsError
-from server.api.openai_errors import openai_error
-from server.api.openai_schemas import FinishReason as OpenAIFinishReason
-from server.api.openai_stream import finish_reason
+from server.api.openai.errors import openai_error
+from server.api.openai.schemas import FinishReason as OpenAIFinishReason
+from server.api.openai.stream import finish_reason
 from server.engine.interface import FinishReason
 from tests.api.conftest import assert_envelope
 

@@ -18,7 +18,7 @@ from server.engine.interface import TokenLogprob
 class TokenText:
     """Each token id's text, label and bytes, each computed once per response. Not for the
     event loop when there are many: callers build logprobs through
-    server.api.submission.off_loop."""
+    server.api.off_loop."""
 
     def __init__(self, detokenize: Callable[[list[int]], str],
                  token_bytes: Callable[[int], bytes] | None = None, *,

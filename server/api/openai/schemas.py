@@ -4,7 +4,7 @@ Requests are strict about fields (extra="forbid"): an argument we do not know wo
 silently ignored otherwise, and a client that sends it expects it to change the output, so it
 gets a 400 naming it, as OpenAI answers "Unrecognized request argument". Parameters OpenAI
 defines but we do not implement are declared so that their no-op values pass (best_of=1,
-logit_bias={}, ...) and anything else is refused in openai_routes with the parameter named.
+logit_bias={}, ...) and anything else is refused in the routes with the parameter named.
 
 Values are strict, as OpenAI's schema is: a boolean is not an integer (`"prompt": [true]` is
 not the token ids [1]) and a string is not a number (`"logprobs": "3"`); a float field still

@@ -3,8 +3,9 @@
 `model` selects the adapter, as in vLLM, LoRAX and TGI: the served base model's name
 (ModelInfo.name, exactly as GET /v1/models lists it) means no adapter; anything else is an
 adapter id in the caller's tenant namespace (404 model_not_found otherwise). Requests take the
-same path as /v1/generate (server.api.submission): same auth, quotas, batching, metrics and
-disconnect handling; only the shapes differ. Errors are OpenAI-shaped (OpenAIRoute).
+same path as /v1/generate (server.api.admission, then server.api.submission): same auth,
+quotas, batching, metrics and disconnect handling; only the shapes differ. Errors are
+OpenAI-shaped (OpenAIRoute).
 """
 
 from __future__ import annotations
@@ -19,12 +20,20 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from server.api.admission import (
+    admit,
+    check_params,
+    to_engine_request,
+    tokenize_text,
+    tokenize_within,
+)
 from server.api.deps import EngineDep, MetricsDep, SettingsDep, TenantDep
 from server.api.errors import error_responses
 from server.api.metrics import ApiMetrics
-from server.api.openai_errors import ModelNotFoundError, OpenAIParamError, OpenAIRoute
-from server.api.openai_logprobs import TokenText
-from server.api.openai_schemas import (
+from server.api.off_loop import off_loop
+from server.api.openai.errors import ModelNotFoundError, OpenAIParamError, OpenAIRoute
+from server.api.openai.logprobs import TokenText
+from server.api.openai.schemas import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -34,17 +43,9 @@ from server.api.openai_schemas import (
     ModelCard,
     ModelList,
 )
-from server.api.openai_stream import ChatFormat, Choice, CompletionFormat, respond
+from server.api.openai.stream import ChatFormat, Choice, CompletionFormat, respond
 from server.api.quotas import Quotas, check_generation, quotas_for
 from server.api.schemas import ADAPTER_ID_PATTERN, MAX_SEED
-from server.api.submission import (
-    admit,
-    check_params,
-    off_loop,
-    to_engine_request,
-    tokenize_text,
-    tokenize_within,
-)
 from server.config import Settings
 from server.engine.errors import MaxNewTokensTooLongError, RequestTooLongError
 from server.engine.interface import EngineClient, SamplingParams

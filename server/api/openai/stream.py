@@ -20,24 +20,16 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from server.api.metrics import ApiMetrics
-from server.api.openai_errors import openai_error_event
-from server.api.openai_logprobs import (
+from server.api.off_loop import OFF_LOOP_TOKENS, PiecewiseJSONResponse, json_text, off_loop
+from server.api.openai.errors import openai_error_event
+from server.api.openai.logprobs import (
     CompletionLogprobsWriter,
     TokenText,
     chat_logprobs,
     merge_completion_logprobs,
 )
 from server.api.quotas import Lease
-from server.api.submission import (
-    OFF_LOOP_TOKENS,
-    PiecewiseJSONResponse,
-    complete_all,
-    json_text,
-    off_loop,
-    open_streams,
-    sse_events,
-    unsent,
-)
+from server.api.submission import complete_all, open_streams, sse_events, unsent
 from server.engine.interface import (
     EngineClient,
     FinishReason,
