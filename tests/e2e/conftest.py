@@ -3,7 +3,8 @@
 Modules that take ENGINE_MODES run against the built-in engine in process and in its own
 process and, where vLLM is installed (the environment `.ci/vllm-env` builds), against
 `--engine vllm` too: the same requests, the same expected answers. Select those with
-`pytest -k onvllm tests/e2e`.
+`pytest -k onvllm tests/e2e`. Modules that take BUILTIN_AND_VLLM (the HTTP surface's own
+tests) skip the built-in engine's second process.
 """
 
 from __future__ import annotations
@@ -90,6 +91,12 @@ VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
 ENGINE_MODES = {
     "params": [(), ("--engine-process",), *([VLLM_MODE] if VLLM_INSTALLED else [])],
     "ids": ["in-process", "engine-process", *(["onvllm"] if VLLM_INSTALLED else [])],
+}
+# For modules whose subject is the HTTP surface rather than the engine's transport: the
+# built-in engine in process, and vLLM where installed.
+BUILTIN_AND_VLLM = {
+    "params": [(), *([VLLM_MODE] if VLLM_INSTALLED else [])],
+    "ids": ["in-process", *(["onvllm"] if VLLM_INSTALLED else [])],
 }
 
 

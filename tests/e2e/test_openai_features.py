@@ -2,7 +2,7 @@
 HTTP) against the real server: logprobs (completions, chat, echo, streams), n, penalties,
 token-id and batched prompts, the context-sized default of chat's max_tokens, served-model
 aliases, /tokenize and /detokenize, and the edges a new user hits first (typos, bad JSON,
-/docs offline, a stream's first event).
+/docs offline, a stream's first event). On the built-in engine, and on vLLM where installed.
 
 Every value is checked against the definition recomputed here in float32: the adapter's rows
 (PEFT's get_prompt) before the text's embeddings, the logits of the whole sequence so far.
@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.e2e.conftest import upload
+from tests.e2e.conftest import BUILTIN_AND_VLLM, upload
 from tests.e2e.server_process import ServerProcess
 from tests.e2e.vllm_extensions import byte_of_token
 from tests.factories import load_base, peft_prompt, penalized_greedy
@@ -31,10 +31,10 @@ ALIASES = ["tiny-base", "tiny-alias"]
 ALIAS_FLAGS = ("--served-model-name", ALIASES[0], "--served-model-name", ALIASES[1])
 
 
-@pytest.fixture(scope="module")
-def server(chat_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", **BUILTIN_AND_VLLM)
+def server(request, chat_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("oai-features")
-    with ServerProcess(chat_model_dir, root / "store", root / "server.log",
+    with ServerProcess(chat_model_dir, root / "store", root / "server.log", *request.param,
                        "--max-model-len", str(CONTEXT), *ALIAS_FLAGS) as proc:
         yield proc
 
