@@ -5,9 +5,10 @@
 #   CALL=1 bash benchmarks/gpu/run_checks.sh   the most important figures: env, parity
 #       (pytest -m gpu), gpu-1b's engine against hf-static-compile (one timed run), and gpu-1b
 #       on the vllm engine (--engine vllm) where vLLM is installed (skipped, and said, where not)
-#   CALL=2 bash benchmarks/gpu/run_checks.sh   the rest: gpu-8b's engine, bf16 agreement,
-#       gpu-1b's HTTP server, plain generate and PEFT one request at a time, the host overhead
-#       per decode step
+#   CALL=2 bash benchmarks/gpu/run_checks.sh   the rest: gpu-8b's engine, gpu-8b on the vllm
+#       engine where vLLM is installed (skipped, and said, where not), bf16 agreement, gpu-1b's
+#       HTTP server, plain generate and PEFT one request at a time, the host overhead per
+#       decode step
 #
 # STEPS="..." runs the named steps instead (output tagged "steps"); besides the above:
 # fairness, fairlong (400-token prompts), fairhttp (the real server over HTTP), fairproc (the
@@ -46,7 +47,7 @@ if [[ -n ${STEPS:-} ]]; then
 else
     case $CALL in
         1) STEPS="env parity gpu1b gpu1bvllm" ;;
-        2) STEPS="gpu8b bf16 gpu1bmore overhead" ;;
+        2) STEPS="gpu8b gpu8bvllm bf16 gpu1bmore overhead" ;;
         *) echo "run_checks: CALL is 1 or 2, not '$CALL'" >&2; exit 2 ;;
     esac
     TAG=call$CALL
@@ -87,6 +88,16 @@ step() {  # step NAME LIMIT_S COMMAND...: runs it under min(LIMIT_S, what the bu
 
 has_vllm() { python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)'; }
 
+vllm_step() {  # vllm_step NAME LIMIT_S WORKLOAD: the workload's HTTP server on the vllm engine
+    local name=$1 limit=$2 workload=$3
+    if has_vllm; then
+        step "$name" "$limit" python3 -m benchmarks "$workload" "${h[@]}" --engine vllm \
+            --modes http --baselines "" --json "$OUT/$workload-vllm.json"
+    else
+        skip "$name" "vLLM is not installed on this host, so $workload on the vllm engine is not measured (a vLLM wheel is far too big to carry)"
+    fi
+}
+
 record start --call "$TAG" --device "$DEVICE" --quick "$QUICK" --budget "$BUDGET_S"
 echo "run_checks: $TAG, steps: $STEPS; budget ${BUDGET_S}s; output in $OUT" | tee -a "$LOG"
 
@@ -125,17 +136,12 @@ for s in $STEPS; do
                     tests/engine/test_sampling_near_one.py ;;
         gpu1b) step gpu1b 150 python3 -m benchmarks gpu-1b "${h[@]}" --modes engine \
                    --baselines hf-static-compile --json "$OUT/gpu-1b.json" ;;
-        gpu1bvllm)
-            if has_vllm; then
-                step gpu1bvllm 120 python3 -m benchmarks gpu-1b "${h[@]}" --engine vllm \
-                    --modes http --baselines "" --json "$OUT/gpu-1b-vllm.json"
-            else
-                skip gpu1bvllm "vLLM is not installed on this host, so gpu-1b on the vllm engine is not measured (a vLLM wheel is far too big to carry)"
-            fi ;;
+        gpu1bvllm) vllm_step gpu1bvllm 120 gpu-1b ;;
         gpu1bmore) step gpu1bmore 120 python3 -m benchmarks gpu-1b "${h[@]}" --modes http \
                        --baselines plain,peft-sequential --json "$OUT/gpu-1b-more.json" ;;
         gpu8b) step gpu8b 120 python3 -m benchmarks gpu-8b "${h[@]}" --modes engine \
                    --baselines "" --json "$OUT/gpu-8b.json" ;;
+        gpu8bvllm) vllm_step gpu8bvllm 120 gpu-8b ;;
         gpu8bfull) step gpu8bfull 400 python3 -m benchmarks gpu-8b "${h[@]}" \
                        --json "$OUT/gpu-8b-full.json" ;;
         bf16) step bf16 90 python3 -m benchmarks.bf16_agreement --device "$DEVICE" "${bf16[@]}" ;;

@@ -63,7 +63,13 @@ def test_call_1_env_parity_and_gpu_1b_engine_against_the_compiled_baseline(tmp_p
 def test_call_2_gpu_8b_bf16_the_rest_of_gpu_1b_and_the_step_overhead(tmp_path) -> None:
     log = run_checks(tmp_path, CALL="2")
     done = steps(tmp_path / "gpu-checks-call2.json")
-    assert list(done) == ["gpu8b", "bf16", "gpu1bmore", "overhead"]
+    assert list(done) == ["gpu8b", "gpu8bvllm", "bf16", "gpu1bmore", "overhead"]
+    vllm = done.pop("gpu8bvllm")
+    if HAS_VLLM:
+        assert vllm["status"] == "ok" and systems(tmp_path / "gpu-8b-vllm.json") == ["http"]
+    else:
+        assert vllm["status"] == "skipped" and "vLLM is not installed" in vllm["reason"]
+        assert "gpu8bvllm: skipped: vLLM is not installed" in log
     assert all(s["status"] == "ok" for s in done.values()), done
     assert systems(tmp_path / "gpu-8b.json") == ["engine"]
     assert systems(tmp_path / "gpu-1b-more.json") == ["http", "peft-sequential", "plain"]
