@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -104,7 +105,7 @@ def trickling_hub():
     listener.settimeout(0.2)
 
     def trickle(conn: socket.socket) -> None:
-        with conn:
+        with conn, contextlib.suppress(OSError):  # the client giving up closes it
             conn.sendall(b"HTTP/1.1 200 OK\r\nX-Pad: ")
             while not stop.wait(1.0):
                 conn.sendall(b"a")

@@ -5,9 +5,18 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from tests.api.conftest import assert_envelope
 
 BOUNDARY = "sp-test-boundary"
+
+
+@pytest.fixture(autouse=True)
+def own_temp_dir(tmp_path, monkeypatch) -> None:
+    """Spools go to a directory of this test's own, so another process's uploads (a server
+    that another test runs meanwhile) are never counted as this one's leftovers."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def _leftover_spools() -> set[str]:
