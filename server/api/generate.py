@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from server.api.admission import admit, check_params, to_engine_request, tokenize_text
 from server.api.deps import EngineDep, MetricsDep, SettingsDep, TenantDep
@@ -29,7 +28,14 @@ from server.api.schemas import (
     logprobs_out,
     usage_of,
 )
-from server.api.submission import StreamItem, complete, open_stream, sse_events, unsent
+from server.api.submission import (
+    StreamItem,
+    complete,
+    open_stream,
+    sse_events,
+    sse_response,
+    unsent,
+)
 from server.config import Settings
 from server.engine.interface import (
     EngineClient,
@@ -91,10 +97,7 @@ async def generate(
     headers = {"X-Request-Id": engine_request.request_id}
     if body.stream:
         items = await open_stream(request, engine, engine_request, metrics=metrics, lease=lease)
-        return StreamingResponse(_events(items, engine_request.adapter_id),
-                                 media_type="text/event-stream",
-                                 headers=headers | {"Cache-Control": "no-cache",
-                                                    "X-Accel-Buffering": "no"})
+        return sse_response(_events(items, engine_request.adapter_id), headers)
     result, engine_ms = await complete(request, engine, engine_request, metrics=metrics,
                                        lease=lease)
     # Server-Timing tells a client how much of its latency was the engine's (benchmarks use it

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from server.api.deps import get_access
@@ -212,6 +213,13 @@ async def _items(first: StreamItem, stream: AsyncIterator[StreamItem], metrics: 
     finally:
         lease.release()
         await _close(stream)
+
+
+def sse_response(events: AsyncIterator[str], headers: dict[str, str]) -> StreamingResponse:
+    """Server-Sent Events that no proxy caches or buffers (nginx honours X-Accel-Buffering)."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers=headers | {"Cache-Control": "no-cache",
+                                                "X-Accel-Buffering": "no"})
 
 
 async def sse_events(frames: AsyncIterator[str], items: AsyncIterator[StreamItem],

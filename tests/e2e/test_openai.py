@@ -1,7 +1,8 @@
 """The official openai client against the real server: completions, chat, streaming, models.
 
 The tiny Llama-shaped model is given a chat template here (the plain one has none); two
-tenants with API keys check that `model=` only reaches the caller's own adapters.
+tenants with API keys check that `model=` only reaches the caller's own adapters. On the
+built-in engine, and on vLLM where installed.
 """
 
 from __future__ import annotations
@@ -15,21 +16,21 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.e2e.conftest import upload
+from tests.e2e.conftest import BUILTIN_AND_VLLM, upload
 from tests.e2e.server_process import ServerProcess, metric
 
 KEYS = {"acme": "acme-key-0123456789", "beta": "beta-key-0123456789"}
 PROMPT = "Tweet: I love it. Label:"
 
 
-@pytest.fixture(scope="module")
-def oai_server(chat_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", **BUILTIN_AND_VLLM)
+def oai_server(request, chat_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("oai-server")
     keys = root / "keys.json"
     keys.write_text(json.dumps({"tenants": [{"name": n, "keys": [k]}
                                             for n, k in KEYS.items()]}))
     with ServerProcess(chat_model_dir, root / "store", root / "server.log",
-                       "--api-keys", str(keys), "--max-wait-ms", "5") as proc:
+                       "--api-keys", str(keys), "--max-wait-ms", "5", *request.param) as proc:
         yield proc
 
 

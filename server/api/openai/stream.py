@@ -17,7 +17,6 @@ from functools import partial
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from server.api.metrics import ApiMetrics
 from server.api.off_loop import OFF_LOOP_TOKENS, PiecewiseJSONResponse, json_text, off_loop
@@ -29,7 +28,7 @@ from server.api.openai.logprobs import (
     merge_completion_logprobs,
 )
 from server.api.quotas import Lease
-from server.api.submission import complete_all, open_streams, sse_events, unsent
+from server.api.submission import complete_all, open_streams, sse_events, sse_response, unsent
 from server.engine.interface import (
     EngineClient,
     FinishReason,
@@ -273,10 +272,7 @@ async def respond(request: Request, engine: EngineClient, choices: list[Choice],
         items = await open_streams(request, engine, engine_requests, metrics=metrics,
                                    lease=lease)
         frames = _frames(items, choices, fmt, include_usage=include_usage)
-        return StreamingResponse(sse_events(frames, items, openai_error_event),
-                                 media_type="text/event-stream",
-                                 headers=headers | {"Cache-Control": "no-cache",
-                                                    "X-Accel-Buffering": "no"})
+        return sse_response(sse_events(frames, items, openai_error_event), headers)
     results, engine_ms = await complete_all(request, engine, engine_requests, metrics=metrics,
                                             lease=lease)
     headers["Server-Timing"] = f"engine;dur={engine_ms:.3f}"
