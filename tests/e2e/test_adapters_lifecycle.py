@@ -1,4 +1,6 @@
-"""Adapter lifecycle over HTTP on the real server: upload, list, get, delete, restart, bad input."""
+"""Adapter lifecycle over HTTP on the real server: upload, list, get, delete, restart, bad input,
+on the built-in engine and on vLLM where it is installed (the restart on the built-in engine
+only: the store it reads back is the same whichever engine serves)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,20 @@ import os
 import httpx
 import pytest
 
-from tests.e2e.conftest import upload
+from tests.e2e.conftest import BUILTIN_AND_VLLM, SERVER_FLAGS, upload
 from tests.e2e.server_process import ServerProcess
 from tests.factories import make_adapter
 
 RECORD_KEYS = {"adapter_id", "peft_type", "task_type", "num_virtual_tokens", "token_dim",
                "sha256", "size_bytes", "created_at", "template"}
+
+
+@pytest.fixture(scope="module", **BUILTIN_AND_VLLM)
+def server(request, model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lifecycle")
+    with ServerProcess(model_dir, root / "store", root / "server.log", *SERVER_FLAGS,
+                       *request.param) as proc:
+        yield proc
 
 
 def assert_envelope(r: httpx.Response, status: int) -> dict:

@@ -1,5 +1,6 @@
 """Hostile input through HTTP against the real server: every case is a 4xx with the error
-envelope and a message, nothing lands in the store, and the server still answers afterwards."""
+envelope and a message, nothing lands in the store, and the server still answers afterwards,
+on the built-in engine and on vLLM where it is installed."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
+from tests.e2e.conftest import BUILTIN_AND_VLLM
 from tests.e2e.server_process import ServerProcess
 
 PWNED = Path("/tmp/softprompt-hostile-pwned")
@@ -29,11 +31,11 @@ class _Evil:
         return (os.system, (f"touch {PWNED}",))
 
 
-@pytest.fixture(scope="module")
-def hostile(model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", **BUILTIN_AND_VLLM)
+def hostile(request, model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     with ServerProcess(model_dir, root / "store", root / "server.log",
-                       "--max-upload-bytes", "1000000") as proc:
+                       "--max-upload-bytes", "1000000", *request.param) as proc:
         yield proc, root / "store"
 
 

@@ -136,6 +136,30 @@ def test_another_tenants_adapter_is_not_found(oai_server, adapter):
     assert adapter not in [m.id for m in beta.models.list().data]
 
 
+def test_one_adapter_id_in_two_tenants_serves_each_its_own(oai_server, adapter_dirs):
+    """Tenants name adapters in their own namespaces, down to the engine's prompt rows: beta's
+    "twin" must not run acme's rows (or the reverse), and the same files under two tenants give
+    the same answer."""
+    def client(tenant: str) -> httpx.Client:
+        return httpx.Client(base_url=oai_server.url, timeout=60,
+                            headers={"Authorization": f"Bearer {KEYS[tenant]}"})
+
+    def complete(c: httpx.Client, model: str) -> str:
+        r = c.post("/v1/completions", json={"model": model, "prompt": PROMPT,
+                                            "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with client("acme") as acme, client("beta") as beta:
+        assert upload(acme, "twin", adapter_dirs["prompt_tuning"][0]).status_code == 201
+        assert upload(beta, "twin", adapter_dirs["p_tuning_lstm"][0]).status_code == 201
+        assert upload(beta, "acme-copy", adapter_dirs["prompt_tuning"][0]).status_code == 201
+        acme_twin, beta_twin = complete(acme, "twin"), complete(beta, "twin")
+        assert complete(beta, "acme-copy") == acme_twin
+        assert beta_twin != acme_twin
+        assert complete(beta, "twin") == beta_twin and complete(acme, "twin") == acme_twin
+
+
 def test_bad_key_is_authentication_error(oai_server):
     bad = openai.OpenAI(base_url=f"{oai_server.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
