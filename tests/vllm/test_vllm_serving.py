@@ -81,6 +81,7 @@ def prompts(model_dir, served):
 def test_the_startup_log_names_the_engine(served):
     log = served[0].log_path.read_text(errors="replace")
     assert "engine: vllm (--engine vllm)" in log and "vllm engine started" in log
+    assert "this process builds prompts on 1 torch thread" in log
 
 
 def test_concurrent_mixed_adapters_equal_the_definition(served, base, tokenizer, prompts):

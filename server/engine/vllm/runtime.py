@@ -66,6 +66,15 @@ def build_vllm_core(settings: Settings, store: AdapterStore, *, observer: Engine
     started = time.monotonic()
     llm = _start(settings, str(source), dtype=dtype, cuda=cuda,
                  context=settings.max_model_len or model_context)
+    if not cuda:
+        # This process only builds prompts (a copy of the adapter's rows into one tensor);
+        # a pool of one thread per core here fights vLLM's workers for the same cores, and
+        # a build then waits for a descheduled thread: 6 ms on average instead of 0.6, and
+        # warm TTFT 1.6x the bare model's instead of 1.1x on 2 cores. vLLM's processes are
+        # started by now and keep their own thread counts.
+        torch.set_num_threads(1)
+        log.info("vllm engine on the CPU: this process builds prompts on 1 torch thread; "
+                 "vLLM's workers keep their own")
     vocab = int(text.vocab_size)
     max_len = int(getattr(getattr(llm, "model_config", None), "max_model_len", 0) or
                   min(model_context, settings.max_model_len or 1 << 30))
