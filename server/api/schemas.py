@@ -29,7 +29,7 @@ from server.engine.sampling_limits import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETIT
 
 ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_STOP_CHARS = 256  # one stop string
-MAX_SEED = 2**63 - 1  # seeds are 64-bit: a torch generator takes nothing larger
+MAX_SEED = 2**63 - 1  # seeds go into int64 tensors: nothing larger fits
 # The largest integer any count or size field may hold: the engine keeps them in int32 tensors
 # (lengths, top-k widths). Tighter limits (quotas, the vocabulary) are checked in the handlers.
 MAX_INT = 2**31 - 1

@@ -1,11 +1,15 @@
-"""Per-row token choice, so rows with different sampling parameters share one model batch.
+"""The one sampler: per-row token choice, so rows with different sampling parameters share one
+model batch, for both runners.
 
-Greedy rows take the argmax of their logits; sampled rows are sampled here, each from its own
-seeded generator (RowSampler), so a row's random stream never depends on its batch mates.
-This is static batching's sampling (the engine core samples on the device, server.engine.core.
-device_sampling): static batching runs `generate`, which accepts one GenerationConfig per call:
-it runs greedy, and PerRowLogitsProcessor replaces a sampled row's logits by a one-hot (0 on
-the chosen token, -inf elsewhere) so generate's argmax picks exactly that token.
+Greedy, temperature, top-k, top-p and per-row seeds in one batch of tensor ops of fixed shape
+(a captured graph can replay it). Every row's randomness is a pure function of (its seed, the
+index of the token it draws): a counter-based generator (SplitMix64) evaluated with integer
+tensor ops, so a seeded row draws the same tokens whatever else shares the step, whatever order
+rows are in, after being preempted and recomputed, and whichever runner runs it: the engine
+core (server.engine.core.row_sampler, parameters resident per KV slot) or static batching.
+Static batching runs `generate`, which accepts one GenerationConfig per call: it runs greedy,
+and PerRowLogitsProcessor replaces a sampled row's logits by a one-hot (0 on the token this
+sampler chose, -inf elsewhere) so generate's argmax picks exactly that token.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import math
 import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor
@@ -23,10 +28,7 @@ from server.engine.sampling_limits import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETIT
 
 log = logging.getLogger(__name__)
 
-_SEED_MASK = (1 << 63) - 1
-
-
-# What the engine can represent: counts go into int64 tensors, seeds into 64-bit generators.
+# What the engine can represent: counts and seeds go into int64 tensors.
 _MAX_INT = 2**31 - 1
 _MAX_SEED = 2**63 - 1
 
@@ -66,21 +68,6 @@ def validate_params(params: SamplingParams, *, vocab_size: int = 0) -> None:
             raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
 
 
-class RowSampler:
-    """One row's sampling state: its parameters and, for a sampled row, its own generator.
-
-    A row's random stream depends only on its seed: one uniform draw per step from its own
-    generator, whatever batch it shares and whichever batching mode runs it.
-    """
-
-    def __init__(self, params: SamplingParams) -> None:
-        self.params = params
-        self.generator: torch.Generator | None = None
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else secrets.randbits(63)
-            self.generator = torch.Generator(device="cpu").manual_seed(seed & _SEED_MASK)
-
-
 def stop_ids_to_mask(params: Sequence[SamplingParams], drawn: Sequence[int],
                      eos_ids: Sequence[int]) -> tuple[list[int], list[int]]:
     """(rows, ids) to mask this step: the eos and stop token ids of each row that has drawn
@@ -106,62 +93,92 @@ def mask_ids(scores: torch.Tensor, rows: Sequence[int], ids: Sequence[int]) -> t
     return scores
 
 
-def sample_rows(scores: torch.Tensor, samplers: Sequence[RowSampler]) -> torch.Tensor:
-    """One token per row of `scores` [n, vocab] (float32) from its sampler; returns ids [n].
-
-    Every sampler must be a sampled one (temperature > 0).
-    """
-    return _sample_with(scores, [s.params for s in samplers], _draw(samplers, scores.device))
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
 
 
-def sample_rows_isolated(scores: torch.Tensor, samplers: Sequence[RowSampler]
-                         ) -> tuple[torch.Tensor, dict[int, Exception]]:
-    """sample_rows, except that a row whose sampling raises fails alone: the others are
-    sampled again one by one, from the same uniform draws (so their seeded streams do not
-    move), and the failures come back by row index. A failed row's token is a placeholder."""
-    u = _draw(samplers, scores.device)  # [n]: drawn once, whatever happens next
-    params = [s.params for s in samplers]
-    try:
-        return _sample_with(scores, params, u), {}
-    except Exception as batch_error:  # noqa: BLE001 - find the rows that cause it
-        log.warning("sampling %d rows failed (%s); sampling them one by one", len(params),
-                    type(batch_error).__name__)
-    tokens = scores.argmax(dim=-1)  # [n]
-    failed: dict[int, Exception] = {}
-    for i, p in enumerate(params):
-        try:
-            tokens[i] = _sample_with(scores[i:i + 1], [p], u[i:i + 1])[0]
-        except Exception as e:  # noqa: BLE001 - reported to this row's request only
-            failed[i] = e
-    return tokens, failed
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def _draw(samplers: Sequence[RowSampler], device: torch.device) -> torch.Tensor:
-    """One uniform draw per row per step from the row's own generator, whatever its path."""
-    return torch.cat([torch.rand(1, generator=s.generator) for s in samplers]).to(device)
+def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """[n] float64 in [0, 1): SplitMix64 of seed and counter, the top 53 bits. In float32 the
+    top of the range rounds to 1.0: a caller comparing in float32 must keep it below 1."""
+    z = seeds * _GOLDEN + (counters + 1) * _GOLDEN  # wraps modulo 2**64
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
-def _sample_with(scores: torch.Tensor, params: Sequence[SamplingParams],
-                 u: torch.Tensor) -> torch.Tensor:
-    device = scores.device
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32,
-                               device=device)  # [n]
-    top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)  # 0 = off
-    # top_p == 1 means "off"; an infinite threshold avoids dropping tail tokens whose
-    # preceding cumulative mass merely rounds to 1.0.
-    top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params],
-                         dtype=torch.float32, device=device)  # [n]
-    logits = scores / temperature[:, None]  # [n, vocab]
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of a step, as device tensors ([rows] each).
 
-    chosen = torch.empty(len(params), dtype=torch.long, device=device)  # [n]
-    whole = (top_k == 0) & torch.isinf(top_p)  # plain temperature sampling: no sorting
-    if whole.any():
-        chosen[whole] = _sample_whole_vocab(logits[whole], u[whole])
-    ranked = ~whole
-    if ranked.any():
-        chosen[ranked] = _sample_ranked(logits[ranked], top_k[ranked], top_p[ranked],
-                                        u[ranked])
-    return chosen
+    temperature 0 means greedy; top_k 0 and top_p 1 mean off."""
+
+    temperature: torch.Tensor  # float32
+    top_k: torch.Tensor  # long
+    top_p: torch.Tensor  # float32
+    seeds: torch.Tensor  # long
+    counters: torch.Tensor  # long: tokens the row has drawn so far
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The next token of each row [rows] from its logits [rows, vocab] (float32 internally).
+
+    Semantics as Hugging Face's warpers: temperature divides the logits, top-k keeps the k
+    best, top-p keeps the smallest set of best tokens whose probability reaches p (at least
+    one); the draw is inverse-CDF on the kept, renormalised distribution."""
+    scores = logits.float()
+    greedy = scores.argmax(dim=-1)
+    hot = batch.temperature > 0
+    scaled = scores / torch.where(hot, batch.temperature, 1.0)[:, None]
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(scores.shape[-1], device=scores.device)[None, :]
+    k = torch.where(batch.top_k > 0, batch.top_k, scores.shape[-1])[:, None]
+    ordered = ordered.masked_fill(rank >= k, float("-inf"))
+    probs = ordered.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
+    # top_p 1 is off: tail tokens whose preceding mass merely rounds to 1 in float32 stay.
+    keep = (before < batch.top_p[:, None]) | (rank == 0) | (batch.top_p[:, None] >= 1)
+    probs = probs * keep
+    cdf = probs.cumsum(dim=-1)
+    # A float64 draw within 2**-25 of 1 rounds to 1.0 in float32, and a draw of 1 times the
+    # kept mass is the mass, past every kept token: the draw stays below 1 in cdf's dtype
+    # (then, rounding to nearest, the product stays below the mass), and the pick stays on
+    # the last token with mass whatever the rounding.
+    below_one = 1.0 - torch.finfo(cdf.dtype).eps / 2
+    u = uniforms(batch.seeds, batch.counters).to(cdf.dtype).clamp(max=below_one) * cdf[:, -1]
+    last = torch.where(probs > 0, rank, 0).amax(dim=-1, keepdim=True)  # [rows, 1]
+    pick = torch.minimum(torch.searchsorted(cdf, u[:, None], right=True), last)
+    drawn = order.gather(-1, pick)[:, 0]
+    return torch.where(hot, drawn, greedy)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Every row's argmax [rows] (float32 comparison)."""
+    return logits.float().argmax(dim=-1)
+
+
+def seed_of(params: SamplingParams) -> int:
+    """The row's seed: its own, or a fresh random one (an unseeded row still draws from a
+    stream of its own)."""
+    return params.seed if params.seed is not None else secrets.randbits(63)
+
+
+def batch_of(params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
+             device: torch.device) -> SamplingBatch:
+    """The rows' parameters as one SamplingBatch on `device`."""
+    return SamplingBatch(
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32,
+                                 device=device),
+        top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+        seeds=torch.tensor(list(seeds), dtype=torch.long, device=device),
+        counters=torch.tensor(list(counters), dtype=torch.long, device=device))
 
 
 class PerRowLogitsProcessor(LogitsProcessor):
@@ -186,7 +203,7 @@ class PerRowLogitsProcessor(LogitsProcessor):
         self._params = list(params)
         self._eos_ids = sorted(set(eos_ids))
         self._step = 0  # tokens each row has drawn: generate draws one per row per call
-        self._sampled = [(i, RowSampler(p)) for i, p in enumerate(params) if p.temperature > 0]
+        self._sampled = [(i, p, seed_of(p)) for i, p in enumerate(params) if p.temperature > 0]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # scores: [batch, vocab], float32 (generate upcasts); modified in place, it is a copy.
@@ -194,78 +211,37 @@ class PerRowLogitsProcessor(LogitsProcessor):
         rows, ids = stop_ids_to_mask(self._params, [self._step] * len(self._params),
                                      self._eos_ids)
         scores = mask_ids(scores, rows, ids)
+        drawn = self._step
         self._step += 1
-        active = [(i, s) for i, s in self._sampled if not self._finished[i]]
+        active = [(i, p, seed) for i, p, seed in self._sampled if not self._finished[i]]
         if active:
-            rows = torch.tensor([i for i, _ in active], dtype=torch.long,
+            rows = torch.tensor([i for i, _, _ in active], dtype=torch.long,
                                 device=scores.device)  # [n]
-            chosen, failed = sample_rows_isolated(scores.index_select(0, rows),
-                                                  [s for _, s in active])
-            for j, error in failed.items():
-                if self._on_error is not None:
-                    self._on_error(active[j][0], error)
+            chosen = self._choose(scores.index_select(0, rows), active, drawn)
             # A one-hot (0 on the chosen token, -inf elsewhere): generate's argmax takes it.
             scores.index_fill_(0, rows, float("-inf"))
             scores[rows, chosen] = 0.0
         return scores
 
-
-# Top-p rows first look among this many best tokens; that is exact whenever their mass reaches
-# top_p (nearly always), and avoids sorting the whole vocabulary every step.
-_NUCLEUS_CANDIDATES = 1024
-
-
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index drawn from unnormalized `probs` [n, width] with uniforms u [n] in [0, 1)."""
-    cdf = torch.cumsum(probs, dim=-1)  # [n, width]
-    pos = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)  # [n, 1]
-    # Guard against u * total rounding up to total: stay on the last token with mass.
-    width = probs.shape[-1]
-    last = width - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1, keepdim=True)
-    return torch.minimum(pos, last).squeeze(1)  # [n]
-
-
-def _sample_whole_vocab(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Temperature-only rows: sample from the full softmax, in vocabulary order."""
-    return _inverse_cdf(torch.softmax(logits, dim=-1), u)
-
-
-def _sample_ranked(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                   u: torch.Tensor) -> torch.Tensor:
-    """Rows with top-k and/or top-p: keep the best tokens, then sample among them.
-
-    logits [n, vocab]; top_k [n] (0 = off); top_p [n] (inf = off). Top-k comes first and
-    top-p is taken over the top-k distribution, as transformers' warpers do.
-    """
-    vocab = logits.shape[-1]
-    width = torch.where(top_k > 0, top_k.clamp(max=vocab),
-                        min(_NUCLEUS_CANDIDATES, vocab))  # [n]
-    return _sample_among_best(logits, width, top_k > 0, top_p, u)
-
-
-def _sample_among_best(logits: torch.Tensor, width: torch.Tensor, has_top_k: torch.Tensor,
-                       top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    values, ids = torch.topk(logits, int(width.max()), dim=-1)  # [n, w], best first
-    ranks = torch.arange(values.shape[-1], device=logits.device)
-    values = values.masked_fill(ranks[None, :] >= width[:, None], float("-inf"))
-    # Top-k rows renormalize over their k tokens; top-p-only rows use the full vocabulary.
-    log_norm = torch.where(has_top_k, torch.logsumexp(values, dim=-1),
-                           torch.logsumexp(logits, dim=-1))  # [n]
-    probs = torch.exp(values - log_norm[:, None])  # [n, w]
-
-    # A top-p-only row whose candidates hold less than top_p of the mass needs the whole
-    # vocabulary ranked: redo just those rows (rare outside random models).
-    short = ~has_top_k & (width < vocab) & (probs.sum(dim=-1) < top_p)
-    chosen = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    if short.any():
-        chosen[short] = _sample_among_best(
-            logits[short], torch.full_like(width[short], vocab), has_top_k[short],
-            top_p[short], u[short])
-    keep = ~short
-    probs, ids = probs[keep], ids[keep]
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens
-    # The best token always survives (mass_before == 0 < top_p).
-    probs = probs.masked_fill(mass_before >= top_p[keep, None], 0.0)
-    chosen[keep] = ids.gather(1, _inverse_cdf(probs, u[keep])[:, None]).squeeze(1)
-    return chosen
+    def _choose(self, scores: torch.Tensor, active: list[tuple[int, SamplingParams, int]],
+                drawn: int) -> torch.Tensor:
+        """One draw per active row; a row whose sampling raises fails alone (reported through
+        on_error, its token a placeholder): its batch mates' draws depend on their own seeds
+        and counters only, so sampling them one by one gives the same tokens."""
+        def draw(at: slice) -> torch.Tensor:
+            part = active[at]
+            return sample(scores[at], batch_of([p for _, p, _ in part], [s for _, _, s in part],
+                                               [drawn] * len(part), scores.device))
+        try:
+            return draw(slice(None))
+        except Exception as batch_error:  # noqa: BLE001 - find the rows that cause it
+            log.warning("sampling %d rows failed (%s); sampling them one by one", len(active),
+                        type(batch_error).__name__)
+        chosen = scores.argmax(dim=-1)
+        for j, (i, _, _) in enumerate(active):
+            try:
+                chosen[j] = draw(slice(j, j + 1))[0]
+            except Exception as e:  # noqa: BLE001 - reported to this row's request only
+                if self._on_error is not None:
+                    self._on_error(i, e)
+        return chosen

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.core.device_sampling import SamplingBatch, greedy, sample, uniforms
 from server.engine.core.row_sampler import RowSampler
 from server.engine.interface import SamplingParams
+from server.engine.sampling import SamplingBatch, greedy, sample, uniforms
 
 EOS = 2
 

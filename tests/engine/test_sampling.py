@@ -1,4 +1,5 @@
-"""Per-row sampling in one batch: temperature, top-k, top-p; seeds independent of batch mates."""
+"""Per-row sampling in one batch: temperature, top-k, top-p; seeds independent of batch mates and
+of the runner (the engine core and static batching share one sampler)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,7 @@ import torch
 from server.engine.generation import run_batch
 from server.engine.interface import SamplingParams
 from server.engine.rows import BatchRow
-from server.engine.sampling import (
-    PerRowLogitsProcessor,
-    RowSampler,
-    sample_rows,
-    sample_rows_isolated,
-)
+from server.engine.sampling import PerRowLogitsProcessor
 from tests.engine.conftest import make_row, run_core, run_one
 
 EOS = 2
@@ -153,6 +149,8 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model_and_tokenizer) -
         joined = run_core(model, tok, [mates[0], sampled[0], sampled[1], mates[1], sampled[2]],
                           max_batch_tokens=8)
         assert [o.token_ids for o in core_alone] == [joined[i].token_ids for i in (1, 2, 4)]
+        # One sampler: a seed draws the same tokens whichever runner runs the row.
+        assert [o.token_ids for o in core_alone] == [o.token_ids for o in alone]
 
 
 def test_different_seeds_give_different_samples(llama) -> None:
@@ -178,16 +176,20 @@ def test_top_k_one_is_greedy(llama) -> None:
 
 
 def test_isolated_sampling_fails_only_the_bad_row_and_keeps_the_others_draws() -> None:
-    """A top_k no tensor can hold fails the batched call; the other rows are sampled from the
-    same uniform draws they would have had without the bad row."""
+    """A top_k no tensor can hold fails the batched draw; the other rows get the tokens they
+    would have had without the bad row, and the bad row is reported by its index."""
     scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
     good = [SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=0.7, top_k=9,
                                                                      seed=6)]
     bad = SamplingParams(temperature=1.0, top_k=10**22, seed=7)
-    expected = sample_rows(scores[[0, 2]], [RowSampler(p) for p in good])
+    ids = torch.zeros(2, 0, dtype=torch.long)
+    expected = _processor(*good)(ids, scores[[0, 2]].clone()).argmax(dim=-1)
+    failed: dict[int, Exception] = {}
+    mixed = PerRowLogitsProcessor([good[0], bad, good[1]], eos_ids=[EOS],
+                                  finished=[False] * 3, device=torch.device("cpu"),
+                                  on_error=failed.__setitem__)
 
-    tokens, failed = sample_rows_isolated(scores, [RowSampler(good[0]), RowSampler(bad),
-                                                   RowSampler(good[1])])
+    tokens = mixed(torch.zeros(3, 0, dtype=torch.long), scores.clone()).argmax(dim=-1)
 
     assert list(failed) == [1] and isinstance(failed[1], Exception)
     assert tokens[[0, 2]].tolist() == expected.tolist()

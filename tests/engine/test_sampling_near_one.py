@@ -1,25 +1,25 @@
 """A uniform draw at the very top of [0, 1) still picks a token the row's top-k and top-p
 keep: a float64 draw rounds to 1.0 in float32, and a draw times the kept mass can round up
-to that mass, so both samplers must keep their pick inside the kept tokens. The engine core's
-seeded draw is driven to exactly 1 - 2**-53 by a seed found by inverting SplitMix64."""
+to that mass, so the sampler must keep its pick inside the kept tokens, in the engine core and
+in static batching alike. The seeded draw is driven to exactly 1 - 2**-53 by a seed found by
+inverting SplitMix64."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from server.engine.core.device_sampling import (
+from server.engine.core.row_sampler import RowSampler
+from server.engine.interface import SamplingParams
+from server.engine.sampling import (
     _GOLDEN,
     _MIX1,
     _MIX2,
+    PerRowLogitsProcessor,
     SamplingBatch,
     sample,
     uniforms,
 )
-from server.engine.core.row_sampler import RowSampler
-from server.engine.interface import SamplingParams
-from server.engine.sampling import RowSampler as StaticRowSampler
-from server.engine.sampling import _sample_with
 
 _WORD = 1 << 64
 LARGEST_BELOW_ONE = 1 - 2**-53  # float64; float32's nearest to it is 1.0
@@ -93,23 +93,17 @@ def test_the_engine_cores_sampler_keeps_a_seeded_row_in_its_top_k(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("u", [1 - 2**-24, 1.0])  # float32's largest below 1, and 1 itself
 @pytest.mark.parametrize(("params", "allowed"), [
     ({"top_k": 2}, {1, 2}),
     ({"top_p": 0.5}, {1, 2}),
-    ({}, {0, 1, 2, 3}),  # the whole vocabulary, the eos masked as min_tokens does
+    ({"min_tokens": 1}, {0, 1, 2, 3}),  # the whole vocabulary, the eos masked by min_tokens
 ])
-def test_static_batchings_draw_at_the_top_stays_inside_the_kept_tokens(device, u, params,
-                                                                        allowed):
-    scores = torch.tensor([LOGITS], device=device)
-    scores[0, EOS] = float("-inf")
-    chosen = _sample_with(scores, [SamplingParams(temperature=1.0, **params)],
-                          torch.tensor([u], device=device))
-    assert int(chosen[0]) in allowed
-
-
-def test_static_batchings_own_draws_stay_below_one():
-    """Its generator's float32 draws are below 1 by construction (24 random bits)."""
-    sampler = StaticRowSampler(SamplingParams(temperature=1.0, seed=SEED))
-    draws = torch.rand(1 << 20, generator=sampler.generator)
-    assert draws.dtype == torch.float32 and float(draws.max()) < 1.0
+def test_static_batchings_processor_keeps_a_seeded_row_in_its_kept_tokens(device, params,
+                                                                          allowed):
+    """The same draw at the top through generate's logits processor: its one-hot is on a kept
+    token."""
+    processor = PerRowLogitsProcessor([SamplingParams(temperature=1.0, seed=SEED, **params)],
+                                      eos_ids=[EOS], finished=[False],
+                                      device=torch.device(device))
+    out = processor(None, torch.tensor([LOGITS], device=device))
+    assert int(out[0].argmax()) in allowed and float(out[0].max()) == 0.0

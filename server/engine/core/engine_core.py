@@ -11,8 +11,8 @@ sampling state. Each step:
 3. all of it is one forward of the model over the step's tokens laid end to end (a decode row
    is one token, a chunk its run of tokens), with logits only where a token is drawn: each
    decode, and the last token of a prompt that is complete;
-4. tokens are drawn on the device for all those rows at once (server.engine.core.
-   device_sampling) and copied to the host once; each row's token-level stop conditions (eos,
+4. tokens are drawn on the device for all those rows at once (server.engine.sampling, through
+   core.row_sampler) and copied to the host once; each row's token-level stop conditions (eos,
    max_new_tokens, abort) run there, and its new ids go out as a delta. Detokenization and
    stop strings are the frontend's (server.engine.output_processor), off this loop.
 
@@ -29,7 +29,6 @@ joins, and prefills only the rest; the first row to compute them leaves a copy t
 from __future__ import annotations
 
 import inspect
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -56,6 +55,7 @@ from server.engine.rows import (
     row_error,
     row_output,
 )
+from server.engine.sampling import seed_of
 from server.engine.uploads import upload
 
 H = TypeVar("H")  # the caller's handle for a row
@@ -167,7 +167,7 @@ class EngineCore(Generic[H]):
             return RowOutput((), FinishReason.LENGTH, aborted=True, error=InvalidRowError(
                 f"{len(ids)} prompt tokens and max_new_tokens {row.params.max_new_tokens} "
                 f"exceed the {self._cache.max_len} positions a row can hold"))
-        seed = row.params.seed if row.params.seed is not None else secrets.randbits(63)
+        seed = seed_of(row.params)
         virtual = 0
         if self.prefixes is not None:
             vocab = self._vocab

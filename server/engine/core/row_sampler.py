@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
-from server.engine.core.device_sampling import SlotSampling, greedy, sample
+from server.engine.core.device_sampling import SlotSampling
 from server.engine.interface import SamplingParams
 from server.engine.penalties import PenaltyPool
-from server.engine.sampling import mask_ids, stop_ids_to_mask
+from server.engine.sampling import greedy, mask_ids, sample, stop_ids_to_mask
 from server.engine.uploads import upload
 
 
