@@ -1,119 +1,105 @@
-"""How much of a decode step is host work: Python, scheduling, per-row bookkeeping.
+"""How much of a decode step is host work: Python, scheduling, per-row bookkeeping, delivery.
 
 A near-free model (GPT-2 shape, one layer, hidden size 16) decodes `--rows` rows (64 by
-default) through the engine core (one forward over the step's tokens laid end to end, KV in
-fixed per-row slots, sampling on the device), so the model's own compute is next to nothing
-and what is left is the host's cost of a step; on a GPU that cost is what a launch-bound step
-cannot hide. It prints the median wall time of a step with greedy rows and with seeded sampled
-rows, split into the forward and the rest, and with greedy rows that stream and have a stop
-string: the engine thread only hands their new ids out, one delta per row per step (the
-frontend decodes them elsewhere).
+default) through the engine's public client (`server.engine.engine.Engine`, as the HTTP layer
+uses it), so the model's own compute is next to nothing and what is left is the host's cost of
+a step; on a GPU that cost is what a launch-bound step cannot hide. A step's time is the
+interval from one step to the next in which every row drew a token, as the engine reports
+its steps to its observer: the whole loop (planning, the forward, sampling, stop conditions,
+handing the deltas out), with the frontend's work on the requests' outputs running beside it
+in the same process. It prints the median with greedy rows, with seeded sampled rows, and with
+greedy rows that stream and have a stop string (the frontend decodes their text as they go).
 
     python -m benchmarks.step_overhead [--device cpu|cuda] [--rows 64] [--steps 200]
+                                       [--torch-threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import AutoModelForCausalLM, GPT2Config  # noqa: E402
-
-from server.engine.byte_tokenizer import (  # noqa: E402
-    BOS_ID,
-    BYTE_VOCAB_SIZE,
-    EOS_ID,
-    PAD_ID,
-    make_byte_tokenizer,
+from adapters_store import LocalAdapterStore  # noqa: E402
+from benchmarks.harness.engine_runner import Recorder  # noqa: E402
+from benchmarks.harness.fixtures import build_model  # noqa: E402
+from benchmarks.harness.workloads import ModelShape  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.interface import (  # noqa: E402
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
 )
-from server.engine.core.engine_core import EngineCore  # noqa: E402
-from server.engine.core.kv_cache import SlotKVCache, cache_shape  # noqa: E402
-from server.engine.interface import SamplingParams  # noqa: E402
-from server.engine.prompt_table import PromptTable, install  # noqa: E402
-from server.engine.rows import BatchRow  # noqa: E402
 
-PROMPT = "Tweet: I love it. Label:"
-
-
-def _model(device: str) -> torch.nn.Module:
-    config = GPT2Config(vocab_size=BYTE_VOCAB_SIZE, n_embd=16, n_layer=1, n_head=2,
-                        n_positions=1024, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
-                        eos_token_id=EOS_ID)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).to(device).eval()
+SHAPE = ModelShape("gpt2", vocab=259, hidden=16, layers=1, heads=2)  # a byte-level vocabulary
+PROMPT = [5, 9, 17, 33, 65, 129, 257, 3]  # token ids: the benchmark tokenizer's "<t5> <t9> ..."
+KINDS = (("greedy", "greedy"), ("sampled", "seeded top-k/top-p sampling"),
+         ("streamed", "greedy, streamed, stop string"))
+_ids = itertools.count()
 
 
 def _params(kind: str, steps: int, i: int) -> SamplingParams:
     if kind == "sampled":
-        return SamplingParams(max_new_tokens=steps + 8, temperature=0.8, top_k=50, top_p=0.9,
+        return SamplingParams(max_new_tokens=steps, temperature=0.8, top_k=50, top_p=0.9,
                               seed=i, ignore_eos=True)
     stop = ("\n\n",) if kind == "streamed" else ()
-    return SamplingParams(max_new_tokens=steps + 8, ignore_eos=True, stop=stop)
+    return SamplingParams(max_new_tokens=steps, ignore_eos=True, stop=stop)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+async def _one(engine: Engine, kind: str, steps: int, i: int) -> int:
+    request = GenerationRequest(request_id=f"overhead-{next(_ids)}", prompt_ids=tuple(PROMPT),
+                                adapter_id=None, params=_params(kind, steps, i))
+    if kind != "streamed":
+        return (await engine.generate(request)).completion_tokens
+    async for item in await engine.open_stream(request):  # text chunks, then the result
+        if isinstance(item, GenerationResult):
+            return item.completion_tokens
+    raise RuntimeError("a stream ended without its result")
 
 
-def _timed(step: Callable[[], object], steps: int, device: str) -> list[float]:
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        started = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return times
+async def _round(engine: Engine, kind: str, rows: int, steps: int) -> None:
+    drawn = await asyncio.gather(*(_one(engine, kind, steps, i) for i in range(rows)))
+    if drawn != [steps] * rows:
+        raise RuntimeError(f"{kind}: rows drew {sorted(set(drawn))} tokens, not {steps}")
 
 
-def time_core(device: str, rows: int, steps: int,
-              kind: str) -> tuple[list[float], list[float]]:
-    """(step times, forward times)."""
-    model, tokenizer = _model(device), make_byte_tokenizer()
-    table = PromptTable(vocab_size=BYTE_VOCAB_SIZE, hidden=16, capacity_bytes=1 << 16,
-                        dtype=torch.float32, device=device)
-    install(model, table)
-    # One slot more than rows: on CUDA padded decode steps keep one as scratch.
-    cache = SlotKVCache(cache_shape(model.config), slots=rows + 1, max_len=steps + 64,
-                        dtype=torch.float32, device=device)
-    core: EngineCore[int] = EngineCore(model, tokenizer, cache, max_batch_tokens=rows * 64)
-    ids = tokenizer(PROMPT)["input_ids"]
-    outbox: list[object] = []  # what the scheduler collects for the frontend each step
-    for i in range(rows):
-        core.add(i, BatchRow(ids, None, _params(kind, steps, i), on_delta=outbox.append,
-                             live=kind == "streamed"), ids)
-    core.step()  # every prefill in one step
-    forward_times: list[float] = []
-    # Decode-only steps go through the decode graphs where there are some (CUDA): there the
-    # "forward" is a graph's replay with the copy of its inputs, not a Python forward.
-    graphs = core.decode_graphs
-    inner = graphs.run if graphs is not None else core._forward
+def time_steps(engine: Engine, recorder: Recorder, kind: str, rows: int,
+               steps: int) -> list[float]:
+    """Seconds per decode step (every row drawing) over one round of `rows` requests."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_round(engine, kind, rows, 4))  # warm: this kind's first step
+        time.sleep(0.2)  # the round's last step reports after its results: let it land
+        recorder.reset()
+        loop.run_until_complete(_round(engine, kind, rows, steps))
+    finally:
+        loop.close()
+    # The recorder keeps only steps in which every row drew a token, timed from the step
+    # before: rows joining or finishing make no decode step.
+    return list(recorder.decode_steps)
 
-    def timed_forward(*args, **kwargs):
-        _sync(device)
-        started = time.perf_counter()
-        out = inner(*args, **kwargs)
-        _sync(device)
-        forward_times.append(time.perf_counter() - started)
-        return out
 
-    if graphs is not None:
-        graphs.run = timed_forward  # type: ignore[method-assign]
-    else:
-        core._forward = timed_forward  # type: ignore[method-assign]
-    times = _timed(core.step, steps, device)
-    if len(forward_times) != len(times):
-        raise RuntimeError(f"{len(forward_times)} forwards timed in {len(times)} steps")
-    return times, forward_times
+def engine_for(model: Path, store: Path, device: str, rows: int, steps: int,
+               recorder: Recorder, threads: int) -> Engine:
+    settings = Settings(model=str(model), store=str(store), device=device, dtype="float32",
+                        max_batch_size=rows, max_wait_ms=50, max_queue=4 * rows,
+                        tenant_max_concurrent_requests=4 * rows,
+                        max_model_len=len(PROMPT) + steps + 8, engine="builtin",
+                        torch_threads=threads)
+    engine = Engine(settings, LocalAdapterStore(store), observer=recorder)
+    engine.start()
+    engine.wait_until_ready(600)
+    return engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,17 +107,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="the server's --torch-threads (default 0: automatic)")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
-    print(f"host time per decode step, {args.rows} rows, near-free model (GPT-2 shape, 1 layer, "
-          f"hidden 16), device {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median over {args.steps} steps")
-    for kind, label in (("greedy", "greedy"), ("sampled", "seeded top-k/top-p sampling"),
-                        ("streamed", "greedy, streamed, stop string")):
-        step, forward = time_core(args.device, args.rows, args.steps, kind)
-        core, fwd = statistics.median(step) * 1e3, statistics.median(forward) * 1e3
-        print(f"  {label:30s} step {core:7.3f} ms "
-              f"(forward {fwd:.3f} ms, the rest {core - fwd:.3f} ms)")
+    with tempfile.TemporaryDirectory(prefix="step-overhead-") as tmp:
+        model = build_model(SHAPE, Path(tmp) / "model", dtype="float32", device=args.device)
+        recorder = Recorder()
+        engine = engine_for(model, Path(tmp) / "store", args.device, args.rows, args.steps,
+                            recorder, args.torch_threads)
+        try:
+            print(f"host time per decode step, {args.rows} rows, near-free model (GPT-2 shape, "
+                  f"1 layer, hidden 16), through the engine's client, device {args.device}, "
+                  f"torch {torch.__version__}, {torch.get_num_threads()} threads; median over "
+                  f"about {args.steps} steps")
+            for kind, label in KINDS:
+                times = time_steps(engine, recorder, kind, args.rows, args.steps)
+                if not times:
+                    raise RuntimeError(f"{kind}: no step had every row drawing a token")
+                ordered = sorted(times)
+                p90 = ordered[int(0.9 * (len(ordered) - 1))]
+                print(f"  {label:30s} step {statistics.median(times) * 1e3:7.3f} ms "
+                      f"(p90 {p90 * 1e3:.3f} ms, {len(times)} steps)")
+        finally:
+            engine.shutdown(60)
     return 0
 
 
