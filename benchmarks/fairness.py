@@ -184,11 +184,11 @@ async def run_fairness(*, policy: str = "round_robin", backlog: int = 200, round
                      "--torch-threads", str(torch_threads)]
             if served.max_model_len:
                 flags += ["--max-model-len", str(served.max_model_len)]
+            flags += ["--contended-tenant-rows", str(contended_tenant_rows)]
             if engine == "vllm":
                 flags += ["--kv-cache-memory", served.kv_cache_memory]
             else:
                 flags += ["--max-wait-ms", "5", "--batching", batching,
-                          "--contended-tenant-rows", str(contended_tenant_rows),
                           *(["--engine-process"] if engine_process else [])]
             phases = await _http_phases(root, served, backlog=backlog, rounds=rounds,
                                         cycles=cycles, new_tokens=new_tokens, device=device,
@@ -364,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         engine=args.engine, model=args.model, layers=args.layers))
     print(f"engine {r['engine']}, model {r['model']}")
     scheduling = ("admission: weighted fair shares" if args.engine == "vllm" else
-                  f"policy={args.policy} batching={args.batching} "
-                  f"contended_tenant_rows={args.contended_tenant_rows or 'off'}")
+                  f"policy={args.policy} batching={args.batching}") + \
+        f" contended_tenant_rows={args.contended_tenant_rows or 'off'}"
     print(f"{'HTTP, ' if args.http else ''}"
           f"{'engine process, ' if args.engine_process else ''}"
           f"{f'{args.torch_threads} torch thread(s), ' if args.torch_threads else ''}"

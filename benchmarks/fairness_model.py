@@ -82,8 +82,8 @@ def check_vllm(w: Workload | None, *, http: bool, engine_process: bool, batching
                          "--http --engine vllm (the engine in this process is the builtin "
                          "one)")
     builtin_only = [flag for flag, given in (
-        ("--engine-process", engine_process), ("--batching static", batching != "core"),
-        ("--contended-tenant-rows", contended_tenant_rows)) if given]
+        ("--engine-process", engine_process), ("--batching static", batching != "core"))
+        if given]
     if builtin_only:
         raise SystemExit(f"{', '.join(builtin_only)}: the builtin engine's, not the vllm "
                          "engine's, whose fairness is its admission's weighted fair shares")

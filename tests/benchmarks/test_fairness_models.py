@@ -32,7 +32,6 @@ def test_the_harness_fairness_workload_refuses_the_vllm_engine_too(tmp_path: Pat
 
 @pytest.mark.parametrize(("extra", "named"), [
     (["--engine-process"], "--engine-process"),
-    (["--contended-tenant-rows", "8"], "--contended-tenant-rows"),
     (["--batching", "static"], "--batching static"),
 ])
 def test_the_vllm_engine_refuses_what_it_cannot_serve(extra, named) -> None:

@@ -1,5 +1,6 @@
-"""Admission in front of vLLM: who goes next when a place frees, by weighted share; the queue
-bound; cancellation and shutdown. Driven by hand on one event loop (vLLM is not needed)."""
+"""Admission in front of vLLM: who goes next when a place frees, by weighted share; the
+contended cap; the queue bound; cancellation and shutdown. Driven by hand on one event loop,
+time by a hand-set clock (vLLM is not needed)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,50 @@ async def test_close_fails_the_waiting_and_refuses_new():
         await waiter
     with pytest.raises(EngineNotReadyError):
         gate.check()
+
+
+async def test_the_contended_cap_holds_a_tenant_while_another_has_work():
+    now = [100.0]
+    gate = Admission(max_in_flight=4, max_queue=10, weight_of=lambda _t: 1.0,
+                     contended_rows=1, clock=lambda: now[0])
+    admitted: list[str] = []
+
+    async def request(tenant: str, name: str) -> None:
+        await gate.acquire(tenant)
+        admitted.append(name)
+
+    for _ in range(4):  # alone, a may fill every place
+        await gate.acquire("a")
+    a_waiting = [asyncio.create_task(request("a", f"a{i}")) for i in range(3)]
+    b = asyncio.create_task(request("b", "b0"))
+    await _settle()
+    gate.release("a")
+    await _settle()
+    assert admitted == ["b0"]
+    for running in (2, 1):  # a above its cap of 1: freed places stay free while b has work
+        gate.release("a")
+        await _settle()
+        assert admitted == ["b0"] and gate.in_flight == running + 1
+    gate.release("a")  # a has nothing inside: under its cap, its next request goes
+    await _settle()
+    assert admitted == ["b0", "a0"]
+    gate.release("b")  # b is done, but was seen within the last second: a stays capped
+    await _settle()
+    assert admitted == ["b0", "a0"] and gate.in_flight == 1
+    now[0] += 1.5  # b quiet for longer than the window: a may fill the places again
+    gate.release("a")
+    await _settle()
+    assert admitted == ["b0", "a0", "a1", "a2"]
+    await asyncio.gather(*a_waiting, b)
+
+
+async def test_a_weight_multiplies_the_contended_cap():
+    gate = Admission(max_in_flight=8, max_queue=10, weight_of={"a": 3.0, "b": 1.0}.__getitem__,
+                     contended_rows=1, clock=lambda: 0.0)
+    await gate.acquire("b")
+    tasks = [asyncio.create_task(gate.acquire("a")) for _ in range(5)]
+    await _settle()
+    assert gate.running() == {"a": 3, "b": 1} and gate.waiting() == {"a": 2}
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -8,6 +8,12 @@ next to go is the waiting tenant with the fewest requests in flight per unit of 
 place, and a second tenant's request takes the next free one. `max_queue` bounds the waiting
 requests (429 beyond).
 
+With a contended cap (--contended-tenant-rows), while another tenant has work (or had some
+within the last second), a tenant is let in only while it has fewer than the cap (times its
+weight) inside vLLM; alone, it may fill every place. On hardware where a step's cost grows
+with its rows (a CPU), that keeps a light tenant's steps short beside a heavy tenant's
+backlog, as the built-in engine's cap does.
+
 Used on one event loop only.
 """
 
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -23,10 +31,16 @@ from server.engine.errors import EngineNotReadyError, QueueFullError
 
 class Admission:
     def __init__(self, *, max_in_flight: int, max_queue: int,
-                 weight_of: Callable[[str], float]) -> None:
+                 weight_of: Callable[[str], float], contended_rows: int | None = None,
+                 active_window_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
         self._weight_of = weight_of
+        self.contended_rows = contended_rows
+        self._active_window_s = active_window_s
+        self._clock = clock
+        self._last_seen: dict[str, float] = {}  # tenant -> when it last had work here
         self._waiting: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}
         self._running: dict[str, int] = {}
         self._seq = itertools.count()
@@ -47,7 +61,8 @@ class Admission:
 
     async def acquire(self, tenant: str) -> None:
         """Wait for this tenant's turn; cancelled, the request gives up its place."""
-        if not self.closed and not self._waiting and self.in_flight < self.max_in_flight:
+        if (not self.closed and not self._waiting and self.in_flight < self.max_in_flight
+                and self._under_cap(tenant, self._caps({tenant}))):
             self._take(tenant)
             return
         self.check()
@@ -95,9 +110,30 @@ class Admission:
         self.in_flight += 1
         self._running[tenant] = self._running.get(tenant, 0) + 1
 
+    def _caps(self, present: set[str]) -> dict[str, int] | None:
+        """Each tenant's limit inside vLLM while another is active; None: no limit."""
+        if self.contended_rows is None:
+            return None
+        now = self._clock()
+        for tenant in present | set(self._waiting) | set(self._running):
+            self._last_seen[tenant] = now
+        horizon = now - self._active_window_s
+        self._last_seen = {t: seen for t, seen in self._last_seen.items() if seen >= horizon}
+        if len(self._last_seen) < 2:
+            return None
+        return {t: max(1, math.ceil(self.contended_rows * self._weight_of(t)))
+                for t in self._last_seen}
+
+    def _under_cap(self, tenant: str, caps: dict[str, int] | None) -> bool:
+        return caps is None or self._running.get(tenant, 0) < caps[tenant]
+
     def _admit(self) -> None:
         while self._waiting and self.in_flight < self.max_in_flight:
-            tenant = min(self._waiting, key=lambda t: (
+            caps = self._caps(set())
+            open_to = [t for t in self._waiting if self._under_cap(t, caps)]
+            if not open_to:  # every waiting tenant is at its cap: places stay free
+                return
+            tenant = min(open_to, key=lambda t: (
                 self._running.get(t, 0) / max(self._weight_of(t), 1e-9),
                 self._waiting[t][0][0]))
             queue = self._waiting[tenant]

@@ -21,6 +21,7 @@ import torch
 from adapters_store.records import TaskType
 from adapters_store.store import AdapterStore
 from server.config import Device, Settings, parse_kv_cache_memory
+from server.engine.fairness import contended_rows
 from server.engine.interface import ModelInfo
 from server.engine.model_loader import (
     LoadedModel,
@@ -87,6 +88,10 @@ def build_vllm_core(settings: Settings, store: AdapterStore, *, observer: Engine
              "pipeline %s x data %s", time.monotonic() - started, settings.model,
              info.architecture, info.dtype, max_len, settings.tensor_parallel_size,
              settings.pipeline_parallel_size, settings.data_parallel_size)
+    cap = contended_rows(settings.contended_tenant_rows, settings.max_batch_size)
+    if cap is not None:
+        log.info("admission: while another tenant has work, one has at most %d request(s) "
+                 "inside vLLM (--contended-tenant-rows)", cap)
     loaded = LoadedModel(model=None, tokenizer=tokenizer, info=info,
                          task_type=TaskType.CAUSAL_LM, device=device, dtype=dtype,
                          vocab_size=vocab)
@@ -94,7 +99,8 @@ def build_vllm_core(settings: Settings, store: AdapterStore, *, observer: Engine
         llm, prompts=SoftPrompts(store, capacity_bytes=settings.prompt_cache_bytes,
                                  observer=observer),
         admission=Admission(max_in_flight=settings.max_batch_size,
-                            max_queue=settings.max_queue, weight_of=weight_of),
+                            max_queue=settings.max_queue, weight_of=weight_of,
+                            contended_rows=cap),
         observer=observer, vocab_size=vocab, prompt_capacity=settings.max_virtual_tokens)
     return loaded, core
 
