@@ -101,6 +101,32 @@ class FifoPolicy:
         return []
 
 
+class ContendedCap:
+    """The contended cap's bookkeeping, for the builtin engine's policy and for the admission
+    in front of vLLM alike: which tenants had work within the last `active_window_s`, and while
+    two or more did, each present tenant's limit (`rows` times its weight, at least 1)."""
+
+    def __init__(self, rows: int | None, *, active_window_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rows = rows
+        self.active_window_s = active_window_s
+        self._clock = clock
+        self._last_seen: dict[str, float] = {}  # tenant -> when it last had work
+
+    def caps(self, present: set[str], weight_of: WeightOf) -> dict[str, int] | None:
+        """The limits of the tenants in `present` (who have work now); None: no cap."""
+        if self.rows is None:
+            return None
+        now = self._clock()
+        for tenant in present:
+            self._last_seen[tenant] = now
+        horizon = now - self.active_window_s
+        self._last_seen = {t: seen for t, seen in self._last_seen.items() if seen >= horizon}
+        if len(self._last_seen) < 2:
+            return None
+        return {t: max(1, math.ceil(self.rows * weight_of(t))) for t in present}
+
+
 class RoundRobinPolicy:
     """Fair across tenants: least-loaded tenant first, preemption up to max-min fair shares.
 
@@ -113,24 +139,11 @@ class RoundRobinPolicy:
                  active_window_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.weight_of = weight_of
-        self.contended_rows = contended_rows
-        self.active_window_s = active_window_s
-        self._clock = clock
-        self._last_seen: dict[str, float] = {}  # tenant -> when it last had rows or requests
+        self.contended = ContendedCap(contended_rows, active_window_s=active_window_s,
+                                      clock=clock)
 
     def _caps(self, present: set[str]) -> dict[str, int] | None:
-        """Each tenant's row limit while others are active; None when nothing is capped."""
-        if self.contended_rows is None:
-            return None
-        now = self._clock()
-        for ns in present:
-            self._last_seen[ns] = now
-        horizon = now - self.active_window_s
-        self._last_seen = {ns: t for ns, t in self._last_seen.items() if t >= horizon}
-        if len(self._last_seen) < 2:
-            return None
-        return {ns: max(1, math.ceil(self.contended_rows * self.weight_of(ns)))
-                for ns in present}
+        return self.contended.caps(present, self.weight_of)
 
     def select(self, ready: Sequence[T], slots: int, running: Sequence[T] = ()) -> list[T]:
         """Up to `slots` of `ready`: each to the tenant with the fewest rows (running + picked)

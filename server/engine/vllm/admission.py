@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 from collections import deque
 from collections.abc import Callable
 
 from server.engine.errors import EngineNotReadyError, QueueFullError
+from server.engine.fairness import ContendedCap
 
 
 class Admission:
@@ -37,10 +37,8 @@ class Admission:
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
         self._weight_of = weight_of
-        self.contended_rows = contended_rows
-        self._active_window_s = active_window_s
-        self._clock = clock
-        self._last_seen: dict[str, float] = {}  # tenant -> when it last had work here
+        self._contended = ContendedCap(contended_rows, active_window_s=active_window_s,
+                                       clock=clock)
         self._waiting: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}
         self._running: dict[str, int] = {}
         self._seq = itertools.count()
@@ -111,18 +109,9 @@ class Admission:
         self._running[tenant] = self._running.get(tenant, 0) + 1
 
     def _caps(self, present: set[str]) -> dict[str, int] | None:
-        """Each tenant's limit inside vLLM while another is active; None: no limit."""
-        if self.contended_rows is None:
-            return None
-        now = self._clock()
-        for tenant in present | set(self._waiting) | set(self._running):
-            self._last_seen[tenant] = now
-        horizon = now - self._active_window_s
-        self._last_seen = {t: seen for t, seen in self._last_seen.items() if seen >= horizon}
-        if len(self._last_seen) < 2:
-            return None
-        return {t: max(1, math.ceil(self.contended_rows * self._weight_of(t)))
-                for t in self._last_seen}
+        """Each active tenant's limit inside vLLM while another is active; None: no limit."""
+        return self._contended.caps(present | set(self._waiting) | set(self._running),
+                                    self._weight_of)
 
     def _under_cap(self, tenant: str, caps: dict[str, int] | None) -> bool:
         return caps is None or self._running.get(tenant, 0) < caps[tenant]
