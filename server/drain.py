@@ -29,6 +29,7 @@ class DrainingServer(uvicorn.Server):
         self._drain_timeout_s = drain_timeout_s
         self._drain_deadline: float | None = None
         self.drain_expired = False  # True when work was still running at the deadline
+        self._engine_told = False  # the engine knows no more requests will come
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the main thread between bytecodes of the event loop: only set flags here.
@@ -54,6 +55,11 @@ class DrainingServer(uvicorn.Server):
             return True
         if self._drain_deadline is None:
             return False
+        if not self._engine_told:
+            self._engine_told = True
+            begin_drain = getattr(self._app.state.engine, "begin_drain", None)
+            if begin_drain is not None:
+                begin_drain()
         if counter % 10 == 0:
             log.info("draining: %d request(s) in flight", self._busy())
         if self._busy() == 0:

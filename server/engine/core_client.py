@@ -67,6 +67,10 @@ class CoreClient(Protocol):
 
     def progress(self) -> EngineProgress: ...
 
+    def begin_drain(self) -> None:
+        """The server takes no more requests: start what waits, without waiting for more."""
+        ...
+
     def stop(self, timeout: float) -> None:
         """Refuse new requests, let running ones finish for up to `timeout` s, then stop."""
         ...
@@ -113,6 +117,9 @@ class BuiltinCore:
 
     def progress(self) -> EngineProgress:
         return self.scheduler.heartbeat.progress(self.scheduler.in_flight)
+
+    def begin_drain(self) -> None:
+        self.scheduler.begin_drain()
 
     def stop(self, timeout: float) -> None:
         self.scheduler.stop(timeout)

@@ -178,6 +178,11 @@ class Engine:
         core = self._core
         return EngineProgress(waiting=0, stalled_s=0.0) if core is None else core.progress()
 
+    def begin_drain(self) -> None:
+        """The server stopped taking requests (a drain began): queued work starts now."""
+        if self._core is not None:
+            self._core.begin_drain()
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Refuse new requests (EngineNotReadyError), finish in-flight ones, stop the threads."""
         self._closing = True

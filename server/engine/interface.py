@@ -204,6 +204,10 @@ class EngineClient(Protocol):
         `progress() -> EngineProgress` (server.engine.remote does)."""
         ...
 
+    def begin_drain(self) -> None:
+        """The server stopped taking requests: work waiting for batch mates starts now."""
+        ...
+
     def stats(self) -> dict[str, float]:
         """Gauges for /metrics: queue_depth, in_flight, cache_resident_adapters, cache_bytes, ..."""
         ...

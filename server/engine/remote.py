@@ -153,6 +153,13 @@ class RemoteEngine:
         nothing while they waited (its engine thread's own stall arrives as readiness)."""
         return self._heartbeat.progress(len(self._pending))
 
+    def begin_drain(self) -> None:
+        """As Engine.begin_drain, in the engine process."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                self._send({"op": "drain"})
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Refuse new requests, let the engine process finish in-flight ones (aborting them
         past `timeout`), and wait for it to exit."""

@@ -84,6 +84,7 @@ class Scheduler:
         self._queued = 0  # tickets in state QUEUED
         self._seq = 0
         self._draining = False
+        self._no_mates = False  # a drain began: nothing waits for batch mates any more
         self._stopped = False
         # Running mean of how long max_batch_size requests take to clear, for Retry-After:
         # a static batch's duration, or one request's time in the running batch.
@@ -164,6 +165,13 @@ class Scheduler:
         if ticket is not None:
             self.abort(ticket)
 
+    def begin_drain(self) -> None:
+        """The server stopped taking requests: what waits for batch mates starts now, since
+        none will come (with a long --max-wait-ms the drain would otherwise wait it out)."""
+        with self._cond:
+            self._no_mates = True
+            self._cond.notify_all()
+
     def stop(self, timeout: float) -> None:
         """Refuse new requests, let queued and running ones finish for up to `timeout` seconds,
         then fail what is left with EngineNotReadyError and stop the threads."""
@@ -242,7 +250,7 @@ class Scheduler:
                 if not self._ready:
                     self._rest(None)
                     continue
-                if len(self._ready) >= self._max_batch_size or self._draining:
+                if len(self._ready) >= self._max_batch_size or self._draining or self._no_mates:
                     break
                 oldest = min(t.submitted_at for t in self._ready)
                 wait = oldest + self._max_wait_s - time.monotonic()

@@ -197,6 +197,8 @@ class Worker:
         elif op == "call":
             self._keep(asyncio.create_task(self._call(message["key"], message["method"],
                                                       message["args"])))
+        elif op == "drain":
+            self.engine.begin_drain()
         elif op == "shutdown":
             self._keep(asyncio.create_task(self._shutdown(float(message["timeout"]))))
         else:

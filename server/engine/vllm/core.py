@@ -108,6 +108,9 @@ class VllmCore:
     def progress(self) -> EngineProgress:
         return self.heartbeat.progress(len(self._live))
 
+    def begin_drain(self) -> None:
+        """Nothing waits for batch mates here: the admission lets requests in at once."""
+
     def stop(self, timeout: float) -> None:
         """From a thread other than the event loop's: refuse new requests, let the running
         ones finish for up to `timeout` s, abort the rest, shut vLLM down."""
