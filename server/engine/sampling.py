@@ -169,14 +169,21 @@ def seed_of(params: SamplingParams) -> int:
     return params.seed if params.seed is not None else secrets.randbits(63)
 
 
+def param_tensors(params: Sequence[SamplingParams], device: torch.device | str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows' (temperature, top_k, top_p) as tensors on `device`, as SamplingBatch holds
+    them."""
+    return (torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device))
+
+
 def batch_of(params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
              device: torch.device) -> SamplingBatch:
     """The rows' parameters as one SamplingBatch on `device`."""
+    temperature, top_k, top_p = param_tensors(params, device)
     return SamplingBatch(
-        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32,
-                                 device=device),
-        top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+        temperature=temperature, top_k=top_k, top_p=top_p,
         seeds=torch.tensor(list(seeds), dtype=torch.long, device=device),
         counters=torch.tensor(list(counters), dtype=torch.long, device=device))
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from server.engine.interface import SamplingParams
-from server.engine.sampling import SamplingBatch
+from server.engine.sampling import SamplingBatch, param_tensors
 
 
 class SlotSampling:
@@ -29,12 +29,7 @@ class SlotSampling:
             return
         device = self.seeds.device
         at = torch.tensor(list(slots), dtype=torch.long, device=device)
-        self.temperature[at] = torch.tensor([p.temperature for p in params],
-                                            dtype=torch.float32, device=device)
-        self.top_k[at] = torch.tensor([p.top_k for p in params], dtype=torch.long,
-                                      device=device)
-        self.top_p[at] = torch.tensor([p.top_p for p in params], dtype=torch.float32,
-                                      device=device)
+        self.temperature[at], self.top_k[at], self.top_p[at] = param_tensors(params, device)
         self.seeds[at] = torch.tensor(list(seeds), dtype=torch.long, device=device)
 
     def batch(self, slots: torch.Tensor, counters: torch.Tensor) -> SamplingBatch:
