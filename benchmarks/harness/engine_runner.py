@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from adapters_store import LocalAdapterStore
 from benchmarks.harness.fixtures import NAMESPACE, RequestSpec, dtype_of, warm_up_requests
 from benchmarks.harness.results import Run, percentiles_ms
@@ -81,7 +83,13 @@ def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
     operator would set it: each KV slot then holds what a row needs rather than the model's
     whole context, so the engine, the server and the baselines' model fit on one GPU together
     (three copies of the 8B shape's weights, and two KV caches). The engine is named rather
-    than left to auto, which would pick vllm on a GPU host where it is installed."""
+    than left to auto, which would pick vllm on a GPU host where it is installed.
+
+    `--torch-threads` is this process's count, which the baselines here compute with: left
+    automatic, the in-process engine would set the whole process to one thread fewer than
+    the cores (the server's default leaves a core to its HTTP process), and the baselines and
+    the HTTP server after it would inherit that. The comparison is of engines, not of thread
+    policies."""
     max_len = max_model_len(workload)
     # The prompt table holds the workload's adapters twice over (many-adapters: the number it
     # names), and so bounds the prefix cache, which takes what the slots leave on a GPU.
@@ -95,7 +103,7 @@ def settings_for(workload: Workload, model_dir: Path, store_dir: Path,
                     prompt_cache_bytes=cache_bytes,
                     tenant_max_concurrent_requests=max(256, 2 * workload.requests),
                     max_virtual_tokens=workload.virtual_tokens,
-                    max_model_len=max_len, engine=engine,
+                    max_model_len=max_len, engine=engine, torch_threads=torch.get_num_threads(),
                     kv_cache_memory=vllm_kv_cache(workload, max_len) if engine == "vllm"
                     else "auto")
 
