@@ -113,11 +113,21 @@ def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return _shift_right(z, 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
+# The per-row parameters `sample` reads, as tensors: name -> (dtype, the value that is off).
+# The engine core's per-slot tensors (core.device_sampling.SlotSampling) and static batching
+# (batch_of) are built from this table, so a new parameter is a field of SamplingParams, an
+# entry here, a field of SamplingBatch and its use in `sample`.
+TENSOR_PARAMS: dict[str, tuple[torch.dtype, float]] = {
+    "temperature": (torch.float32, 0.0),  # 0: greedy
+    "top_k": (torch.long, 0),  # 0: off
+    "top_p": (torch.float32, 1.0),  # 1: off
+}
+
+
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters of a step, as device tensors ([rows] each).
-
-    temperature 0 means greedy; top_k 0 and top_p 1 mean off."""
+    """Per-row sampling parameters of a step, as device tensors ([rows] each): one field per
+    TENSOR_PARAMS entry, and each row's seed and draw counter."""
 
     temperature: torch.Tensor  # float32
     top_k: torch.Tensor  # long
@@ -170,20 +180,18 @@ def seed_of(params: SamplingParams) -> int:
 
 
 def param_tensors(params: Sequence[SamplingParams], device: torch.device | str
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The rows' (temperature, top_k, top_p) as tensors on `device`, as SamplingBatch holds
-    them."""
-    return (torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device))
+                  ) -> dict[str, torch.Tensor]:
+    """The rows' TENSOR_PARAMS as tensors on `device` ([rows] each), keyed as SamplingBatch's
+    fields."""
+    return {name: torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+            for name, (dtype, _off) in TENSOR_PARAMS.items()}
 
 
 def batch_of(params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int],
              device: torch.device) -> SamplingBatch:
     """The rows' parameters as one SamplingBatch on `device`."""
-    temperature, top_k, top_p = param_tensors(params, device)
     return SamplingBatch(
-        temperature=temperature, top_k=top_k, top_p=top_p,
+        **param_tensors(params, device),
         seeds=torch.tensor(list(seeds), dtype=torch.long, device=device),
         counters=torch.tensor(list(counters), dtype=torch.long, device=device))
 

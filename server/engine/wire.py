@@ -81,15 +81,14 @@ def loads(data: bytes) -> list[dict[str, Any]]:
 def request_to_wire(request: GenerationRequest) -> dict[str, Any]:
     return {"request_id": request.request_id, "prompt_ids": list(request.prompt_ids),
             "adapter_id": request.adapter_id, "namespace": request.namespace,
-            "params": {**dataclasses.asdict(request.params), "stop": list(request.params.stop),
-                       "stop_token_ids": list(request.params.stop_token_ids)},
+            "params": dataclasses.asdict(request.params),  # tuples travel as JSON arrays
             "fit_context": request.fit_context}
 
 
 def request_from_wire(data: dict[str, Any]) -> GenerationRequest:
-    params = dict(data["params"])
-    params["stop"] = tuple(params["stop"])
-    params["stop_token_ids"] = tuple(params.get("stop_token_ids", ()))
+    # SamplingParams' sequences are tuples (it is frozen and hashable).
+    params = {name: tuple(value) if isinstance(value, list) else value
+              for name, value in data["params"].items()}
     return GenerationRequest(request_id=data["request_id"],
                              prompt_ids=tuple(data["prompt_ids"]),
                              adapter_id=data["adapter_id"], namespace=data["namespace"],

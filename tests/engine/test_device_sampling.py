@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from server.engine.core.device_sampling import SlotSampling
 from server.engine.core.row_sampler import RowSampler
 from server.engine.interface import SamplingParams
-from server.engine.sampling import SamplingBatch, greedy, sample, uniforms
+from server.engine.sampling import TENSOR_PARAMS, SamplingBatch, greedy, sample, uniforms
 
 EOS = 2
 
@@ -80,3 +81,19 @@ def test_a_rows_draw_does_not_depend_on_its_neighbours():
         alone = sample(logits[i:i + 1], _batch(1, seeds=seeds[i:i + 1],
                                                counters=counters[i:i + 1]))
         assert int(alone) == int(together[i])
+
+
+def test_slots_hold_each_rows_parameters_until_another_row_takes_the_slot():
+    slots = SlotSampling(4, "cpu")
+    off = slots.batch(torch.arange(4), torch.zeros(4, dtype=torch.long))
+    for name, (_dtype, value) in TENSOR_PARAMS.items():
+        assert getattr(off, name).tolist() == [value] * 4, name
+    slots.assign([1, 3], [SamplingParams(temperature=0.5, top_k=7, top_p=0.9),
+                          SamplingParams(temperature=1.5, top_k=2, top_p=0.5)], [10, 20])
+    slots.assign([1], [SamplingParams(temperature=0.25, top_k=3, top_p=0.75)], [30])
+    got = slots.batch(torch.tensor([3, 1, 0]), torch.tensor([5, 6, 7]))
+    assert got.temperature.tolist() == [1.5, 0.25, 0.0]
+    assert got.top_k.tolist() == [2, 3, 0]
+    assert got.top_p.tolist() == [0.5, 0.75, 1.0]
+    assert got.seeds.tolist() == [20, 30, 0]
+    assert got.counters.tolist() == [5, 6, 7]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from server.engine.interface import SamplingParams
-from server.engine.sampling import SamplingBatch, param_tensors
+from server.engine.sampling import TENSOR_PARAMS, SamplingBatch, param_tensors
 
 
 class SlotSampling:
@@ -17,9 +17,8 @@ class SlotSampling:
     and draw counters to the device."""
 
     def __init__(self, slots: int, device: torch.device | str) -> None:
-        self.temperature = torch.zeros(slots, dtype=torch.float32, device=device)
-        self.top_k = torch.zeros(slots, dtype=torch.long, device=device)
-        self.top_p = torch.ones(slots, dtype=torch.float32, device=device)
+        self.params = {name: torch.full((slots,), off, dtype=dtype, device=device)
+                       for name, (dtype, off) in TENSOR_PARAMS.items()}
         self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
 
     def assign(self, slots: Sequence[int], params: Sequence[SamplingParams],
@@ -29,11 +28,11 @@ class SlotSampling:
             return
         device = self.seeds.device
         at = torch.tensor(list(slots), dtype=torch.long, device=device)
-        self.temperature[at], self.top_k[at], self.top_p[at] = param_tensors(params, device)
+        for name, values in param_tensors(params, device).items():
+            self.params[name][at] = values
         self.seeds[at] = torch.tensor(list(seeds), dtype=torch.long, device=device)
 
     def batch(self, slots: torch.Tensor, counters: torch.Tensor) -> SamplingBatch:
         """The parameters of the rows in these slots ([rows] long each)."""
-        return SamplingBatch(temperature=self.temperature[slots], top_k=self.top_k[slots],
-                             top_p=self.top_p[slots], seeds=self.seeds[slots],
-                             counters=counters)
+        return SamplingBatch(**{name: values[slots] for name, values in self.params.items()},
+                             seeds=self.seeds[slots], counters=counters)

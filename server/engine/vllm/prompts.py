@@ -14,7 +14,7 @@ only, so zeros keep equal requests equal).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -62,6 +62,15 @@ def vllm_prompt(compiled: CompiledPrompt, rows: torch.Tensor | None, *,
                         is_token_ids=list(compiled.is_token), cache_salt=cache_salt)
 
 
+# Our parameters that vLLM does not take under the same name and meaning: every other field
+# of SamplingParams goes to vLLM as it is, so a new one reaches vLLM without an edit here (and
+# one vLLM lacks fails its first request, and the test that builds every field, loudly).
+_TRANSLATED = frozenset({
+    "max_new_tokens", "seed", "stop_token_ids",  # as max_tokens, the row's seed, a list
+    "stop", "include_stop_str_in_output", "skip_special_tokens",  # text: the frontend's
+})
+
+
 def sampling_params(params: SamplingParams, *, seed: int | None) -> Any:
     """Our parameters as vLLM's. Text is ours (stop strings, detokenizing, special tokens'
     text), so vLLM returns ids only; what ends a row on ids is vLLM's, with the same meaning
@@ -70,14 +79,12 @@ def sampling_params(params: SamplingParams, *, seed: int | None) -> Any:
     from vllm import SamplingParams as VllmParams
     from vllm.sampling_params import RequestOutputKind
 
+    same = {f.name: getattr(params, f.name) for f in fields(params)
+            if f.name not in _TRANSLATED}
     return VllmParams(
-        n=1, max_tokens=params.max_new_tokens, min_tokens=params.min_tokens,
-        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=seed,
-        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty, ignore_eos=params.ignore_eos,
-        stop_token_ids=list(params.stop_token_ids), logprobs=params.logprobs,
-        prompt_logprobs=params.prompt_logprobs, detokenize=False, skip_special_tokens=False,
-        output_kind=RequestOutputKind.DELTA)
+        n=1, max_tokens=params.max_new_tokens, seed=seed,
+        stop_token_ids=list(params.stop_token_ids), detokenize=False,
+        skip_special_tokens=False, output_kind=RequestOutputKind.DELTA, **same)
 
 
 def refuse_unsupported(params: SamplingParams, *, virtual: int) -> None:
