@@ -12,9 +12,8 @@ import asyncio
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adapters_store import parse_archive, parse_paths
 from adapters_store.errors import (
@@ -26,9 +25,7 @@ from adapters_store.errors import (
 from adapters_store.records import AdapterRecord, Limits, ModelSpec, validate_adapter_id
 from adapters_store.store import AdapterStore
 from server.config import Settings
-from server.engine.chat import render_chat
 from server.engine.core_client import IDLE_STATS, CoreClient, Submission
-from server.engine.detokenizer import decode_kwargs, token_bytes
 from server.engine.errors import (
     EngineNotReadyError,
     InvalidRequestError,
@@ -37,16 +34,15 @@ from server.engine.errors import (
     RequestTooLongError,
 )
 from server.engine.fairness import BatchPolicy, RoundRobinPolicy, contended_rows
+from server.engine.frontend import Frontend
 from server.engine.interface import (
     AdapterUpload,
     EngineProgress,
     GenerationRequest,
-    GenerationResult,
     ModelInfo,
 )
 from server.engine.model_loader import LoadedModel
 from server.engine.observer import EngineObserver, GuardedObserver, NullObserver
-from server.engine.output_processor import OutputStream, RequestOutput
 from server.engine.prompt_layout import anchor_tokens, compiled_pieces
 from server.engine.prompt_table import version_of
 from server.engine.runtime import Runtime, build_runtime
@@ -61,20 +57,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(Frontend):
     """One frozen base model serving many tenants' soft prompts; implements EngineClient."""
 
     def __init__(self, settings: Settings, store: AdapterStore, *,
                  observer: EngineObserver | None = None,
                  policy: BatchPolicy | None = None) -> None:
+        super().__init__()
         self.settings = settings
         self.store = store
         self._observer = GuardedObserver(observer or NullObserver())
-        self._weight_of: Callable[[str], float] = lambda _tenant: 1.0
         self._policy = policy  # None: the fair default, built once the device is known
         self._runtime: Runtime | None = None  # once the model is loaded
-        self._load_error: BaseException | None = None
-        self._loaded_event = threading.Event()
         self._loader: threading.Thread | None = None
         self._closing = False
         self._refresher: StoreRefresher | None = None
@@ -122,11 +116,6 @@ class Engine:
                      "one starts at most %d row(s) (--contended-tenant-rows)", rows)
         return RoundRobinPolicy(weight_of=lambda t: self._weight_of(t), contended_rows=rows)
 
-    def set_tenant_weights(self, weight_of: Callable[[str], float]) -> None:
-        """Where the default (fair) policy reads each tenant's scheduling weight, from any
-        thread; the app points it at the current --api-keys table."""
-        self._weight_of = weight_of
-
     @property
     def batching(self) -> str | None:
         """What runs the requests: the built-in engine's "core" or "static" loop, or "vllm"
@@ -145,17 +134,6 @@ class Engine:
     def _set_count(self, count: int) -> None:
         with self._count_lock:
             self._stored_count = count
-
-    def wait_until_ready(self, timeout: float | None = None) -> None:
-        """Block until the model is loaded; re-raise the load error (for the CLI and tests)."""
-        if not self._loaded_event.wait(timeout):
-            raise EngineNotReadyError(f"the model did not load within {timeout} s")
-        if self._load_error is not None:
-            raise self._load_error
-
-    @property
-    def load_error(self) -> BaseException | None:
-        return self._load_error
 
     def is_ready(self) -> bool:
         """Model loaded, store reachable, engine thread alive and not stalled (requests
@@ -193,9 +171,6 @@ class Engine:
         if self._core is not None:
             self._core.stop(timeout)
 
-    async def aclose(self, timeout: float = 30.0) -> None:
-        await asyncio.to_thread(self.shutdown, timeout)
-
     # ---- model ---------------------------------------------------------------------------------
 
     @property
@@ -220,50 +195,18 @@ class Engine:
     def model_info(self) -> ModelInfo:
         return self._model().info
 
-    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        """By default special tokens are added as the tokenizer does."""
-        return list(self._model().tokenizer(
-            text, add_special_tokens=add_special_tokens)["input_ids"])
+    def _loaded_tokenizer(self) -> Any:
+        return self._model().tokenizer
 
-    def detokenize(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str:
-        return self._model().tokenizer.decode(
-            token_ids, **decode_kwargs(skip_special_tokens=skip_special_tokens))
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return token_bytes(self._model().tokenizer, token_id)
-
-    def apply_chat_template(self, messages: list[dict[str, str]], *,
-                            add_generation_prompt: bool = True,
-                            add_special_tokens: bool = False) -> list[int]:
-        """Prompt ids of chat messages via the tokenizer's template (server.engine.chat)."""
-        loaded = self._model()
-        return render_chat(loaded.tokenizer, messages, model_name=loaded.info.name,
-                           add_generation_prompt=add_generation_prompt,
-                           add_special_tokens=add_special_tokens)
+    def _chat_model_name(self) -> str:
+        return self._model().info.name
 
     # ---- generation ----------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        stream = await self._open(request, stream=False)
-        return await stream.result()  # cancelled: the stream aborts the row
-
-    async def open_stream(self, request: GenerationRequest) -> OutputStream:
-        """Submits (404/422/429/503 raise here, before a response starts) and returns the
-        stream: TokenChunks, then one GenerationResult; aclose() (or dropping it) aborts. The
-        adapter's record is looked up off the event loop when the store would block (S3)."""
-        return await self._open(request, stream=True)
-
     async def open_deltas(self, request: GenerationRequest, *, stream: bool) -> Submission:
-        """The request's deltas of token ids as the engine hands them out, for a frontend in
-        another process (server.engine.worker); `stream`: it wants every step's."""
+        """In process; also what the engine process serves its pipe with. The adapter's
+        record is looked up off the event loop when the store would block (S3)."""
         return await self._submit(request, stream=stream)
-
-    async def _open(self, request: GenerationRequest, *, stream: bool) -> OutputStream:
-        deltas = await self.open_deltas(request, stream=stream)
-        output = RequestOutput(request, self._model().tokenizer, stream=stream,
-                               prompt_tokens=deltas.prompt_tokens,
-                               virtual_tokens=deltas.virtual_tokens)
-        return OutputStream(deltas, output)
 
     async def abort(self, request_id: str) -> None:
         if self._core is not None:

@@ -29,39 +29,35 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 from adapters_store.records import AdapterRecord
 from server.config import Batching, Settings
 from server.engine import wire
-from server.engine.chat import render_chat
-from server.engine.detokenizer import decode_kwargs, token_bytes
 from server.engine.errors import EngineNotReadyError, InvalidRequestError
+from server.engine.frontend import Frontend
 from server.engine.heartbeat import Heartbeat
 from server.engine.interface import (
     AdapterUpload,
     EngineProgress,
     GenerationRequest,
-    GenerationResult,
     ModelInfo,
 )
 from server.engine.model_loader import load_tokenizer, model_source
 from server.engine.observer import CacheEvent, EngineObserver, GuardedObserver, NullObserver
-from server.engine.output_processor import OutputStream, RequestOutput
 from server.engine.remote_requests import Pending, RemoteDeltas
 
 log = logging.getLogger(__name__)
 
 
-class RemoteEngine:
+class RemoteEngine(Frontend):
     """Implements EngineClient over a pipe to server.engine.worker in a child process."""
 
     def __init__(self, settings: Settings, *, observer: EngineObserver | None = None) -> None:
+        super().__init__()
         self.settings = settings
         self._observer = GuardedObserver(observer or NullObserver())
-        self._weight_of: Callable[[str], float] = lambda _tenant: 1.0
         self._process: subprocess.Popen | None = None
         self._conn: Any = None
         self._send_lock = threading.Lock()
@@ -75,9 +71,8 @@ class RemoteEngine:
         self._tokenizer: Any = None
         self._info: ModelInfo | None = None
         self._batching: Batching | None = None
-        self._load_error: BaseException | None = None
         self._engine_ready = threading.Event()  # the engine process said ready or failed
-        self._loaded_event = threading.Event()  # ... and the tokenizer is loaded here
+        # Frontend._loaded_event: ... and the tokenizer is loaded here
         self._exited = threading.Event()
         self._closing = False
         # Until the engine's first report: nothing queued or running (what the drain reads).
@@ -118,28 +113,13 @@ class RemoteEngine:
         self._engine_ready.wait()
         self._loaded_event.set()
 
-    def wait_until_ready(self, timeout: float | None = None) -> None:
-        """Block until the engine process has loaded the model; re-raise its load error."""
-        if not self._loaded_event.wait(timeout):
-            raise EngineNotReadyError(f"the model did not load within {timeout} s")
-        if self._load_error is not None:
-            raise self._load_error
-
     def wait_until_exited(self, timeout: float | None = None) -> bool:
         """True once the engine process is gone (after shutdown, or because it died)."""
         return self._exited.wait(timeout)
 
     @property
-    def load_error(self) -> BaseException | None:
-        return self._load_error
-
-    @property
     def batching(self) -> Batching | None:
         return self._batching
-
-    def set_tenant_weights(self, weight_of: Callable[[str], float]) -> None:
-        """Read here at each submit; the weight travels with the request."""
-        self._weight_of = weight_of
 
     def is_ready(self) -> bool:
         """The engine process said it is ready and has not gone silent while work waits."""
@@ -178,9 +158,6 @@ class RemoteEngine:
             process.kill()
             process.wait(10)
         self._exited.wait(5)  # the reader has failed whatever was still waiting
-
-    async def aclose(self, timeout: float = 30.0) -> None:
-        await asyncio.to_thread(self.shutdown, timeout)
 
     # ---- the pipe -----------------------------------------------------------------------------
 
@@ -293,26 +270,12 @@ class RemoteEngine:
         assert self._info is not None
         return self._info
 
-    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    def _loaded_tokenizer(self) -> Any:
         self._require_loaded()
-        return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return self._tokenizer
 
-    def detokenize(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str:
-        self._require_loaded()
-        return self._tokenizer.decode(
-            token_ids, **decode_kwargs(skip_special_tokens=skip_special_tokens))
-
-    def token_bytes(self, token_id: int) -> bytes:
-        self._require_loaded()
-        return token_bytes(self._tokenizer, token_id)
-
-    def apply_chat_template(self, messages: list[dict[str, str]], *,
-                            add_generation_prompt: bool = True,
-                            add_special_tokens: bool = False) -> list[int]:
-        self._require_loaded()
-        return render_chat(self._tokenizer, messages, model_name=self.settings.model,
-                           add_generation_prompt=add_generation_prompt,
-                           add_special_tokens=add_special_tokens)
+    def _chat_model_name(self) -> str:
+        return self.settings.model
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -343,25 +306,16 @@ class RemoteEngine:
             self._forget(key)
             raise EngineNotReadyError(f"the engine process is gone: {e}") from e
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        stream = await self._open(request, stream=False)
-        return await stream.result()  # cancelled: the stream aborts the row
-
-    async def open_stream(self, request: GenerationRequest) -> OutputStream:
-        """Submits and waits for the engine to accept, so 404/422/429/503 raise here."""
-        return await self._open(request, stream=True)
-
-    async def _open(self, request: GenerationRequest, *, stream: bool) -> OutputStream:
+    async def open_deltas(self, request: GenerationRequest, *, stream: bool) -> RemoteDeltas:
+        """Sends the request down the pipe and waits for the engine process to accept it, so
+        404/422/429/503 raise here."""
         loop = asyncio.get_running_loop()
         pending = Pending(loop, queue=asyncio.Queue())
         key = self._submit(request, pending, stream=stream)
         assert pending.queue is not None
         deltas = RemoteDeltas(pending.queue, lambda: self._abort_key(key))
         await deltas.accepted()  # cancelled meanwhile: the stream aborts itself
-        output = RequestOutput(request, self._tokenizer, stream=stream,
-                               prompt_tokens=deltas.prompt_tokens,
-                               virtual_tokens=deltas.virtual_tokens)
-        return OutputStream(deltas, output)
+        return deltas
 
     async def abort(self, request_id: str) -> None:
         """Stop the request: its generate raises CancelledError (its stream ends with it), as

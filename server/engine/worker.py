@@ -210,9 +210,8 @@ class Worker:
         try:
             deltas = await self.engine.open_deltas(request, stream=stream)
             try:
-                ticket = deltas.ticket
-                self.send({"op": "accepted", "key": key, "prompt_tokens": ticket.prompt_tokens,
-                           "virtual_tokens": ticket.virtual_tokens})
+                self.send({"op": "accepted", "key": key, "prompt_tokens": deltas.prompt_tokens,
+                           "virtual_tokens": deltas.virtual_tokens})
                 async for delta in deltas:
                     self.send({"op": "delta", "key": key, "delta": wire.delta_to_wire(delta)})
             finally:
