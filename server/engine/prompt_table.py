@@ -88,9 +88,14 @@ class PromptTable:
         self.weight = torch.empty(self.capacity, hidden, dtype=dtype, device=device)
         self._rows = RowAllocator(self.capacity)
         # Entries out of the index (invalidated, or replaced) that nothing pins, oldest first:
-        # their rows are taken back only when room is needed, so a queued request admitted with
-        # that version can still pin them until then.
+        # their rows are taken back when room is needed, so a queued request admitted with
+        # that version can still pin them until then; and once they hold more than
+        # `retired_reserve` rows, before a never-written row is taken. Otherwise churn
+        # (overwrites, deletes) would write every row of the table once, and on a CPU the
+        # process's memory would grow to the table's whole size.
         self._retired: OrderedDict[int, TableEntry] = OrderedDict()
+        self._retired_rows = 0
+        self.retired_reserve = max(1, self.capacity // 64)
         self._entries: OrderedDict[tuple[str, str], TableEntry] = OrderedDict()
         self._generation = 0
         self._hits = self._misses = self._evictions = 0
@@ -123,7 +128,7 @@ class PromptTable:
         with self._lock:
             if entry.freed:
                 return False
-            self._retired.pop(id(entry), None)
+            self._unretire(entry)
             entry.pins += 1
             if entry.indexed:
                 self._entries.move_to_end(entry.key)
@@ -136,7 +141,7 @@ class PromptTable:
                 raise RuntimeError("prompt table entry released more often than pinned")
             entry.pins -= 1
             if entry.pins == 0 and not entry.indexed:
-                self._retired[id(entry)] = entry
+                self._retire(entry)
 
     # ---- loading and invalidation -------------------------------------------------------------
 
@@ -162,9 +167,12 @@ class PromptTable:
         with self._lock:
             if (old := self._entries.get(key)) is not None:
                 self._unindex(old)
+            while (self._retired and self._retired_rows > self.retired_reserve
+                   and self._rows.reusable < n):
+                self._reclaim_oldest_retired()
             while self._free_count() < n:
                 if self._retired:
-                    self._free_rows(self._retired.popitem(last=False)[1])
+                    self._reclaim_oldest_retired()
                     continue
                 victim = next((e for e in self._entries.values() if e.pins == 0), None)
                 if victim is None:
@@ -214,8 +222,7 @@ class PromptTable:
                               resident_adapters=len(self._entries),
                               resident_bytes=sum(e.nbytes for e in self._entries.values()),
                               capacity_rows=self.capacity,
-                              free_rows=self._free_count() + sum(
-                                  len(e._row_list) for e in self._retired.values()))
+                              free_rows=self._free_count() + self._retired_rows)
 
     # ---- internals (under the lock) ----------------------------------------------------------
 
@@ -233,7 +240,22 @@ class PromptTable:
             if reclaim:
                 self._free_rows(entry)
             else:
-                self._retired[id(entry)] = entry
+                self._retire(entry)
+
+    def _retire(self, entry: TableEntry) -> None:
+        if id(entry) in self._retired:
+            return
+        self._retired[id(entry)] = entry
+        self._retired_rows += len(entry._row_list)
+
+    def _unretire(self, entry: TableEntry) -> None:
+        if self._retired.pop(id(entry), None) is not None:
+            self._retired_rows -= len(entry._row_list)
+
+    def _reclaim_oldest_retired(self) -> None:
+        entry = self._retired.popitem(last=False)[1]
+        self._retired_rows -= len(entry._row_list)
+        self._free_rows(entry)
 
     def _free_rows(self, entry: TableEntry) -> None:
         self._rows.give_back(entry._row_list)

@@ -20,6 +20,16 @@ class RowAllocator:
     def free(self) -> int:
         return len(self._given_back) + self.capacity - self._fresh
 
+    @property
+    def reusable(self) -> int:
+        """Free rows that were written before (taken first)."""
+        return len(self._given_back)
+
+    @property
+    def written(self) -> int:
+        """Rows ever handed out: on a CPU, the rows whose memory is committed."""
+        return self._fresh
+
     def take(self, n: int) -> list[int]:
         """n free rows (the caller checked `free`)."""
         if n > self.free:

@@ -118,3 +118,28 @@ def test_the_table_always_holds_the_largest_adapter_accepted():
     table = table_for(model, budget_bytes=HIDDEN * 4, min_rows=10, dtype=torch.float32,
                       device="cpu")
     assert table.capacity == 10 and isinstance(model.embed, VirtualTokenEmbedding)
+
+
+def test_churn_reuses_retired_rows_instead_of_writing_the_whole_table():
+    """Adapters overwritten and deleted over and over: the rows ever written stay near what is
+    resident plus the retired reserve, not the table's capacity (on a CPU, memory)."""
+    table = _table(1024)
+    assert table.retired_reserve == 16
+    for i in range(400):
+        entry = table.insert("t", f"a{i % 3}", f"v{i}", _rows(5, float(i)))  # an overwrite
+        table.release(entry)
+        if i % 7 == 0:
+            table.invalidate("t", f"a{i % 3}")  # a delete
+    # At most 3 resident adapters of 5 rows, the reserve, and the rows of one insert.
+    assert table._rows.written <= 3 * 5 + table.retired_reserve + 5
+    assert table.stats().evictions == 0
+    assert table.lookup("t", "a1", "v397") is not None  # the latest version is served
+
+
+def test_retired_rows_within_the_reserve_stay_pinnable():
+    table = _table(1024)
+    old = table.insert("t", "a", "v1", _rows(3, 1.0), pinned=False)  # a queued request's
+    table.invalidate("t", "a")  # overwritten before it started: 3 rows retired, within 16
+    new = table.insert("t", "b", "v1", _rows(5, 2.0))
+    assert new is not None and not old.freed and table.pin(old)
+    assert torch.equal(table.weight[old.rows], _rows(3, 1.0))
