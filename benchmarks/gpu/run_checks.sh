@@ -112,7 +112,7 @@ if [[ $QUICK != 1 ]] && compgen -G ".whl/*.whl" >/dev/null; then  # QUICK: this 
 fi
 
 if [[ $QUICK == 1 ]]; then
-    shrink=(--layers 1 --requests 4 --adapters 4 --new-tokens 4)
+    shrink=(--layers 1 --vocab 4096 --requests 4 --adapters 4 --new-tokens 4)
     overhead=(--steps 20 --rows 16)
     fair=(--rounds 2 --cycles 1 --backlog 20)
     bf16=(--rows 4 --new-tokens 4)

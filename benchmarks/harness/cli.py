@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("device", str), ("dtype", str), ("requests", int), ("adapters", int),
                        ("new_tokens", int), ("new_tokens_max", int), ("prompt_tokens", int),
                        ("max_batch_size", int), ("peft_sample", int), ("layers", int),
-                       ("cache_adapters", int)):
+                       ("vocab", int), ("cache_adapters", int)):
         over.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     fair = p.add_argument_group("fairness")
     fair.add_argument("--policy", choices=("round_robin", "fifo"), default="round_robin")
@@ -178,9 +178,10 @@ def _workload(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                                               "max_batch_size", "peft_sample", "cache_adapters")}
     overrides = {k: v for k, v in changes.items() if v is not None}
     w = base.with_overrides(**changes)
-    if args.layers is not None:
-        overrides["layers"] = args.layers
-        w = dataclasses.replace(w, shape=dataclasses.replace(w.shape, layers=args.layers))
+    for name in ("layers", "vocab"):  # the model's shape: fewer layers, a smaller vocabulary
+        if (value := getattr(args, name)) is not None:
+            overrides[name] = value
+            w = dataclasses.replace(w, shape=dataclasses.replace(w.shape, **{name: value}))
     if w.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"{w.name} runs on CUDA and this machine has none; pass --device cpu "
                          "(and a smaller --layers/--requests) to try the code path here")
