@@ -15,7 +15,7 @@ checks that lm-eval through the server and lm-eval's own `hf` + `peft` model agr
 Standard library only: it runs with any Python 3.11+. lm-eval lives in an environment of its
 own (see README.md next to this file); give its command with --lm-eval or $LM_EVAL (default:
 `lm_eval` on PATH). The server's command comes from --server-cmd or $SERVER_CMD (default:
-`softprompt-server` on PATH, else the repository's .venv).
+`softprompt-server` on PATH, else beside this interpreter, else the repository's .venv).
 
     python benchmarks/lm_eval/run.py --lm-eval /path/to/lmeval-venv/bin/lm_eval
 
@@ -57,11 +57,16 @@ def _free_port() -> int:
 
 
 def _default_server_cmd() -> str:
+    """`softprompt-server` on PATH, else beside this interpreter (a venv's python run by its
+    path, not activated), else in the repository's .venv."""
     found = shutil.which("softprompt-server")
     if found:
         return found
-    local = REPO / ".venv" / "bin" / "softprompt-server"
-    return str(local) if local.exists() else "softprompt-server"
+    for candidate in (Path(sys.executable).parent / "softprompt-server",
+                      REPO / ".venv" / "bin" / "softprompt-server"):
+        if candidate.exists():
+            return str(candidate)
+    return "softprompt-server"
 
 
 def _request(method: str, url: str, *, body: bytes | None = None,
