@@ -82,9 +82,9 @@ for engine in builtin vllm; do
     run=$PY
     if [[ $engine == vllm ]]; then run=${VLLM_PY:-}; fi
     if [[ -z $run ]]; then continue; fi
-    step "fairness-http-$engine" "$run" benchmarks/fairness.py --http --engine "$engine" \
-        --json "$OUT/fairness-http-$engine-1.json"
-    for i in 1 2; do
+    for i in 1 2 3; do
+        step "fairness-http-$engine-$i" "$run" benchmarks/fairness.py --http --engine "$engine" \
+            --json "$OUT/fairness-http-$engine-$i.json"
         step "fairness-http-cap8-$engine-$i" "$run" benchmarks/fairness.py --http \
             --engine "$engine" --contended-tenant-rows 8 \
             --json "$OUT/fairness-http-cap8-$engine-$i.json"
