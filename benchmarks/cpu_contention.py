@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from benchmarks.harness import fixtures
 from benchmarks.harness.results import Run, environment, write_json
 from benchmarks.harness.server_log import show_log
@@ -94,13 +96,14 @@ def run_contention(*, threads: list[str] | None = None, repeats: int = 2,
         settings, requests = _prepare(w, work)
         for setting in threads:
             flag = 0 if setting == "auto" else int(setting)
-            quiet, hog = _measure(settings, requests, work, flag=flag, repeats=repeats,
-                                  hog_core=hog_core, engine_process=engine_process)
+            threads_run, quiet, hog = _measure(settings, requests, work, flag=flag,
+                                               repeats=repeats, hog_core=hog_core,
+                                               engine_process=engine_process)
             best_quiet = min(quiet, key=lambda r: r.seconds)
             best_hog = min(hog, key=lambda r: r.seconds)
             servers.append({
                 "threads_flag": setting,
-                "torch_threads": plan.threads if flag == 0 else flag,
+                "torch_threads": threads_run,
                 "why": plan.describe() if flag == 0 else f"--torch-threads {flag}",
                 "quiet_tokens_per_s": best_quiet.tokens_per_s,
                 "hog_tokens_per_s": best_hog.tokens_per_s,
@@ -125,18 +128,20 @@ def _prepare(w: Workload, work: Path) -> tuple[Any, list[fixtures.RequestSpec]]:
 
 
 def _measure(settings: Any, requests: list[fixtures.RequestSpec], work: Path, *, flag: int,
-             repeats: int, hog_core: int, engine_process: bool) -> tuple[list[Run], list[Run]]:
+             repeats: int, hog_core: int, engine_process: bool,
+             ) -> tuple[int, list[Run], list[Run]]:
     """One server with --torch-threads `flag`: warmed up, then quiet and hog runs alternating,
-    so a burst of outside load falls on both alike."""
+    so a burst of outside load falls on both alike. Returns the threads it reported too."""
     from benchmarks.harness.http_runner import HttpRunner
 
     say(f"starting the server (--torch-threads {flag}) ...")
-    with _server_env(flag):
-        runner = HttpRunner(settings, requests, work / f"server-{flag}.log",
-                            engine_process=engine_process)
+    with _without_omp_env():
+        runner = HttpRunner(settings.model_copy(update={"torch_threads": flag}), requests,
+                            work / f"server-{flag}.log", engine_process=engine_process)
     quiet: list[Run] = []
     hog: list[Run] = []
     try:
+        threads = served_threads(runner.server.url)
         runner.warm_up(with_adapters=True)
         for k in range(repeats):
             say(f"  run {k + 1}/{repeats}: quiet ...")
@@ -149,24 +154,33 @@ def _measure(settings: Any, requests: list[fixtures.RequestSpec], work: Path, *,
         raise
     finally:
         runner.close()
-    return quiet, hog
+    return threads, quiet, hog
+
+
+def served_threads(url: str, timeout: float = 60.0) -> int:
+    """The torch threads the server reports computing with (softprompt_engine_torch_threads),
+    not the count this process expects it to choose: the table shows what ran. Polled, as an
+    engine process reports its gauges a moment after the server is ready."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+            if line.startswith("softprompt_engine_torch_threads "):
+                return int(float(line.split()[1]))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}/metrics has no softprompt_engine_torch_threads")
+        time.sleep(0.25)
 
 
 @contextmanager
-def _server_env(flag: int) -> Iterator[None]:
-    """The server takes its --torch-threads from SOFTPROMPT_TORCH_THREADS (the runner passes
-    no such flag); OMP_NUM_THREADS is left out so that `auto` sizes by the cores."""
-    saved = {k: os.environ.get(k) for k in ("SOFTPROMPT_TORCH_THREADS", "OMP_NUM_THREADS")}
-    os.environ["SOFTPROMPT_TORCH_THREADS"] = str(flag)
-    os.environ.pop("OMP_NUM_THREADS", None)
+def _without_omp_env() -> Iterator[None]:
+    """OMP_NUM_THREADS would decide `auto`'s count (the server honours it): left out, so that
+    `auto` sizes by the cores as on a host where it is unset."""
+    saved = os.environ.pop("OMP_NUM_THREADS", None)
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        if saved is not None:
+            os.environ["OMP_NUM_THREADS"] = saved
 
 
 @contextmanager

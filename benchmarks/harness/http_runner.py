@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 
 from benchmarks.harness.fixtures import RequestSpec, warm_up_requests
 from benchmarks.harness.results import Run
@@ -122,10 +121,10 @@ class HttpRunner(StreamingRunner):
         for name in _FLAGS:
             value = getattr(settings, name)
             flags += ["--" + name.replace("_", "-"), str(getattr(value, "value", value))]
-        # The same compute threads as the baselines that run in this process (plain generate,
-        # the in-process engine): the comparison is of engines, not of thread policies (the
-        # server's own default leaves a core to its HTTP process).
-        flags += ["--torch-threads", str(settings.torch_threads or torch.get_num_threads())]
+        # settings_for gives the baselines' thread count (plain generate, the in-process
+        # engine run in this process): the comparison is of engines, not of thread policies.
+        # 0 is the server's own sizing (cpu-contention measures it).
+        flags += ["--torch-threads", str(settings.torch_threads)]
         self.server = ServerProcess(Path(settings.model), Path(settings.store), log_path, *flags)
         self.server.start(timeout=1800)
         self._connect(requests)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
+
 from server.engine.interface import EngineProgress, GenerationRequest
 from server.engine.output_processor import DeltaSource
 from server.engine.prompt_layout import Layout
@@ -145,6 +147,8 @@ def builtin_stats(scheduler: Scheduler, table: PromptTable) -> dict[str, float]:
         "cache_hits": float(ts.hits),
         "cache_misses": float(ts.misses),
         "cache_evictions": float(ts.evictions),
+        # What the engine's process computes with (--torch-threads, or its automatic sizing).
+        "torch_threads": float(torch.get_num_threads()),
     }
     core = scheduler.core
     if core is not None:

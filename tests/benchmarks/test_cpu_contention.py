@@ -25,6 +25,8 @@ def test_each_setting_runs_quiet_and_beside_the_hog(capsys):
     r = run_contention(threads=["auto", "3"], repeats=1, layers=1, requests=4, adapters=4,
                        new_tokens=4, prompt_tokens=8)
     auto, three = r["servers"]
+    # What each server reported computing with: the harness passes its own thread count to
+    # the servers it compares, which must not reach the one that sizes itself.
     expected = plan_threads(flag=0, affinity=affinity_cpus(), quota=read_cpu_quota()).threads
     assert (auto["threads_flag"], auto["torch_threads"]) == ("auto", expected)
     assert (three["threads_flag"], three["torch_threads"]) == ("3", 3)
