@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-process", action="store_true",
                    help="the server runs its engine in a child process (--engine-process)")
     p.add_argument("--torch-threads", type=int, default=0,
-                   help="the server's --torch-threads (default 0: one per core). On a small "
-                        "machine the clients, the HTTP server and the engine share the cores; "
-                        "1 leaves the others one")
+                   help="the server's --torch-threads (default 0: the server's automatic "
+                        "sizing, which leaves a core to its HTTP process). On a small machine "
+                        "the clients share the cores too; 1 leaves them one")
     p.add_argument("--tenants", type=int, default=3, help="tenants, at least 3 (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=48,
                    help="requests ask for 1 to this many tokens (default 48)")

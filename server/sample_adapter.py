@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
-from server.engine.builtin import BUILTIN_PREFIX, ensure_builtin
+from server.engine.builtin import ensure_builtin
+from server.engine.builtin_names import BUILTIN_PREFIX
 
 PEFT_VERSION = "0.21.2"  # the version whose save_pretrained output this mirrors
 SAMPLE_FILE_MODE = 0o644  # readable by the server whichever user runs it

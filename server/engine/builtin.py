@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from server.engine.builtin_names import BUILTIN_PREFIX, BUILTIN_VERSIONS, builtin_names
 from server.engine.byte_tokenizer import (
     BOS_ID,
     BYTE_VOCAB_SIZE,
@@ -28,10 +29,8 @@ from server.engine.byte_tokenizer import (
 
 log = logging.getLogger(__name__)
 
-BUILTIN_PREFIX = "builtin:"
 _SEED = 20240501
 _INIT_STD = 0.2  # wider than HF's 0.02 so greedy decoding is not decided by argmax ties
-_VERSIONS = {"tiny": "builtin-tiny-v1"}  # bump the suffix when the recipe changes
 
 # A minimal chat format so chat endpoints have a template to apply; the model was never
 # trained on it (or on anything).
@@ -71,28 +70,24 @@ def build_tiny(out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def builtin_names() -> list[str]:
-    return [BUILTIN_PREFIX + k for k in sorted(_VERSIONS)]
-
-
 def ensure_builtin(name: str, cache_dir: Path) -> Path:
     """The directory of builtin model `name` (e.g. "builtin:tiny"), building it on first use.
 
     Raises ValueError for an unknown built-in name.
     """
     kind = name.removeprefix(BUILTIN_PREFIX)
-    if kind not in _VERSIONS:
+    if kind not in BUILTIN_VERSIONS:
         raise ValueError(
             f"--model {name!r} is not a built-in model; built-in models: "
             + ", ".join(builtin_names())
         )
     log.warning("--model %s: a random model from a fixed seed; its output text is NOT "
                 "meaningful (it exists so the server runs offline)", name)
-    target = cache_dir / _VERSIONS[kind]
+    target = cache_dir / BUILTIN_VERSIONS[kind]
     if (target / "config.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{_VERSIONS[kind]}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    tmp = cache_dir / f".{BUILTIN_VERSIONS[kind]}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
         build_tiny(tmp)
         try:

@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from adapters_store.records import TaskType
 from server.config import Device, DType, Settings
-from server.engine.builtin import BUILTIN_PREFIX, ensure_builtin
+from server.engine.builtin import ensure_builtin
+from server.engine.builtin_names import BUILTIN_PREFIX
 from server.engine.cpu_threads import apply_torch_threads
 from server.engine.errors import EngineError
 from server.engine.interface import ModelInfo

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from server.engine.builtin import BUILTIN_PREFIX, builtin_names
+from server.engine.builtin_names import BUILTIN_PREFIX, builtin_names
 
 # What the Hugging Face Hub accepts as a repo id: "name" or "owner/name".
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")

@@ -96,6 +96,25 @@ def test_a_model_that_cannot_be_found_stops_before_binding(tmp_path, model, says
     assert "Traceback" not in proc.stderr and "Uvicorn running" not in proc.stderr
 
 
+def test_checking_the_model_imports_neither_torch_nor_transformers(tmp_path):
+    """A wrong --model is reported before the engine's imports, which take seconds on a small
+    machine; the check runs before anything else is loaded."""
+    code = (
+        "import sys\n"
+        "from server.engine.model_source import ModelSourceError, check_model_source\n"
+        "for model in sys.argv[1:]:\n"
+        "    try:\n"
+        "        check_model_source(model)\n"
+        "    except ModelSourceError as e:\n"
+        "        print('refused', model)\n"
+        "print('loaded', sorted({'torch', 'transformers'} & set(sys.modules)))\n")
+    proc = subprocess.run([sys.executable, "-c", code, "builtin:huge", str(tmp_path / "no"),
+                           "builtin:tiny"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.splitlines() == ["refused builtin:huge", f"refused {tmp_path / 'no'}",
+                                        "loaded []"]
+
+
 @pytest.fixture()
 def trickling_hub():
     """An HF_ENDPOINT that accepts every connection and answers one byte a second, forever:
