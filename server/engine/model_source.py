@@ -20,7 +20,17 @@ from server.engine.builtin_names import BUILTIN_PREFIX, builtin_names
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")
 # The whole hub check, wall clock: httpx's timeouts bound each connect and read, not a name
 # lookup without DNS nor a hub (or proxy) that trickles bytes, which could hold startup minutes.
+# The hub library's own metadata timeout variable sets it, as it does for its downloads.
+_HUB_TIMEOUT_ENV = "HF_HUB_ETAG_TIMEOUT"
 _HUB_TIMEOUT_S = 10.0
+
+
+def _hub_timeout_s() -> float:
+    try:
+        value = float(os.environ.get(_HUB_TIMEOUT_ENV, _HUB_TIMEOUT_S))
+    except ValueError:
+        return _HUB_TIMEOUT_S
+    return value if value > 0 else _HUB_TIMEOUT_S
 
 
 class ModelSourceError(ValueError):
@@ -59,7 +69,8 @@ def _check_hub_id(model: str) -> None:
         raise ModelSourceError(f"--model {model}: not a local directory and not in the Hugging "
                                f"Face cache, and HF_HUB_OFFLINE is set; {hint}")
     try:
-        _within_deadline(lambda: HfApi().model_info(model, timeout=_HUB_TIMEOUT_S))
+        timeout = _hub_timeout_s()
+        _within_deadline(lambda: HfApi().model_info(model, timeout=timeout), timeout)
     except RepositoryNotFoundError as e:
         raise ModelSourceError(f"--model {model}: no such local directory or Hugging Face "
                                "model (a private one needs HF_TOKEN)") from e
@@ -73,9 +84,9 @@ def _check_hub_id(model: str) -> None:
                                f"{hint}") from e
 
 
-def _within_deadline(call: Callable[[], object]) -> None:
-    """Run `call` in a daemon thread and give up after _HUB_TIMEOUT_S: raises what it raised,
-    or TimeoutError. A call still stalled is left behind; the process is about to exit."""
+def _within_deadline(call: Callable[[], object], timeout: float) -> None:
+    """Run `call` in a daemon thread and give up after `timeout` s: raises what it raised, or
+    TimeoutError. A call still stalled is left behind; the process is about to exit."""
     outcome: list[BaseException | None] = []
 
     def run() -> None:
@@ -87,8 +98,8 @@ def _within_deadline(call: Callable[[], object]) -> None:
 
     thread = threading.Thread(target=run, name="hub-check", daemon=True)
     thread.start()
-    thread.join(_HUB_TIMEOUT_S)
+    thread.join(timeout)
     if not outcome:
-        raise TimeoutError(f"no answer within {_HUB_TIMEOUT_S:.0f} s")
+        raise TimeoutError(f"no answer within {timeout:g} s")
     if outcome[0] is not None:
         raise outcome[0]

@@ -137,9 +137,11 @@ def trickling_hub():
                 continue
             threading.Thread(target=trickle, args=(conn,), daemon=True).start()
 
-    threading.Thread(target=serve, daemon=True).start()
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
     yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     stop.set()
+    server.join(5)  # out of accept() before its socket closes
     listener.close()
 
 
@@ -150,11 +152,12 @@ def test_a_hub_id_not_cached_fails_fast_naming_the_fix_when_the_hub_stalls(tmp_p
     the subprocess' limit would fail the test.)"""
     env = {"HF_HUB_CACHE": str(tmp_path / "empty-cache"), "HF_HOME": str(tmp_path / "hf"),
            "HF_ENDPOINT": trickling_hub, "HF_HUB_OFFLINE": "", "NO_PROXY": "127.0.0.1",
-           "no_proxy": "127.0.0.1"}
+           "no_proxy": "127.0.0.1", "HF_HUB_ETAG_TIMEOUT": "2"}  # the default is 10 s
     proc = _serve(tmp_path, "--model", "some-org/not-downloaded", env=env)
     assert proc.returncode == 2, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert "--model some-org/not-downloaded" in line and "hub cannot be reached" in line
+    assert "no answer within 2 s" in line
     assert "HF_HUB_OFFLINE=1" in line and "hf download some-org/not-downloaded" in line
 
 
