@@ -90,7 +90,7 @@ def create_app(settings: Settings, engine: EngineClient, *, metrics: ApiMetrics 
 
 def build_app(settings: Settings, **engine_kwargs: Any) -> FastAPI:
     """The production wiring: metrics first, then the engine reporting to them, then the app."""
-    from server.engine.engine import build_engine
+    from server.engine.factory import build_engine
 
     metrics = ApiMetrics()
     engine = build_engine(settings, observer=metrics, **engine_kwargs)

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from adapters_store import parse_archive, parse_paths
 from adapters_store.errors import (
@@ -46,13 +46,9 @@ from server.engine.observer import EngineObserver, GuardedObserver, NullObserver
 from server.engine.prompt_layout import anchor_tokens, compiled_pieces
 from server.engine.prompt_table import version_of
 from server.engine.runtime import Runtime, build_runtime
-from server.engine.sampling import validate_params
+from server.engine.sampling_limits import validate_params
 from server.engine.store_refresh import StoreRefresher, count_stored
-from server.engine.stores import open_store
 from server.engine.upload_slots import UploadSlots
-
-if TYPE_CHECKING:
-    from server.engine.remote import RemoteEngine
 
 log = logging.getLogger(__name__)
 
@@ -371,15 +367,3 @@ class Engine(Frontend):
             "stored_adapters": float(self._stored_count),
             **(IDLE_STATS if core is None else core.stats()),
         }
-
-
-def build_engine(settings: Settings, *,
-                 observer: EngineObserver | None = None) -> Engine | RemoteEngine:
-    """The production wiring: the store --store names, in this process or (--engine-process)
-    in a child process. Call start() to load the model."""
-    if settings.engine_process:
-        from server.engine.remote import RemoteEngine
-
-        return RemoteEngine(settings, observer=observer)
-    store = open_store(settings.store, refresh_s=settings.store_refresh_s)
-    return Engine(settings, store, observer=observer)

@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from adapters_store.records import TaskType
 from server.config import Device, DType, Settings
-from server.engine.builtin import ensure_builtin
-from server.engine.builtin_names import BUILTIN_PREFIX
 from server.engine.cpu_threads import apply_torch_threads
-from server.engine.errors import EngineError
 from server.engine.interface import ModelInfo
+from server.engine.model_files import ModelLoadError, load_error, load_tokenizer, model_source
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +32,6 @@ _DTYPES = {
     DType.BFLOAT16: torch.bfloat16,
     DType.FLOAT16: torch.float16,
 }
-
-
-class ModelLoadError(EngineError):
-    """The model named by --model (or the --device/--dtype asked for) cannot be loaded."""
 
 
 @dataclass(frozen=True)
@@ -84,21 +78,6 @@ def max_context_of(config: Any, tokenizer: Any) -> int:
     return DEFAULT_MAX_CONTEXT
 
 
-def model_source(settings: Settings) -> str | Path:
-    """What from_pretrained reads for --model; a `builtin:` name is materialized first."""
-    if not settings.model.startswith(BUILTIN_PREFIX):
-        return settings.model
-    try:
-        return ensure_builtin(settings.model, Path(settings.model_cache))
-    except ValueError as e:
-        raise ModelLoadError(str(e)) from e
-    except OSError as e:
-        raise ModelLoadError(
-            f"--model {settings.model}: could not write it to --model-cache "
-            f"{settings.model_cache}: {e}"
-        ) from e
-
-
 def load_model(settings: Settings) -> LoadedModel:
     """Load --model on --device in --dtype, with torch's CPU threads sized first
     (server.engine.cpu_threads)."""
@@ -107,27 +86,6 @@ def load_model(settings: Settings) -> LoadedModel:
     dtype = resolve_dtype(settings.dtype, device)
     return load_pretrained(model_source(settings), name=settings.model, device=device,
                            dtype=dtype, max_model_len=settings.max_model_len)
-
-
-def _load_error(name: str, e: Exception) -> ModelLoadError:
-    return ModelLoadError(
-        f"--model {name!r} could not be loaded: {type(e).__name__}: {e}. Give a local "
-        "directory written by save_pretrained, a Hugging Face id that is downloadable (or "
-        "already in the Hugging Face cache when offline), or builtin:tiny"
-    )
-
-
-def load_tokenizer(source: str | Path, *, name: str) -> Any:
-    """The model's tokenizer with a pad token: generate needs a pad id for finished rows, and
-    eos is what HF pipelines use too. Also what an HTTP process without the model (the engine
-    in its own process) tokenizes with."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise _load_error(name, e) from e
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _feed_lm_head_contiguous(model: Any) -> None:
@@ -151,7 +109,7 @@ def load_pretrained(source: str | Path, *, name: str, device: torch.device,
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise _load_error(name, e) from e
+        raise load_error(name, e) from e
     tokenizer = load_tokenizer(source, name=name)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM

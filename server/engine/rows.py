@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from server.engine.interface import FinishReason, SamplingParams, TokenLogprob
-from server.engine.sampling import validate_params
+from server.engine.sampling_limits import validate_params
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ import pytest
 from server.api.app import create_app
 from server.api.metrics import ApiMetrics
 from server.config import Settings
-from server.engine.engine import Engine, build_engine
+from server.engine.engine import Engine
+from server.engine.factory import build_engine
 
 
 def started_engine(model_dir: Path, store: Path, **settings_kw) -> tuple[Settings, Engine,

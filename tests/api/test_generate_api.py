@@ -11,7 +11,6 @@ import pytest
 from server.api.app import create_app
 from server.api.errors import classify
 from server.config import Settings
-from server.engine.engine import build_engine
 from server.engine.errors import (
     AdapterNotFoundError,
     FileTooLargeError,
@@ -19,6 +18,7 @@ from server.engine.errors import (
     QueueFullError,
     UnsupportedAdapterTypeError,
 )
+from server.engine.factory import build_engine
 from tests.api.conftest import asgi_client, assert_envelope, started_engine
 
 

@@ -16,8 +16,9 @@ import pytest
 from adapters_store import LocalAdapterStore
 from adapters_store.errors import AdapterExistsError, AdapterNotFoundError
 from server.config import Device, Settings
-from server.engine.engine import Engine, build_engine
+from server.engine.engine import Engine
 from server.engine.errors import EngineNotReadyError, InvalidRequestError, RequestTooLongError
+from server.engine.factory import build_engine
 from server.engine.interface import (
     AdapterUpload,
     FinishReason,

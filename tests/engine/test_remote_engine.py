@@ -26,8 +26,8 @@ from adapters_store.errors import (
 )
 from adapters_store.records import PeftType
 from server.config import Device, Settings
-from server.engine.engine import build_engine
 from server.engine.errors import InvalidRequestError, RequestTooLongError
+from server.engine.factory import build_engine
 from server.engine.interface import (
     AdapterUpload,
     FinishReason,
