@@ -105,8 +105,9 @@ def serve(settings: Settings) -> int:
 
     from server.api.app import build_app
     from server.drain import DrainingServer
-    from server.heap import freeze_startup_heap
+    from server.heap import cap_malloc_arenas, freeze_startup_heap
 
+    cap_malloc_arenas()  # before any thread allocates (server.heap says why)
     # Off-loop workers (a large answer's logprobs, token strings, chat rendering) hold the
     # GIL in turns of the switch interval, and the event loop waits up to one whole turn
     # each time it takes the GIL back: at the default 5 ms, the dozen takes of one request

@@ -32,7 +32,7 @@ from server.engine import wire
 from server.engine.engine import Engine
 from server.engine.interface import GenerationRequest
 from server.engine.stores import open_store
-from server.heap import freeze_startup_heap
+from server.heap import cap_malloc_arenas, freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,7 @@ def run_worker(conn: Connection, settings_data: dict[str, Any]) -> None:
     logging.basicConfig(level=str(settings.log_level).upper(),
                         format="%(asctime)s %(levelname)s %(name)s [engine process]: "
                                "%(message)s")
+    cap_malloc_arenas()  # before the engine's threads allocate (server.heap says why)
     asyncio.run(Worker(conn, settings).run())
 
 
