@@ -33,6 +33,7 @@ from benchmarks.harness.results import Run, environment, write_json
 from benchmarks.harness.server_log import show_log
 from benchmarks.harness.workloads import WORKLOADS, Workload
 from server.engine.cpu_threads import affinity_cpus, plan_threads, read_cpu_quota
+from tests.e2e.server_process import metric
 
 TARGET_RATIO = 0.45
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "cpu-contention.json"
@@ -163,9 +164,10 @@ def served_threads(url: str, timeout: float = 60.0) -> int:
     engine process reports its gauges a moment after the server is ready."""
     deadline = time.monotonic() + timeout
     while True:
-        for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-            if line.startswith("softprompt_engine_torch_threads "):
-                return int(float(line.split()[1]))
+        # 0 is absent: the count is at least 1 once reported.
+        if threads := int(metric(httpx.get(f"{url}/metrics", timeout=30).text,
+                                 "softprompt_engine_torch_threads")):
+            return threads
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url}/metrics has no softprompt_engine_torch_threads")
         time.sleep(0.25)
