@@ -13,8 +13,8 @@ import logging
 from typing import Any
 
 from server.config import Device, EngineKind, Settings
-from server.engine.model_files import ModelLoadError, model_source
 from server.engine.model_loader import resolve_device
+from server.engine.model_source import ModelLoadError, model_source
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from adapters_store.records import TaskType
 from server.config import Device, DType, Settings
 from server.engine.cpu_threads import apply_torch_threads
 from server.engine.interface import ModelInfo
-from server.engine.model_files import ModelLoadError, load_error, load_tokenizer, model_source
+from server.engine.model_source import ModelLoadError, load_error, load_tokenizer, model_source
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,13 @@
-"""Whether `--model` names something that can be loaded, checked before the server binds.
+"""Where --model's files come from: the check before the server binds, the directory
+from_pretrained reads, and the tokenizer.
 
 The model itself loads in the background once the server is up (so /healthz answers during a
 long load). A name that cannot be loaded at all, a path that does not exist or a hub id that
 cannot be fetched from here, is known in a moment, so the process ends at once with one line
-naming the flag and exit status 2, instead of binding and then failing.
+naming the flag and exit status 2, instead of binding and then failing. That check imports
+neither torch nor transformers. The HTTP process of --engine-process needs only this module of
+the model (the tokenizer), not the model loader (server.engine.model_loader) and the model
+classes it imports.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from server.config import Settings
 from server.engine.builtin_names import BUILTIN_PREFIX, builtin_names
+from server.engine.errors import EngineError
 
 # What the Hugging Face Hub accepts as a repo id: "name" or "owner/name".
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")
@@ -103,3 +110,47 @@ def _within_deadline(call: Callable[[], object], timeout: float) -> None:
         raise TimeoutError(f"no answer within {timeout:g} s")
     if outcome[0] is not None:
         raise outcome[0]
+
+
+class ModelLoadError(EngineError):
+    """The model named by --model (or the --device/--dtype asked for) cannot be loaded."""
+
+
+def model_source(settings: Settings) -> str | Path:
+    """What from_pretrained reads for --model; a `builtin:` name is materialized first."""
+    if not settings.model.startswith(BUILTIN_PREFIX):
+        return settings.model
+    from server.engine.builtin import ensure_builtin  # torch: only where one is built
+
+    try:
+        return ensure_builtin(settings.model, Path(settings.model_cache))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
+    except OSError as e:
+        raise ModelLoadError(
+            f"--model {settings.model}: could not write it to --model-cache "
+            f"{settings.model_cache}: {e}"
+        ) from e
+
+
+def load_error(name: str, e: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"--model {name!r} could not be loaded: {type(e).__name__}: {e}. Give a local "
+        "directory written by save_pretrained, a Hugging Face id that is downloadable (or "
+        "already in the Hugging Face cache when offline), or builtin:tiny"
+    )
+
+
+def load_tokenizer(source: str | Path, *, name: str) -> Any:
+    """The model's tokenizer with a pad token: generate needs a pad id for finished rows, and
+    eos is what HF pipelines use too. Also what an HTTP process without the model (the engine
+    in its own process) tokenizes with."""
+    from transformers import AutoTokenizer  # seconds: not for checking --model
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise load_error(name, e) from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -44,7 +44,7 @@ from server.engine.interface import (
     GenerationRequest,
     ModelInfo,
 )
-from server.engine.model_files import load_tokenizer, model_source
+from server.engine.model_source import load_tokenizer, model_source
 from server.engine.observer import CacheEvent, EngineObserver, GuardedObserver, NullObserver
 from server.engine.remote_requests import Pending, RemoteDeltas
 

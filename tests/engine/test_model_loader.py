@@ -12,13 +12,13 @@ from server.config import Device, DType, Settings
 from server.engine.builtin import ensure_builtin
 from server.engine.generation import run_batch
 from server.engine.interface import SamplingParams
-from server.engine.model_files import ModelLoadError
 from server.engine.model_loader import (
     DEFAULT_MAX_CONTEXT,
     load_model,
     resolve_device,
     resolve_dtype,
 )
+from server.engine.model_source import ModelLoadError
 from server.engine.rows import BatchRow
 
 

@@ -20,7 +20,7 @@ import pytest
 from server.engine import worker as worker_module
 from server.engine.errors import EngineNotReadyError, QueueFullError
 from server.engine.interface import GenerationRequest, GenerationResult, TokenChunk
-from server.engine.model_files import ModelLoadError
+from server.engine.model_source import ModelLoadError
 from server.engine.remote import RemoteEngine
 from server.engine.worker import READY_PERIOD_S, Worker
 from tests.engine.test_engine import RecordingObserver, request

@@ -31,7 +31,7 @@ from server.engine.interface import (
     SamplingParams,
     TokenLogprob,
 )
-from server.engine.model_files import ModelLoadError
+from server.engine.model_source import ModelLoadError
 from server.engine.rows import RowDelta
 
 

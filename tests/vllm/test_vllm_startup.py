@@ -6,7 +6,7 @@ import pytest
 
 from server.config import Settings
 from server.engine.engine_choice import choose_engine
-from server.engine.model_files import ModelLoadError
+from server.engine.model_source import ModelLoadError
 
 
 def test_engine_vllm_refuses_a_seq2seq_model_naming_the_builtin_engine(tiny_model_dirs):

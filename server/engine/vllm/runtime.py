@@ -23,8 +23,8 @@ from adapters_store.store import AdapterStore
 from server.config import Device, Settings, parse_kv_cache_memory
 from server.engine.fairness import contended_rows
 from server.engine.interface import ModelInfo
-from server.engine.model_files import ModelLoadError, load_tokenizer, model_source
 from server.engine.model_loader import LoadedModel, max_context_of, resolve_dtype
+from server.engine.model_source import ModelLoadError, load_tokenizer, model_source
 from server.engine.observer import EngineObserver
 from server.engine.vllm.admission import Admission
 from server.engine.vllm.core import VllmCore
