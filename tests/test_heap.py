@@ -37,8 +37,9 @@ def test_objects_alive_at_the_freeze_are_left_out_and_later_ones_are_traced():
         gc.unfreeze()  # the suite's process goes on collecting its tests' garbage
 
 
-# Threads calling malloc at the same time (ctypes releases the GIL around the call), then
-# the number of arenas glibc reports.
+# Eight threads alive at once calling malloc (ctypes releases the GIL around the call), then
+# the number of arenas glibc reports: a thread's first malloc while the others hold theirs
+# takes a new arena up to the cap, whatever the scheduling.
 _ARENAS = """
 import ctypes, ctypes.util, re, sys, tempfile, threading
 from server.heap import cap_malloc_arenas
@@ -46,7 +47,10 @@ print("capped", cap_malloc_arenas() if sys.argv[1] == "cap" else False)
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
+started = threading.Barrier(8)
 def churn():
+    libc.free(libc.malloc(4096))  # the thread's first malloc takes it an arena...
+    started.wait()  # ...while every other thread holds one (on one core too)
     for _ in range(20000):
         libc.free(libc.malloc(4096))
 threads = [threading.Thread(target=churn) for _ in range(8)]
